@@ -1,0 +1,75 @@
+"""Where a chorus-splat training iteration spends its time: torch.profiler over a window of steps.
+
+    python benchmarks/profile_iteration.py --data SCENE --out DIR --random-weights [--method chorus-splat]
+
+Trains ``--start`` iterations unprofiled (so densification has begun), then profiles ``--steps`` iterations
+and writes the operator table sorted by GPU time and by CPU time to ``DIR/profile_<method>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import _parse_method, _seed, _trainer_config  # noqa: E402
+
+
+def main() -> None:
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+    from nerfstudio.engine.trainer import Trainer
+
+    from splatsem_ns.models.optional_lpips import optional_lpips
+    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--method", default="chorus-splat")
+    parser.add_argument("--start", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    args.iterations = args.start + args.steps
+    args.out.mkdir(parents=True, exist_ok=True)
+    label, method, overrides = _parse_method(args.method)
+    _seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _trainer_config(method, args, Path(tmp), overrides)
+        trainer = Trainer(cfg, local_rank=0, world_size=1)
+        with optional_lpips():
+            trainer.setup()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=activities)
+
+        def toggle(step: int) -> None:
+            if step == args.start:
+                prof.start()
+            elif step == args.start + args.steps - 1:
+                prof.stop()
+
+        trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], toggle))
+        trainer.train()
+    sort_gpu = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    text = (
+        f"# {label}: {args.steps} profiled iterations after {args.start}\n\n"
+        + prof.key_averages().table(sort_by=sort_gpu, row_limit=40)
+        + "\n\n"
+        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    )
+    (args.out / f"profile_{label}.txt").write_text(text)
+    print(text[:6000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Training speed and memory of chorus-splat against plain splatfacto, measured in one process.
+
+Both methods train on the same scene with the same dataparser, seed, iteration count and resolution
+(``num_downscales=0``, so every step is at full resolution). Per-iteration time is taken from a
+callback that synchronises the GPU after each full iteration (forward, backward, optimizer steps and
+densification); the report gives the median over the steps after warm-up, and peak GPU memory over
+the training loop. chorus-splat's one-off teacher feature extraction is timed separately.
+
+Full-size teacher architectures with random weights (``--random-weights``) cost the same compute as
+trained ones; the features are meaningless, which does not matter for speed.
+
+    python benchmarks/train_speed.py --data ../shared/data/scannet_scene0000_00 --out /tmp/speed --random-weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _trainer_config(method: str, args, out: Path, overrides: dict):
+    from nerfstudio.configs.method_configs import all_methods
+
+    from splatsem_ns.data.dataparser import SplatsemDataParserConfig
+
+    cfg = copy.deepcopy(all_methods[method])
+    cfg.pipeline.datamanager.data = Path(args.data)
+    cfg.pipeline.datamanager.dataparser = SplatsemDataParserConfig(load_3D_points=True)
+    cfg.pipeline.model.num_downscales = 0
+    cfg.max_num_iterations = args.iterations
+    cfg.steps_per_save = 10**9
+    cfg.steps_per_eval_image = cfg.steps_per_eval_batch = cfg.steps_per_eval_all_images = 10**9
+    cfg.vis = "tensorboard"
+    cfg.output_dir = out
+    cfg.experiment_name = "speed"
+    cfg.timestamp = method
+    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.viewer.quit_on_train_completion = True
+    for key, value in overrides.items():  # dotted keys reach nested configs, e.g. semantic_source.latent_dim
+        *parents, leaf = key.split(".")
+        target = cfg.pipeline.model
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, type(getattr(target, leaf))(value))
+    if method == "chorus-splat":
+        dm = cfg.pipeline.datamanager
+        dm.teachers = tuple(args.teachers)
+        dm.teacher_random_weights = args.random_weights
+        dm.feature_cache_dir = out / "feature_cache"
+    return cfg
+
+
+def _parse_method(spec: str) -> tuple[str, str, dict]:
+    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec.split(":")[0], "", spec)
+    method, _, fields = (rest or spec).partition(":")
+    overrides = dict(f.split("=", 1) for f in fields.split(",") if f)
+    return label, method, overrides
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dict:
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+    from nerfstudio.engine.trainer import Trainer
+
+    from splatsem_ns.models.optional_lpips import optional_lpips
+
+    _seed(args.seed)
+    cfg = _trainer_config(method, args, out, overrides)
+    cfg.timestamp = label
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, local_rank=0, world_size=1)
+    with optional_lpips():  # stock splatfacto downloads LPIPS weights when built; the GPU machine is offline
+        trainer.setup()
+    _sync()
+    setup_s = time.perf_counter() - t0
+    setup_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    stamps: list[float] = []
+
+    def record(step: int) -> None:
+        _sync()
+        stamps.append(time.perf_counter())
+
+    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
+    _sync()
+    t1 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t1
+    deltas_ms = [1000 * (b - a) for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    steady = deltas_ms[args.warmup :]
+    model = trainer.pipeline.model
+    result = {
+        "method": label,
+        "model_overrides": overrides,
+        "setup_s": round(setup_s, 2),
+        "train_s": round(train_s, 2),
+        "iterations": len(stamps),
+        "ms_per_iter_median": round(statistics.median(steady), 3),
+        "ms_per_iter_mean": round(statistics.fmean(steady), 3),
+        "ms_per_iter_p90": round(float(np.percentile(steady, 90)), 3),
+        "peak_gpu_mem_gib_train": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if torch.cuda.is_available()
+        else None,
+        "peak_gpu_mem_gib_setup": round(setup_peak / 2**30, 3) if torch.cuda.is_available() else None,
+        "num_gaussians_final": int(model.num_points),
+    }
+    if method == "chorus-splat":
+        result["teachers"] = {
+            name: {
+                "feature_dim": s.feature_dim,
+                "feature_grid": list(s.feature_grid),
+                "model": s.config.model_name,
+            }
+            for name, s in model.teacher_specs.items()
+        }
+        result["semantic_render_scale"] = float(model.semantic_scale)
+        result["latent_dim"] = model.semantic_source.latent_dim
+    del trainer, model
+    return result
+
+
+def main() -> None:
+    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument(
+        "--warmup", type=int, default=500, help="iterations left out of the timing statistics"
+    )
+    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["splatfacto", "chorus-splat"],
+        help="METHOD or LABEL=METHOD:field=value,field=value (model config overrides), e.g. "
+        "chorus-tile8=chorus-splat:semantic_tile_size=8",
+    )
+    parser.add_argument("--render", type=Path, help="only re-render the Markdown of a saved train_speed.json")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        write_report(json.loads(args.render.read_text()), args.out, stem=args.render.stem)
+        return
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.methods:
+            label, method, overrides = _parse_method(spec)
+            results.append(run_method(method, args, Path(tmp), label, overrides))
+            print(json.dumps(results[-1]), flush=True)
+
+    report = {
+        "benchmark": "train_speed",
+        "data": str(args.data),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "iterations": args.iterations,
+        "warmup_excluded": args.warmup,
+        "teachers": list(args.teachers),
+        "random_teacher_weights": args.random_weights,
+        "settings": "num_downscales=0 (full resolution every step), same seed and dataparser for both",
+        "results": results,
+    }
+    write_report(report, args.out)
+
+
+def ratios_over_baseline(results: list[dict], baseline: str = "splatfacto") -> dict:
+    """Per run: median ms/iter and peak training memory divided by the baseline's from the same run."""
+    base = next((r for r in results if r["method"] == baseline), None)
+    ratios = {}
+    for r in results:
+        if base is None or r is base:
+            continue
+        ratios[r["method"]] = {
+            "time_per_iter": round(r["ms_per_iter_median"] / base["ms_per_iter_median"], 3)
+        }
+        if base["peak_gpu_mem_gib_train"]:
+            ratios[r["method"]]["peak_gpu_memory"] = round(
+                r["peak_gpu_mem_gib_train"] / base["peak_gpu_mem_gib_train"], 3
+            )
+    return ratios
+
+
+def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
+    """Write ``{stem}.json`` and ``{stem}.md``; ratios are recomputed from the measured results."""
+    results = report["results"]
+    report["ratios_over_splatfacto"] = ratios = ratios_over_baseline(results)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        "# chorus-splat vs splatfacto: training speed and memory",
+        "",
+        f"- data: `{report['data']}`; device: {report['device']}; torch {report['torch']}",
+        f"- {report['iterations']} iterations each, first {report['warmup_excluded']} left out of the timing; "
+        f"{report['settings']}",
+        f"- teachers: {', '.join(report.get('teachers', []))} (random weights: {report['random_teacher_weights']})",
+        *[f"- note: {n}" for n in report.get("notes", [])],
+        "",
+        "| run | model overrides | ms/iter (median) | ms/iter (p90) | peak GPU memory, training (GiB) "
+        "| Gaussians at end | set-up (s) | time / splatfacto | memory / splatfacto |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = ratios.get(r["method"], {})
+        lines.append(
+            f"| {r['method']} | {r.get('model_overrides') or '-'} | {r['ms_per_iter_median']} "
+            f"| {r['ms_per_iter_p90']} | {r['peak_gpu_mem_gib_train']} | {r['num_gaussians_final']} "
+            f"| {r['setup_s']} | {ratio.get('time_per_iter', '-')} | {ratio.get('peak_gpu_memory', '-')} |"
+        )
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""nerfstudio MethodSpecifications that the plugin registers through entry points."""

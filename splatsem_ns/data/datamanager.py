@@ -1,0 +1,142 @@
+"""Full-image datamanager that also serves cached teacher features for every training image.
+
+On training set-up it runs each teacher once over the (undistorted) training images, with a progress
+bar, into the on-disk fp16 cache, then frees the teachers. Each training batch carries
+``batch["teacher_features"][name]``: that image's ``[h, w, C]`` features, read from a memory map.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple, Type
+
+import numpy as np
+import torch
+from nerfstudio.data.datamanagers.full_images_datamanager import (
+    FullImageDatamanager,
+    FullImageDatamanagerConfig,
+)
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from splatsem_ns.data.dataparser import SplatsemDataParserConfig
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, Teacher, TeacherSpec
+from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
+from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, make_teacher_config
+
+
+@dataclass
+class ChorusDataManagerConfig(FullImageDatamanagerConfig):
+    """Full images plus teacher features."""
+
+    _target: Type = field(default_factory=lambda: ChorusDataManager)
+    dataparser: SplatsemDataParserConfig = field(
+        default_factory=lambda: SplatsemDataParserConfig(load_3D_points=True)
+    )
+    """Reads nerfstudio transforms.json scenes and checks them (files, poses, point cloud) before training."""
+    cache_images_type: Literal["uint8", "float32"] = "uint8"
+    """Training images are kept in memory as uint8 (a quarter of float32's footprint)."""
+    teachers: Tuple[str, ...] = DEFAULT_TEACHERS
+    """Teacher presets to distill (names from splatsem_ns.teachers.registry, or ones you registered)."""
+    teacher_checkpoints: Dict[str, Path] = field(default_factory=dict)
+    """Local weights per teacher name, e.g. ``--pipeline.datamanager.teacher-checkpoints sam /path/sam_vit_b.pth``."""
+    teacher_random_weights: bool = False
+    """Build every teacher with random weights (tests and speed benchmarks only: the features mean nothing)."""
+    teacher_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where teachers run during extraction; "auto" follows the training device."""
+    feature_cache_dir: Optional[Path] = None
+    """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``."""
+    extraction_batch_size: int = 4
+    """Images per teacher forward pass during extraction."""
+
+
+class ChorusDataManager(FullImageDatamanager):
+    """See the module docstring."""
+
+    config: ChorusDataManagerConfig
+
+    def __init__(self, config: ChorusDataManagerConfig, device="cpu", test_mode="val", **kwargs) -> None:
+        if not torch.cuda.is_available() and config.cache_images == "cpu":
+            # nerfstudio pins "cpu"-cached images, which needs CUDA; on a CPU machine "gpu" means the device.
+            config.cache_images = "gpu"
+        super().__init__(config, device=device, test_mode=test_mode, **kwargs)
+        self._features: Dict[str, List[np.memmap]] = {}
+        if not config.teachers:
+            raise ValueError(
+                "No teachers given: pass at least one, e.g. --pipeline.datamanager.teachers tiny-dinov2"
+            )
+        if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
+            self._prepare_teacher_features()
+
+    def _build_teachers(self) -> List[Teacher]:
+        unknown = set(self.config.teacher_checkpoints) - {
+            make_teacher_config(p).name for p in self.config.teachers
+        }
+        if unknown:
+            raise ValueError(
+                f"teacher-checkpoints names {sorted(unknown)}, which are not among the teachers "
+                f"{[make_teacher_config(p).name for p in self.config.teachers]}."
+            )
+        device = self.device if self.config.teacher_device == "auto" else self.config.teacher_device
+        teachers, names = [], set()
+        for preset in self.config.teachers:
+            cfg = make_teacher_config(preset)
+            if cfg.name in names:
+                raise ValueError(f"Two teachers are named '{cfg.name}'; each teacher needs a distinct name.")
+            names.add(cfg.name)
+            if cfg.name in self.config.teacher_checkpoints:
+                cfg.checkpoint = Path(self.config.teacher_checkpoints[cfg.name])
+            if self.config.teacher_random_weights:
+                cfg.random_weights = True
+            teachers.append(cfg.setup().to(device).eval())
+        return teachers
+
+    def _prepare_teacher_features(self) -> None:
+        cache_root = self.config.feature_cache_dir or default_cache_root()
+        teachers = self._build_teachers()
+        images = self.cached_train
+        self._features = extract_teacher_features(
+            teachers,
+            num_images=len(images),
+            get_image=lambda i: images[i]["image"],
+            cache_root=cache_root,
+            batch_size=self.config.extraction_batch_size,
+        )
+        specs = {}
+        height, width = images[0]["image"].shape[:2]
+        for teacher in teachers:
+            first = self._features[teacher.name][0]
+            specs[teacher.name] = TeacherSpec(
+                name=teacher.name,
+                feature_dim=int(first.shape[-1]),
+                feature_grid=(int(first.shape[0]), int(first.shape[1])),
+                image_size=(int(height), int(width)),
+                has_text_encoder=teacher.has_text_encoder,
+                config=teacher.config,
+            )
+        self.train_dataset.metadata[TEACHER_SPECS_KEY] = specs
+        CONSOLE.log(
+            f"Teacher features ready in {cache_root}: "
+            + ", ".join(
+                f"{s.name} {s.feature_dim}x{s.feature_grid[0]}x{s.feature_grid[1]}" for s in specs.values()
+            )
+        )
+        # Teachers are not needed while training; give their memory back to the Gaussians.
+        del teachers
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def teacher_features(self, image_idx: int) -> Dict[str, torch.Tensor]:
+        """``{teacher: [h, w, C] float16}`` of one training image, on the training device."""
+        return {
+            name: torch.from_numpy(np.array(maps[image_idx])).to(self.device)  # copy: the map is read-only
+            for name, maps in self._features.items()
+        }
+
+    def next_train(self, step: int):
+        camera, data = super().next_train(step)
+        if self._features:
+            data["teacher_features"] = self.teacher_features(int(camera.metadata["cam_idx"]))
+        return camera, data

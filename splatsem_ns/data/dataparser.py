@@ -1,0 +1,288 @@
+"""A nerfstudio-format dataparser that checks the dataset first and carries semantic annotations.
+
+nerfstudio's own parser fails late and vaguely on a broken dataset (an ``AssertionError`` deep in a
+worker, a NaN loss after minutes, a ``KeyError`` on a frame). This one inspects ``transforms.json``,
+the image headers and the seed point cloud before nerfstudio touches them and raises a
+:class:`DatasetError` naming the file (and frame) and the problem. It also reads point clouds with
+plyfile instead of open3d, and passes per-image semantic/instance label files, class names and the
+labelled point cloud on to the datamanager through ``DataparserOutputs.metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from nerfstudio.cameras.cameras import CAMERA_MODEL_TO_TYPE
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio, NerfstudioDataParserConfig
+from PIL import Image
+from torch import Tensor
+
+from splatsem_ns.data.ply_io import PointCloud, PointCloudError, read_point_cloud
+
+SEMANTIC_FILENAMES_KEY = "semantic_filenames"
+"""Metadata key: per-image class-id label images (``List[Path]``, aligned with ``image_filenames``)."""
+INSTANCE_FILENAMES_KEY = "instance_filenames"
+"""Metadata key: per-image instance-id images (``List[Path]``, aligned with ``image_filenames``)."""
+CLASS_NAMES_KEY = "class_names"
+"""Metadata key: ``Dict[int, str]`` from ``classes.json`` (class id -> name; 0 is unlabelled)."""
+LABELED_POINTS_KEY = "labeled_points_path"
+"""Metadata key: ``Path`` of the labelled point cloud (in the dataset's original, untransformed frame)."""
+
+_FRAME_FILE_KEYS = {
+    "depth_file_path": "depth",
+    "semantic_file_path": "semantic label",
+    "instance_file_path": "instance",
+    "mask_path": "mask",
+}
+_INTRINSICS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+_MAX_LISTED = 5
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as it is. The message names the file (and frame) and the problem."""
+
+
+@dataclass
+class SplatsemDataParserConfig(NerfstudioDataParserConfig):
+    """nerfstudio-format data (``transforms.json``), validated up front, with optional semantic labels."""
+
+    _target: Type = field(default_factory=lambda: SplatsemDataParser)
+    """Target class to instantiate."""
+    load_3D_points: bool = True
+    """Load the seed point cloud named by ``ply_file_path`` (Gaussian splatting initialises from it)."""
+    validate_images: bool = True
+    """Open every image header to check that it is readable and has the size transforms.json states.
+    Cheap (headers only); turn off for very large datasets on slow storage."""
+    classes_file: str = "classes.json"
+    """Class-name file (``{"1": "wall", ...}``) looked up next to transforms.json when transforms.json
+    has no ``classes_file_path``. Optional."""
+    labeled_points_file: str = "points_labeled.ply"
+    """Labelled point cloud looked up next to transforms.json when transforms.json has no
+    ``labeled_ply_file_path``. Optional; used for 3D evaluation."""
+
+
+@dataclass
+class SplatsemDataParser(Nerfstudio):
+    """nerfstudio's parser behind a validation pass, reading point clouds with plyfile."""
+
+    config: SplatsemDataParserConfig
+
+    def __post_init__(self) -> None:
+        self._validated_for: Optional[Path] = None
+        self._point_clouds: Dict[Path, PointCloud] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # nerfstudio hooks
+
+    def _generate_dataparser_outputs(self, split: str = "train"):
+        transforms_path, meta = self._validate()
+        data_dir = transforms_path.parent
+        outputs = super()._generate_dataparser_outputs(split)
+
+        frames_by_image = {self._get_fname(Path(f["file_path"]), data_dir): f for f in meta["frames"]}
+        frames = [frames_by_image[Path(name)] for name in outputs.image_filenames]
+        extra: Dict[str, Any] = {}
+        for key, metadata_key in (
+            ("semantic_file_path", SEMANTIC_FILENAMES_KEY),
+            ("instance_file_path", INSTANCE_FILENAMES_KEY),
+        ):
+            if key in meta["frames"][0]:
+                extra[metadata_key] = [self._aux_fname(Path(frame[key]), data_dir) for frame in frames]
+        class_names = self._read_class_names(meta, data_dir)
+        if class_names is not None:
+            extra[CLASS_NAMES_KEY] = class_names
+        labeled = data_dir / meta.get("labeled_ply_file_path", self.config.labeled_points_file)
+        if labeled.is_file():
+            extra[LABELED_POINTS_KEY] = labeled
+        outputs.metadata.update(extra)
+        return outputs
+
+    def _load_3D_points(
+        self, ply_file_path: Path, transform_matrix: Float[Tensor, "3 4"], scale_factor: float
+    ) -> Dict[str, Tensor]:
+        """Seed points in dataparser coordinates: ``points3D_xyz`` [N, 3] float and ``points3D_rgb`` [N, 3] uint8."""
+        cloud = self._point_cloud(Path(ply_file_path))
+        xyz = torch.from_numpy(cloud.xyz)
+        xyz = torch.cat([xyz, torch.ones_like(xyz[:, :1])], dim=-1) @ transform_matrix.T.to(xyz.dtype)
+        xyz = xyz * scale_factor
+        if cloud.rgb is None:
+            # Without colours, start every seed at mid grey rather than failing: geometry is what matters.
+            rgb = torch.full((len(cloud), 3), 128, dtype=torch.uint8)
+        else:
+            rgb = torch.from_numpy(cloud.rgb)
+        return {"points3D_xyz": xyz, "points3D_rgb": rgb}
+
+    # ------------------------------------------------------------------------------------------------
+    # Validation
+
+    def _validate(self) -> Tuple[Path, Dict[str, Any]]:
+        """Check the dataset and return (transforms.json path, parsed JSON). Raises DatasetError."""
+        data = Path(self.config.data)
+        if not data.exists():
+            raise DatasetError(f"data path {data} does not exist")
+        transforms_path = data if data.suffix == ".json" else data / "transforms.json"
+        if not transforms_path.is_file():
+            raise DatasetError(
+                f"{transforms_path} does not exist: expected a nerfstudio transforms.json in {data} "
+                "(see `ns-process-data`, or `splatsem-synthetic` for a test scene)"
+            )
+        try:
+            meta = json.loads(transforms_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f"{transforms_path} is not valid JSON: {err}") from err
+        if self._validated_for == transforms_path:
+            return transforms_path, meta
+
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{transforms_path} must hold a JSON object, got {type(meta).__name__}")
+        frames = meta.get("frames")
+        if not isinstance(frames, list) or len(frames) == 0:
+            raise DatasetError(f"{transforms_path} has no frames")
+        if "camera_model" in meta and meta["camera_model"] not in CAMERA_MODEL_TO_TYPE:
+            raise DatasetError(
+                f"{transforms_path}: unknown camera_model {meta['camera_model']!r} "
+                f"(known: {sorted(CAMERA_MODEL_TO_TYPE)})"
+            )
+
+        data_dir = transforms_path.parent
+        for index, frame in enumerate(frames):
+            self._check_frame(transforms_path, meta, index, frame)
+        self._check_files(transforms_path, data_dir, meta, frames)
+        if self.config.load_3D_points and "ply_file_path" in meta:
+            self._point_cloud(data_dir / meta["ply_file_path"], referenced_by=transforms_path)
+        self._read_class_names(meta, data_dir)
+        self._validated_for = transforms_path
+        return transforms_path, meta
+
+    @staticmethod
+    def _frame_name(index: int, frame: Dict[str, Any]) -> str:
+        return f"frame {index} ({frame['file_path']})" if "file_path" in frame else f"frame {index}"
+
+    def _check_frame(self, transforms_path: Path, meta: Dict[str, Any], index: int, frame: Any) -> None:
+        if not isinstance(frame, dict):
+            raise DatasetError(f"{transforms_path}: frame {index} is not a JSON object")
+        name = self._frame_name(index, frame)
+        for key in ("file_path", "transform_matrix"):
+            if key not in frame:
+                raise DatasetError(f"{transforms_path}: {name} has no '{key}'")
+        try:
+            matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise DatasetError(f"{transforms_path}: {name} has a malformed transform_matrix: {err}") from err
+        if matrix.shape != (4, 4):
+            raise DatasetError(
+                f"{transforms_path}: {name} transform_matrix must be 4x4, got shape {matrix.shape}"
+            )
+        if not np.isfinite(matrix).all():
+            raise DatasetError(f"{transforms_path}: {name} has a non-finite transform_matrix")
+        if abs(np.linalg.det(matrix[:3, :3])) < 1e-6:
+            raise DatasetError(f"{transforms_path}: {name} has a singular transform_matrix (rotation part)")
+        for key in _INTRINSICS:
+            value = frame.get(key, meta.get(key))
+            if value is None:
+                raise DatasetError(f"{transforms_path}: {name} has no '{key}' and there is no global '{key}'")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DatasetError(f"{transforms_path}: {name} has an invalid '{key}': {value!r}")
+            if key in ("fl_x", "fl_y", "w", "h") and value <= 0:
+                raise DatasetError(f"{transforms_path}: {name} has a non-positive '{key}': {value!r}")
+
+    def _check_files(
+        self, transforms_path: Path, data_dir: Path, meta: Dict[str, Any], frames: List[Dict[str, Any]]
+    ) -> None:
+        downscale = self.config.downscale_factor
+        full_resolution = downscale is None or downscale == 1
+
+        def image_path(frame: Dict[str, Any]) -> Path:
+            path = Path(frame["file_path"])
+            return data_dir / path if full_resolution else data_dir / f"images_{downscale}" / path.name
+
+        missing = [image_path(f) for f in frames if not image_path(f).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{transforms_path}: {len(missing)} of {len(frames)} image files are missing: "
+                f"{', '.join(str(p) for p in missing[:_MAX_LISTED])}{' ...' if len(missing) > _MAX_LISTED else ''}"
+            )
+        for key, what in _FRAME_FILE_KEYS.items():
+            having = [i for i, f in enumerate(frames) if key in f]
+            if not having:
+                continue
+            if len(having) != len(frames):
+                lacking = next(i for i, f in enumerate(frames) if key not in f)
+                raise DatasetError(
+                    f"{transforms_path}: '{key}' is given for {len(having)} of {len(frames)} frames; "
+                    f"{self._frame_name(lacking, frames[lacking])} has none (give it for every frame or none)"
+                )
+            if not full_resolution:
+                continue  # nerfstudio reads downscaled copies from other folders; they are checked on load
+            missing = [data_dir / f[key] for f in frames if not (data_dir / f[key]).is_file()]
+            if missing:
+                raise DatasetError(
+                    f"{transforms_path}: {len(missing)} of {len(frames)} {what} files ('{key}') are missing: "
+                    f"{', '.join(str(p) for p in missing[:_MAX_LISTED])}"
+                    f"{' ...' if len(missing) > _MAX_LISTED else ''}"
+                )
+
+        if not self.config.validate_images:
+            return
+        for index, frame in enumerate(frames):
+            path = image_path(frame)
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+                raise DatasetError(
+                    f"image {path} ({self._frame_name(index, frame)}) cannot be read as an image: {err}"
+                ) from err
+            expected_w, expected_h = frame.get("w", meta.get("w")), frame.get("h", meta.get("h"))
+            if full_resolution and (width, height) != (int(expected_w), int(expected_h)):
+                raise DatasetError(
+                    f"image {path} ({self._frame_name(index, frame)}) is {width}x{height} but "
+                    f"{transforms_path} gives w={expected_w}, h={expected_h}"
+                )
+
+    def _point_cloud(self, path: Path, referenced_by: Optional[Path] = None) -> PointCloud:
+        """Read (once) and return the point cloud at ``path``; errors become DatasetError."""
+        if path not in self._point_clouds:
+            source = f" (ply_file_path in {referenced_by})" if referenced_by is not None else ""
+            try:
+                self._point_clouds[path] = read_point_cloud(path)
+            except PointCloudError as err:
+                raise DatasetError(f"{err}{source}") from err
+        return self._point_clouds[path]
+
+    def _read_class_names(self, meta: Dict[str, Any], data_dir: Path) -> Optional[Dict[int, str]]:
+        if "classes_file_path" in meta:
+            path = data_dir / meta["classes_file_path"]
+            if not path.is_file():
+                raise DatasetError(
+                    f"class-name file {path} (classes_file_path in transforms.json) does not exist"
+                )
+        else:
+            path = data_dir / self.config.classes_file
+            if not path.is_file():
+                return None
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object of id -> name, got {type(raw).__name__}")
+            return {int(class_id): str(name) for class_id, name in raw.items()}
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DatasetError(f"class-name file {path} is invalid: {err}") from err
+
+    def _aux_fname(self, path: Path, data_dir: Path) -> Path:
+        """A per-image annotation file at the resolution nerfstudio loads the images at, if such a copy
+        exists (``<folder>_<factor>/<name>``, like nerfstudio's ``depths_2``), else the full-resolution
+        file. Label images must be resized with nearest-neighbour sampling by whoever reads them."""
+        factor = self.downscale_factor or 1
+        if factor > 1:
+            scaled = data_dir / f"{path.parent.name}_{factor}" / path.name
+            if scaled.is_file():
+                return scaled
+        return data_dir / path

@@ -1,0 +1,328 @@
+"""chorus-splat: splatfacto's Gaussians plus a per-Gaussian semantic latent distilled from several 2D teachers.
+
+Per training step:
+1. RGB is rendered exactly as splatfacto does (same densification strategy, losses and optimizers).
+2. The semantic latent of every Gaussian (from a swappable ``SemanticSource``) is rendered in a second,
+   cheap pass at the teachers' feature resolution rather than the full image: feature rendering is the
+   expensive part of semantic splatting, and the teachers only see at patch resolution anyway.
+3. One projector head per teacher decodes the rendered latent into that teacher's feature space; each
+   teacher contributes a weighted cosine distillation loss.
+
+By default the semantic pass does not send gradients into the Gaussians' geometry or opacity, so the
+semantic branch cannot degrade RGB quality; ``semantic_grad_to_geometry`` turns that coupling on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple, Type, Union
+
+import torch
+from jaxtyping import Float
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+from splatsem_ns.models.heads import (
+    ProjectorHead,
+    cosine_distillation_loss,
+    heads_from_state_dict,
+    resize_feature_map,
+)
+from splatsem_ns.models.optional_lpips import NaNMetric, optional_lpips
+from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig, SemanticSourceConfig
+from splatsem_ns.rendering import rasterize_gaussians
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+
+
+@dataclass
+class ChorusSplatModelConfig(SplatfactoModelConfig):
+    """Splatfacto plus a distilled multi-teacher semantic latent."""
+
+    _target: Type = field(default_factory=lambda: ChorusSplatModel)
+    semantic_source: SemanticSourceConfig = field(default_factory=LearnedLatentSourceConfig)
+    """Where each Gaussian's semantic latent comes from (a learned vector per Gaussian by default)."""
+    projector_hidden_dim: int = 256
+    """Hidden width of each teacher's projector MLP."""
+    projector_num_layers: int = 2
+    """Linear layers in each projector MLP (1 = a linear projection)."""
+    teacher_loss_weights: Dict[str, float] = field(default_factory=dict)
+    """Distillation loss weight per teacher name; teachers not listed get ``default_teacher_loss_weight``."""
+    default_teacher_loss_weight: float = 1.0
+    """Weight of each teacher's cosine distillation loss unless listed in ``teacher_loss_weights``."""
+    semantic_grad_to_geometry: bool = False
+    """Let distillation gradients move the Gaussians' means, scales, rotations and opacities. Off by default
+    so the semantic branch cannot cost RGB quality."""
+    semantic_render_scale: Optional[float] = None
+    """Resolution of the semantic render relative to the image. None: the finest teacher feature grid."""
+    semantic_tile_size: int = 4
+    """Tile edge (pixels) of the semantic pass. That pass renders few pixels, so gsplat's default 16-pixel
+    tiles leave most of a large GPU idle; smaller tiles give it more blocks to run in parallel (measured:
+    benchmarks/results/train_speed_h200.md)."""
+    rasterizer_backend: str = "auto"
+    """"auto" (gsplat's CUDA kernels on GPU, the PyTorch reference path on CPU), "gsplat" or "torch"."""
+
+
+class ChorusSplatModel(SplatfactoModel):
+    """Gaussian splatting with a multi-teacher semantic latent (see the module docstring)."""
+
+    config: ChorusSplatModelConfig
+
+    # ------------------------------------------------------------------ set-up
+    def populate_modules(self) -> None:
+        # splatfacto puts its seed colours on the GPU with a hard-coded .cuda(); hand it points without
+        # colours (its "points but no colours" branch) and set the colours here, on any device.
+        seed_points = self.seed_points
+        has_seed_colors = (
+            seed_points is not None and not self.config.random_init and seed_points[1].shape[0] > 0
+        )
+        if has_seed_colors:
+            self.seed_points = (seed_points[0], seed_points[1][:0])
+        if seed_points is not None and seed_points[0].shape[0] == 0:
+            raise ValueError(
+                "The seed point cloud is empty: nothing to initialise Gaussians from. Give a point cloud "
+                "with points, or train with --pipeline.model.random-init True."
+            )
+        with optional_lpips():
+            super().populate_modules()
+        self.seed_points = seed_points
+        if has_seed_colors:
+            colors = seed_points[1].float() / 255.0
+            if self.config.sh_degree > 0:
+                self.gauss_params["features_dc"] = Parameter(RGB2SH(colors))
+            else:
+                self.gauss_params["features_dc"] = Parameter(torch.logit(colors, eps=1e-10))
+
+        self.semantic_source = self.config.semantic_source.setup()
+        for name, param in self.semantic_source.gaussian_params(self.num_points).items():
+            self.gauss_params[name] = param
+
+        specs: Dict[str, TeacherSpec] = (self.kwargs.get("metadata") or {}).get(TEACHER_SPECS_KEY, {}) or {}
+        self.teacher_specs = dict(specs)
+        self.projector_heads = nn.ModuleDict(
+            {
+                name: ProjectorHead(
+                    self.semantic_source.latent_dim,
+                    spec.feature_dim,
+                    self.config.projector_hidden_dim,
+                    self.config.projector_num_layers,
+                )
+                for name, spec in specs.items()
+            }
+        )
+        # Saved with the checkpoint, so a model restored without its teachers renders at the same scale. The
+        # render path reads a Python copy: reading the (GPU) buffer every step would synchronise the device.
+        self._semantic_scale = self._initial_semantic_scale(specs)
+        self.register_buffer("semantic_scale", torch.tensor(self._semantic_scale))
+
+    def _initial_semantic_scale(self, specs: Mapping[str, TeacherSpec]) -> float:
+        if self.config.semantic_render_scale is not None:
+            return float(self.config.semantic_render_scale)
+        if not specs:
+            return 1.0 / 16.0
+        return max(
+            max(s.feature_grid[0] / s.image_size[0], s.feature_grid[1] / s.image_size[1])
+            for s in specs.values()
+        )
+
+    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]  # noqa: A002 (splatfacto's name)
+        # Restored without teachers (ns-eval, ns-viewer): the heads exist only in the checkpoint.
+        missing = heads_from_state_dict(dict, "projector_heads.")
+        for name, head in missing.items():
+            if name not in self.projector_heads:
+                self.projector_heads[name] = head.to(self.device)
+        result = super().load_state_dict(dict, **kwargs)
+        self._semantic_scale = float(self.semantic_scale)
+        return result
+
+    # ------------------------------------------------------------------ parameters
+    def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_gaussian_param_groups()
+        for name in self.semantic_source.gaussian_params(0):
+            groups[name] = [self.gauss_params[name]]
+        return groups
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_param_groups()
+        groups.update(self.semantic_source.param_groups())
+        groups["projector_heads"] = list(self.projector_heads.parameters())
+        return groups
+
+    # ------------------------------------------------------------------ rendering
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
+        """Splatfacto's RGB render (device-agnostic rasterizer) plus the rendered semantic latent.
+
+        Returns rgb [H, W, 3], depth [H, W, 1] (eval or when requested), accumulation [H, W, 1],
+        background, and semantic_latent [h, w, D] at ``semantic_scale`` of the full camera resolution.
+        """
+        if not isinstance(camera, Cameras):
+            raise TypeError(f"chorus-splat renders Cameras, got {type(camera).__name__}")
+        if self.training:
+            assert camera.shape[0] == 1, "Only one camera at a time"
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+
+        crop_ids = None
+        if self.crop_box is not None and not self.training:
+            crop_ids = self.crop_box.within(self.means).squeeze()
+            if crop_ids.sum() == 0:
+                return self.get_empty_outputs(
+                    int(camera.width.item()), int(camera.height.item()), self.background_color
+                )
+        params = {k: (v[crop_ids] if crop_ids is not None else v) for k, v in self.gauss_params.items()}
+        latent = self.semantic_source(self.gauss_params)
+        if crop_ids is not None:
+            latent = latent[crop_ids]
+
+        viewmat = get_viewmat(camera_to_world)
+        full_K = camera.get_intrinsics_matrices().to(self.device)
+        full_W, full_H = int(camera.width.item()), int(camera.height.item())
+        # Same rounding as splatfacto's, so renders match its downscaled ground truth pixel for pixel.
+        scale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / scale)
+        K = camera.get_intrinsics_matrices().to(self.device)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(scale)
+        self.last_size = (H, W)
+
+        render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
+        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+
+        means = params["means"]
+        quats = params["quats"]
+        scales = torch.exp(params["scales"])
+        opacities = torch.sigmoid(params["opacities"]).squeeze(-1)
+        render, alpha, self.info = rasterize_gaussians(
+            means=means,
+            quats=quats,
+            scales=scales,
+            opacities=opacities,
+            colors=colors,
+            viewmats=viewmat,
+            Ks=K,
+            width=W,
+            height=H,
+            near_plane=0.01,
+            far_plane=1e10,
+            sh_degree=sh_degree,
+            render_mode=render_mode,
+            absgrad=self.strategy.absgrad,
+            rasterize_mode=self.config.rasterize_mode,
+            backend=self.config.rasterizer_backend,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(
+                self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info
+            )
+
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        if self.config.use_bilateral_grid and self.training:
+            if camera.metadata is not None and "cam_idx" in camera.metadata:
+                rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
+        if background.shape[0] == 3 and not self.training:
+            background = background.expand(H, W, 3)
+
+        outputs: Dict[str, Union[torch.Tensor, List]] = {
+            "rgb": rgb.squeeze(0),
+            "depth": depth,  # type: ignore[dict-item]
+            "accumulation": alpha.squeeze(0),
+            "background": background,
+        }
+        if self.projector_heads:
+            outputs["semantic_latent"] = self._render_semantic_latent(
+                means, quats, scales, opacities, latent, viewmat, full_K, full_W, full_H
+            )
+        return outputs
+
+    def _render_semantic_latent(
+        self,
+        means: Float[Tensor, "N 3"],
+        quats: Float[Tensor, "N 4"],
+        scales: Float[Tensor, "N 3"],
+        opacities: Float[Tensor, " N"],
+        latent: Float[Tensor, "N D"],
+        viewmat: Float[Tensor, "1 4 4"],
+        K: Float[Tensor, "1 3 3"],
+        width: int,
+        height: int,
+    ) -> Float[Tensor, "h w D"]:
+        s = self._semantic_scale
+        w, h = _scaled_size(width, s), _scaled_size(height, s)
+        if not self.config.semantic_grad_to_geometry:
+            means, quats, scales, opacities = (
+                means.detach(),
+                quats.detach(),
+                scales.detach(),
+                opacities.detach(),
+            )
+        rendered, _, _ = rasterize_gaussians(
+            means=means,
+            quats=quats,
+            scales=scales,
+            opacities=opacities,
+            colors=latent,
+            viewmats=viewmat.detach(),
+            Ks=_scale_intrinsics(K, (w / width, h / height)),
+            width=w,
+            height=h,
+            rasterize_mode=self.config.rasterize_mode,
+            backend=self.config.rasterizer_backend,
+            tile_size=self.config.semantic_tile_size,
+        )
+        return rendered[0]
+
+    def decode_features(self, latent: Float[Tensor, "*batch D"], teacher: str) -> Float[Tensor, "*batch C"]:
+        """Decode rendered (or per-Gaussian) latents into one teacher's feature space."""
+        return self.projector_heads[teacher](latent)
+
+    # ------------------------------------------------------------------ losses and metrics
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        targets: Mapping[str, Tensor] = batch.get("teacher_features", {})
+        if "semantic_latent" not in outputs or not targets:
+            return loss_dict
+        latent = outputs["semantic_latent"]
+        for name, target in targets.items():
+            target = target.to(latent.device)
+            predicted = self.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
+            weight = self.config.teacher_loss_weights.get(name, self.config.default_teacher_loss_weight)
+            loss_dict[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target)
+        return loss_dict
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        if self.lpips is not None:
+            return super().get_image_metrics_and_images(outputs, batch)
+        # LPIPS weights could not be loaded (offline): report everything else rather than failing.
+        self.lpips = NaNMetric()
+        try:
+            metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        finally:
+            self.lpips = None
+        for key in ("lpips", "cc_lpips"):
+            metrics.pop(key, None)
+        return metrics, images
+
+
+def _scaled_size(size: int, factor: float) -> int:
+    return max(1, int(round(size * factor)))
+
+
+def _scale_intrinsics(
+    K: Float[Tensor, "C 3 3"], factor: Union[float, Tuple[float, float]]
+) -> Float[Tensor, "C 3 3"]:
+    """Intrinsics of the same camera resampled to another resolution (pixel-centre convention kept)."""
+    fx, fy = (factor, factor) if isinstance(factor, float) else factor
+    K = K.clone()
+    K[:, 0, :] *= fx
+    K[:, 1, :] *= fy
+    return K

@@ -1,0 +1,77 @@
+"""Per-teacher projector heads and the distillation loss.
+
+The scene stores one compact latent per Gaussian; each teacher gets a small MLP that decodes the
+rendered latent into that teacher's feature space (the Chorus design). Heads act per pixel on the
+rendered map, so their cost scales with the feature-map size, not with the number of Gaussians.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+
+class ProjectorHead(nn.Module):
+    """A per-pixel MLP ``latent_dim -> hidden_dim -> ... -> feature_dim``."""
+
+    def __init__(self, latent_dim: int, feature_dim: int, hidden_dim: int = 256, num_layers: int = 2) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"A projector head needs at least one layer, got {num_layers}.")
+        dims = [latent_dim] + [hidden_dim] * (num_layers - 1) + [feature_dim]
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < num_layers - 1:
+                layers.append(nn.ReLU(inplace=True))
+        self.net = nn.Sequential(*layers)
+        self.latent_dim = latent_dim
+        self.feature_dim = feature_dim
+
+    def forward(self, latent: Float[Tensor, "*batch D"]) -> Float[Tensor, "*batch C"]:
+        return self.net(latent)
+
+
+def heads_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> Dict[str, ProjectorHead]:
+    """Rebuild heads from checkpoint tensors ``{prefix}{teacher}.net.{i}.weight``.
+
+    Used when a model is restored without its teachers (ns-eval, ns-viewer): the checkpoint is the
+    only record of each teacher's feature dimension.
+    """
+    linears: Dict[str, Dict[int, Tensor]] = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith(".weight"):
+            teacher, _, index, _ = key[len(prefix) :].split(".")
+            linears.setdefault(teacher, {})[int(index)] = value
+    heads = {}
+    for teacher, weights in linears.items():
+        ordered = [weights[i] for i in sorted(weights)]
+        latent_dim, feature_dim = ordered[0].shape[1], ordered[-1].shape[0]
+        hidden_dim = ordered[0].shape[0] if len(ordered) > 1 else 1
+        heads[teacher] = ProjectorHead(latent_dim, feature_dim, hidden_dim, num_layers=len(ordered))
+    return heads
+
+
+def cosine_distillation_loss(
+    predicted: Float[Tensor, "*batch C"], target: Float[Tensor, "*batch C"]
+) -> Float[Tensor, ""]:
+    """Mean of ``1 - cos(predicted, target)`` over all pixels: scale-free, so teachers of very
+    different feature norms can share one weighting scheme."""
+    return (1.0 - F.cosine_similarity(predicted, target.to(predicted.dtype), dim=-1, eps=1e-6)).mean()
+
+
+def resize_feature_map(features: Float[Tensor, "h w C"], size: tuple[int, int]) -> Float[Tensor, "H2 W2 C"]:
+    """Resample a feature map to another grid that covers the same image (area-style averaging when
+    shrinking, bilinear when growing)."""
+    if tuple(features.shape[:2]) == tuple(size):
+        return features
+    chw = features.permute(2, 0, 1)[None]
+    shrinking = size[0] <= features.shape[0] and size[1] <= features.shape[1]
+    if shrinking:
+        out = F.interpolate(chw, size=size, mode="area")
+    else:
+        out = F.interpolate(chw, size=size, mode="bilinear", align_corners=False)
+    return out[0].permute(1, 2, 0)

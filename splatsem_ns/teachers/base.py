@@ -1,0 +1,126 @@
+"""One interface for every 2D teacher: language-aligned, generalist, object-aware, or label proxies.
+
+A teacher turns images into dense feature maps (and, if it has one, text into the same space). The
+rest of the package only ever talks to this interface, so adding a teacher is one subclass plus one
+config dataclass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Type
+
+import torch
+from jaxtyping import Float
+from nerfstudio.configs.base_config import InstantiateConfig
+from torch import Tensor, nn
+
+
+class TeacherWeightsUnavailable(RuntimeError):
+    """Raised when a teacher's weights can neither be found locally nor downloaded.
+
+    The message always names the teacher and says how to point it at a local checkpoint.
+    """
+
+
+@dataclass
+class TeacherConfig(InstantiateConfig):
+    """Base config of a 2D teacher. Subclasses set ``_target`` and their model fields."""
+
+    _target: Type = field(default_factory=lambda: Teacher)
+    name: str = "teacher"
+    """Key of this teacher in losses, caches and the viewer; unique within one run."""
+    model_name: str = ""
+    """The real model identifier (hub id or architecture name) that is loaded."""
+    checkpoint: Optional[Path] = None
+    """Local weights to load instead of downloading (a file or a hub snapshot folder)."""
+    random_weights: bool = False
+    """Build the architecture with random weights and load nothing. Only for tests and speed benchmarks:
+    the features carry no meaning."""
+    input_size: int = 448
+    """Length in pixels of the longer image side fed to the network (rounded to the patch size)."""
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that changes this teacher's features (model, weights, resolution)."""
+        payload = {k: str(v) for k, v in sorted(asdict(self).items()) if not k.startswith("_")}
+        payload["class"] = type(self).__qualname__
+        if self.checkpoint is not None and Path(self.checkpoint).is_file():
+            stat = Path(self.checkpoint).stat()
+            payload["checkpoint_stat"] = f"{stat.st_size}:{int(stat.st_mtime)}"
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Teacher(nn.Module, ABC):
+    """A frozen 2D model that produces dense per-patch features.
+
+    Subclasses fill ``feature_dim``, ``feature_stride`` and ``has_text_encoder`` in ``__init__``.
+    Images come in as float RGB in [0, 1]; preprocessing (resize, normalisation) is the teacher's job.
+    """
+
+    config: TeacherConfig
+    feature_dim: int
+    """Channels of the feature maps (and of text embeddings, when there is a text encoder)."""
+    feature_stride: int
+    """Input pixels per feature cell along each axis (the ViT patch size)."""
+    has_text_encoder: bool = False
+
+    def __init__(self, config: TeacherConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def fingerprint(self) -> str:
+        return self.config.fingerprint()
+
+    def network_input_size(self, height: int, width: int) -> Tuple[int, int]:
+        """(H', W') the network sees: longer side ``input_size``, both sides multiples of the stride."""
+        scale = self.config.input_size / max(height, width)
+        s = self.feature_stride
+        return max(s, round(height * scale / s) * s), max(s, round(width * scale / s) * s)
+
+    def feature_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(h, w) of the feature map for an image of ``height`` x ``width``; it covers the whole image."""
+        h, w = self.network_input_size(height, width)
+        return h // self.feature_stride, w // self.feature_stride
+
+    @abstractmethod
+    def encode_image(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
+        """Dense features; (h, w) == ``feature_grid(H, W)``."""
+
+    def encode_text(self, texts: Sequence[str]) -> Float[Tensor, "N C"]:
+        """Text embeddings in the image feature space (language-aligned teachers only)."""
+        raise NotImplementedError(f"Teacher '{self.name}' has no text encoder.")
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+
+TEACHER_SPECS_KEY = "teacher_specs"
+"""Key of ``Dict[str, TeacherSpec]`` in the training dataset's metadata, filled by the datamanager."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What the model needs to know of a teacher without loading it: the datamanager fills these after
+    extracting features, and the model builds one projector head per spec."""
+
+    name: str
+    feature_dim: int
+    feature_grid: Tuple[int, int]
+    """(h, w) of the cached feature maps for the training images."""
+    image_size: Tuple[int, int]
+    """(H, W) of the training images those grids cover."""
+    has_text_encoder: bool
+    config: TeacherConfig
+    """The config that produced the features (used later to load the text encoder for queries)."""

@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import _parse_method, _seed, _trainer_config  # noqa: E402
+from common import build_trainer, parse_method, seed_everything, trainer_config  # noqa: E402
 
 
 def main() -> None:
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-    from nerfstudio.engine.trainer import Trainer
 
-    from splatsem_ns.models.optional_lpips import optional_lpips
     from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
 
     parser = argparse.ArgumentParser(
@@ -40,13 +38,13 @@ def main() -> None:
     args = parser.parse_args()
     args.iterations = args.start + args.steps
     args.out.mkdir(parents=True, exist_ok=True)
-    label, method, overrides = _parse_method(args.method)
-    _seed(args.seed)
+    label, method, overrides = parse_method(args.method)
+    seed_everything(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _trainer_config(method, args, Path(tmp), overrides)
-        trainer = Trainer(cfg, local_rank=0, world_size=1)
-        with optional_lpips():
-            trainer.setup()
+        cfg = trainer_config(
+            method, args.data, Path(tmp), args.iterations, args.teachers, args.random_weights, overrides
+        )
+        trainer = build_trainer(cfg)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -15,11 +15,9 @@ trained ones; the features are meaningless, which does not matter for speed.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
-import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,74 +25,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _trainer_config(method: str, args, out: Path, overrides: dict):
-    from nerfstudio.configs.method_configs import all_methods
-
-    from splatsem_ns.data.dataparser import SplatsemDataParserConfig
-
-    cfg = copy.deepcopy(all_methods[method])
-    cfg.pipeline.datamanager.data = Path(args.data)
-    cfg.pipeline.datamanager.dataparser = SplatsemDataParserConfig(load_3D_points=True)
-    cfg.pipeline.model.num_downscales = 0
-    cfg.max_num_iterations = args.iterations
-    cfg.steps_per_save = 10**9
-    cfg.steps_per_eval_image = cfg.steps_per_eval_batch = cfg.steps_per_eval_all_images = 10**9
-    cfg.vis = "tensorboard"
-    cfg.output_dir = out
-    cfg.experiment_name = "speed"
-    cfg.timestamp = method
-    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.viewer.quit_on_train_completion = True
-    for key, value in overrides.items():  # dotted keys reach nested configs, e.g. semantic_source.latent_dim
-        *parents, leaf = key.split(".")
-        target = cfg.pipeline.model
-        for parent in parents:
-            target = getattr(target, parent)
-        setattr(target, leaf, type(getattr(target, leaf))(value))
-    if method == "chorus-splat":
-        dm = cfg.pipeline.datamanager
-        dm.teachers = tuple(args.teachers)
-        dm.teacher_random_weights = args.random_weights
-        dm.feature_cache_dir = out / "feature_cache"
-    return cfg
-
-
-def _parse_method(spec: str) -> tuple[str, str, dict]:
-    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec.split(":")[0], "", spec)
-    method, _, fields = (rest or spec).partition(":")
-    overrides = dict(f.split("=", 1) for f in fields.split(",") if f)
-    return label, method, overrides
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    build_trainer,
+    device_name,
+    parse_method,
+    peak_memory_gib,
+    seed_everything,
+    sync,
+    trainer_config,
+)  # noqa: E402
 
 
 def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dict:
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-    from nerfstudio.engine.trainer import Trainer
 
-    from splatsem_ns.models.optional_lpips import optional_lpips
-
-    _seed(args.seed)
-    cfg = _trainer_config(method, args, out, overrides)
+    seed_everything(args.seed)
+    cfg = trainer_config(
+        method, args.data, out, args.iterations, args.teachers, args.random_weights, overrides
+    )
     cfg.timestamp = label
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, local_rank=0, world_size=1)
-    with optional_lpips():  # stock splatfacto downloads LPIPS weights when built; the GPU machine is offline
-        trainer.setup()
-    _sync()
+    trainer = build_trainer(cfg)
+    sync()
     setup_s = time.perf_counter() - t0
     setup_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     if torch.cuda.is_available():
@@ -103,11 +59,11 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
     stamps: list[float] = []
 
     def record(step: int) -> None:
-        _sync()
+        sync()
         stamps.append(time.perf_counter())
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
-    _sync()
+    sync()
     t1 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t1
@@ -123,9 +79,7 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
         "ms_per_iter_median": round(statistics.median(steady), 3),
         "ms_per_iter_mean": round(statistics.fmean(steady), 3),
         "ms_per_iter_p90": round(float(np.percentile(steady, 90)), 3),
-        "peak_gpu_mem_gib_train": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if torch.cuda.is_available()
-        else None,
+        "peak_gpu_mem_gib_train": peak_memory_gib(),
         "peak_gpu_mem_gib_setup": round(setup_peak / 2**30, 3) if torch.cuda.is_available() else None,
         "num_gaussians_final": int(model.num_points),
     }
@@ -176,16 +130,14 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.methods:
-            label, method, overrides = _parse_method(spec)
+            label, method, overrides = parse_method(spec)
             results.append(run_method(method, args, Path(tmp), label, overrides))
             print(json.dumps(results[-1]), flush=True)
 
     report = {
         "benchmark": "train_speed",
         "data": str(args.data),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
+        "device": device_name(),
         "torch": torch.__version__,
         "iterations": args.iterations,
         "warmup_excluded": args.warmup,

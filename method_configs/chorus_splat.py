@@ -10,12 +10,12 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints
 from splatsem_ns.data.datamanager import ChorusDataManagerConfig
 from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+from splatsem_ns.pipelines.chorus_pipeline import ChorusPipelineConfig
 
 # Every ns-* command imports this module through the entry point, before any checkpoint is read.
 allow_numpy_scalars_in_checkpoints()
@@ -65,7 +65,7 @@ chorus_splat = MethodSpecification(
         steps_per_eval_all_images=1000,
         max_num_iterations=MAX_STEPS,
         mixed_precision=False,
-        pipeline=VanillaPipelineConfig(
+        pipeline=ChorusPipelineConfig(
             datamanager=ChorusDataManagerConfig(),
             model=ChorusSplatModelConfig(),
         ),

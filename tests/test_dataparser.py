@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from plyfile import PlyData, PlyElement
+from support import SCANNET
 
 from splatsem_ns.data.dataparser import (
     CLASS_NAMES_KEY,
@@ -26,8 +26,6 @@ from splatsem_ns.data.dataparser import (
 from splatsem_ns.data.ply_io import PointCloudError, read_point_cloud, write_point_cloud
 from splatsem_ns.data.synthetic import CLASS_NAMES, SyntheticSceneConfig, generate_synthetic_scene
 
-DATA_ROOT = Path(os.environ.get("SPLATSEM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SCANNET = DATA_ROOT / "scannet_scene0000_00"
 NUM_VIEWS = 10
 
 

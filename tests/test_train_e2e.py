@@ -5,13 +5,12 @@ every family, then ``ns-eval`` on the checkpoint it wrote (which also proves it 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support import command, offline_env
 
 from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints
 from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
@@ -22,19 +21,9 @@ ITERATIONS = 300
 TEACHERS = ["tiny-siglip2", "tiny-dinov2", "tiny-sam"]
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    return env
-
-
 def _train(scene: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
-        _bin("ns-train"),
+        command("ns-train"),
         "chorus-splat",
         "--data", str(scene),
         "--output-dir", str(out),
@@ -54,7 +43,7 @@ def _train(scene: Path, out: Path, cache: Path, *extra: str) -> subprocess.Compl
         "--pipeline.datamanager.feature-cache-dir", str(cache),
         *extra,
     ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    return subprocess.run(cmd, capture_output=True, text=True, env=offline_env(), timeout=900)
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -101,10 +90,10 @@ def test_ns_eval_restores_model_without_teachers(trained):
     root, run_dir, _ = trained
     out = root / "eval.json"
     proc = subprocess.run(
-        [_bin("ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path", str(out)],
+        [command("ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path", str(out)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=offline_env(),
         timeout=600,
     )
     assert proc.returncode == 0, f"ns-eval failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

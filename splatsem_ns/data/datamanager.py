@@ -20,8 +20,12 @@ from nerfstudio.data.datamanagers.full_images_datamanager import (
 )
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from splatsem_ns.data.dataparser import SplatsemDataParserConfig
-from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, Teacher, TeacherSpec
+from splatsem_ns.data.dataparser import (
+    INSTANCE_FILENAMES_KEY,
+    SEMANTIC_FILENAMES_KEY,
+    SplatsemDataParserConfig,
+)
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, make_teacher_config
 
@@ -69,32 +73,77 @@ class ChorusDataManager(FullImageDatamanager):
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
             self._prepare_teacher_features()
 
-    def _build_teachers(self) -> List[Teacher]:
-        unknown = set(self.config.teacher_checkpoints) - {
-            make_teacher_config(p).name for p in self.config.teachers
-        }
+    def teacher_configs(self) -> List[TeacherConfig]:
+        """The configured teachers, with their local checkpoints and the random-weights switch applied."""
+        configs = [make_teacher_config(p) for p in self.config.teachers]
+        names = [c.name for c in configs]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"Teachers {duplicated} appear twice; each teacher needs a distinct name.")
+        unknown = set(self.config.teacher_checkpoints) - set(names)
         if unknown:
             raise ValueError(
-                f"teacher-checkpoints names {sorted(unknown)}, which are not among the teachers "
-                f"{[make_teacher_config(p).name for p in self.config.teachers]}."
+                f"teacher-checkpoints names {sorted(unknown)}, which are not among the teachers {names}."
             )
-        device = self.device if self.config.teacher_device == "auto" else self.config.teacher_device
-        teachers, names = [], set()
-        for preset in self.config.teachers:
-            cfg = make_teacher_config(preset)
-            if cfg.name in names:
-                raise ValueError(f"Two teachers are named '{cfg.name}'; each teacher needs a distinct name.")
-            names.add(cfg.name)
+        for cfg in configs:
             if cfg.name in self.config.teacher_checkpoints:
                 cfg.checkpoint = Path(self.config.teacher_checkpoints[cfg.name])
             if self.config.teacher_random_weights:
                 cfg.random_weights = True
-            teachers.append(cfg.setup().to(device).eval())
-        return teachers
+        return configs
+
+    def build_teacher(self, config: TeacherConfig) -> Teacher:
+        device = self.device if self.config.teacher_device == "auto" else self.config.teacher_device
+        return config.setup().to(device).eval()
+
+    def _build_teachers(self) -> List[Teacher]:
+        return [self.build_teacher(cfg) for cfg in self.teacher_configs()]
+
+    def scene_views(self) -> List[SceneView]:
+        """Every train and eval view as the model sees it (undistorted images and their cameras)."""
+        views = []
+        for split, dataset, images in (
+            ("train", self.train_dataset, self.cached_train),
+            ("eval", self.eval_dataset, self.cached_eval),
+        ):
+            meta = dataset.metadata
+            labels = meta.get(SEMANTIC_FILENAMES_KEY) or [None] * len(dataset)
+            instances = meta.get(INSTANCE_FILENAMES_KEY) or [None] * len(dataset)
+            depths = meta.get("depth_filenames") or [None] * len(dataset)
+            for i, data in enumerate(images):
+                # Cameras are read after the images are cached: caching undistorts and updates intrinsics.
+                camera = dataset.cameras[i]
+                views.append(
+                    SceneView(
+                        image=data["image"],
+                        intrinsics=camera.get_intrinsics_matrices(),
+                        camera_to_world=camera.camera_to_worlds,
+                        split=split,
+                        label_path=labels[i],
+                        instance_path=instances[i],
+                        depth_path=depths[i],
+                    )
+                )
+        return views
+
+    def scene_metadata(self) -> dict:
+        """Dataparser metadata plus the transform that maps the dataset's original frame into the cameras' frame
+        (annotations such as labelled point clouds are stored in the original frame)."""
+        outputs = self.train_dataparser_outputs
+        return {
+            **outputs.metadata,
+            "dataparser_transform": outputs.dataparser_transform,
+            "dataparser_scale": float(outputs.dataparser_scale),
+            "depth_unit_scale_factor": float(outputs.metadata.get("depth_unit_scale_factor", 1e-3)),
+        }
 
     def _prepare_teacher_features(self) -> None:
         cache_root = self.config.feature_cache_dir or default_cache_root()
         teachers = self._build_teachers()
+        if any(type(t).prepare_scene is not Teacher.prepare_scene for t in teachers):
+            views, metadata = self.scene_views(), self.scene_metadata()
+            for teacher in teachers:
+                teacher.prepare_scene(views, metadata)
         images = self.cached_train
         self._features = extract_teacher_features(
             teachers,

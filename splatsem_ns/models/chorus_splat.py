@@ -281,6 +281,37 @@ class ChorusSplatModel(SplatfactoModel):
         )
         return rendered[0]
 
+    @torch.no_grad()
+    def render_semantic_latent(
+        self, camera: Cameras, scale: Optional[float] = None
+    ) -> Float[Tensor, "h w D"]:
+        """The rendered latent alone (no RGB), at ``scale`` of the camera's resolution (default: training's)."""
+        previous = self._semantic_scale
+        self._semantic_scale = previous if scale is None else float(scale)
+        try:
+            camera = camera.to(self.device)
+            return self._render_semantic_latent(
+                self.means,
+                self.quats,
+                torch.exp(self.scales),
+                torch.sigmoid(self.opacities).squeeze(-1),
+                self.semantic_source(self.gauss_params),
+                get_viewmat(camera.camera_to_worlds),
+                camera.get_intrinsics_matrices().to(self.device),
+                int(camera.width.item()),
+                int(camera.height.item()),
+            )
+        finally:
+            self._semantic_scale = previous
+
+    @torch.no_grad()
+    def gaussian_features(self, teacher: str, chunk: int = 1 << 16) -> Float[Tensor, "N C"]:
+        """Every Gaussian's latent decoded into one teacher's space (the 3D semantic field)."""
+        latent = self.semantic_source(self.gauss_params)
+        return torch.cat(
+            [self.decode_features(latent[i : i + chunk], teacher) for i in range(0, len(latent), chunk)]
+        )
+
     def decode_features(self, latent: Float[Tensor, "*batch D"], teacher: str) -> Float[Tensor, "*batch C"]:
         """Decode rendered (or per-Gaussian) latents into one teacher's feature space."""
         return self.projector_heads[teacher](latent)

@@ -5,6 +5,7 @@ Importing this package is cheap: the model libraries load when a teacher is buil
 
 from splatsem_ns.teachers.base import Teacher, TeacherConfig, TeacherWeightsUnavailable
 from splatsem_ns.teachers.dino_teacher import DINOTeacher, DINOTeacherConfig
+from splatsem_ns.teachers.labels_teacher import LabelsTeacher, LabelsTeacherConfig
 from splatsem_ns.teachers.open_clip_teacher import OpenCLIPTeacher, OpenCLIPTeacherConfig
 from splatsem_ns.teachers.registry import (
     DEFAULT_TEACHERS,
@@ -15,6 +16,7 @@ from splatsem_ns.teachers.registry import (
 )
 from splatsem_ns.teachers.sam_teacher import SAMTeacher, SAMTeacherConfig
 from splatsem_ns.teachers.siglip_teacher import SigLIP2Teacher, SigLIP2TeacherConfig
+from splatsem_ns.teachers.text_encoders import MiniLMTextEncoder, TextEncoder, make_text_encoder
 
 __all__ = [
     "DEFAULT_TEACHERS",
@@ -33,4 +35,9 @@ __all__ = [
     "available_teachers",
     "make_teacher_config",
     "register_teacher",
+    "LabelsTeacher",
+    "LabelsTeacherConfig",
+    "MiniLMTextEncoder",
+    "TextEncoder",
+    "make_text_encoder",
 ]

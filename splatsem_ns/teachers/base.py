@@ -54,6 +54,26 @@ class TeacherConfig(InstantiateConfig):
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass
+class SceneView:
+    """One posed view of the scene, for teachers that read the scene itself (the label proxies)."""
+
+    image: Tensor
+    """``[H, W, 3]`` uint8 or float image exactly as the model sees it (after undistortion)."""
+    intrinsics: Tensor
+    """``[3, 3]`` pinhole matrix for this image size."""
+    camera_to_world: Tensor
+    """``[3, 4]`` or ``[4, 4]`` camera-to-world pose, nerfstudio (OpenGL) convention, in the dataparser's frame."""
+    split: str = "train"
+    """"train" or "eval"."""
+    label_path: Optional[Path] = None
+    """Per-pixel class-id image (e.g. ScanNet label-filt), if the scene has one."""
+    instance_path: Optional[Path] = None
+    """Per-pixel instance-id image, if the scene has one."""
+    depth_path: Optional[Path] = None
+    """Depth image, if the scene has one (read with ``depth_unit_scale_factor``)."""
+
+
 class Teacher(nn.Module, ABC):
     """A frozen 2D model that produces dense per-patch features.
 
@@ -90,6 +110,10 @@ class Teacher(nn.Module, ABC):
         h, w = self.network_input_size(height, width)
         return h // self.feature_stride, w // self.feature_stride
 
+    def prepare_scene(self, views: Sequence[SceneView], metadata: dict) -> None:
+        """Called once before extraction with every view of the scene (train and eval) and the dataparser
+        metadata. Model teachers ignore it; teachers built from the scene's own annotations use it."""
+
     @abstractmethod
     def encode_image(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
         """Dense features; (h, w) == ``feature_grid(H, W)``."""
@@ -100,10 +124,23 @@ class Teacher(nn.Module, ABC):
 
     @property
     def device(self) -> torch.device:
-        try:
-            return next(self.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        return module_device(self)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (CPU for a module without parameters)."""
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def image_to_float_chw(image: Tensor) -> Float[Tensor, "3 H W"]:
+    """A stored ``[H, W, 3|4]`` uint8 or float image as the ``[3, H, W]`` float in [0, 1] that teachers take."""
+    image = image[..., :3]
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    return image.float().permute(2, 0, 1)
 
 
 TEACHER_SPECS_KEY = "teacher_specs"

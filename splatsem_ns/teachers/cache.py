@@ -26,7 +26,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from splatsem_ns.teachers.base import Teacher
+from splatsem_ns.teachers.base import Teacher, image_to_float_chw
 
 
 def default_cache_root() -> Path:
@@ -132,17 +132,12 @@ def extract_teacher_features(
                 task = progress.add_task("extract", total=len(todo))
                 for start in range(0, len(todo), batch_size):
                     chunk = todo[start : start + batch_size]
-                    images = torch.stack([_to_float_chw(get_image(i)) for i in chunk]).to(teacher.device)
+                    images = torch.stack([image_to_float_chw(get_image(i)).cpu() for i in chunk]).to(
+                        teacher.device
+                    )
                     features = teacher.encode_image(images)  # [B, C, h, w]
                     for i, feats in zip(chunk, features, strict=True):
                         cache.write(keys[i], feats.permute(1, 2, 0))
                     progress.advance(task, len(chunk))
         result[teacher.name] = [cache.open(key) for key in keys]
     return result
-
-
-def _to_float_chw(image: Tensor) -> Float[Tensor, "3 H W"]:
-    image = image[..., :3]
-    if image.dtype == torch.uint8:
-        image = image.float() / 255.0
-    return image.float().permute(2, 0, 1).cpu()

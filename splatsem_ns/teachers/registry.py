@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Tuple
 
 from splatsem_ns.teachers.base import TeacherConfig
 from splatsem_ns.teachers.dino_teacher import DINOTeacherConfig
+from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
 from splatsem_ns.teachers.open_clip_teacher import OpenCLIPTeacherConfig
 from splatsem_ns.teachers.sam_teacher import SAMTeacherConfig
 from splatsem_ns.teachers.siglip_teacher import SigLIP2TeacherConfig
@@ -50,6 +51,9 @@ _PRESETS: Dict[str, TeacherFactory] = {
     "tiny-sam": lambda: SAMTeacherConfig(
         name="sam", model_name="tiny-sam", random_weights=True, input_size=128
     ),
+    # Proxies built from the scene's ground-truth labels (benchmarking without loadable 2D models).
+    "labels": lambda: LabelsTeacherConfig(name="labels", variant="semantic"),
+    "labels-instance": lambda: LabelsTeacherConfig(name="instances", variant="instance"),
 }
 
 DEFAULT_TEACHERS: Tuple[str, ...] = ("siglip2-b16", "dinov2-s14", "sam-vit-b")

@@ -1,0 +1,103 @@
+"""What the benchmark scripts share: building a nerfstudio Trainer for a method with overrides, seeding."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def trainer_config(
+    method: str,
+    data: Path,
+    out: Path,
+    iterations: int,
+    teachers: Optional[Sequence[str]] = None,
+    random_weights: bool = False,
+    overrides: Optional[dict] = None,
+    full_resolution: bool = True,
+    eval_mode: Optional[str] = None,
+):
+    """A copy of the registered method's TrainerConfig set up for a benchmark run.
+
+    Every method uses the same dataparser (splatsem-data), no periodic eval or saving, tensorboard
+    logging and, with ``full_resolution``, no coarse-to-fine schedule (``num_downscales=0``).
+    ``overrides`` sets model config fields; dotted keys reach nested configs (``semantic_source.latent_dim``).
+    """
+    from nerfstudio.configs.method_configs import all_methods
+
+    from splatsem_ns.data.dataparser import SplatsemDataParserConfig
+
+    cfg = copy.deepcopy(all_methods[method])
+    cfg.pipeline.datamanager.data = Path(data)
+    cfg.pipeline.datamanager.dataparser = SplatsemDataParserConfig(load_3D_points=True)
+    if eval_mode is not None:
+        cfg.pipeline.datamanager.dataparser.eval_mode = eval_mode
+    if full_resolution:
+        cfg.pipeline.model.num_downscales = 0
+    cfg.max_num_iterations = iterations
+    cfg.steps_per_save = 10**9
+    cfg.steps_per_eval_image = cfg.steps_per_eval_batch = cfg.steps_per_eval_all_images = 10**9
+    cfg.vis = "tensorboard"
+    cfg.output_dir = out
+    cfg.experiment_name = "bench"
+    cfg.timestamp = method
+    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.viewer.quit_on_train_completion = True
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        target = cfg.pipeline.model
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, type(getattr(target, leaf))(value))
+    if teachers is not None and hasattr(cfg.pipeline.datamanager, "teachers"):
+        dm = cfg.pipeline.datamanager
+        dm.teachers = tuple(teachers)
+        dm.teacher_random_weights = random_weights
+        dm.feature_cache_dir = out / "feature_cache"
+    return cfg
+
+
+def build_trainer(cfg):
+    """A set-up Trainer; stock splatfacto downloads LPIPS weights when built, which offline machines cannot."""
+    from nerfstudio.engine.trainer import Trainer
+
+    from splatsem_ns.models.optional_lpips import optional_lpips
+
+    trainer = Trainer(cfg, local_rank=0, world_size=1)
+    with optional_lpips():
+        trainer.setup()
+    return trainer
+
+
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """``METHOD`` or ``LABEL=METHOD:field=value,field=value`` -> (label, method, model overrides)."""
+    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec.split(":")[0], "", spec)
+    method, _, fields = (rest or spec).partition(":")
+    overrides = dict(f.split("=", 1) for f in fields.split(",") if f)
+    return label, method, overrides
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib() -> Optional[float]:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+def device_name() -> str:
+    import platform
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"

@@ -1,0 +1,186 @@
+"""Train chorus-splat on one scene, evaluate reconstruction and open-vocabulary segmentation, write a report.
+
+splatfacto is trained alongside for the same number of steps as the reconstruction baseline (CUDA only:
+stock splatfacto cannot run without it). The segmentation scores come with their two baselines: the
+2D teacher run on each held-out view, and the 2D teacher back-projected onto the labelled points.
+
+With the ``labels`` teacher, the numbers measure a PROXY: a teacher built from the scene's ground-truth
+labels plus degradations that mimic a real 2D model, so the protocol can be run where no pretrained
+model can be loaded. They are not results of a real foundation model.
+
+    python benchmarks/semantic_report.py --data SCENE --out DIR [--iterations 15000] [--teachers labels labels-instance]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_trainer, device_name, peak_memory_gib, seed_everything, trainer_config  # noqa: E402
+
+PROXY_NOTE = (
+    "Teachers named 'labels'/'instances' are proxies built from ground-truth labels with degradations "
+    "(see splatsem_ns.teachers.labels_teacher); their scores measure the pipeline, not a real 2D model."
+)
+
+
+def train_and_evaluate(method: str, args, out: Path) -> dict:
+    seed_everything(args.seed)
+    cfg = trainer_config(
+        method,
+        args.data,
+        out,
+        args.iterations,
+        args.teachers,
+        args.random_weights,
+        full_resolution=False,
+        eval_mode=args.eval_mode,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer = build_trainer(cfg)
+    trainer.train()
+    train_s = time.perf_counter() - start
+    pipeline = trainer.pipeline
+    pipeline.eval()
+    result = {
+        "method": method,
+        "iterations": args.iterations,
+        "train_wall_s": round(train_s, 1),
+        "peak_gpu_mem_gib": peak_memory_gib(),
+        "num_gaussians": int(pipeline.model.num_points),
+        "image_metrics": {
+            k: float(v)
+            for k, v in pipeline.get_average_eval_image_metrics(get_std=False).items()
+            if isinstance(v, (int, float))
+        },
+    }
+    if method == "chorus-splat":
+        start = time.perf_counter()
+        result["segmentation"] = pipeline.semantic_metrics()
+        result["segmentation_wall_s"] = round(time.perf_counter() - start, 1)
+        result["teachers"] = {c.name: repr(c) for c in pipeline.datamanager.teacher_configs()}
+    del trainer, pipeline
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Semantic benchmark: `{report['data']}`",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}; {report['iterations']} iterations; "
+        f"eval mode {report['eval_mode']}",
+        f"- teachers: {', '.join(report['teachers'])} (random weights: {report['random_weights']})",
+        f"- {PROXY_NOTE}",
+        *[f"- note: {n}" for n in report.get("notes", [])],
+        "",
+        "## Reconstruction (held-out views)",
+        "",
+        "| method | PSNR | SSIM | LPIPS | Gaussians | train time (s) | peak GPU memory (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        m = r["image_metrics"]
+        lines.append(
+            f"| {r['method']} | {m.get('psnr', float('nan')):.2f} | {m.get('ssim', float('nan')):.3f} "
+            f"| {m['lpips']:.3f} | {r['num_gaussians']} | {r['train_wall_s']} | {r['peak_gpu_mem_gib']} |"
+            if "lpips" in m
+            else f"| {r['method']} | {m.get('psnr', float('nan')):.2f} | {m.get('ssim', float('nan')):.3f} | n/a "
+            f"| {r['num_gaussians']} | {r['train_wall_s']} | {r['peak_gpu_mem_gib']} |"
+        )
+    seg = next((r["segmentation"] for r in report["runs"] if "segmentation" in r), {})
+    if seg:
+        lines += [
+            "",
+            f"## Open-vocabulary segmentation (query teacher: {seg.get('semantic_query_teacher')}; "
+            f"{len(seg.get('semantic_classes', []))} classes queried by name)",
+            "",
+            "| scored in | method | mIoU | mAcc | fg mIoU | fg mAcc |",
+            "|---|---|---|---|---|---|",
+        ]
+        rows = [
+            ("2D, held-out views", "chorus-splat", "semantic_2d"),
+            ("2D, held-out views", "2D teacher per view", "semantic_2d_teacher_per_view"),
+            ("3D, labelled points", "chorus-splat (25-NN vote)", "semantic_3d"),
+            ("3D, labelled points", "2D teacher back-projected", "semantic_3d_teacher_backprojected"),
+        ]
+        for where, name, key in rows:
+            if key in seg:
+                s = seg[key]
+                lines.append(
+                    f"| {where} | {name} | {_fmt(s['miou'])} | {_fmt(s['macc'])} | {_fmt(s['fg_miou'])} "
+                    f"| {_fmt(s['fg_macc'])} |"
+                )
+        for key in ("semantic_3d", "semantic_2d"):
+            if key in seg:
+                lines += [
+                    "",
+                    f"### Per-class IoU, {key}",
+                    "",
+                    "| class | IoU | acc | ground-truth count |",
+                    "|---|---|---|---|",
+                ]
+                for cls, v in seg[key]["per_class"].items():
+                    lines.append(f"| {cls} | {_fmt(v['iou'])} | {_fmt(v['acc'])} | {v['gt_count']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--iterations", type=int, default=15000)
+    parser.add_argument("--teachers", nargs="+", default=["labels", "labels-instance"])
+    parser.add_argument("--random-weights", action="store_true", help="random-weight teachers (speed only)")
+    parser.add_argument(
+        "--eval-mode", default="interval", help="dataparser eval_mode (interval: every 8th view)"
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train splatfacto too (default: on CUDA)",
+    )
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline = torch.cuda.is_available() if args.baseline is None else args.baseline
+    report = {
+        "benchmark": "semantic_report",
+        "data": str(args.data),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "iterations": args.iterations,
+        "eval_mode": args.eval_mode,
+        "teachers": list(args.teachers),
+        "random_weights": args.random_weights,
+        "runs": [],
+        "notes": [] if baseline else ["splatfacto baseline not run (it needs CUDA)."],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ["chorus-splat"] + (["splatfacto"] if baseline else []):
+            report["runs"].append(train_and_evaluate(method, args, Path(tmp)))
+    (args.out / "semantic_report.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (args.out / "semantic_report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pipelines: nerfstudio VanillaPipeline plus the semantic evaluation protocol."""

@@ -1,0 +1,192 @@
+"""nerfstudio's VanillaPipeline plus open-vocabulary segmentation metrics in ``ns-eval``.
+
+``ns-eval`` calls ``get_average_eval_image_metrics``: this pipeline returns nerfstudio's image
+metrics (PSNR, SSIM, LPIPS when available) and, for scenes with labels, the 2D and 3D segmentation
+scores of ``splatsem_ns.evaluation.protocol`` with its two baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Type
+
+import numpy as np
+import torch
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+from PIL import Image
+
+from splatsem_ns.data.class_tables import class_names
+from splatsem_ns.data.dataparser import CLASS_NAMES_KEY, LABELED_POINTS_KEY
+from splatsem_ns.data.ply_io import read_point_cloud
+from splatsem_ns.evaluation.metrics import ConfusionMatrix
+from splatsem_ns.evaluation.protocol import (
+    SemanticEvalConfig,
+    accumulate_2d,
+    backprojected_teacher_labels,
+    class_queries,
+    classify_map,
+    points_confusion,
+    score,
+    upsample_labels,
+    vote_points_from_gaussians,
+)
+from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
+from splatsem_ns.teachers.base import SceneView, Teacher, image_to_float_chw
+from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
+
+
+@dataclass
+class ChorusPipelineConfig(VanillaPipelineConfig):
+    """VanillaPipeline with semantic evaluation."""
+
+    _target: Type = field(default_factory=lambda: ChorusPipeline)
+    semantic_eval: SemanticEvalConfig = field(default_factory=SemanticEvalConfig)
+    """Open-vocabulary segmentation protocol used by ns-eval on scenes with labels."""
+    semantic_eval_during_training: bool = False
+    """Also run the segmentation protocol at training's full evaluations (it builds the query teacher)."""
+
+
+class ChorusPipeline(VanillaPipeline):
+    config: ChorusPipelineConfig
+
+    def get_average_eval_image_metrics(
+        self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
+    ):
+        metrics = super().get_average_eval_image_metrics(step, output_path, get_std)
+        if self.test_mode == "val" and not self.config.semantic_eval_during_training:
+            return metrics
+        metrics.update(self.semantic_metrics())
+        return metrics
+
+    # ------------------------------------------------------------------ protocol
+    def _query_teacher(self) -> Teacher:
+        configs = self.datamanager.teacher_configs()
+        wanted = self.config.semantic_eval.query_teacher
+        for cfg in configs:
+            if cfg.name == wanted or wanted is None:
+                teacher = self.datamanager.build_teacher(cfg)
+                if teacher.has_text_encoder:
+                    return teacher
+                if wanted is not None:
+                    raise ValueError(f"Teacher '{wanted}' has no text encoder and cannot answer queries.")
+        raise ValueError(
+            f"None of the teachers {[c.name for c in configs]} has a text encoder"
+            + (f" or is named '{wanted}'" if wanted else "")
+            + "; open-vocabulary segmentation needs one."
+        )
+
+    @torch.no_grad()
+    def semantic_metrics(self) -> Dict:
+        """Scores of the protocol (see splatsem_ns.evaluation.protocol), keyed for ns-eval's JSON."""
+        cfg = self.config.semantic_eval
+        dm, model = self.datamanager, self.model
+        metadata = dm.scene_metadata()
+        points_path = metadata.get(LABELED_POINTS_KEY)
+        cloud = read_point_cloud(Path(points_path)) if points_path is not None else None
+        class_names = _query_class_names(metadata, cloud, cfg.class_table)
+        if not class_names:
+            CONSOLE.log("This scene has no class names or labelled points: skipping segmentation metrics.")
+            return {}
+        teacher = self._query_teacher()
+        views = dm.scene_views()
+        teacher.prepare_scene(views, metadata)
+        ids, names = class_queries(class_names)
+        text = teacher.encode_text(names).to(model.device)
+        out: Dict = {"semantic_query_teacher": teacher.name, "semantic_classes": names}
+
+        eval_views = [v for v in views if v.split == "eval"]
+        ground_truth = _ground_truth_maps(views, metadata, cfg.class_table)
+        if ground_truth is not None and eval_views:
+            cm_model = ConfusionMatrix(len(ids), ignore_index=-1)
+            cm_teacher = ConfusionMatrix(len(ids), ignore_index=-1)
+            for j, (view, gt) in enumerate(zip(eval_views, ground_truth, strict=True)):
+                size = tuple(gt.shape)
+                latent = model.render_semantic_latent(
+                    dm.eval_dataset.cameras[j : j + 1], scale=cfg.render_scale
+                )
+                features = model.decode_features(latent, teacher.name)
+                accumulate_2d(cm_model, upsample_labels(classify_map(features, text, ids), size), gt, ids)
+                teacher_features = teacher.encode_image(
+                    image_to_float_chw(view.image)[None].to(teacher.device)
+                )[0]
+                teacher_labels = classify_map(teacher_features.permute(1, 2, 0).to(text), text, ids)
+                accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
+            out["semantic_2d"] = score(cm_model, names, cfg)
+            out["semantic_2d_teacher_per_view"] = score(cm_teacher, names, cfg)
+        else:
+            CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
+
+        if cloud is not None and cloud.labels is not None:
+            points = _to_dataparser_frame(cloud.xyz, metadata)
+            gaussian_labels = classify_by_text(model.gaussian_features(teacher.name), text, ids)
+            predicted = vote_points_from_gaussians(
+                model.means, torch.as_tensor(gaussian_labels), points, cfg.knn
+            )
+            out["semantic_3d"] = score(points_confusion(predicted, cloud.labels, ids), names, cfg)
+            lifted = backprojected_teacher_labels(
+                points,
+                self._teacher_view_labels(teacher, views, text, ids, metadata),
+                cfg.depth_tolerance,
+            )
+            out["semantic_3d_teacher_backprojected"] = score(
+                points_confusion(lifted, cloud.labels, ids), names, cfg
+            )
+        return out
+
+    def _teacher_view_labels(
+        self, teacher: Teacher, views: List[SceneView], text: torch.Tensor, ids: List[int], metadata: Dict
+    ) -> List[ViewLabels]:
+        """The teacher's per-pixel classes on every training view, with each view's camera and depth."""
+        result = []
+        depth_scale = metadata["depth_unit_scale_factor"] * metadata["dataparser_scale"]
+        for view in views:
+            if view.split != "train":
+                continue
+            features = teacher.encode_image(image_to_float_chw(view.image)[None].to(teacher.device))[0]
+            labels = classify_map(features.permute(1, 2, 0).to(text), text, ids)
+            depth = None
+            if view.depth_path is not None:
+                depth = np.asarray(Image.open(view.depth_path), dtype=np.float32) * depth_scale
+            result.append(
+                ViewLabels(
+                    labels=labels.cpu().numpy(),
+                    K=view.intrinsics.cpu().numpy(),
+                    camera_to_world=view.camera_to_world.cpu().numpy(),
+                    image_size=tuple(view.image.shape[:2]),
+                    depth=depth,
+                )
+            )
+        return result
+
+
+def _query_class_names(metadata: Dict, cloud, table: Optional[str]) -> Dict[int, str]:
+    """Classes to query: the scene's own names (classes.json) or, without them, ``table`` (NYU40 by default)
+    restricted to the classes present in the labelled points."""
+    if table is None and metadata.get(CLASS_NAMES_KEY):
+        return dict(metadata[CLASS_NAMES_KEY])
+    names = class_names(table or "nyu40")
+    if cloud is not None and cloud.labels is not None:
+        present = set(np.unique(cloud.labels).tolist())
+        names = {i: n for i, n in names.items() if i in present}
+    return names
+
+
+def _ground_truth_maps(
+    views: List[SceneView], metadata: Dict, table: Optional[str]
+) -> Optional[List[torch.Tensor]]:
+    """Clean class-id maps of the held-out views at image size: the label images where the scene has them,
+    else the labelled point cloud projected with a depth test and hole filling."""
+    if not any(v.label_path for v in views if v.split == "eval") and LABELED_POINTS_KEY not in metadata:
+        return None
+    reference = LabelsTeacherConfig(name="ground-truth", degrade=False, class_table=table or "nyu40").setup()
+    reference.prepare_scene(views, metadata)
+    return reference.label_maps(split="eval")
+
+
+def _to_dataparser_frame(xyz: np.ndarray, metadata: Dict) -> np.ndarray:
+    """Points from the dataset's original frame into the cameras' (dataparser) frame."""
+    transform = np.asarray(metadata["dataparser_transform"], dtype=np.float64)
+    homogeneous = np.concatenate([xyz, np.ones_like(xyz[:, :1])], axis=1)
+    return (homogeneous @ transform.T * metadata["dataparser_scale"]).astype(np.float32)

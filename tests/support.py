@@ -21,3 +21,36 @@ def offline_env() -> dict:
 DATA_ROOT = Path(os.environ.get("SPLATSEM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 """The shared real scenes: ``../shared/data`` beside the repository, or ``$SPLATSEM_DATA``."""
 SCANNET = DATA_ROOT / "scannet_scene0000_00"
+
+
+def train_synthetic(
+    root: Path,
+    iterations: int = 300,
+    teachers: tuple = ("labels", "labels-instance"),
+    num_views: int = 16,
+    *extra: str,
+) -> Path:
+    """Generate the synthetic room under ``root`` and train chorus-splat on it with the real ``ns-train`` on the
+    CPU; returns the run folder (holding config.yml and nerfstudio_models/)."""
+    import subprocess
+
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    scene = generate_synthetic_scene(
+        root / "scene", SyntheticSceneConfig(num_views=num_views, width=64, height=48)
+    )
+    train = subprocess.run(
+        [
+            command("ns-train"), "chorus-splat", "--data", str(scene.parent),
+            "--output-dir", str(root / "out"), "--experiment-name", "t", "--timestamp", "run",
+            "--max-num-iterations", str(iterations), "--steps-per-save", str(iterations),
+            "--vis", "tensorboard", "--machine.device-type", "cpu", "--viewer.quit-on-train-completion", "True",
+            "--steps-per-eval-image", "100000", "--steps-per-eval-all-images", "100000",
+            "--pipeline.datamanager.teachers", *teachers,
+            "--pipeline.datamanager.feature-cache-dir", str(root / "cache"),
+            *extra,
+        ],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert train.returncode == 0, f"ns-train failed:\n{train.stdout[-3000:]}\n{train.stderr[-5000:]}"
+    return root / "out" / "t" / "chorus-splat" / "run"

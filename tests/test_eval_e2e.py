@@ -14,29 +14,14 @@ import subprocess
 import pytest
 from support import command, offline_env
 
-from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_e2e")
-    scene = generate_synthetic_scene(root / "scene", SyntheticSceneConfig(num_views=16, width=64, height=48))
-    train = subprocess.run(
-        [
-            command("ns-train"), "chorus-splat", "--data", str(scene.parent),
-            "--output-dir", str(root / "out"), "--experiment-name", "ev", "--timestamp", "run",
-            "--max-num-iterations", "300", "--vis", "tensorboard", "--machine.device-type", "cpu",
-            "--steps-per-eval-image", "100000", "--steps-per-eval-all-images", "100000",
-            "--pipeline.datamanager.teachers", "labels", "labels-instance",
-            "--pipeline.datamanager.feature-cache-dir", str(root / "cache"),
-        ],
-        capture_output=True, text=True, env=offline_env(), timeout=900,
-    )  # fmt: skip
-    assert train.returncode == 0, train.stderr[-4000:]
+def results(labels_run):
+    run_dir = labels_run
+    root = run_dir.parents[3]
     out = root / "eval.json"
-    run_dir = root / "out" / "ev" / "chorus-splat" / "run"
     proc = subprocess.run(
         [command("ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path", str(out)],
         capture_output=True, text=True, env=offline_env(), timeout=600,

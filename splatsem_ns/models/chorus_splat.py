@@ -116,6 +116,15 @@ class ChorusSplatModel(SplatfactoModel):
         self._semantic_scale = self._initial_semantic_scale(specs)
         self.register_buffer("semantic_scale", torch.tensor(self._semantic_scale))
 
+        # Viewer display state (splatsem_ns.viewer.query_panel). Plain attributes, not buffers: never saved,
+        # and used only when not training. Masks whose length is not the current Gaussian count are ignored.
+        # output_hooks: ``hook(model, camera, outputs) -> dict``, merged into eval-mode outputs.
+        # hidden_mask: bool [N], Gaussians left out like splatfacto's crop; highlight_mask: bool [N], tinted.
+        self.output_hooks: list = []
+        self.hidden_mask: Optional[Tensor] = None
+        self.highlight_mask: Optional[Tensor] = None
+        self.highlight_color: Tuple[float, float, float] = (1.0, 0.85, 0.0)
+
     def _initial_semantic_scale(self, specs: Mapping[str, TeacherSpec]) -> float:
         if self.config.semantic_render_scale is not None:
             return float(self.config.semantic_render_scale)
@@ -167,10 +176,13 @@ class ChorusSplatModel(SplatfactoModel):
         crop_ids = None
         if self.crop_box is not None and not self.training:
             crop_ids = self.crop_box.within(self.means).squeeze()
-            if crop_ids.sum() == 0:
-                return self.get_empty_outputs(
-                    int(camera.width.item()), int(camera.height.item()), self.background_color
-                )
+        hidden = self._display_mask(self.hidden_mask)  # viewer display state
+        if hidden is not None:
+            crop_ids = ~hidden if crop_ids is None else crop_ids & ~hidden
+        if crop_ids is not None and crop_ids.sum() == 0:
+            return self.get_empty_outputs(
+                int(camera.width.item()), int(camera.height.item()), self.background_color
+            )
         params = {k: (v[crop_ids] if crop_ids is not None else v) for k, v in self.gauss_params.items()}
         latent = self.semantic_source(self.gauss_params)
         if crop_ids is not None:
@@ -193,6 +205,10 @@ class ChorusSplatModel(SplatfactoModel):
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
         else:
             colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+        highlight = self._display_mask(self.highlight_mask)  # viewer display state
+        if highlight is not None:
+            highlight = highlight if crop_ids is None else highlight[crop_ids]
+            colors = _tint(colors, highlight, self.highlight_color, is_sh=sh_degree is not None)
 
         means = params["means"]
         quats = params["quats"]
@@ -242,7 +258,17 @@ class ChorusSplatModel(SplatfactoModel):
             outputs["semantic_latent"] = self._render_semantic_latent(
                 means, quats, scales, opacities, latent, viewmat, full_K, full_W, full_H
             )
+        if not self.training:  # viewer outputs (semantic queries) computed from this render
+            for hook in self.output_hooks:
+                outputs.update(hook(self, camera, outputs))
         return outputs
+
+    def _display_mask(self, mask: Optional[Tensor]) -> Optional[Tensor]:
+        """A viewer mask that applies to this render: eval mode only, and only while it still matches the
+        Gaussians (densification during training changes their number)."""
+        if self.training or mask is None or mask.shape[0] != self.num_points:
+            return None
+        return mask.to(self.device)
 
     def _render_semantic_latent(
         self,
@@ -342,6 +368,27 @@ class ChorusSplatModel(SplatfactoModel):
         for key in ("lpips", "cc_lpips"):
             metrics.pop(key, None)
         return metrics, images
+
+
+_HIGHLIGHT_WEIGHT = 0.65
+"""How much of a highlighted Gaussian's colour the highlight colour replaces."""
+
+
+def _tint(
+    colors: Float[Tensor, "N *K 3"], mask: Tensor, color: Tuple[float, float, float], is_sh: bool
+) -> Float[Tensor, "N *K 3"]:
+    """Colours (RGB [N, 3], or SH coefficients [N, K, 3]) of the ``mask``-ed Gaussians moved towards ``color``.
+    RGB2SH is affine, so mixing the DC coefficient mixes the base colour; view-dependent terms fade."""
+    target = torch.tensor(color, dtype=colors.dtype, device=colors.device)
+    colors = colors.clone()
+    if is_sh:
+        selected = colors[mask]
+        selected[:, 0] = (1 - _HIGHLIGHT_WEIGHT) * selected[:, 0] + _HIGHLIGHT_WEIGHT * RGB2SH(target)
+        selected[:, 1:] = (1 - _HIGHLIGHT_WEIGHT) * selected[:, 1:]
+        colors[mask] = selected
+    else:
+        colors[mask] = (1 - _HIGHLIGHT_WEIGHT) * colors[mask] + _HIGHLIGHT_WEIGHT * target
+    return colors
 
 
 def _scaled_size(size: int, factor: float) -> int:

@@ -35,6 +35,7 @@ from splatsem_ns.evaluation.protocol import (
 from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
 from splatsem_ns.teachers.base import SceneView, Teacher, image_to_float_chw
 from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
+from splatsem_ns.viewer.query_panel import SemanticQueryPanel
 
 
 @dataclass
@@ -51,10 +52,27 @@ class ChorusPipelineConfig(VanillaPipelineConfig):
 class ChorusPipeline(VanillaPipeline):
     config: ChorusPipelineConfig
 
+    def __init__(self, config: ChorusPipelineConfig, device: str, test_mode="val", **kwargs) -> None:
+        super().__init__(config, device, test_mode, **kwargs)
+        # The viewer's semantic query panel: nerfstudio's viewer installs the controls it finds on the pipeline
+        # (in ns-viewer and while training); its hook adds the query outputs to eval-mode renders.
+        self.semantic_query = SemanticQueryPanel.for_pipeline(self)
+        self.model.output_hooks.append(self.semantic_query.output_hook)
+
+    # Evaluation renders the model as trained, whatever the query panel shows or hides.
+    def get_eval_loss_dict(self, step: int):
+        with self.semantic_query.suspended():
+            return super().get_eval_loss_dict(step)
+
+    def get_eval_image_metrics_and_images(self, step: int):
+        with self.semantic_query.suspended():
+            return super().get_eval_image_metrics_and_images(step)
+
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ):
-        metrics = super().get_average_eval_image_metrics(step, output_path, get_std)
+        with self.semantic_query.suspended():
+            metrics = super().get_average_eval_image_metrics(step, output_path, get_std)
         if self.test_mode == "val" and not self.config.semantic_eval_during_training:
             return metrics
         metrics.update(self.semantic_metrics())

@@ -8,6 +8,7 @@ config dataclass.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -161,3 +162,17 @@ class TeacherSpec:
     has_text_encoder: bool
     config: TeacherConfig
     """The config that produced the features (used later to load the text encoder for queries)."""
+
+
+def declared_text_encoder(config: TeacherConfig) -> Optional[bool]:
+    """``has_text_encoder`` as the teacher class declares it, or None when instances decide it at build
+    time (e.g. the labels proxy, by variant)."""
+    target = getattr(config, "_target", None)
+    if not isinstance(target, type):
+        return None
+    for klass in inspect.getmro(target):
+        if klass is Teacher:
+            break
+        if "has_text_encoder" in vars(klass):
+            return bool(vars(klass)["has_text_encoder"])
+    return None

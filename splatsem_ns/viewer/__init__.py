@@ -1,0 +1,1 @@
+"""The semantic query panel of ns-viewer (query_panel) and the query maths it uses (relevancy)."""

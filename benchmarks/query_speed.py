@@ -1,0 +1,192 @@
+"""Query-to-image speed: render the semantic latent, decode it with a teacher head, compute LERF relevancy.
+
+A chorus-splat model with ``--gaussians`` random Gaussians (about 1M by default, spread through a room-sized
+box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channels) is timed at 1280x720 on:
+
+- ``query@teacher``: the latent rendered at the teacher's feature resolution (what the viewer panel does),
+  decoded, relevancy against one positive and LERF's four negatives, upsampled to the full frame;
+- ``query@full``: the same with the latent rendered at full resolution;
+- ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``.
+
+Random parameters cost the same as trained ones. Text embeddings are computed once per change of text, so a
+fixed random query vector stands in for them here. Times are medians over ``--frames`` after warm-up,
+synchronised on the GPU.
+
+    python benchmarks/query_speed.py --out DIR [--gaussians 1000000] [--width 1280 --height 720]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, peak_memory_gib, seed_everything, sync  # noqa: E402
+
+
+def build_model(
+    num_gaussians: int, feature_dim: int, latent_dim: int, grid: tuple[int, int], size: tuple[int, int]
+):
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+    from splatsem_ns.teachers.registry import make_teacher_config
+
+    spec = TeacherSpec("siglip2", feature_dim, grid, size, True, make_teacher_config("siglip2-b16"))
+    seed = torch.rand(1000, 3) * 4 - 2
+    with warnings.catch_warnings():  # LPIPS weights are not needed here
+        warnings.simplefilter("ignore")
+        model = ChorusSplatModelConfig(semantic_source=_latent_source(latent_dim)).setup(
+            scene_box=SceneBox(torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])),
+            num_train_data=1,
+            metadata={TEACHER_SPECS_KEY: {"siglip2": spec}},
+            seed_points=(seed, torch.full((1000, 3), 128, dtype=torch.uint8)),
+        )
+    n = num_gaussians
+    params = {
+        "means": torch.rand(n, 3) * 4 - 2,
+        "scales": torch.log(torch.rand(n, 3) * 0.02 + 0.005),
+        "quats": F.normalize(torch.randn(n, 4), dim=-1),
+        "features_dc": torch.randn(n, 3) * 0.5,
+        "features_rest": torch.zeros(n, 15, 3),
+        "opacities": torch.logit(torch.rand(n, 1) * 0.8 + 0.1),
+        "semantic_latent": torch.randn(n, latent_dim),
+    }
+    for name, value in params.items():
+        model.gauss_params[name] = torch.nn.Parameter(value)
+    model.step = 30000  # full SH degree, as in a trained model
+    return model.eval()
+
+
+def _latent_source(latent_dim: int):
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+
+    return LearnedLatentSourceConfig(latent_dim=latent_dim)
+
+
+def camera(width: int, height: int, device: torch.device):
+    from nerfstudio.cameras.cameras import Cameras, CameraType
+
+    c2w = torch.eye(4)[:3][None]
+    c2w[0, 2, 3] = 3.0  # 3 units back, looking down -z into the box (nerfstudio's OpenGL convention)
+    focal = 0.9 * width
+    return Cameras(
+        camera_to_worlds=c2w, fx=focal, fy=focal, cx=width / 2, cy=height / 2,
+        width=width, height=height, camera_type=CameraType.PERSPECTIVE,
+    ).to(device)  # fmt: skip
+
+
+def time_it(fn, frames: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(frames):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main() -> None:
+    from splatsem_ns.models.relevancy import lerf_relevancy
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--gaussians", type=int, default=1_000_000)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--feature-dim", type=int, default=768, help="teacher channels (SigLIP2-B: 768)")
+    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=16, help="teacher patch size in pixels at 512-px input")
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    seed_everything(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    W, H = args.width, args.height
+    grid = (round(512 * H / max(W, H) / args.stride), round(512 * W / max(W, H) / args.stride))
+    model = build_model(args.gaussians, args.feature_dim, args.latent_dim, grid, (H, W)).to(device)
+    cam = camera(W, H, device)
+    text = F.normalize(torch.randn(5, args.feature_dim, device=device), dim=-1)  # 1 positive, 4 negatives
+
+    def relevancy_image(latent):
+        features = model.decode_features(latent, "siglip2")
+        relevancy = lerf_relevancy(features, text[:1], text[1:])  # [h, w, 1]
+        return F.interpolate(relevancy.permute(2, 0, 1)[None], size=(H, W), mode="bilinear")[0]
+
+    teacher_scale = grid[1] / W
+
+    @torch.no_grad()
+    def query_teacher():
+        return relevancy_image(model.render_semantic_latent(cam, scale=teacher_scale))
+
+    @torch.no_grad()
+    def query_full():
+        return relevancy_image(model.render_semantic_latent(cam, scale=1.0))
+
+    @torch.no_grad()
+    def frame_and_query():
+        outputs = model.get_outputs(cam)
+        return outputs["rgb"], relevancy_image(outputs["semantic_latent"])
+
+    with torch.no_grad():
+        coverage = float(model.get_outputs(cam)["accumulation"].mean())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rows = {}
+    for name, fn in (
+        ("query@teacher", query_teacher),
+        ("query@full", query_full),
+        ("frame+query@teacher", frame_and_query),
+    ):
+        ms = time_it(fn, args.frames, args.warmup)
+        rows[name] = {"ms": round(ms, 3), "fps": round(1000.0 / ms, 1)}
+        print(name, rows[name], flush=True)
+    report = {
+        "benchmark": "query_speed",
+        "device": device_name(),
+        "torch": torch.__version__,
+        "gaussians": args.gaussians,
+        "resolution": [W, H],
+        "teacher_grid": list(grid),
+        "feature_dim": args.feature_dim,
+        "latent_dim": args.latent_dim,
+        "frame_coverage_alpha_mean": round(coverage, 3),
+        "peak_gpu_mem_gib": peak_memory_gib(),
+        "results": rows,
+        "target": "at least 200 relevancy frames per second at 1280x720 with about 1M Gaussians",
+    }
+    (args.out / "query_speed.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        "# Query-to-image speed",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}; {args.gaussians} random Gaussians; "
+        f"{W}x{H}; mean alpha {coverage:.2f}",
+        f"- head: latent {args.latent_dim} -> {args.feature_dim} channels (SigLIP2-B); teacher grid {grid[0]}x{grid[1]}",
+        f"- target: {report['target']}",
+        "",
+        "| path | ms / frame (median) | frames / s |",
+        "|---|---|---|",
+        *[f"| {k} | {v['ms']} | {v['fps']} |" for k, v in rows.items()],
+    ]
+    (args.out / "query_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

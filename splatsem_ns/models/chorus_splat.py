@@ -256,7 +256,7 @@ class ChorusSplatModel(SplatfactoModel):
         }
         if self.projector_heads:
             outputs["semantic_latent"] = self._render_semantic_latent(
-                means, quats, scales, opacities, latent, viewmat, full_K, full_W, full_H
+                means, quats, scales, opacities, latent, viewmat, full_K, full_W, full_H, self._semantic_scale
             )
         if not self.training:  # viewer outputs (semantic queries) computed from this render
             for hook in self.output_hooks:
@@ -281,9 +281,9 @@ class ChorusSplatModel(SplatfactoModel):
         K: Float[Tensor, "1 3 3"],
         width: int,
         height: int,
+        scale: float,
     ) -> Float[Tensor, "h w D"]:
-        s = self._semantic_scale
-        w, h = _scaled_size(width, s), _scaled_size(height, s)
+        w, h = _scaled_size(width, scale), _scaled_size(height, scale)
         if not self.config.semantic_grad_to_geometry:
             means, quats, scales, opacities = (
                 means.detach(),
@@ -312,23 +312,19 @@ class ChorusSplatModel(SplatfactoModel):
         self, camera: Cameras, scale: Optional[float] = None
     ) -> Float[Tensor, "h w D"]:
         """The rendered latent alone (no RGB), at ``scale`` of the camera's resolution (default: training's)."""
-        previous = self._semantic_scale
-        self._semantic_scale = previous if scale is None else float(scale)
-        try:
-            camera = camera.to(self.device)
-            return self._render_semantic_latent(
-                self.means,
-                self.quats,
-                torch.exp(self.scales),
-                torch.sigmoid(self.opacities).squeeze(-1),
-                self.semantic_source(self.gauss_params),
-                get_viewmat(camera.camera_to_worlds),
-                camera.get_intrinsics_matrices().to(self.device),
-                int(camera.width.item()),
-                int(camera.height.item()),
-            )
-        finally:
-            self._semantic_scale = previous
+        camera = camera.to(self.device)
+        return self._render_semantic_latent(
+            self.means,
+            self.quats,
+            torch.exp(self.scales),
+            torch.sigmoid(self.opacities).squeeze(-1),
+            self.semantic_source(self.gauss_params),
+            get_viewmat(camera.camera_to_worlds),
+            camera.get_intrinsics_matrices().to(self.device),
+            int(camera.width.item()),
+            int(camera.height.item()),
+            self._semantic_scale if scale is None else float(scale),
+        )
 
     @torch.no_grad()
     def gaussian_features(self, teacher: str, chunk: int = 1 << 16) -> Float[Tensor, "N C"]:

@@ -33,7 +33,7 @@ from splatsem_ns.evaluation.protocol import (
     vote_points_from_gaussians,
 )
 from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
-from splatsem_ns.teachers.base import SceneView, Teacher, image_to_float_chw
+from splatsem_ns.teachers.base import SceneView, Teacher, declared_text_encoder, image_to_float_chw
 from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
 from splatsem_ns.viewer.query_panel import SemanticQueryPanel
 
@@ -83,7 +83,8 @@ class ChorusPipeline(VanillaPipeline):
         configs = self.datamanager.teacher_configs()
         wanted = self.config.semantic_eval.query_teacher
         for cfg in configs:
-            if cfg.name == wanted or wanted is None:
+            # Teachers whose class declares no text encoder are never built just to find that out.
+            if cfg.name == wanted or (wanted is None and declared_text_encoder(cfg) is not False):
                 teacher = self.datamanager.build_teacher(cfg)
                 if teacher.has_text_encoder:
                     return teacher
@@ -126,10 +127,7 @@ class ChorusPipeline(VanillaPipeline):
                 )
                 features = model.decode_features(latent, teacher.name)
                 accumulate_2d(cm_model, upsample_labels(classify_map(features, text, ids), size), gt, ids)
-                teacher_features = teacher.encode_image(
-                    image_to_float_chw(view.image)[None].to(teacher.device)
-                )[0]
-                teacher_labels = classify_map(teacher_features.permute(1, 2, 0).to(text), text, ids)
+                teacher_labels = _teacher_labels(teacher, view, text, ids)
                 accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
             out["semantic_2d"] = score(cm_model, names, cfg)
             out["semantic_2d_teacher_per_view"] = score(cm_teacher, names, cfg)
@@ -162,8 +160,7 @@ class ChorusPipeline(VanillaPipeline):
         for view in views:
             if view.split != "train":
                 continue
-            features = teacher.encode_image(image_to_float_chw(view.image)[None].to(teacher.device))[0]
-            labels = classify_map(features.permute(1, 2, 0).to(text), text, ids)
+            labels = _teacher_labels(teacher, view, text, ids)
             depth = None
             if view.depth_path is not None:
                 depth = np.asarray(Image.open(view.depth_path), dtype=np.float32) * depth_scale
@@ -177,6 +174,12 @@ class ChorusPipeline(VanillaPipeline):
                 )
             )
         return result
+
+
+def _teacher_labels(teacher: Teacher, view: SceneView, text: torch.Tensor, ids: List[int]) -> torch.Tensor:
+    """The teacher's per-cell class ids for one view, on its feature grid."""
+    features = teacher.encode_image(image_to_float_chw(view.image)[None].to(teacher.device))[0]
+    return classify_map(features.permute(1, 2, 0).to(text), text, ids)
 
 
 def _query_class_names(metadata: Dict, cloud, table: Optional[str]) -> Dict[int, str]:

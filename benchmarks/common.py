@@ -27,6 +27,7 @@ def trainer_config(
     Every method uses the same dataparser (splatsem-data), no periodic eval or saving, tensorboard
     logging and, with ``full_resolution``, no coarse-to-fine schedule (``num_downscales=0``).
     ``overrides`` sets model config fields; dotted keys reach nested configs (``semantic_source.latent_dim``).
+    The key ``optimizer`` ("fused" or "default") switches every Adam group's implementation.
     """
     from nerfstudio.configs.method_configs import all_methods
 
@@ -48,18 +49,35 @@ def trainer_config(
     cfg.timestamp = method
     cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.viewer.quit_on_train_completion = True
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    optimizer = overrides.pop("optimizer", None)
+    if optimizer is not None:  # "fused" or "default": the same Adam settings, another implementation
+        from splatsem_ns.engine.optimizers import with_optimizer_implementation
+
+        if optimizer not in ("fused", "default"):
+            raise ValueError(f"optimizer={optimizer!r}: use 'fused' or 'default'")
+        cfg.optimizers = with_optimizer_implementation(cfg.optimizers, fused=optimizer == "fused")
+    for key, value in overrides.items():
         *parents, leaf = key.split(".")
         target = cfg.pipeline.model
         for parent in parents:
             target = getattr(target, parent)
-        setattr(target, leaf, type(getattr(target, leaf))(value))
+        setattr(target, leaf, _parse_like(getattr(target, leaf), value))
     if teachers is not None and hasattr(cfg.pipeline.datamanager, "teachers"):
         dm = cfg.pipeline.datamanager
         dm.teachers = tuple(teachers)
         dm.teacher_random_weights = random_weights
         dm.feature_cache_dir = out / "feature_cache"
     return cfg
+
+
+def _parse_like(current, value):
+    """``value`` (a string from the command line) converted to the type of the field's current value."""
+    if isinstance(current, bool):
+        if str(value).lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return str(value).lower() in ("true", "1")
+    return type(current)(value)
 
 
 def build_trainer(cfg):

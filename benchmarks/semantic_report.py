@@ -158,9 +158,26 @@ def main() -> None:
         default=None,
         help="train splatfacto too (default: on CUDA)",
     )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=["chorus-splat", "splatfacto"],
+        help="methods to train (default: chorus-splat, plus splatfacto per --baseline); a report is written "
+        "after each run",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="only combine the runs of saved semantic_report.json files (same scene and settings) into one report",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        write_report(merge_reports([json.loads(p.read_text()) for p in args.merge]), args.out)
+        return
     baseline = torch.cuda.is_available() if args.baseline is None else args.baseline
+    runs = args.runs or ["chorus-splat"] + (["splatfacto"] if baseline else [])
     report = {
         "benchmark": "semantic_report",
         "data": str(args.data),
@@ -171,15 +188,37 @@ def main() -> None:
         "teachers": list(args.teachers),
         "random_weights": args.random_weights,
         "runs": [],
-        "notes": [] if baseline else ["splatfacto baseline not run (it needs CUDA)."],
+        "notes": [] if "splatfacto" in runs else ["splatfacto baseline not run (it needs CUDA)."],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ["chorus-splat"] + (["splatfacto"] if baseline else []):
+        for method in runs:
             report["runs"].append(train_and_evaluate(method, args, Path(tmp)))
-    (args.out / "semantic_report.json").write_text(json.dumps(report, indent=2))
+            write_report(report, args.out)  # after each run, so a cut-off job keeps what finished
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "semantic_report.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
-    (args.out / "semantic_report.md").write_text(text)
-    print(text)
+    (out / "semantic_report.md").write_text(text)
+    print(text, flush=True)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several with the same scene and settings (runs made in separate processes)."""
+    keys = ("data", "iterations", "eval_mode", "teachers", "random_weights", "device")
+    first = reports[0]
+    for other in reports[1:]:
+        differing = [k for k in keys if other.get(k) != first.get(k)]
+        if differing:
+            raise ValueError(f"Reports differ in {differing}; only runs of the same settings can be merged.")
+    merged = dict(first)
+    merged["runs"] = [run for r in reports for run in r["runs"]]
+    methods = {run["method"] for run in merged["runs"]}
+    merged["notes"] = [
+        n for n in first.get("notes", []) if "splatfacto" not in n or "splatfacto" not in methods
+    ]
+    merged["notes"].append("runs trained in separate processes, one after another, on the same machine type")
+    return merged
 
 
 if __name__ == "__main__":

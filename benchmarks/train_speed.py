@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +128,16 @@ def main() -> None:
         write_report(json.loads(args.render.read_text()), args.out, stem=args.render.stem)
         return
 
-    results = []
+    results, failures = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.methods:
             label, method, overrides = parse_method(spec)
-            results.append(run_method(method, args, Path(tmp), label, overrides))
+            try:
+                results.append(run_method(method, args, Path(tmp), label, overrides))
+            except Exception as err:  # one broken variant must not lose the others' measurements
+                traceback.print_exc()
+                failures.append(f"{label} failed: {type(err).__name__}: {err}")
+                continue
             print(json.dumps(results[-1]), flush=True)
 
     report = {
@@ -145,6 +151,7 @@ def main() -> None:
         "random_teacher_weights": args.random_weights,
         "settings": "num_downscales=0 (full resolution every step), same seed and dataparser for both",
         "results": results,
+        "notes": failures,
     }
     write_report(report, args.out)
 
@@ -164,6 +171,13 @@ def ratios_over_baseline(results: list[dict], baseline: str = "splatfacto") -> d
                 r["peak_gpu_mem_gib_train"] / base["peak_gpu_mem_gib_train"], 3
             )
     return ratios
+
+
+def _other_baselines(results: list[dict]) -> list[str]:
+    """Labels of further splatfacto runs (e.g. with another optimizer implementation) to compare against."""
+    return [
+        r["method"] for r in results if r["method"] != "splatfacto" and r["method"].startswith("splatfacto")
+    ]
 
 
 def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
@@ -191,6 +205,22 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
             f"| {r['ms_per_iter_p90']} | {r['peak_gpu_mem_gib_train']} | {r['num_gaussians_final']} "
             f"| {r['setup_s']} | {ratio.get('time_per_iter', '-')} | {ratio.get('peak_gpu_memory', '-')} |"
         )
+    for baseline in _other_baselines(results):
+        report.setdefault("ratios_over", {})[baseline] = other = ratios_over_baseline(results, baseline)
+        lines += [
+            "",
+            f"Against `{baseline}` ({next(r.get('model_overrides') for r in results if r['method'] == baseline)}):",
+            "",
+            "| run | time / baseline | memory / baseline |",
+            "|---|---|---|",
+            *[
+                f"| {name} | {v['time_per_iter']} | {v.get('peak_gpu_memory', '-')} |"
+                for name, v in other.items()
+                if not name.startswith("splatfacto")
+            ],
+        ]
+    if _other_baselines(results):
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -6,6 +6,14 @@ import pytest
 from support import train_synthetic
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_text_cache(tmp_path_factory):
+    """Text embeddings written by the tests (and the commands they start) go to a throw-away folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPLATSEM_TEXT_CACHE", str(tmp_path_factory.mktemp("text_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def labels_run(tmp_path_factory):
     """The synthetic room trained 300 CPU steps with the labels proxy teachers (shared: it takes ~40 s)."""

@@ -178,11 +178,24 @@ class ChorusDataManager(FullImageDatamanager):
             torch.cuda.empty_cache()
 
     def teacher_features(self, image_idx: int) -> Dict[str, torch.Tensor]:
-        """``{teacher: [h, w, C] float16}`` of one training image, on the training device."""
-        return {
-            name: torch.from_numpy(np.array(maps[image_idx])).to(self.device)  # copy: the map is read-only
-            for name, maps in self._features.items()
-        }
+        """``{teacher: [h, w, C] float16}`` of one training image, on the training device.
+
+        On CUDA each map is read once from the memory map into pinned host memory and copied to the GPU
+        asynchronously: a copy from pageable memory would block the host until the GPU has drained every
+        queued kernel, every step. torch's pinned-memory allocator keeps a block out of reuse until the copy
+        that reads it has finished, so the staging buffers need no bookkeeping here.
+        """
+        features = {}
+        pinned = torch.device(self.device).type == "cuda"
+        for name, maps in self._features.items():
+            source = maps[image_idx]
+            if pinned:
+                host = torch.empty(source.shape, dtype=torch.float16, pin_memory=True)
+                np.copyto(host.numpy(), source, casting="no")
+                features[name] = host.to(self.device, non_blocking=True)
+            else:
+                features[name] = torch.from_numpy(np.array(source)).to(self.device)  # copy: read-only map
+        return features
 
     def next_train(self, step: int):
         camera, data = super().next_train(step)

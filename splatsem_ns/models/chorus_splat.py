@@ -60,6 +60,10 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     """Tile edge (pixels) of the semantic pass. That pass renders few pixels, so gsplat's default 16-pixel
     tiles leave most of a large GPU idle; smaller tiles give it more blocks to run in parallel (measured:
     benchmarks/results/train_speed_h200.md)."""
+    compile_distillation: bool = True
+    """On CUDA, run the heads and distillation losses through ``torch.compile``: their many small element-wise
+    kernels fuse into a few, which matters because a splatting step is bound by kernel launches on the host.
+    The first training step pays the compilation (tens of seconds). Eager on CPU."""
     rasterizer_backend: str = "auto"
     """"auto" (gsplat's CUDA kernels on GPU, the PyTorch reference path on CPU), "gsplat" or "torch"."""
 
@@ -121,6 +125,7 @@ class ChorusSplatModel(SplatfactoModel):
         # output_hooks: ``hook(model, camera, outputs) -> dict``, merged into eval-mode outputs.
         # hidden_mask: bool [N], Gaussians left out like splatfacto's crop; highlight_mask: bool [N], tinted.
         self.output_hooks: list = []
+        self._compiled_distillation = None  # built on the first CUDA training step (compile_distillation)
         self.hidden_mask: Optional[Tensor] = None
         self.highlight_mask: Optional[Tensor] = None
         self.highlight_color: Tuple[float, float, float] = (1.0, 0.85, 0.0)
@@ -345,12 +350,28 @@ class ChorusSplatModel(SplatfactoModel):
         if "semantic_latent" not in outputs or not targets:
             return loss_dict
         latent = outputs["semantic_latent"]
+        targets = {name: target.to(latent.device) for name, target in targets.items()}
+        loss_dict.update(self._distillation_function(latent)(latent, targets))
+        return loss_dict
+
+    def distillation_losses(
+        self, latent: Float[Tensor, "h w D"], targets: Mapping[str, Float[Tensor, "h_t w_t C_t"]]
+    ) -> Dict[str, Tensor]:
+        """``{"distill_<teacher>": weighted cosine loss}``: the rendered latent is resampled to each teacher's
+        grid, decoded by that teacher's head and compared with its features."""
+        losses = {}
         for name, target in targets.items():
-            target = target.to(latent.device)
             predicted = self.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
             weight = self.config.teacher_loss_weights.get(name, self.config.default_teacher_loss_weight)
-            loss_dict[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target)
-        return loss_dict
+            losses[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target)
+        return losses
+
+    def _distillation_function(self, latent: Tensor):
+        if not (self.config.compile_distillation and latent.is_cuda):
+            return self.distillation_losses
+        if self._compiled_distillation is None:
+            self._compiled_distillation = torch.compile(self.distillation_losses)
+        return self._compiled_distillation
 
     def get_image_metrics_and_images(self, outputs, batch):
         if self.lpips is not None:

@@ -1,0 +1,168 @@
+"""What makes a chorus-splat step cheaper on the host without changing its result: the compiled
+distillation losses, fused Adam under gsplat's densification, and the teacher features' pinned copy."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from splatsem_ns.data.datamanager import ChorusDataManager
+from splatsem_ns.engine.optimizers import FusedAdamOptimizerConfig, with_optimizer_implementation
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+from splatsem_ns.teachers.registry import make_teacher_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _model(**config):
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+
+    torch.manual_seed(0)
+    specs = {
+        "lang": TeacherSpec("lang", 24, (4, 5), (48, 64), True, make_teacher_config("labels")),
+        "sam": TeacherSpec("sam", 16, (8, 8), (48, 64), False, make_teacher_config("labels-instance")),
+    }
+    with warnings.catch_warnings():  # offline: LPIPS weights are missing, the model still builds
+        warnings.simplefilter("ignore")
+        return ChorusSplatModelConfig(
+            projector_hidden_dim=16, teacher_loss_weights={"sam": 0.5}, **config
+        ).setup(
+            scene_box=SceneBox(torch.tensor([[-1.0] * 3, [1.0] * 3])),
+            num_train_data=2,
+            metadata={TEACHER_SPECS_KEY: specs},
+            seed_points=(torch.rand(50, 3), torch.zeros(50, 3, dtype=torch.uint8)),
+        )
+
+
+def _inputs(device: str):
+    generator = torch.Generator().manual_seed(1)
+    latent = torch.randn(6, 8, 32, generator=generator).to(device).requires_grad_()
+    targets = {
+        "lang": torch.randn(4, 5, 24, generator=generator).half().to(device),
+        "sam": torch.randn(8, 8, 16, generator=generator).half().to(device),
+    }
+    return latent, targets
+
+
+def _losses_and_grads(model, fn, latent, targets):
+    model.zero_grad(set_to_none=True)
+    latent.grad = None
+    losses = fn(latent, targets)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.projector_heads.named_parameters()}
+    return {k: v.detach() for k, v in losses.items()}, latent.grad.clone(), grads
+
+
+def _assert_same(a, b, atol=1e-5):
+    (losses_a, latent_a, heads_a), (losses_b, latent_b, heads_b) = a, b
+    assert losses_a.keys() == losses_b.keys() == {"distill_lang", "distill_sam"}
+    for k in losses_a:
+        torch.testing.assert_close(losses_a[k], losses_b[k], atol=atol, rtol=1e-4)
+    torch.testing.assert_close(latent_a, latent_b, atol=atol, rtol=1e-4)
+    for k in heads_a:
+        torch.testing.assert_close(heads_a[k], heads_b[k], atol=atol, rtol=1e-4)
+
+
+def test_distillation_losses_are_weighted_cosine_losses_per_teacher():
+    from splatsem_ns.models.heads import cosine_distillation_loss, resize_feature_map
+
+    model = _model()
+    latent, targets = _inputs("cpu")
+    losses = model.distillation_losses(latent, targets)
+    expected = 0.5 * cosine_distillation_loss(
+        model.projector_heads["sam"](resize_feature_map(latent, (8, 8))), targets["sam"]
+    )
+    torch.testing.assert_close(losses["distill_sam"], expected)
+    assert 0.0 < float(losses["distill_lang"].detach()) < 2.0
+
+
+def test_traced_distillation_matches_eager_with_gradients():
+    """torch.compile's graph capture (with the eager backend, which needs no compiler) gives the same losses
+    and gradients as the plain module calls."""
+    model = _model()
+    latent, targets = _inputs("cpu")
+    eager = _losses_and_grads(model, model.distillation_losses, latent, targets)
+    traced = torch.compile(model.distillation_losses, backend="aot_eager")
+    _assert_same(eager, _losses_and_grads(model, traced, latent, targets))
+
+
+def test_cpu_training_uses_the_eager_losses():
+    model = _model()
+    latent, _ = _inputs("cpu")
+    assert model._distillation_function(latent) == model.distillation_losses
+    assert model._compiled_distillation is None
+
+
+@needs_cuda
+def test_compiled_distillation_on_cuda_matches_eager():
+    model = _model().cuda()
+    latent, targets = _inputs("cuda")
+    eager = _losses_and_grads(model, model.distillation_losses, latent, targets)
+    compiled_fn = model._distillation_function(latent)
+    assert compiled_fn is model._compiled_distillation is not None
+    _assert_same(eager, _losses_and_grads(model, compiled_fn, latent, targets), atol=1e-4)
+
+
+def test_chorus_splat_uses_fused_adam_everywhere_with_splatfacto_rates():
+    from nerfstudio.configs.method_configs import all_methods
+
+    ours, theirs = all_methods["chorus-splat"].optimizers, all_methods["splatfacto"].optimizers
+    assert all(isinstance(g["optimizer"], FusedAdamOptimizerConfig) for g in ours.values())
+    for name, group in theirs.items():
+        assert (ours[name]["optimizer"].lr, ours[name]["optimizer"].eps) == (
+            group["optimizer"].lr,
+            group["optimizer"].eps,
+        )
+    optimizer = ours["means"]["optimizer"].setup([torch.nn.Parameter(torch.zeros(3, 3))])
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
+
+    stock = with_optimizer_implementation(ours, fused=False)
+    assert not any(isinstance(g["optimizer"], FusedAdamOptimizerConfig) for g in stock.values())
+    assert stock["semantic_latent"]["optimizer"].lr == ours["semantic_latent"]["optimizer"].lr
+    assert stock["means"]["scheduler"] is ours["means"]["scheduler"]
+
+
+def test_fused_adam_follows_gsplat_densification():
+    """gsplat's strategy ops rewrite the optimizer state when Gaussians are cloned, split or pruned; the fused
+    update must keep stepping on the resized state and match the default implementation."""
+    from gsplat.strategy.ops import duplicate, remove
+
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        params = torch.nn.ParameterDict({"latent": torch.nn.Parameter(torch.randn(10, 4))})
+        optimizers = {"latent": torch.optim.Adam([params["latent"]], lr=0.01, eps=1e-15, fused=fused)}
+        state: dict = {}
+        for step in range(6):
+            (params["latent"] ** 2).sum().backward()
+            optimizers["latent"].step()
+            optimizers["latent"].zero_grad()
+            if step == 2:
+                duplicate(params, optimizers, state, torch.arange(10) < 3)
+            if step == 4:
+                remove(params, optimizers, state, torch.arange(13) % 4 == 0)
+        results.append(params["latent"].detach().clone())
+        assert optimizers["latent"].state[params["latent"]]["exp_avg"].shape == (9, 4)
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_teacher_features_copy_the_cached_maps(tmp_path, device):
+    maps = []
+    for i in range(2):
+        array = np.random.default_rng(i).standard_normal((3, 4, 5)).astype(np.float16)
+        np.save(tmp_path / f"{i}.npy", array)
+        maps.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
+    manager = types.SimpleNamespace(_features={"t": maps}, device=device)
+    for i in (1, 0, 1):
+        features = ChorusDataManager.teacher_features(manager, i)["t"]
+        assert features.device.type == device and features.dtype == torch.float16
+        np.testing.assert_array_equal(features.cpu().numpy(), maps[i])
+        features.add_(1)  # writable, and the cache on disk is untouched
+    np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), maps[1])

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from splatsem_ns.models.optional_lpips import NaNMetric
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_trainer, device_name, peak_memory_gib, seed_everything, trainer_config  # noqa: E402
@@ -51,6 +54,9 @@ def train_and_evaluate(method: str, args, out: Path) -> dict:
     train_s = time.perf_counter() - start
     pipeline = trainer.pipeline
     pipeline.eval()
+    if getattr(pipeline.model, "lpips", "absent") is None:
+        # Stock splatfacto evaluates LPIPS unconditionally; offline its weights are missing (NaN, dropped below).
+        pipeline.model.lpips = NaNMetric()
     result = {
         "method": method,
         "iterations": args.iterations,
@@ -60,7 +66,7 @@ def train_and_evaluate(method: str, args, out: Path) -> dict:
         "image_metrics": {
             k: float(v)
             for k, v in pipeline.get_average_eval_image_metrics(get_std=False).items()
-            if isinstance(v, (int, float))
+            if isinstance(v, (int, float)) and not math.isnan(v)
         },
     }
     if method == "chorus-splat":
@@ -125,6 +131,7 @@ def markdown(report: dict) -> str:
                     f"| {where} | {name} | {_fmt(s['miou'])} | {_fmt(s['macc'])} | {_fmt(s['fg_miou'])} "
                     f"| {_fmt(s['fg_macc'])} |"
                 )
+        lines += ["", "## Targets", "", *target_lines(report)]
         for key in ("semantic_3d", "semantic_2d"):
             if key in seg:
                 lines += [
@@ -137,6 +144,34 @@ def markdown(report: dict) -> str:
                 for cls, v in seg[key]["per_class"].items():
                     lines.append(f"| {cls} | {_fmt(v['iou'])} | {_fmt(v['acc'])} | {v['gt_count']} |")
     return "\n".join(lines) + "\n"
+
+
+def target_lines(report: dict) -> list[str]:
+    """The three goals of the benchmark, each checked against this report's own numbers."""
+    runs = {r["method"]: r for r in report["runs"]}
+    seg = runs.get("chorus-splat", {}).get("segmentation", {})
+    lines = []
+    if "semantic_2d" in seg and "semantic_2d_teacher_per_view" in seg:
+        ours, theirs = seg["semantic_2d"]["miou"], seg["semantic_2d_teacher_per_view"]["miou"]
+        lines.append(
+            f"- 2D mIoU at held-out views above the 2D teacher's own: {_fmt(ours)} vs {_fmt(theirs)}: "
+            f"**{'met' if ours > theirs else 'not met'}**"
+        )
+    if "semantic_3d" in seg and "semantic_3d_teacher_backprojected" in seg:
+        ours, theirs = seg["semantic_3d"]["fg_miou"], seg["semantic_3d_teacher_backprojected"]["fg_miou"]
+        lines.append(
+            f"- 3D foreground mIoU at most 2 points below the back-projected teacher: {_fmt(ours)} vs "
+            f"{_fmt(theirs)}: **{'met' if 100 * (theirs - ours) <= 2.0 else 'not met'}**"
+        )
+    if "chorus-splat" in runs and "splatfacto" in runs:
+        ours = runs["chorus-splat"]["image_metrics"].get("psnr")
+        theirs = runs["splatfacto"]["image_metrics"].get("psnr")
+        if ours is not None and theirs is not None:
+            lines.append(
+                f"- held-out PSNR within 0.3 dB of splatfacto: {ours:.2f} vs {theirs:.2f} dB: "
+                f"**{'met' if ours >= theirs - 0.3 else 'not met'}**"
+            )
+    return lines or ["- not enough runs in this report to check them"]
 
 
 def main() -> None:
@@ -171,10 +206,11 @@ def main() -> None:
         type=Path,
         help="only combine the runs of saved semantic_report.json files (same scene and settings) into one report",
     )
+    parser.add_argument("--note", default="", help="with --merge: a note on how the runs were made")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        write_report(merge_reports([json.loads(p.read_text()) for p in args.merge]), args.out)
+        write_report(merge_reports([json.loads(p.read_text()) for p in args.merge], args.note), args.out)
         return
     baseline = torch.cuda.is_available() if args.baseline is None else args.baseline
     runs = args.runs or ["chorus-splat"] + (["splatfacto"] if baseline else [])
@@ -203,7 +239,7 @@ def write_report(report: dict, out: Path) -> None:
     print(text, flush=True)
 
 
-def merge_reports(reports: list[dict]) -> dict:
+def merge_reports(reports: list[dict], note: str = "") -> dict:
     """One report from several with the same scene and settings (runs made in separate processes)."""
     keys = ("data", "iterations", "eval_mode", "teachers", "random_weights", "device")
     first = reports[0]
@@ -217,7 +253,9 @@ def merge_reports(reports: list[dict]) -> dict:
     merged["notes"] = [
         n for n in first.get("notes", []) if "splatfacto" not in n or "splatfacto" not in methods
     ]
-    merged["notes"].append("runs trained in separate processes, one after another, on the same machine type")
+    merged["notes"].append(
+        "runs trained in separate processes on the same GPU model" + (f"; {note}" if note else "")
+    )
     return merged
 
 

@@ -26,7 +26,7 @@ import torch
 from splatsem_ns.models.optional_lpips import NaNMetric
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_trainer, device_name, peak_memory_gib, seed_everything, trainer_config  # noqa: E402
+from common import build_trainer, device_name, parse_method, peak_memory_gib, seed_everything, trainer_config  # noqa: E402
 
 PROXY_NOTE = (
     "Teachers named 'labels'/'instances' are proxies built from ground-truth labels with degradations "
@@ -34,7 +34,8 @@ PROXY_NOTE = (
 )
 
 
-def train_and_evaluate(method: str, args, out: Path) -> dict:
+def train_and_evaluate(spec: str, args, out: Path) -> dict:
+    label, method, overrides = parse_method(spec)
     seed_everything(args.seed)
     cfg = trainer_config(
         method,
@@ -43,9 +44,11 @@ def train_and_evaluate(method: str, args, out: Path) -> dict:
         args.iterations,
         args.teachers,
         args.random_weights,
+        overrides,
         full_resolution=False,
         eval_mode=args.eval_mode,
     )
+    cfg.timestamp = label
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -58,7 +61,9 @@ def train_and_evaluate(method: str, args, out: Path) -> dict:
         # Stock splatfacto evaluates LPIPS unconditionally; offline its weights are missing (NaN, dropped below).
         pipeline.model.lpips = NaNMetric()
     result = {
-        "method": method,
+        "method": label,
+        "base_method": method,
+        "model_overrides": overrides,
         "iterations": args.iterations,
         "train_wall_s": round(train_s, 1),
         "peak_gpu_mem_gib": peak_memory_gib(),
@@ -108,21 +113,32 @@ def markdown(report: dict) -> str:
             else f"| {r['method']} | {m.get('psnr', float('nan')):.2f} | {m.get('ssim', float('nan')):.3f} | n/a "
             f"| {r['num_gaussians']} | {r['train_wall_s']} | {r['peak_gpu_mem_gib']} |"
         )
-    seg = next((r["segmentation"] for r in report["runs"] if "segmentation" in r), {})
-    if seg:
+    for run in (r for r in report["runs"] if "segmentation" in r):
+        seg = run["segmentation"]
         lines += [
             "",
-            f"## Open-vocabulary segmentation (query teacher: {seg.get('semantic_query_teacher')}; "
+            f"## Open-vocabulary segmentation, {run['method']} (query teacher: {seg.get('semantic_query_teacher')}; "
             f"{len(seg.get('semantic_classes', []))} classes queried by name)",
             "",
             "| scored in | method | mIoU | mAcc | fg mIoU | fg mAcc |",
             "|---|---|---|---|---|---|",
         ]
         rows = [
-            ("2D, held-out views", "chorus-splat", "semantic_2d"),
+            ("2D, held-out views", run["method"], "semantic_2d"),
             ("2D, held-out views", "2D teacher per view", "semantic_2d_teacher_per_view"),
-            ("3D, labelled points", "chorus-splat (25-NN vote)", "semantic_3d"),
+            ("3D, labelled points", f"{run['method']} (25-NN vote)", "semantic_3d"),
             ("3D, labelled points", "2D teacher back-projected", "semantic_3d_teacher_backprojected"),
+            ("diagnostic: 2D, training views", run["method"], "semantic_2d_train_views"),
+            (
+                "diagnostic: 2D, training views",
+                "2D teacher per view",
+                "semantic_2d_teacher_per_view_train_views",
+            ),
+            (
+                "diagnostic: 3D, labelled points",
+                f"{run['method']} (vote of trained Gaussians)",
+                "semantic_3d_seen",
+            ),
         ]
         for where, name, key in rows:
             if key in seg:
@@ -131,7 +147,7 @@ def markdown(report: dict) -> str:
                     f"| {where} | {name} | {_fmt(s['miou'])} | {_fmt(s['macc'])} | {_fmt(s['fg_miou'])} "
                     f"| {_fmt(s['fg_macc'])} |"
                 )
-        lines += ["", "## Targets", "", *target_lines(report)]
+        lines += ["", "### Targets", "", *target_lines(report, run)]
         for key in ("semantic_3d", "semantic_2d"):
             if key in seg:
                 lines += [
@@ -146,10 +162,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def target_lines(report: dict) -> list[str]:
-    """The three goals of the benchmark, each checked against this report's own numbers."""
+def target_lines(report: dict, run: dict) -> list[str]:
+    """The three goals of the benchmark for one chorus-splat run, checked against this report's numbers."""
     runs = {r["method"]: r for r in report["runs"]}
-    seg = runs.get("chorus-splat", {}).get("segmentation", {})
+    seg = run.get("segmentation", {})
     lines = []
     if "semantic_2d" in seg and "semantic_2d_teacher_per_view" in seg:
         ours, theirs = seg["semantic_2d"]["miou"], seg["semantic_2d_teacher_per_view"]["miou"]
@@ -163,8 +179,8 @@ def target_lines(report: dict) -> list[str]:
             f"- 3D foreground mIoU at most 2 points below the back-projected teacher: {_fmt(ours)} vs "
             f"{_fmt(theirs)}: **{'met' if 100 * (theirs - ours) <= 2.0 else 'not met'}**"
         )
-    if "chorus-splat" in runs and "splatfacto" in runs:
-        ours = runs["chorus-splat"]["image_metrics"].get("psnr")
+    if "splatfacto" in runs:
+        ours = run["image_metrics"].get("psnr")
         theirs = runs["splatfacto"]["image_metrics"].get("psnr")
         if ours is not None and theirs is not None:
             lines.append(
@@ -196,9 +212,9 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         nargs="+",
-        choices=["chorus-splat", "splatfacto"],
-        help="methods to train (default: chorus-splat, plus splatfacto per --baseline); a report is written "
-        "after each run",
+        help="methods to train: METHOD or LABEL=METHOD:field=value,... (model overrides, e.g. "
+        "chorus-depth=chorus-splat:depth_loss_weight=0.1); default chorus-splat, plus splatfacto per --baseline. "
+        "A report is written after each run",
     )
     parser.add_argument(
         "--merge",

@@ -36,6 +36,9 @@ def test_segmentation_metrics_in_ns_eval_json(results):
         "semantic_2d_teacher_per_view",
         "semantic_3d",
         "semantic_3d_teacher_backprojected",
+        "semantic_2d_train_views",
+        "semantic_2d_teacher_per_view_train_views",
+        "semantic_3d_seen",
     ]:
         assert key in results, sorted(results)
         for metric in ["miou", "macc", "fg_miou", "fg_macc"]:
@@ -50,3 +53,12 @@ def test_scores_land_in_the_expected_range(results):
     assert 0.3 < results["semantic_3d"]["miou"], results["semantic_3d"]
     assert 0.3 < results["semantic_3d_teacher_backprojected"]["miou"]
     assert results["psnr"] > 12.0
+
+
+def test_diagnostics_on_training_views_and_seen_gaussians(results):
+    """The training-view scores come with the teacher's on the same views; most Gaussians of the small room are
+    seen by some training view, and they alone still label it."""
+    assert 0.3 < results["semantic_2d_train_views"]["miou"], results["semantic_2d_train_views"]
+    assert 0.5 < results["semantic_2d_teacher_per_view_train_views"]["miou"]
+    assert 0.5 < results["semantic_3d_seen"]["voting_gaussians_fraction"] <= 1.0
+    assert abs(results["semantic_3d_seen"]["miou"] - results["semantic_3d"]["miou"]) < 0.15

@@ -22,7 +22,7 @@ from splatsem_ns.evaluation.protocol import (
     upsample_labels,
 )
 from splatsem_ns.evaluation.voting import project_points
-from splatsem_ns.pipelines.chorus_pipeline import _ground_truth_maps, _to_dataparser_frame
+from splatsem_ns.pipelines.chorus_pipeline import _ground_truth_reference, _to_dataparser_frame
 
 
 def test_class_queries_skip_unlabelled():
@@ -79,8 +79,11 @@ def test_scene_views_match_the_datasets(datamanager):
     torch.testing.assert_close(train[3].intrinsics, cams[3].get_intrinsics_matrices())
     torch.testing.assert_close(train[3].camera_to_world, cams[3].camera_to_worlds)
     assert train[3].label_path.name == Path(datamanager.train_dataset.image_filenames[3]).name
-    maps = _ground_truth_maps(views, datamanager.scene_metadata(), None)
+    reference = _ground_truth_reference(views, datamanager.scene_metadata(), None)
+    maps, train_maps = reference.label_maps(split="eval"), reference.label_maps(split="train")
     assert len(maps) == len(evals) and maps[0].shape == evals[0].image.shape[:2]
+    assert len(train_maps) == len(train)
+    np.testing.assert_array_equal(train_maps[3].numpy(), np.asarray(Image.open(train[3].label_path)))
 
 
 def test_labelled_points_land_on_their_labels_in_the_cameras_frame(datamanager):

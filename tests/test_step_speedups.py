@@ -166,3 +166,40 @@ def test_teacher_features_copy_the_cached_maps(tmp_path, device):
         np.testing.assert_array_equal(features.cpu().numpy(), maps[i])
         features.add_(1)  # writable, and the cache on disk is untouched
     np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), maps[1])
+
+
+def test_depth_l1_loss_uses_measured_pixels_only():
+    from splatsem_ns.models.chorus_splat import depth_l1_loss
+
+    predicted = torch.full((2, 4, 1), 2.0)
+    sensor = torch.tensor(
+        [[1.0, 1.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0]]
+    )
+    sensor = torch.cat(
+        [sensor, sensor]
+    ).half()  # [4, 8]: nearest resampling to [2, 4] keeps columns 0, 2, 4, 6
+    assert float(depth_l1_loss(predicted, sensor)) == pytest.approx(1.0)  # |2-1| and |2-3|, zeros ignored
+    assert float(depth_l1_loss(predicted, torch.zeros(2, 4))) == 0.0
+
+
+def test_depth_images_load_at_image_size_in_scene_units(tmp_path):
+    from PIL import Image
+
+    from splatsem_ns.data.datamanager import load_depth_image
+
+    millimetres = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
+    Image.fromarray(millimetres).save(tmp_path / "d.png")
+    depth = load_depth_image(tmp_path / "d.png", (6, 8), scale=1e-3 * 0.5)
+    assert depth.dtype == torch.float16 and depth.shape == (6, 8)
+    assert float(depth[5, 7]) == pytest.approx(5.5) and float(depth[0, 0]) == 0.0
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="single channel"):
+        load_depth_image(tmp_path / "rgb.png", (3, 4), 1.0)
+    with pytest.raises(ValueError, match="Cannot read depth image"):
+        load_depth_image(tmp_path / "missing.png", (3, 4), 1.0)
+
+
+def test_depth_loss_without_depth_images_is_a_clear_error():
+    manager = types.SimpleNamespace(train_dataset=types.SimpleNamespace(metadata={}))
+    with pytest.raises(ValueError, match="no depth images"):
+        ChorusDataManager._load_train_depths(manager)

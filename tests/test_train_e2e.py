@@ -5,6 +5,7 @@ every family, then ``ns-eval`` on the checkpoint it wrote (which also proves it 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def test_second_run_reuses_cached_features(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Teacher features: " not in proc.stdout + proc.stderr, "features were extracted again"
     assert sorted(p.name for p in (root / "cache").rglob("*.npy")) == cache_files
+
+
+def test_depth_loss_trains_on_sensor_depth(trained, tmp_path):
+    """With --pipeline.model.depth-loss-weight the datamanager serves the depth images and the rendered depth
+    moves towards them."""
+    root, _, _ = trained
+    proc = _train(
+        root / "scene", tmp_path / "outputs", root / "cache",
+        "--max-num-iterations", "120", "--pipeline.model.depth-loss-weight", "1.0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(r"Loaded \d+ depth\s+images", proc.stdout + proc.stderr), proc.stdout[-3000:]
+    values = [
+        v for _, v in _scalars(tmp_path / "outputs" / "e2e" / "chorus-splat" / "run")["Train Loss Dict/depth"]
+    ]
+    assert len(values) >= 10 and sum(values[-3:]) < 0.8 * sum(values[:3]), values

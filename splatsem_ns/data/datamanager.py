@@ -53,6 +53,9 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``."""
     extraction_batch_size: int = 4
     """Images per teacher forward pass during extraction."""
+    load_depth: bool = False
+    """Serve each training image's sensor depth (scene units, 0 = no measurement) as ``batch["depth_image"]``.
+    Set by the pipeline when the model's depth loss is on."""
 
 
 class ChorusDataManager(FullImageDatamanager):
@@ -70,8 +73,11 @@ class ChorusDataManager(FullImageDatamanager):
             raise ValueError(
                 "No teachers given: pass at least one, e.g. --pipeline.datamanager.teachers tiny-dinov2"
             )
+        self._depths: List[torch.Tensor] = []
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
             self._prepare_teacher_features()
+            if config.load_depth:
+                self._depths = self._load_train_depths()
 
     def teacher_configs(self) -> List[TeacherConfig]:
         """The configured teachers, with their local checkpoints and the random-weights switch applied."""
@@ -177,6 +183,33 @@ class ChorusDataManager(FullImageDatamanager):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _load_train_depths(self) -> List[torch.Tensor]:
+        """Every training view's depth image at its colour image's size, in scene units, float16 [H, W]."""
+        meta = self.train_dataset.metadata
+        paths = meta.get("depth_filenames")
+        if not paths:
+            raise ValueError(
+                "The depth loss is on (--pipeline.model.depth-loss-weight > 0) but this scene has no depth "
+                "images: give depth_file_path per frame in transforms.json, or set the weight to 0."
+            )
+        scale = float(meta.get("depth_unit_scale_factor", 1e-3)) * float(
+            self.train_dataparser_outputs.dataparser_scale
+        )
+        depths = []
+        for path, data in zip(paths, self.cached_train, strict=True):
+            height, width = data["image"].shape[:2]
+            depths.append(load_depth_image(Path(path), (height, width), scale))
+        CONSOLE.log(f"Loaded {len(depths)} depth images for the depth loss.")
+        return depths
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device; on CUDA through pinned memory, so the copy does not block."""
+        if torch.device(self.device).type != "cuda":
+            return host.to(self.device)
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        return pinned.to(self.device, non_blocking=True)
+
     def teacher_features(self, image_idx: int) -> Dict[str, torch.Tensor]:
         """``{teacher: [h, w, C] float16}`` of one training image, on the training device.
 
@@ -201,4 +234,25 @@ class ChorusDataManager(FullImageDatamanager):
         camera, data = super().next_train(step)
         if self._features:
             data["teacher_features"] = self.teacher_features(int(camera.metadata["cam_idx"]))
+        if self._depths:
+            data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])])
         return camera, data
+
+
+def load_depth_image(path: Path, size: Tuple[int, int], scale: float) -> torch.Tensor:
+    """A depth PNG (integer units, 0 = no measurement) as float16 [H, W] in scene units at ``size``.
+
+    Nearest-neighbour resampling: averaging would mix missing (0) pixels and depth edges into false depths.
+    """
+    from PIL import Image
+
+    try:
+        array = np.asarray(Image.open(path), dtype=np.float32)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot read depth image {path}: {err}") from err
+    if array.ndim != 2:
+        raise ValueError(f"Depth image {path} has shape {array.shape}; expected a single channel.")
+    depth = torch.from_numpy(array * scale)
+    if tuple(depth.shape) != tuple(size):
+        depth = torch.nn.functional.interpolate(depth[None, None], size=size, mode="nearest")[0, 0]
+    return depth.to(torch.float16)

@@ -44,6 +44,12 @@ class SemanticEvalConfig:
     """Visibility test of the back-projection baseline, in scene units (|depth - z| below this)."""
     render_scale: float = 1.0
     """Resolution of the semantic render at held-out views, relative to the image."""
+    train_views_scored: int = 8
+    """Diagnostic ``semantic_2d_train_views``: this many training views (evenly spread) scored like the held-out
+    ones. Near the teacher there, the field fits its supervision and held-out losses come from geometry; 0 skips."""
+    min_vote_weight: float = 0.01
+    """Diagnostic ``semantic_3d_seen``: only Gaussians whose compositing weight, summed over the training views
+    at the semantic render's resolution, reaches this many pixels vote (the others never had a teacher)."""
     background_names: Tuple[str, ...] = ("wall", "floor", "ceiling")
     """Classes left out of the foreground averages (they still take part in prediction)."""
 

@@ -60,6 +60,10 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     """Tile edge (pixels) of the semantic pass. That pass renders few pixels, so gsplat's default 16-pixel
     tiles leave most of a large GPU idle; smaller tiles give it more blocks to run in parallel (measured:
     benchmarks/results/train_speed_h200.md)."""
+    depth_loss_weight: float = 0.0
+    """Weight of an L1 loss between the rendered expected depth and the scene's sensor depth (pixels with a
+    measurement only). 0 (default) trains like splatfacto; > 0 needs depth images and constrains geometry,
+    which sparse captures (few views of a large room) otherwise leave loose."""
     compile_distillation: bool = True
     """On CUDA, run the heads and distillation losses through ``torch.compile``: their many small element-wise
     kernels fuse into a few, which matters because a splatting step is bound by kernel launches on the host.
@@ -204,7 +208,8 @@ class ChorusSplatModel(SplatfactoModel):
         camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
 
-        render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
+        wants_depth = self.config.output_depth_during_training or self.config.depth_loss_weight > 0
+        render_mode = "RGB+ED" if (wants_depth or not self.training) else "RGB"
         colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
         if self.config.sh_degree > 0:
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
@@ -331,6 +336,28 @@ class ChorusSplatModel(SplatfactoModel):
             self._semantic_scale if scale is None else float(scale),
         )
 
+    def gaussian_view_weights(self, cameras: Cameras) -> Float[Tensor, " N"]:
+        """Each Gaussian's compositing weight summed over the pixels of ``cameras``, rendered at the semantic
+        resolution: how much teacher supervision it could have had. Computed as the gradient of the summed
+        render of a constant one-channel feature, so every backend gives it."""
+        ones = torch.ones(self.num_points, 1, device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            for i in range(len(cameras)):
+                camera = cameras[i : i + 1].to(self.device)
+                self._render_semantic_latent(
+                    self.means.detach(),
+                    self.quats.detach(),
+                    torch.exp(self.scales).detach(),
+                    torch.sigmoid(self.opacities).squeeze(-1).detach(),
+                    ones,
+                    get_viewmat(camera.camera_to_worlds),
+                    camera.get_intrinsics_matrices().to(self.device),
+                    int(camera.width.item()),
+                    int(camera.height.item()),
+                    self._semantic_scale,
+                ).sum().backward()
+        return ones.grad[:, 0] if ones.grad is not None else torch.zeros(self.num_points, device=self.device)
+
     @torch.no_grad()
     def gaussian_features(self, teacher: str, chunk: int = 1 << 16) -> Float[Tensor, "N C"]:
         """Every Gaussian's latent decoded into one teacher's space (the 3D semantic field)."""
@@ -346,6 +373,10 @@ class ChorusSplatModel(SplatfactoModel):
     # ------------------------------------------------------------------ losses and metrics
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if self.config.depth_loss_weight > 0 and "depth_image" in batch and outputs.get("depth") is not None:
+            loss_dict["depth"] = self.config.depth_loss_weight * depth_l1_loss(
+                outputs["depth"], batch["depth_image"]
+            )
         targets: Mapping[str, Tensor] = batch.get("teacher_features", {})
         if "semantic_latent" not in outputs or not targets:
             return loss_dict
@@ -406,6 +437,17 @@ def _tint(
     else:
         colors[mask] = (1 - _HIGHLIGHT_WEIGHT) * colors[mask] + _HIGHLIGHT_WEIGHT * target
     return colors
+
+
+def depth_l1_loss(predicted: Float[Tensor, "H W 1"], sensor: Float[Tensor, "H0 W0"]) -> Float[Tensor, ""]:
+    """Mean |rendered - sensor| depth over the pixels with a measurement (sensor > 0); the sensor map is
+    resampled (nearest) to the render's size, which coarse-to-fine training shrinks early on."""
+    size = tuple(predicted.shape[:2])
+    if tuple(sensor.shape) != size:
+        sensor = torch.nn.functional.interpolate(sensor[None, None].float(), size=size, mode="nearest")[0, 0]
+    sensor = sensor.to(predicted.dtype)[..., None]
+    valid = sensor > 0
+    return (torch.abs(predicted - sensor) * valid).sum() / valid.sum().clamp(min=1)
 
 
 def _scaled_size(size: int, factor: float) -> int:

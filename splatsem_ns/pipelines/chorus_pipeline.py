@@ -53,6 +53,10 @@ class ChorusPipeline(VanillaPipeline):
     config: ChorusPipelineConfig
 
     def __init__(self, config: ChorusPipelineConfig, device: str, test_mode="val", **kwargs) -> None:
+        # One switch for users: the model's depth loss makes the datamanager serve depth images.
+        depth_weight = getattr(config.model, "depth_loss_weight", 0.0)
+        if hasattr(config.datamanager, "load_depth"):
+            config.datamanager.load_depth = depth_weight > 0
         super().__init__(config, device, test_mode, **kwargs)
         # The viewer's semantic query panel: nerfstudio's viewer installs the controls it finds on the pipeline
         # (in ns-viewer and while training); its hook adds the query outputs to eval-mode renders.
@@ -115,24 +119,31 @@ class ChorusPipeline(VanillaPipeline):
         text = teacher.encode_text(names).to(model.device)
         out: Dict = {"semantic_query_teacher": teacher.name, "semantic_classes": names}
 
-        eval_views = [v for v in views if v.split == "eval"]
-        ground_truth = _ground_truth_maps(views, metadata, cfg.class_table)
-        if ground_truth is not None and eval_views:
+        reference = _ground_truth_reference(views, metadata, cfg.class_table)
+        splits = [("eval", dm.eval_dataset.cameras, ""), ("train", dm.train_dataset.cameras, "_train_views")]
+        for split, cameras, suffix in splits:
+            split_views = [v for v in views if v.split == split]
+            if split == "train":  # a diagnostic: an even sample of the training views
+                picked = np.linspace(0, len(split_views) - 1, min(cfg.train_views_scored, len(split_views)))
+                picked = sorted({int(round(i)) for i in picked}) if cfg.train_views_scored > 0 else []
+            else:
+                picked = list(range(len(split_views)))
+            if reference is None or not picked:
+                if split == "eval":
+                    CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
+                continue
+            ground_truth = reference.label_maps(split=split)
             cm_model = ConfusionMatrix(len(ids), ignore_index=-1)
             cm_teacher = ConfusionMatrix(len(ids), ignore_index=-1)
-            for j, (view, gt) in enumerate(zip(eval_views, ground_truth, strict=True)):
-                size = tuple(gt.shape)
-                latent = model.render_semantic_latent(
-                    dm.eval_dataset.cameras[j : j + 1], scale=cfg.render_scale
-                )
+            for j in picked:
+                gt, size = ground_truth[j], tuple(ground_truth[j].shape)
+                latent = model.render_semantic_latent(cameras[j : j + 1], scale=cfg.render_scale)
                 features = model.decode_features(latent, teacher.name)
                 accumulate_2d(cm_model, upsample_labels(classify_map(features, text, ids), size), gt, ids)
-                teacher_labels = _teacher_labels(teacher, view, text, ids)
+                teacher_labels = _teacher_labels(teacher, split_views[j], text, ids)
                 accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
-            out["semantic_2d"] = score(cm_model, names, cfg)
-            out["semantic_2d_teacher_per_view"] = score(cm_teacher, names, cfg)
-        else:
-            CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
+            out[f"semantic_2d{suffix}"] = score(cm_model, names, cfg)
+            out[f"semantic_2d_teacher_per_view{suffix}"] = score(cm_teacher, names, cfg)
 
         if cloud is not None and cloud.labels is not None:
             points = _to_dataparser_frame(cloud.xyz, metadata)
@@ -141,6 +152,12 @@ class ChorusPipeline(VanillaPipeline):
                 model.means, torch.as_tensor(gaussian_labels), points, cfg.knn
             )
             out["semantic_3d"] = score(points_confusion(predicted, cloud.labels, ids), names, cfg)
+            # Diagnostic: the same vote among the Gaussians that training views supervised.
+            seen = (model.gaussian_view_weights(dm.train_dataset.cameras) >= cfg.min_vote_weight).cpu()
+            seen_labels = torch.where(seen, torch.as_tensor(gaussian_labels), torch.tensor(-1))
+            predicted_seen = vote_points_from_gaussians(model.means, seen_labels, points, cfg.knn)
+            out["semantic_3d_seen"] = score(points_confusion(predicted_seen, cloud.labels, ids), names, cfg)
+            out["semantic_3d_seen"]["voting_gaussians_fraction"] = float(seen.float().mean())
             lifted = backprojected_teacher_labels(
                 points,
                 self._teacher_view_labels(teacher, views, text, ids, metadata),
@@ -194,16 +211,15 @@ def _query_class_names(metadata: Dict, cloud, table: Optional[str]) -> Dict[int,
     return names
 
 
-def _ground_truth_maps(
-    views: List[SceneView], metadata: Dict, table: Optional[str]
-) -> Optional[List[torch.Tensor]]:
-    """Clean class-id maps of the held-out views at image size: the label images where the scene has them,
-    else the labelled point cloud projected with a depth test and hole filling."""
-    if not any(v.label_path for v in views if v.split == "eval") and LABELED_POINTS_KEY not in metadata:
+def _ground_truth_reference(views: List[SceneView], metadata: Dict, table: Optional[str]):
+    """An undegraded labels teacher whose ``label_maps(split)`` are the clean class-id maps at image size: the
+    label images where the scene has them, else the labelled point cloud projected with a depth test and hole
+    filling. None where the scene has neither."""
+    if not any(v.label_path for v in views) and LABELED_POINTS_KEY not in metadata:
         return None
     reference = LabelsTeacherConfig(name="ground-truth", degrade=False, class_table=table or "nyu40").setup()
     reference.prepare_scene(views, metadata)
-    return reference.label_maps(split="eval")
+    return reference
 
 
 def _to_dataparser_frame(xyz: np.ndarray, metadata: Dict) -> np.ndarray:

@@ -56,8 +56,9 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--window-size=1400,1000",
-    # Virtual time stalls while the viewer streams renders; 8 s of it is enough for viser to build the GUI.
-    "--virtual-time-budget=8000",
+    # Virtual time stalls while the viewer streams renders; 3 s of it is enough for viser to build the GUI
+    # (measured: the same 165 kB page as with 8 s).
+    "--virtual-time-budget=3000",
 ]
 
 
@@ -99,12 +100,15 @@ def viewer_url(tmp_path_factory):
     run_dir = train_synthetic(root, iterations=30, num_views=8)
     port = _free_port()
     log = open(root / "viewer.log", "w")
+    # On a 2-core CPU machine the viewer renders with the PyTorch rasterizer as fast as it can; one thread at low
+    # priority leaves Chromium the CPU it needs to build the page within its (virtual) time budget.
+    env = {**offline_env(), "OMP_NUM_THREADS": "1"}
     viewer = subprocess.Popen(
         [
-            command("ns-viewer"), "--load-config", str(run_dir / "config.yml"),
+            "nice", "-n", "15", command("ns-viewer"), "--load-config", str(run_dir / "config.yml"),
             "--viewer.websocket-port", str(port), "--viewer.websocket-host", "127.0.0.1",
         ],
-        stdout=log, stderr=subprocess.STDOUT, env=offline_env(), start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -134,10 +138,18 @@ def viewer_url(tmp_path_factory):
 
 
 def _run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    # How long the virtual time takes in real time depends on how often the CPU-rendering viewer streams
+    # (measured on 2 cores: 20 s to over 200 s), so one slow attempt is retried with a fresh profile.
+    for attempt in range(2):
+        try:
+            return subprocess.run(
+                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}-{attempt}", *args],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            if attempt == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_query_panel_shows_in_the_browser(chromium, viewer_url):

@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from splatsem_ns.export.semantic_ply import (
+    GaussianColumns,
     SemanticSplatFileError,
     TeacherInfo,
     WrittenPly,
@@ -33,23 +34,9 @@ from splatsem_ns.models.relevancy import DEFAULT_NEGATIVES, LERF_TEMPERATURE, le
 
 
 @dataclass
-class SemanticScene:
+class SemanticScene(GaussianColumns):
     """Semantic Gaussians: splatfacto's parameters, a latent per Gaussian and the heads that decode it."""
 
-    means: Float[Tensor, "N 3"]
-    """Centres."""
-    scales: Float[Tensor, "N 3"]
-    """Log scales."""
-    quats: Float[Tensor, "N 4"]
-    """Rotations, wxyz."""
-    opacities: Float[Tensor, "N 1"]
-    """Opacity logits."""
-    features_dc: Float[Tensor, "N 3"]
-    """DC spherical-harmonics coefficient per colour channel (splatfacto's ``features_dc``)."""
-    features_rest: Float[Tensor, "N K 3"]
-    """Higher SH coefficients, coefficient-major (splatfacto's ``features_rest``)."""
-    latent: Optional[Float[Tensor, "N D"]]
-    """Semantic latent per Gaussian; None for a plain 3DGS scene."""
     heads: Dict[str, ProjectorHead] = field(default_factory=dict)
     """One projector head per teacher: latent -> that teacher's features."""
     teachers: Dict[str, TeacherInfo] = field(default_factory=dict)
@@ -125,14 +112,10 @@ class SemanticScene:
 
     def to(self, device: Union[str, torch.device]) -> "SemanticScene":
         """A copy on ``device`` (heads included); built text teachers are dropped."""
-        moved = {
-            name: getattr(self, name).to(device)
-            for name in ("means", "scales", "quats", "opacities", "features_dc", "features_rest")
-        }
+        moved = {name: None if t is None else t.to(device) for name, t in self.columns().items()}
         return replace(
             self,
             **moved,
-            latent=None if self.latent is None else self.latent.to(device),
             heads={n: copy.deepcopy(h).to(device) for n, h in self.heads.items()},
             _text_teachers={},
         )
@@ -352,13 +335,7 @@ def load_semantic_scene(
                     f"{arrays.latent.shape[1]}."
                 )
     scene = SemanticScene(
-        means=arrays.means,
-        scales=arrays.scales,
-        quats=arrays.quats,
-        opacities=arrays.opacities,
-        features_dc=arrays.features_dc,
-        features_rest=arrays.features_rest,
-        latent=arrays.latent,
+        **arrays.columns(),
         heads=record["heads"] if record else {},
         teachers=record["teachers"] if record else {},
         semantic_scale=record["semantic_scale"] if record else None,

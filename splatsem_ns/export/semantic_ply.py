@@ -89,23 +89,33 @@ class WrittenPly:
 
 
 @dataclass
-class GaussianArrays:
-    """The columns of a 3DGS PLY as tensors shaped like splatfacto's ``gauss_params``."""
+class GaussianColumns:
+    """A semantic 3DGS scene's per-Gaussian tensors, shaped like splatfacto's ``gauss_params``."""
 
     means: Float[Tensor, "N 3"]
     """Centres (x, y, z)."""
     scales: Float[Tensor, "N 3"]
     """Log scales."""
     quats: Float[Tensor, "N 4"]
-    """wxyz, as stored (not renormalised)."""
+    """Rotations, wxyz, as stored (not renormalised)."""
     opacities: Float[Tensor, "N 1"]
-    """Logits."""
+    """Opacity logits."""
     features_dc: Float[Tensor, "N 3"]
-    """DC SH coefficient per colour channel."""
+    """DC SH coefficient per colour channel (splatfacto's ``features_dc``)."""
     features_rest: Float[Tensor, "N K 3"]
     """Higher SH coefficients, coefficient-major as in splatfacto (K = 0 for degree 0)."""
     latent: Optional[Float[Tensor, "N D"]]
-    """The ``sem_*`` columns, or None for a plain 3DGS PLY."""
+    """Semantic latent per Gaussian (the ``sem_*`` columns); None for a plain 3DGS scene."""
+
+    def columns(self) -> Dict[str, Optional[Tensor]]:
+        """The per-Gaussian tensors above, by field name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(GaussianColumns)}
+
+
+@dataclass
+class GaussianArrays(GaussianColumns):
+    """The columns of a 3DGS PLY, plus its header's comments."""
+
     comments: List[str] = field(default_factory=list)
     """The PLY header's comment lines."""
 

@@ -184,6 +184,9 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
     """Write ``{stem}.json`` and ``{stem}.md``; ratios are recomputed from the measured results."""
     results = report["results"]
     report["ratios_over_splatfacto"] = ratios = ratios_over_baseline(results)
+    others = {baseline: ratios_over_baseline(results, baseline) for baseline in _other_baselines(results)}
+    if others:
+        report["ratios_over"] = others
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [
         "# chorus-splat vs splatfacto: training speed and memory",
@@ -205,8 +208,7 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
             f"| {r['ms_per_iter_p90']} | {r['peak_gpu_mem_gib_train']} | {r['num_gaussians_final']} "
             f"| {r['setup_s']} | {ratio.get('time_per_iter', '-')} | {ratio.get('peak_gpu_memory', '-')} |"
         )
-    for baseline in _other_baselines(results):
-        report.setdefault("ratios_over", {})[baseline] = other = ratios_over_baseline(results, baseline)
+    for baseline, other in others.items():
         lines += [
             "",
             f"Against `{baseline}` ({next(r.get('model_overrides') for r in results if r['method'] == baseline)}):",
@@ -219,8 +221,6 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
                 if not name.startswith("splatfacto")
             ],
         ]
-    if _other_baselines(results):
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -160,6 +160,7 @@ def test_teacher_features_copy_the_cached_maps(tmp_path, device):
         np.save(tmp_path / f"{i}.npy", array)
         maps.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
     manager = types.SimpleNamespace(_features={"t": maps}, device=device)
+    manager._to_device = lambda host: ChorusDataManager._to_device(manager, host)
     for i in (1, 0, 1):
         features = ChorusDataManager.teacher_features(manager, i)["t"]
         assert features.device.type == device and features.dtype == torch.float16

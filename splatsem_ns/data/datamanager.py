@@ -202,40 +202,31 @@ class ChorusDataManager(FullImageDatamanager):
         CONSOLE.log(f"Loaded {len(depths)} depth images for the depth loss.")
         return depths
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the training device; on CUDA through pinned memory, so the copy does not block."""
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        """A copy of a host array (a read-only memory map, say) on the training device.
+
+        On CUDA the array is read once into pinned host memory and copied to the GPU asynchronously: a copy from
+        pageable memory would block the host until the GPU has drained every queued kernel, every step. torch's
+        pinned-memory allocator keeps a block out of reuse until the copy that reads it has finished, so the
+        staging buffers need no bookkeeping here.
+        """
         if torch.device(self.device).type != "cuda":
-            return host.to(self.device)
-        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        pinned.copy_(host)
+            return torch.from_numpy(np.array(host)).to(self.device)  # copy: the array may be read-only
+        dtype = torch.from_numpy(np.empty(0, dtype=host.dtype)).dtype
+        pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+        np.copyto(pinned.numpy(), host, casting="no")
         return pinned.to(self.device, non_blocking=True)
 
     def teacher_features(self, image_idx: int) -> Dict[str, torch.Tensor]:
-        """``{teacher: [h, w, C] float16}`` of one training image, on the training device.
-
-        On CUDA each map is read once from the memory map into pinned host memory and copied to the GPU
-        asynchronously: a copy from pageable memory would block the host until the GPU has drained every
-        queued kernel, every step. torch's pinned-memory allocator keeps a block out of reuse until the copy
-        that reads it has finished, so the staging buffers need no bookkeeping here.
-        """
-        features = {}
-        pinned = torch.device(self.device).type == "cuda"
-        for name, maps in self._features.items():
-            source = maps[image_idx]
-            if pinned:
-                host = torch.empty(source.shape, dtype=torch.float16, pin_memory=True)
-                np.copyto(host.numpy(), source, casting="no")
-                features[name] = host.to(self.device, non_blocking=True)
-            else:
-                features[name] = torch.from_numpy(np.array(source)).to(self.device)  # copy: read-only map
-        return features
+        """``{teacher: [h, w, C] float16}`` of one training image, on the training device."""
+        return {name: self._to_device(maps[image_idx]) for name, maps in self._features.items()}
 
     def next_train(self, step: int):
         camera, data = super().next_train(step)
         if self._features:
             data["teacher_features"] = self.teacher_features(int(camera.metadata["cam_idx"]))
         if self._depths:
-            data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])])
+            data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])].numpy())
         return camera, data
 
 

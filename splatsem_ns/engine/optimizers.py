@@ -26,11 +26,18 @@ class FusedAdamOptimizerConfig(AdamOptimizerConfig):
     """Use torch's fused Adam (CUDA and CPU float tensors). None leaves the choice to torch (foreach)."""
 
 
+def _adam_settings(config: AdamOptimizerConfig) -> dict:
+    return {
+        "lr": config.lr,
+        "eps": config.eps,
+        "max_norm": config.max_norm,
+        "weight_decay": config.weight_decay,
+    }
+
+
 def fused_adam(config: AdamOptimizerConfig) -> FusedAdamOptimizerConfig:
     """The same optimizer settings with the fused update."""
-    return FusedAdamOptimizerConfig(
-        lr=config.lr, eps=config.eps, max_norm=config.max_norm, weight_decay=config.weight_decay
-    )
+    return FusedAdamOptimizerConfig(**_adam_settings(config))
 
 
 def with_optimizer_implementation(optimizers: dict, fused: bool) -> dict:
@@ -41,15 +48,9 @@ def with_optimizer_implementation(optimizers: dict, fused: bool) -> dict:
         group = dict(group)
         optimizer = group["optimizer"]
         if isinstance(optimizer, AdamOptimizerConfig):
+            settings = _adam_settings(optimizer)
             group["optimizer"] = (
-                fused_adam(optimizer)
-                if fused
-                else AdamOptimizerConfig(
-                    lr=optimizer.lr,
-                    eps=optimizer.eps,
-                    max_norm=optimizer.max_norm,
-                    weight_decay=optimizer.weight_decay,
-                )
+                FusedAdamOptimizerConfig(**settings) if fused else AdamOptimizerConfig(**settings)
             )
         result[name] = group
     return result

@@ -322,19 +322,7 @@ class ChorusSplatModel(SplatfactoModel):
         self, camera: Cameras, scale: Optional[float] = None
     ) -> Float[Tensor, "h w D"]:
         """The rendered latent alone (no RGB), at ``scale`` of the camera's resolution (default: training's)."""
-        camera = camera.to(self.device)
-        return self._render_semantic_latent(
-            self.means,
-            self.quats,
-            torch.exp(self.scales),
-            torch.sigmoid(self.opacities).squeeze(-1),
-            self.semantic_source(self.gauss_params),
-            get_viewmat(camera.camera_to_worlds),
-            camera.get_intrinsics_matrices().to(self.device),
-            int(camera.width.item()),
-            int(camera.height.item()),
-            self._semantic_scale if scale is None else float(scale),
-        )
+        return self._render_features(camera, self.semantic_source(self.gauss_params), scale)
 
     def gaussian_view_weights(self, cameras: Cameras) -> Float[Tensor, " N"]:
         """Each Gaussian's compositing weight summed over the pixels of ``cameras``, rendered at the semantic
@@ -343,20 +331,27 @@ class ChorusSplatModel(SplatfactoModel):
         ones = torch.ones(self.num_points, 1, device=self.device, requires_grad=True)
         with torch.enable_grad():
             for i in range(len(cameras)):
-                camera = cameras[i : i + 1].to(self.device)
-                self._render_semantic_latent(
-                    self.means.detach(),
-                    self.quats.detach(),
-                    torch.exp(self.scales).detach(),
-                    torch.sigmoid(self.opacities).squeeze(-1).detach(),
-                    ones,
-                    get_viewmat(camera.camera_to_worlds),
-                    camera.get_intrinsics_matrices().to(self.device),
-                    int(camera.width.item()),
-                    int(camera.height.item()),
-                    self._semantic_scale,
-                ).sum().backward()
+                self._render_features(cameras[i : i + 1], ones).sum().backward()
         return ones.grad[:, 0] if ones.grad is not None else torch.zeros(self.num_points, device=self.device)
+
+    def _render_features(
+        self, camera: Cameras, features: Float[Tensor, "N D"], scale: Optional[float] = None
+    ) -> Float[Tensor, "h w D"]:
+        """Per-Gaussian ``features`` rendered through one camera as the semantic pass does (geometry fixed), at
+        ``scale`` of its resolution (default: training's)."""
+        camera = camera.to(self.device)
+        return self._render_semantic_latent(
+            self.means.detach(),
+            self.quats.detach(),
+            torch.exp(self.scales).detach(),
+            torch.sigmoid(self.opacities).squeeze(-1).detach(),
+            features,
+            get_viewmat(camera.camera_to_worlds),
+            camera.get_intrinsics_matrices().to(self.device),
+            int(camera.width.item()),
+            int(camera.height.item()),
+            self._semantic_scale if scale is None else float(scale),
+        )
 
     @torch.no_grad()
     def gaussian_features(self, teacher: str, chunk: int = 1 << 16) -> Float[Tensor, "N C"]:

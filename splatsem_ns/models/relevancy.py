@@ -171,6 +171,11 @@ def select_by_click(
     return cosine_similarity(gaussian_features, pixel_feature[None])[:, 0] > threshold
 
 
+def _level_above(relevancy: Tensor, threshold: float) -> Tensor:
+    """Relevancy rescaled so that ``threshold`` maps to 0 and 1 to 1, clamped to [0, 1]."""
+    return ((relevancy - threshold) / max(1.0 - threshold, 1e-6)).clamp(0.0, 1.0)
+
+
 def overlay_heatmap(
     rgb: Float[Tensor, "H W 3"],
     relevancy: Float[Tensor, "H W"],
@@ -181,7 +186,7 @@ def overlay_heatmap(
     """LERF-style composite: the colormapped relevancy over the RGB render wherever it exceeds
     ``threshold`` (``threshold`` maps to the colormap's start, 1 to its end), plain RGB elsewhere.
     ``opacity`` may vary per pixel (e.g. scaled by the render's alpha, so empty space stays empty)."""
-    level = ((relevancy - threshold) / max(1.0 - threshold, 1e-6)).clamp(0.0, 1.0)
+    level = _level_above(relevancy, threshold)
     index = (level * (colormap.shape[0] - 1)).round().long()
     heat = colormap.to(rgb)[index]
     weight = opacity * (relevancy > threshold).to(rgb)[..., None]
@@ -198,7 +203,7 @@ def overlay_queries(
     """Several queries in one image: each pixel above ``threshold`` takes the colour of its most relevant
     query, more opaque the more relevant it is."""
     top, best = relevancy.max(dim=-1)
-    level = ((top - threshold) / max(1.0 - threshold, 1e-6)).clamp(0.0, 1.0)
+    level = _level_above(top, threshold)
     weight = opacity * ((top > threshold).to(rgb) * (0.5 + 0.5 * level))[..., None]
     return rgb * (1.0 - weight) + palette.to(rgb)[best] * weight
 

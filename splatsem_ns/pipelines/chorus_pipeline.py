@@ -120,30 +120,32 @@ class ChorusPipeline(VanillaPipeline):
         out: Dict = {"semantic_query_teacher": teacher.name, "semantic_classes": names}
 
         reference = _ground_truth_reference(views, metadata, cfg.class_table)
-        splits = [("eval", dm.eval_dataset.cameras, ""), ("train", dm.train_dataset.cameras, "_train_views")]
-        for split, cameras, suffix in splits:
-            split_views = [v for v in views if v.split == split]
-            if split == "train":  # a diagnostic: an even sample of the training views
-                picked = np.linspace(0, len(split_views) - 1, min(cfg.train_views_scored, len(split_views)))
-                picked = sorted({int(round(i)) for i in picked}) if cfg.train_views_scored > 0 else []
-            else:
-                picked = list(range(len(split_views)))
-            if reference is None or not picked:
-                if split == "eval":
-                    CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
-                continue
-            ground_truth = reference.label_maps(split=split)
-            cm_model = ConfusionMatrix(len(ids), ignore_index=-1)
-            cm_teacher = ConfusionMatrix(len(ids), ignore_index=-1)
-            for j in picked:
-                gt, size = ground_truth[j], tuple(ground_truth[j].shape)
-                latent = model.render_semantic_latent(cameras[j : j + 1], scale=cfg.render_scale)
-                features = model.decode_features(latent, teacher.name)
-                accumulate_2d(cm_model, upsample_labels(classify_map(features, text, ids), size), gt, ids)
-                teacher_labels = _teacher_labels(teacher, split_views[j], text, ids)
-                accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
-            out[f"semantic_2d{suffix}"] = score(cm_model, names, cfg)
-            out[f"semantic_2d_teacher_per_view{suffix}"] = score(cm_teacher, names, cfg)
+        num_views = {split: sum(v.split == split for v in views) for split in ("eval", "train")}
+        # Every held-out view; an even sample of the training views, scored as a diagnostic.
+        spread = np.linspace(0, num_views["train"] - 1, min(cfg.train_views_scored, num_views["train"]))
+        picked = {"eval": list(range(num_views["eval"])), "train": sorted({int(round(i)) for i in spread})}
+        if reference is None or not picked["eval"]:
+            CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
+        if reference is not None:
+            for split, cameras, suffix in (
+                ("eval", dm.eval_dataset.cameras, ""),
+                ("train", dm.train_dataset.cameras, "_train_views"),
+            ):
+                if not picked[split]:
+                    continue
+                split_views = [v for v in views if v.split == split]
+                ground_truth = reference.label_maps(split=split, positions=picked[split])
+                cm_model = ConfusionMatrix(len(ids), ignore_index=-1)
+                cm_teacher = ConfusionMatrix(len(ids), ignore_index=-1)
+                for j, gt in zip(picked[split], ground_truth, strict=True):
+                    size = tuple(gt.shape)
+                    latent = model.render_semantic_latent(cameras[j : j + 1], scale=cfg.render_scale)
+                    features = model.decode_features(latent, teacher.name)
+                    accumulate_2d(cm_model, upsample_labels(classify_map(features, text, ids), size), gt, ids)
+                    teacher_labels = _teacher_labels(teacher, split_views[j], text, ids)
+                    accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
+                out[f"semantic_2d{suffix}"] = score(cm_model, names, cfg)
+                out[f"semantic_2d_teacher_per_view{suffix}"] = score(cm_teacher, names, cfg)
 
         if cloud is not None and cloud.labels is not None:
             points = _to_dataparser_frame(cloud.xyz, metadata)

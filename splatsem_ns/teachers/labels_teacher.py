@@ -279,16 +279,18 @@ class LabelsTeacher(Teacher):
     # ------------------------------------------------------------------------------------------------
     # Clean label maps
 
-    def label_maps(self, split: Optional[str] = None) -> List[Int[Tensor, "H W"]]:
+    def label_maps(
+        self, split: Optional[str] = None, positions: Optional[Sequence[int]] = None
+    ) -> List[Int[Tensor, "H W"]]:
         """Clean dense id maps at full image size, in the order of the prepared views (only ``split``'s
-        when given): class ids for the semantic variant, instance ids for the instance variant; 0 is
-        unlabelled. These are the ground truth that 2D predictions are scored against."""
+        when given, and of those only the ``positions``-th when given): class ids for the semantic variant,
+        instance ids for the instance variant; 0 is unlabelled. These are the ground truth that 2D
+        predictions are scored against. Maps are built on first request."""
         self._require_prepared()
-        return [
-            torch.from_numpy(self._dense_map(i).astype(np.int64))
-            for i, view in enumerate(self._views)
-            if split is None or view.split == split
-        ]
+        indices = [i for i, view in enumerate(self._views) if split is None or view.split == split]
+        if positions is not None:
+            indices = [indices[p] for p in positions]
+        return [torch.from_numpy(self._dense_map(i).astype(np.int64)) for i in indices]
 
     def label_map(self, image: Tensor) -> Int[Tensor, "H W"]:
         """Clean dense id map of one prepared image (``[H, W, 3]`` or ``[3, H, W]``, uint8 or float)."""

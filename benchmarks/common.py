@@ -26,7 +26,9 @@ def trainer_config(
 
     Every method uses the same dataparser (splatsem-data), no periodic eval or saving, tensorboard
     logging and, with ``full_resolution``, no coarse-to-fine schedule (``num_downscales=0``).
-    ``overrides`` sets model config fields; dotted keys reach nested configs (``semantic_source.latent_dim``).
+    ``overrides`` sets model config fields; dotted keys reach nested configs (``semantic_source.latent_dim``),
+    and keys that start with ``dataparser.``, ``datamanager.`` or ``pipeline.`` set those configs' fields
+    (``dataparser.seed_points=depth``, ``pipeline.semantic_eval.render_scale=0.5``).
     The key ``optimizer`` ("fused" or "default") switches every Adam group's implementation.
     """
     from nerfstudio.configs.method_configs import all_methods
@@ -57,9 +59,16 @@ def trainer_config(
         if optimizer not in ("fused", "default"):
             raise ValueError(f"optimizer={optimizer!r}: use 'fused' or 'default'")
         cfg.optimizers = with_optimizer_implementation(cfg.optimizers, fused=optimizer == "fused")
+    roots = {
+        "dataparser": cfg.pipeline.datamanager.dataparser,
+        "datamanager": cfg.pipeline.datamanager,
+        "pipeline": cfg.pipeline,
+    }
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         target = cfg.pipeline.model
+        if parents and parents[0] in roots:
+            target = roots[parents.pop(0)]
         for parent in parents:
             target = getattr(target, parent)
         setattr(target, leaf, _parse_like(getattr(target, leaf), value))
@@ -73,6 +82,8 @@ def trainer_config(
 
 def _parse_like(current, value):
     """``value`` (a string from the command line) converted to the type of the field's current value."""
+    if current is None:  # an Optional field left unset: its values here are strings (modes, names)
+        return value
     if isinstance(current, bool):
         if str(value).lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {value!r}")

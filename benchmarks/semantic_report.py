@@ -19,6 +19,7 @@ import math
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
         eval_mode=args.eval_mode,
     )
     cfg.timestamp = label
+    if args.diagnostic_render_scales and hasattr(cfg.pipeline, "semantic_eval"):
+        cfg.pipeline.semantic_eval.diagnostic_render_scales = tuple(args.diagnostic_render_scales)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -76,13 +79,25 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
     }
     if method == "chorus-splat":
         start = time.perf_counter()
-        result["segmentation"] = pipeline.semantic_metrics()
+        try:
+            result["segmentation"] = pipeline.semantic_metrics()
+        except Exception:  # keep the (expensive) training's image metrics in the report
+            result["segmentation_error"] = traceback.format_exc()
+            print(result["segmentation_error"], file=sys.stderr, flush=True)
         result["segmentation_wall_s"] = round(time.perf_counter() - start, 1)
         result["teachers"] = {c.name: repr(c) for c in pipeline.datamanager.teacher_configs()}
     del trainer, pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+_SUMMARY_KEYS = (("semantic_2d", "miou"), ("semantic_2d_train_views", "miou"), ("semantic_3d", "fg_miou"))
+_TEACHER_SUMMARY_KEYS = (
+    ("semantic_2d_teacher_per_view", "miou"),
+    ("semantic_2d_teacher_per_view_train_views", "miou"),
+    ("semantic_3d_teacher_backprojected", "fg_miou"),
+)
 
 
 def _fmt(value) -> str:
@@ -113,6 +128,32 @@ def markdown(report: dict) -> str:
             else f"| {r['method']} | {m.get('psnr', float('nan')):.2f} | {m.get('ssim', float('nan')):.3f} | n/a "
             f"| {r['num_gaussians']} | {r['train_wall_s']} | {r['peak_gpu_mem_gib']} |"
         )
+    segmented = [r for r in report["runs"] if "segmentation" in r]
+    if len(segmented) > 1:
+        lines += [
+            "",
+            "## Segmentation summary (details per run below)",
+            "",
+            "| method | model overrides | 2D mIoU held-out | 2D mIoU training views | 3D fg mIoU |",
+            "|---|---|---|---|---|",
+        ]
+        for r in segmented:
+            seg = r["segmentation"]
+            overrides = ", ".join(f"{k}={v}" for k, v in r.get("model_overrides", {}).items()) or "-"
+            cells = [_fmt(seg.get(k, {}).get(m)) for k, m in _SUMMARY_KEYS]
+            lines.append(f"| {r['method']} | {overrides} | " + " | ".join(cells) + " |")
+        first = segmented[0]["segmentation"]
+        teacher = [_fmt(first.get(k, {}).get(m)) for k, m in _TEACHER_SUMMARY_KEYS]
+        lines.append("| 2D teacher (per view; back-projected for 3D) | - | " + " | ".join(teacher) + " |")
+    for run in (r for r in report["runs"] if "segmentation_error" in r):
+        lines += [
+            "",
+            f"**{run['method']}: segmentation failed**",
+            "",
+            "```",
+            run["segmentation_error"].strip(),
+            "```",
+        ]
     for run in (r for r in report["runs"] if "segmentation" in r):
         seg = run["segmentation"]
         lines += [
@@ -140,6 +181,11 @@ def markdown(report: dict) -> str:
                 "semantic_3d_seen",
             ),
         ]
+        rows += [
+            (f"diagnostic: 2D, held-out, render scale {key.rsplit('_', 1)[1]}", run["method"], key)
+            for key in seg
+            if key.startswith("semantic_2d_scale_")
+        ]
         for where, name, key in rows:
             if key in seg:
                 s = seg[key]
@@ -147,6 +193,7 @@ def markdown(report: dict) -> str:
                     f"| {where} | {name} | {_fmt(s['miou'])} | {_fmt(s['macc'])} | {_fmt(s['fg_miou'])} "
                     f"| {_fmt(s['fg_macc'])} |"
                 )
+        lines += [f"- diagnostic {k} failed: {v}" for k, v in seg.get("diagnostic_errors", {}).items()]
         lines += ["", "### Targets", "", *target_lines(report, run)]
         for key in ("semantic_3d", "semantic_2d"):
             if key in seg:
@@ -203,6 +250,13 @@ def main() -> None:
         "--eval-mode", default="interval", help="dataparser eval_mode (interval: every 8th view)"
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--diagnostic-render-scales",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also score held-out 2D with the semantic render at these scales of the image (diagnostic rows)",
+    )
     parser.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,

@@ -54,3 +54,31 @@ def train_synthetic(
     )  # fmt: skip
     assert train.returncode == 0, f"ns-train failed:\n{train.stdout[-3000:]}\n{train.stderr[-5000:]}"
     return root / "out" / "t" / "chorus-splat" / "run"
+
+
+def tiny_chorus_model(**config):
+    """A chorus-splat model of 50 random Gaussians and two small teacher heads, built on the CPU."""
+    import warnings
+
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+    from splatsem_ns.teachers.registry import make_teacher_config
+
+    torch.manual_seed(0)
+    specs = {
+        "lang": TeacherSpec("lang", 24, (4, 5), (48, 64), True, make_teacher_config("labels")),
+        "sam": TeacherSpec("sam", 16, (8, 8), (48, 64), False, make_teacher_config("labels-instance")),
+    }
+    with warnings.catch_warnings():  # offline: LPIPS weights are missing, the model still builds
+        warnings.simplefilter("ignore")
+        return ChorusSplatModelConfig(
+            projector_hidden_dim=16, teacher_loss_weights={"sam": 0.5}, **config
+        ).setup(
+            scene_box=SceneBox(torch.tensor([[-1.0] * 3, [1.0] * 3])),
+            num_train_data=2,
+            metadata={TEACHER_SPECS_KEY: specs},
+            seed_points=(torch.rand(50, 3), torch.zeros(50, 3, dtype=torch.uint8)),
+        )

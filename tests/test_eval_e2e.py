@@ -44,6 +44,7 @@ def test_segmentation_metrics_in_ns_eval_json(results):
         for metric in ["miou", "macc", "fg_miou", "fg_macc"]:
             assert 0.0 <= results[key][metric] <= 1.0
     assert results["semantic_query_teacher"] == "labels"
+    assert "diagnostic_errors" not in results
     assert "sofa" in results["semantic_3d"]["per_class"]
 
 

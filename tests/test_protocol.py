@@ -104,3 +104,18 @@ def test_labelled_points_land_on_their_labels_in_the_cameras_frame(datamanager):
     vpix = np.floor(uv[visible]).astype(int)
     assert len(visible) > 100
     assert (gt[vpix[:, 1], vpix[:, 0]] == cloud.labels[visible]).mean() > 0.9
+
+
+def test_a_failing_diagnostic_is_recorded_not_raised():
+    from splatsem_ns.pipelines.chorus_pipeline import _diagnostic
+
+    out = {"semantic_2d": {"miou": 0.5}}
+
+    def fails(target):
+        raise RuntimeError("tensors on two devices")
+
+    _diagnostic(out, "semantic_3d_seen", fails, out)
+    assert out["semantic_2d"] == {"miou": 0.5}
+    assert "tensors on two devices" in out["diagnostic_errors"]["semantic_3d_seen"]
+    _diagnostic(out, "semantic_2d_train_views", lambda target: target.update(extra=1), out)
+    assert out["extra"] == 1 and list(out["diagnostic_errors"]) == ["semantic_3d_seen"]

@@ -4,40 +4,16 @@ distillation losses, fused Adam under gsplat's densification, and the teacher fe
 from __future__ import annotations
 
 import types
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from support import tiny_chorus_model
 
 from splatsem_ns.data.datamanager import ChorusDataManager
 from splatsem_ns.engine.optimizers import FusedAdamOptimizerConfig, with_optimizer_implementation
-from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
-from splatsem_ns.teachers.registry import make_teacher_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _model(**config):
-    from nerfstudio.data.scene_box import SceneBox
-
-    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
-
-    torch.manual_seed(0)
-    specs = {
-        "lang": TeacherSpec("lang", 24, (4, 5), (48, 64), True, make_teacher_config("labels")),
-        "sam": TeacherSpec("sam", 16, (8, 8), (48, 64), False, make_teacher_config("labels-instance")),
-    }
-    with warnings.catch_warnings():  # offline: LPIPS weights are missing, the model still builds
-        warnings.simplefilter("ignore")
-        return ChorusSplatModelConfig(
-            projector_hidden_dim=16, teacher_loss_weights={"sam": 0.5}, **config
-        ).setup(
-            scene_box=SceneBox(torch.tensor([[-1.0] * 3, [1.0] * 3])),
-            num_train_data=2,
-            metadata={TEACHER_SPECS_KEY: specs},
-            seed_points=(torch.rand(50, 3), torch.zeros(50, 3, dtype=torch.uint8)),
-        )
 
 
 def _inputs(device: str):
@@ -72,7 +48,7 @@ def _assert_same(a, b, atol=1e-5):
 def test_distillation_losses_are_weighted_cosine_losses_per_teacher():
     from splatsem_ns.models.heads import cosine_distillation_loss, resize_feature_map
 
-    model = _model()
+    model = tiny_chorus_model()
     latent, targets = _inputs("cpu")
     losses = model.distillation_losses(latent, targets)
     expected = 0.5 * cosine_distillation_loss(
@@ -85,7 +61,7 @@ def test_distillation_losses_are_weighted_cosine_losses_per_teacher():
 def test_traced_distillation_matches_eager_with_gradients():
     """torch.compile's graph capture (with the eager backend, which needs no compiler) gives the same losses
     and gradients as the plain module calls."""
-    model = _model()
+    model = tiny_chorus_model()
     latent, targets = _inputs("cpu")
     eager = _losses_and_grads(model, model.distillation_losses, latent, targets)
     traced = torch.compile(model.distillation_losses, backend="aot_eager")
@@ -93,7 +69,7 @@ def test_traced_distillation_matches_eager_with_gradients():
 
 
 def test_cpu_training_uses_the_eager_losses():
-    model = _model()
+    model = tiny_chorus_model()
     latent, _ = _inputs("cpu")
     assert model._distillation_function(latent) == model.distillation_losses
     assert model._compiled_distillation is None
@@ -101,7 +77,7 @@ def test_cpu_training_uses_the_eager_losses():
 
 @needs_cuda
 def test_compiled_distillation_on_cuda_matches_eager():
-    model = _model().cuda()
+    model = tiny_chorus_model().cuda()
     latent, targets = _inputs("cuda")
     eager = _losses_and_grads(model, model.distillation_losses, latent, targets)
     compiled_fn = model._distillation_function(latent)
@@ -186,7 +162,7 @@ def test_depth_l1_loss_uses_measured_pixels_only():
 def test_depth_images_load_at_image_size_in_scene_units(tmp_path):
     from PIL import Image
 
-    from splatsem_ns.data.datamanager import load_depth_image
+    from splatsem_ns.data.depth import load_depth_image
 
     millimetres = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
     Image.fromarray(millimetres).save(tmp_path / "d.png")

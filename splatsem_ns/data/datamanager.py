@@ -25,6 +25,7 @@ from splatsem_ns.data.dataparser import (
     SEMANTIC_FILENAMES_KEY,
     SplatsemDataParserConfig,
 )
+from splatsem_ns.data.depth import load_depth_image
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, make_teacher_config
@@ -228,22 +229,3 @@ class ChorusDataManager(FullImageDatamanager):
         if self._depths:
             data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])].numpy())
         return camera, data
-
-
-def load_depth_image(path: Path, size: Tuple[int, int], scale: float) -> torch.Tensor:
-    """A depth PNG (integer units, 0 = no measurement) as float16 [H, W] in scene units at ``size``.
-
-    Nearest-neighbour resampling: averaging would mix missing (0) pixels and depth edges into false depths.
-    """
-    from PIL import Image
-
-    try:
-        array = np.asarray(Image.open(path), dtype=np.float32)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read depth image {path}: {err}") from err
-    if array.ndim != 2:
-        raise ValueError(f"Depth image {path} has shape {array.shape}; expected a single channel.")
-    depth = torch.from_numpy(array * scale)
-    if tuple(depth.shape) != tuple(size):
-        depth = torch.nn.functional.interpolate(depth[None, None], size=size, mode="nearest")[0, 0]
-    return depth.to(torch.float16)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio, Nerfst
 from PIL import Image
 from torch import Tensor
 
+from splatsem_ns.data.depth import depth_seed_points
 from splatsem_ns.data.ply_io import PointCloud, PointCloudError, read_point_cloud
 
 SEMANTIC_FILENAMES_KEY = "semantic_filenames"
@@ -56,6 +57,15 @@ class SplatsemDataParserConfig(NerfstudioDataParserConfig):
     _target: Type = field(default_factory=lambda: SplatsemDataParser)
     """Target class to instantiate."""
     load_3D_points: bool = True
+    """Give the model seed points to start its Gaussians from (see ``seed_points``)."""
+    seed_points: Literal["auto", "ply", "depth"] = "auto"
+    """Where seed points come from. "ply": the ``ply_file_path`` named in transforms.json; "depth": the
+    training views' sensor depth, back-projected (RGB-D captures); "auto": the PLY when transforms.json names
+    one, else depth when the frames have ``depth_file_path``, else none (splatfacto then starts at random)."""
+    depth_seed_stride: int = 4
+    """Depth seeds: every this-many-th pixel of each training view's depth (at its colour image's size)."""
+    depth_seed_voxel: float = 0.02
+    """Depth seeds: one point per cube of this side, in the dataset's metres (before dataparser scaling)."""
     """Load the seed point cloud named by ``ply_file_path`` (Gaussian splatting initialises from it)."""
     validate_images: bool = True
     """Open every image header to check that it is readable and has the size transforms.json states.
@@ -84,6 +94,11 @@ class SplatsemDataParser(Nerfstudio):
     def _generate_dataparser_outputs(self, split: str = "train"):
         transforms_path, meta = self._validate()
         data_dir = transforms_path.parent
+        depth_seeds = split == "train" and self._wants_depth_seeds(meta)
+        if depth_seeds:
+            # nerfstudio's parser would warn that splatfacto starts at random (or offer a COLMAP conversion);
+            # its "already asked" flags keep it quiet, the seeds come from depth below.
+            self.prompted_user, self.create_pc = True, False
         outputs = super()._generate_dataparser_outputs(split)
 
         frames_by_image = {self._get_fname(Path(f["file_path"]), data_dir): f for f in meta["frames"]}
@@ -101,8 +116,31 @@ class SplatsemDataParser(Nerfstudio):
         labeled = data_dir / meta.get("labeled_ply_file_path", self.config.labeled_points_file)
         if labeled.is_file():
             extra[LABELED_POINTS_KEY] = labeled
+        if depth_seeds:
+            xyz, rgb = depth_seed_points(
+                outputs.cameras,
+                outputs.image_filenames,
+                outputs.metadata["depth_filenames"],
+                depth_scale=outputs.metadata["depth_unit_scale_factor"] * outputs.dataparser_scale,
+                stride=self.config.depth_seed_stride,
+                voxel=self.config.depth_seed_voxel * outputs.dataparser_scale,
+            )
+            extra.update(points3D_xyz=xyz, points3D_rgb=rgb)
         outputs.metadata.update(extra)
         return outputs
+
+    def _wants_depth_seeds(self, meta: Dict[str, Any]) -> bool:
+        """Whether the training split's seed points come from depth (see ``SplatsemDataParserConfig.seed_points``)."""
+        mode = self.config.seed_points
+        if not self.config.load_3D_points or mode == "ply" or (mode == "auto" and "ply_file_path" in meta):
+            return False
+        has_depth = all("depth_file_path" in f for f in meta["frames"])
+        if mode == "depth" and not has_depth:
+            raise DatasetError(
+                "seed_points='depth' needs depth_file_path on every frame of transforms.json; "
+                "use seed_points='auto' or 'ply' for this dataset."
+            )
+        return has_depth
 
     def _load_3D_points(
         self, ply_file_path: Path, transform_matrix: Float[Tensor, "3 4"], scale_factor: float

@@ -44,6 +44,9 @@ class SemanticEvalConfig:
     """Visibility test of the back-projection baseline, in scene units (|depth - z| below this)."""
     render_scale: float = 1.0
     """Resolution of the semantic render at held-out views, relative to the image."""
+    diagnostic_render_scales: Tuple[float, ...] = ()
+    """Diagnostic: the held-out views also scored with the semantic render at each of these scales
+    (``semantic_2d_scale_<s>``), to see how much of the 2D score depends on the render's resolution."""
     train_views_scored: int = 8
     """Diagnostic ``semantic_2d_train_views``: this many training views (evenly spread) scored like the held-out
     ones. Near the teacher there, the field fits its supervision and held-out losses come from geometry; 0 skips."""

@@ -15,7 +15,7 @@ semantic branch cannot degrade RGB quality; ``semantic_grad_to_geometry`` turns 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Dict, List, Literal, Mapping, Optional, Tuple, Type, Union
 
 import torch
 from jaxtyping import Float
@@ -56,6 +56,15 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     so the semantic branch cannot cost RGB quality."""
     semantic_render_scale: Optional[float] = None
     """Resolution of the semantic render relative to the image. None: the finest teacher feature grid."""
+    semantic_supersample: int = 1
+    """The semantic pass renders at up to this many times its resolution per axis (never finer than the image)
+    and averages each block back down. A teacher's feature cell summarises its whole patch, while a coarse
+    render of Gaussians smaller than a cell sees only the few in front, each dilated to a pixel. 1: render the
+    coarse grid directly (cheapest)."""
+    semantic_rasterize_mode: Optional[Literal["classic", "antialiased"]] = None
+    """Rasterization of the semantic pass; None: the RGB pass's ``rasterize_mode``. "antialiased" scales each
+    Gaussian's opacity by its screen-space dilation, so Gaussians smaller than a pixel of the coarse render
+    count by their area instead of covering the pixel."""
     semantic_tile_size: int = 4
     """Tile edge (pixels) of the semantic pass. That pass renders few pixels, so gsplat's default 16-pixel
     tiles leave most of a large GPU idle; smaller tiles give it more blocks to run in parallel (measured:
@@ -294,6 +303,8 @@ class ChorusSplatModel(SplatfactoModel):
         scale: float,
     ) -> Float[Tensor, "h w D"]:
         w, h = _scaled_size(width, scale), _scaled_size(height, scale)
+        # Supersampling: k x k render pixels per output pixel, at most the image's own resolution.
+        k = max(1, min(self.config.semantic_supersample, width // w, height // h))
         if not self.config.semantic_grad_to_geometry:
             means, quats, scales, opacities = (
                 means.detach(),
@@ -308,13 +319,15 @@ class ChorusSplatModel(SplatfactoModel):
             opacities=opacities,
             colors=latent,
             viewmats=viewmat.detach(),
-            Ks=_scale_intrinsics(K, (w / width, h / height)),
-            width=w,
-            height=h,
-            rasterize_mode=self.config.rasterize_mode,
+            Ks=_scale_intrinsics(K, (k * w / width, k * h / height)),
+            width=k * w,
+            height=k * h,
+            rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
             backend=self.config.rasterizer_backend,
             tile_size=self.config.semantic_tile_size,
         )
+        if k > 1:
+            rendered = torch.nn.functional.avg_pool2d(rendered.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
         return rendered[0]
 
     @torch.no_grad()

@@ -127,39 +127,30 @@ class ChorusPipeline(VanillaPipeline):
         if reference is None or not picked["eval"]:
             CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
         if reference is not None:
-            for split, cameras, suffix in (
-                ("eval", dm.eval_dataset.cameras, ""),
-                ("train", dm.train_dataset.cameras, "_train_views"),
-            ):
-                if not picked[split]:
-                    continue
-                split_views = [v for v in views if v.split == split]
-                ground_truth = reference.label_maps(split=split, positions=picked[split])
-                cm_model = ConfusionMatrix(len(ids), ignore_index=-1)
-                cm_teacher = ConfusionMatrix(len(ids), ignore_index=-1)
-                for j, gt in zip(picked[split], ground_truth, strict=True):
-                    size = tuple(gt.shape)
-                    latent = model.render_semantic_latent(cameras[j : j + 1], scale=cfg.render_scale)
-                    features = model.decode_features(latent, teacher.name)
-                    accumulate_2d(cm_model, upsample_labels(classify_map(features, text, ids), size), gt, ids)
-                    teacher_labels = _teacher_labels(teacher, split_views[j], text, ids)
-                    accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
-                out[f"semantic_2d{suffix}"] = score(cm_model, names, cfg)
-                out[f"semantic_2d_teacher_per_view{suffix}"] = score(cm_teacher, names, cfg)
+            self._score_2d(out, "eval", picked["eval"], views, reference, teacher, text, ids, names)
+            # A failing diagnostic is reported, and never costs the protocol's own scores.
+            _diagnostic(
+                out,
+                "semantic_2d_train_views",
+                self._score_2d,
+                out,
+                "train",
+                picked["train"],
+                views,
+                reference,
+                teacher,
+                text,
+                ids,
+                names,
+            )
 
         if cloud is not None and cloud.labels is not None:
             points = _to_dataparser_frame(cloud.xyz, metadata)
-            gaussian_labels = classify_by_text(model.gaussian_features(teacher.name), text, ids)
-            predicted = vote_points_from_gaussians(
-                model.means, torch.as_tensor(gaussian_labels), points, cfg.knn
-            )
+            gaussian_labels = torch.as_tensor(
+                classify_by_text(model.gaussian_features(teacher.name), text, ids)
+            ).cpu()
+            predicted = vote_points_from_gaussians(model.means, gaussian_labels, points, cfg.knn)
             out["semantic_3d"] = score(points_confusion(predicted, cloud.labels, ids), names, cfg)
-            # Diagnostic: the same vote among the Gaussians that training views supervised.
-            seen = (model.gaussian_view_weights(dm.train_dataset.cameras) >= cfg.min_vote_weight).cpu()
-            seen_labels = torch.where(seen, torch.as_tensor(gaussian_labels), torch.tensor(-1))
-            predicted_seen = vote_points_from_gaussians(model.means, seen_labels, points, cfg.knn)
-            out["semantic_3d_seen"] = score(points_confusion(predicted_seen, cloud.labels, ids), names, cfg)
-            out["semantic_3d_seen"]["voting_gaussians_fraction"] = float(seen.float().mean())
             lifted = backprojected_teacher_labels(
                 points,
                 self._teacher_view_labels(teacher, views, text, ids, metadata),
@@ -168,7 +159,76 @@ class ChorusPipeline(VanillaPipeline):
             out["semantic_3d_teacher_backprojected"] = score(
                 points_confusion(lifted, cloud.labels, ids), names, cfg
             )
+            _diagnostic(
+                out,
+                "semantic_3d_seen",
+                self._score_3d_seen,
+                out,
+                gaussian_labels,
+                points,
+                cloud.labels,
+                ids,
+                names,
+            )
         return out
+
+    def _score_2d(
+        self,
+        out: Dict,
+        split: str,
+        positions: List[int],
+        views: List[SceneView],
+        reference,
+        teacher: Teacher,
+        text: torch.Tensor,
+        ids: List[int],
+        names: List[str],
+    ) -> None:
+        """2D scores of the model and of the teacher per view at the ``positions``-th views of ``split``: keys
+        ``semantic_2d`` and ``semantic_2d_teacher_per_view`` (suffixed ``_train_views`` for training views), and
+        at held-out views one ``semantic_2d_scale_<s>`` per diagnostic render scale."""
+        if not positions:
+            return
+        cfg, dm, model = self.config.semantic_eval, self.datamanager, self.model
+        cameras = dm.eval_dataset.cameras if split == "eval" else dm.train_dataset.cameras
+        suffix = "" if split == "eval" else "_train_views"
+        split_views = [v for v in views if v.split == split]
+        ground_truth = reference.label_maps(split=split, positions=positions)
+        # The protocol's render scale first; the diagnostic ones at held-out views only.
+        scales = [cfg.render_scale] + (list(cfg.diagnostic_render_scales) if split == "eval" else [])
+        cm_model = [ConfusionMatrix(len(ids), ignore_index=-1) for _ in scales]
+        cm_teacher = ConfusionMatrix(len(ids), ignore_index=-1)
+        for j, gt in zip(positions, ground_truth, strict=True):
+            size = tuple(gt.shape)
+            for cm, scale in zip(cm_model, scales, strict=True):
+                latent = model.render_semantic_latent(cameras[j : j + 1], scale=scale)
+                features = model.decode_features(latent, teacher.name)
+                accumulate_2d(cm, upsample_labels(classify_map(features, text, ids), size), gt, ids)
+            teacher_labels = _teacher_labels(teacher, split_views[j], text, ids)
+            accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
+        out[f"semantic_2d{suffix}"] = score(cm_model[0], names, cfg)
+        out[f"semantic_2d_teacher_per_view{suffix}"] = score(cm_teacher, names, cfg)
+        for cm, scale in zip(cm_model[1:], scales[1:], strict=True):
+            out[f"semantic_2d_scale_{scale:g}"] = score(cm, names, cfg)
+
+    def _score_3d_seen(
+        self,
+        out: Dict,
+        gaussian_labels: torch.Tensor,
+        points: np.ndarray,
+        point_labels: np.ndarray,
+        ids: List[int],
+        names: List[str],
+    ) -> None:
+        """Diagnostic ``semantic_3d_seen``: the 3D vote among the Gaussians that training views supervised."""
+        cfg, model = self.config.semantic_eval, self.model
+        seen = (
+            model.gaussian_view_weights(self.datamanager.train_dataset.cameras) >= cfg.min_vote_weight
+        ).cpu()
+        seen_labels = torch.where(seen, gaussian_labels.cpu(), torch.tensor(-1))
+        predicted = vote_points_from_gaussians(model.means, seen_labels, points, cfg.knn)
+        out["semantic_3d_seen"] = score(points_confusion(predicted, point_labels, ids), names, cfg)
+        out["semantic_3d_seen"]["voting_gaussians_fraction"] = float(seen.float().mean())
 
     def _teacher_view_labels(
         self, teacher: Teacher, views: List[SceneView], text: torch.Tensor, ids: List[int], metadata: Dict
@@ -229,3 +289,12 @@ def _to_dataparser_frame(xyz: np.ndarray, metadata: Dict) -> np.ndarray:
     transform = np.asarray(metadata["dataparser_transform"], dtype=np.float64)
     homogeneous = np.concatenate([xyz, np.ones_like(xyz[:, :1])], axis=1)
     return (homogeneous @ transform.T * metadata["dataparser_scale"]).astype(np.float32)
+
+
+def _diagnostic(out: Dict, name: str, function, *args) -> None:
+    """Run one diagnostic; if it fails, log it and note the error under ``out["diagnostic_errors"][name]``."""
+    try:
+        function(*args)
+    except Exception as err:  # noqa: BLE001 (any failure: the protocol's own scores must still come out)
+        CONSOLE.log(f"[yellow]Diagnostic {name} failed: {err!r}")
+        out.setdefault("diagnostic_errors", {})[name] = repr(err)

@@ -26,4 +26,6 @@ def test_run_spec_overrides_reach_model_dataparser_and_pipeline(tmp_path: Path) 
     assert cfg.pipeline.datamanager.teachers == ("labels",)
     assert parse_method("splatfacto") == ("splatfacto", "splatfacto", {})
     with pytest.raises(ValueError, match="true or false"):
-        trainer_config(method, tmp_path, tmp_path / "out", 10, overrides={"dataparser.load_3D_points": "maybe"})
+        trainer_config(
+            method, tmp_path, tmp_path / "out", 10, overrides={"dataparser.load_3D_points": "maybe"}
+        )

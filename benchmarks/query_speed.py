@@ -6,7 +6,8 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``query@teacher``: the latent rendered at the teacher's feature resolution (what the viewer panel does),
   decoded, relevancy against one positive and LERF's four negatives, upsampled to the full frame;
 - ``query@full``: the same with the latent rendered at full resolution;
-- ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``.
+- ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``;
+- with ``--supersample 1 4``, the teacher-grid paths again with the semantic pass supersampled 4 x 4.
 
 Random parameters cost the same as trained ones. Text embeddings are computed once per change of text, so a
 fixed random query vector stands in for them here. Times are medians over ``--frames`` after warm-up,
@@ -113,6 +114,13 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=16, help="teacher patch size in pixels at 512-px input")
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--supersample",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="semantic_supersample values to time the teacher-grid paths with (query@full is unaffected)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     seed_everything(0)
@@ -149,11 +157,17 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rows = {}
-    for name, fn in (
-        ("query@teacher", query_teacher),
-        ("query@full", query_full),
-        ("frame+query@teacher", frame_and_query),
-    ):
+    paths = [("query@full", query_full, 1)]
+    for (
+        k
+    ) in args.supersample:  # supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig)
+        suffix = "" if k == 1 else f", supersample {k}"
+        paths += [
+            (f"query@teacher{suffix}", query_teacher, k),
+            (f"frame+query@teacher{suffix}", frame_and_query, k),
+        ]
+    for name, fn, k in paths:
+        model.config.semantic_supersample = k
         ms = time_it(fn, args.frames, args.warmup)
         rows[name] = {"ms": round(ms, 3), "fps": round(1000.0 / ms, 1)}
         print(name, rows[name], flush=True)

@@ -323,9 +323,12 @@ def merge_reports(reports: list[dict], note: str = "") -> dict:
     merged["notes"] = [
         n for n in first.get("notes", []) if "splatfacto" not in n or "splatfacto" not in methods
     ]
-    merged["notes"].append(
-        "runs trained in separate processes on the same GPU model" + (f"; {note}" if note else "")
-    )
+    if len(reports) > 1:
+        merged["notes"].append(
+            "runs trained in separate processes on the same device model" + (f"; {note}" if note else "")
+        )
+    elif note:  # one report: --merge only annotates it
+        merged["notes"].append(note)
     return merged
 
 

@@ -158,9 +158,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     rows = {}
     paths = [("query@full", query_full, 1)]
-    for (
-        k
-    ) in args.supersample:  # supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig)
+    # Supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig.semantic_supersample).
+    for k in args.supersample:
         suffix = "" if k == 1 else f", supersample {k}"
         paths += [
             (f"query@teacher{suffix}", query_teacher, k),

@@ -111,11 +111,11 @@ def test_a_failing_diagnostic_is_recorded_not_raised():
 
     out = {"semantic_2d": {"miou": 0.5}}
 
-    def fails(target):
+    def fails(scale):
         raise RuntimeError("tensors on two devices")
 
-    _diagnostic(out, "semantic_3d_seen", fails, out)
+    _diagnostic(out, "semantic_3d_seen", fails, 0.5)
     assert out["semantic_2d"] == {"miou": 0.5}
     assert "tensors on two devices" in out["diagnostic_errors"]["semantic_3d_seen"]
-    _diagnostic(out, "semantic_2d_train_views", lambda target: target.update(extra=1), out)
+    _diagnostic(out, "semantic_2d_train_views", lambda n: {"extra": n}, 1)
     assert out["extra"] == 1 and list(out["diagnostic_errors"]) == ["semantic_3d_seen"]

@@ -66,7 +66,6 @@ class SplatsemDataParserConfig(NerfstudioDataParserConfig):
     """Depth seeds: every this-many-th pixel of each training view's depth (at its colour image's size)."""
     depth_seed_voxel: float = 0.02
     """Depth seeds: one point per cube of this side, in the dataset's metres (before dataparser scaling)."""
-    """Load the seed point cloud named by ``ply_file_path`` (Gaussian splatting initialises from it)."""
     validate_images: bool = True
     """Open every image header to check that it is readable and has the size transforms.json states.
     Cheap (headers only); turn off for very large datasets on slow storage."""

@@ -127,13 +127,12 @@ class ChorusPipeline(VanillaPipeline):
         if reference is None or not picked["eval"]:
             CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
         if reference is not None:
-            self._score_2d(out, "eval", picked["eval"], views, reference, teacher, text, ids, names)
+            out.update(self._score_2d("eval", picked["eval"], views, reference, teacher, text, ids, names))
             # A failing diagnostic is reported, and never costs the protocol's own scores.
             _diagnostic(
                 out,
                 "semantic_2d_train_views",
                 self._score_2d,
-                out,
                 "train",
                 picked["train"],
                 views,
@@ -163,7 +162,6 @@ class ChorusPipeline(VanillaPipeline):
                 out,
                 "semantic_3d_seen",
                 self._score_3d_seen,
-                out,
                 gaussian_labels,
                 points,
                 cloud.labels,
@@ -174,7 +172,6 @@ class ChorusPipeline(VanillaPipeline):
 
     def _score_2d(
         self,
-        out: Dict,
         split: str,
         positions: List[int],
         views: List[SceneView],
@@ -183,12 +180,12 @@ class ChorusPipeline(VanillaPipeline):
         text: torch.Tensor,
         ids: List[int],
         names: List[str],
-    ) -> None:
+    ) -> Dict:
         """2D scores of the model and of the teacher per view at the ``positions``-th views of ``split``: keys
         ``semantic_2d`` and ``semantic_2d_teacher_per_view`` (suffixed ``_train_views`` for training views), and
         at held-out views one ``semantic_2d_scale_<s>`` per diagnostic render scale."""
         if not positions:
-            return
+            return {}
         cfg, dm, model = self.config.semantic_eval, self.datamanager, self.model
         cameras = dm.eval_dataset.cameras if split == "eval" else dm.train_dataset.cameras
         suffix = "" if split == "eval" else "_train_views"
@@ -206,29 +203,33 @@ class ChorusPipeline(VanillaPipeline):
                 accumulate_2d(cm, upsample_labels(classify_map(features, text, ids), size), gt, ids)
             teacher_labels = _teacher_labels(teacher, split_views[j], text, ids)
             accumulate_2d(cm_teacher, upsample_labels(teacher_labels, size), gt, ids)
-        out[f"semantic_2d{suffix}"] = score(cm_model[0], names, cfg)
-        out[f"semantic_2d_teacher_per_view{suffix}"] = score(cm_teacher, names, cfg)
+        out = {
+            f"semantic_2d{suffix}": score(cm_model[0], names, cfg),
+            f"semantic_2d_teacher_per_view{suffix}": score(cm_teacher, names, cfg),
+        }
         for cm, scale in zip(cm_model[1:], scales[1:], strict=True):
             out[f"semantic_2d_scale_{scale:g}"] = score(cm, names, cfg)
+        return out
 
     def _score_3d_seen(
         self,
-        out: Dict,
         gaussian_labels: torch.Tensor,
         points: np.ndarray,
         point_labels: np.ndarray,
         ids: List[int],
         names: List[str],
-    ) -> None:
-        """Diagnostic ``semantic_3d_seen``: the 3D vote among the Gaussians that training views supervised."""
+    ) -> Dict:
+        """Diagnostic ``semantic_3d_seen``: the 3D vote among the Gaussians that training views supervised.
+        ``gaussian_labels`` are the host-side class ids of every Gaussian."""
         cfg, model = self.config.semantic_eval, self.model
         seen = (
             model.gaussian_view_weights(self.datamanager.train_dataset.cameras) >= cfg.min_vote_weight
         ).cpu()
-        seen_labels = torch.where(seen, gaussian_labels.cpu(), torch.tensor(-1))
+        seen_labels = torch.where(seen, gaussian_labels, torch.tensor(-1))
         predicted = vote_points_from_gaussians(model.means, seen_labels, points, cfg.knn)
-        out["semantic_3d_seen"] = score(points_confusion(predicted, point_labels, ids), names, cfg)
-        out["semantic_3d_seen"]["voting_gaussians_fraction"] = float(seen.float().mean())
+        scores = score(points_confusion(predicted, point_labels, ids), names, cfg)
+        scores["voting_gaussians_fraction"] = float(seen.float().mean())
+        return {"semantic_3d_seen": scores}
 
     def _teacher_view_labels(
         self, teacher: Teacher, views: List[SceneView], text: torch.Tensor, ids: List[int], metadata: Dict
@@ -292,9 +293,10 @@ def _to_dataparser_frame(xyz: np.ndarray, metadata: Dict) -> np.ndarray:
 
 
 def _diagnostic(out: Dict, name: str, function, *args) -> None:
-    """Run one diagnostic; if it fails, log it and note the error under ``out["diagnostic_errors"][name]``."""
+    """Add the scores ``function(*args)`` returns to ``out``; if it fails, log it and note the error under
+    ``out["diagnostic_errors"][name]`` instead."""
     try:
-        function(*args)
+        out.update(function(*args))
     except Exception as err:  # noqa: BLE001 (any failure: the protocol's own scores must still come out)
         CONSOLE.log(f"[yellow]Diagnostic {name} failed: {err!r}")
         out.setdefault("diagnostic_errors", {})[name] = repr(err)

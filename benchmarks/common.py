@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -71,7 +72,7 @@ def trainer_config(
             target = roots[parents.pop(0)]
         for parent in parents:
             target = getattr(target, parent)
-        setattr(target, leaf, _parse_like(getattr(target, leaf), value))
+        setattr(target, leaf, _parse_field(target, leaf, value))
     if teachers is not None and hasattr(cfg.pipeline.datamanager, "teachers"):
         dm = cfg.pipeline.datamanager
         dm.teachers = tuple(teachers)
@@ -80,15 +81,28 @@ def trainer_config(
     return cfg
 
 
-def _parse_like(current, value):
-    """``value`` (a string from the command line) converted to the type of the field's current value."""
-    if current is None:  # an Optional field left unset: its values here are strings (modes, names)
+def _parse_field(config, name: str, value: str):
+    """``value`` (a string from the command line) converted to the declared type of ``config.name``: bools take
+    true/false, Optional fields also take "none", Literal fields keep their (string) choices."""
+    try:
+        hint = typing.get_type_hints(type(config)).get(name, type(getattr(config, name)))
+    except (NameError, TypeError):  # an annotation that does not resolve here: go by the current value
+        hint = type(getattr(config, name))
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint):  # Optional[X]
+        if str(value).lower() == "none":
+            return None
+        hint = args[0] if len(args) == 1 else str
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r}: choose one of {list(choices)}")
         return value
-    if isinstance(current, bool):
+    if hint is bool:
         if str(value).lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {value!r}")
         return str(value).lower() in ("true", "1")
-    return type(current)(value)
+    return hint(value) if hint in (int, float, str) else type(getattr(config, name))(value)
 
 
 def build_trainer(cfg):

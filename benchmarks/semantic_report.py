@@ -134,7 +134,7 @@ def markdown(report: dict) -> str:
             "",
             "## Segmentation summary (details per run below)",
             "",
-            "| method | model overrides | 2D mIoU held-out | 2D mIoU training views | 3D fg mIoU |",
+            "| method | config overrides | 2D mIoU held-out | 2D mIoU training views | 3D fg mIoU |",
             "|---|---|---|---|---|",
         ]
         for r in segmented:
@@ -294,7 +294,9 @@ def main() -> None:
         "teachers": list(args.teachers),
         "random_weights": args.random_weights,
         "runs": [],
-        "notes": [] if "splatfacto" in runs else ["splatfacto baseline not run (it needs CUDA)."],
+        "notes": []
+        if "splatfacto" in runs
+        else [_NO_BASELINE_NOTE + ("." if torch.cuda.is_available() else " (it needs CUDA).")],
     }
     with tempfile.TemporaryDirectory() as tmp:
         for method in runs:
@@ -309,6 +311,9 @@ def write_report(report: dict, out: Path) -> None:
     print(text, flush=True)
 
 
+_NO_BASELINE_NOTE = "splatfacto baseline not run"
+
+
 def merge_reports(reports: list[dict], note: str = "") -> dict:
     """One report from several with the same scene and settings (runs made in separate processes)."""
     keys = ("data", "iterations", "eval_mode", "teachers", "random_weights", "device")
@@ -321,7 +326,7 @@ def merge_reports(reports: list[dict], note: str = "") -> dict:
     merged["runs"] = [run for r in reports for run in r["runs"]]
     methods = {run["method"] for run in merged["runs"]}
     merged["notes"] = [
-        n for n in first.get("notes", []) if "splatfacto" not in n or "splatfacto" not in methods
+        n for n in first.get("notes", []) if not (n.startswith(_NO_BASELINE_NOTE) and "splatfacto" in methods)
     ]
     if len(reports) > 1:
         merged["notes"].append(

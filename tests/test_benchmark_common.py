@@ -25,7 +25,35 @@ def test_run_spec_overrides_reach_model_dataparser_and_pipeline(tmp_path: Path) 
     assert cfg.pipeline.semantic_eval.render_scale == 0.5
     assert cfg.pipeline.datamanager.teachers == ("labels",)
     assert parse_method("splatfacto") == ("splatfacto", "splatfacto", {})
+    # Optional fields parse as their inner type, or None; Literal fields check their choices.
+    cfg = trainer_config(method, tmp_path, tmp_path / "out", 10, overrides={"depth_loss_weight": "0.3"})
+    assert cfg.pipeline.model.depth_loss_weight == 0.3
+    cfg = trainer_config(method, tmp_path, tmp_path / "out", 10, overrides={"semantic_render_scale": "none"})
+    assert cfg.pipeline.model.semantic_render_scale is None
+    with pytest.raises(ValueError, match="choose one of"):
+        trainer_config(method, tmp_path, tmp_path / "out", 10, overrides={"distill_at": "pixels"})
     with pytest.raises(ValueError, match="true or false"):
         trainer_config(
             method, tmp_path, tmp_path / "out", 10, overrides={"dataparser.load_3D_points": "maybe"}
         )
+
+
+def test_merge_drops_only_the_missing_baseline_note() -> None:
+    from semantic_report import merge_reports
+
+    settings = {
+        "data": "d",
+        "iterations": 1,
+        "eval_mode": "interval",
+        "teachers": [],
+        "random_weights": False,
+    }
+    chorus = {**settings, "device": "g", "runs": [{"method": "chorus-splat"}]}
+    chorus["notes"] = ["splatfacto baseline not run.", "splatfacto shared a GPU"]
+    baseline = {**settings, "device": "g", "runs": [{"method": "splatfacto"}], "notes": []}
+    merged = merge_reports([chorus, baseline], note="two calls")
+    assert merged["notes"] == [
+        "splatfacto shared a GPU",
+        "runs trained in separate processes on the same device model; two calls",
+    ]
+    assert merge_reports([chorus])["notes"] == chorus["notes"]  # no splatfacto run: the note stays true

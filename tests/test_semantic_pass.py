@@ -14,7 +14,7 @@ def _camera() -> Cameras:
 
 
 def test_supersampling_averages_a_finer_render() -> None:
-    model = tiny_chorus_model()
+    model = tiny_chorus_model(semantic_supersample=1)
     features = model.semantic_source(model.gauss_params).detach()
     fine = model._render_features(_camera(), features, scale=0.5)  # 32 x 24
     assert fine.abs().sum() > 0  # the Gaussians are in view
@@ -46,3 +46,115 @@ def test_semantic_pass_has_its_own_rasterize_mode() -> None:
     assert not torch.allclose(antialiased, default)
     assert weight_aa < weight_classic
     assert model.config.rasterize_mode == "classic"
+
+
+def test_distilling_at_the_render_resolution_keeps_the_supersampled_render() -> None:
+    model = tiny_chorus_model(semantic_supersample=4, distill_at="render")
+    model.train()
+    model.optimizers = {}  # set by the trainer; the densification strategy only passes them on here
+    latent = model.get_outputs(_camera())["semantic_latent"]
+    # The finest teacher grid (sam: 8 cells over 48 rows, so 8 x 11 here) with 4 x 4 pixels per cell, not pooled.
+    assert latent.shape[:2] == (32, 44)
+    model.eval()
+    assert model.get_outputs(_camera())["semantic_latent"].shape[:2] == (8, 11)  # queries see the grid
+
+    targets = {"lang": torch.randn(4, 5, 24), "sam": torch.randn(8, 8, 16)}
+    losses = model.distillation_losses(latent, targets)
+    # Every rendered pixel against the teacher's features upsampled (bilinear) to the render's size.
+    upsampled = torch.nn.functional.interpolate(
+        targets["lang"].permute(2, 0, 1)[None], size=(32, 44), mode="bilinear", align_corners=False
+    )[0].permute(1, 2, 0)
+    expected = 1 - torch.nn.functional.cosine_similarity(
+        model.decode_features(latent, "lang"), upsampled, dim=-1
+    )
+    torch.testing.assert_close(losses["distill_lang"], expected.mean())
+    assert set(losses) == {"distill_lang", "distill_sam"}
+
+
+def test_distilling_at_the_teacher_grid_constrains_only_cell_means() -> None:
+    """Two renders with the same per-cell means: the grid loss cannot tell them apart, the per-pixel loss can."""
+    model = tiny_chorus_model(distill_at="teacher")
+    target = {"lang": torch.randn(4, 5, 24)}
+    smooth = torch.randn(4, 5, 32).repeat_interleave(4, 0).repeat_interleave(4, 1)  # [16, 20, 32]
+    checker = (
+        torch.arange(16)[:, None] + torch.arange(20)[None]
+    ) % 2 * 2 - 1  # +-1, zero mean per 4 x 4 block
+    mixed = smooth + 3.0 * checker[..., None] * torch.randn(32)
+    at_grid = [model.distillation_losses(x, target)["distill_lang"] for x in (smooth, mixed)]
+    torch.testing.assert_close(at_grid[0], at_grid[1])
+    model.config.distill_at = "render"
+    at_render = [model.distillation_losses(x, target)["distill_lang"] for x in (smooth, mixed)]
+    assert not torch.allclose(at_render[0], at_render[1])
+
+
+def test_alpha_normalized_latent_is_a_weighted_mean() -> None:
+    """A constant latent renders as that constant wherever anything is seen (not scaled by coverage), and
+    the per-Gaussian supervision weights stay the plain compositing weights."""
+    model = tiny_chorus_model(semantic_supersample=1)
+    with torch.no_grad():
+        model.gauss_params["opacities"].fill_(-2.0)  # opacity 0.12: every pixel partly covered
+    constant = torch.tensor([0.5, -2.0, 1.0]).expand(model.num_points, 3)
+    plain = model._render_features(_camera(), constant, scale=0.5)
+    coverage = model._render_features(_camera(), torch.ones(model.num_points, 1), scale=0.5)
+    seen = coverage[..., 0] > 1e-3
+    assert seen.any() and (coverage[seen] < 0.99).any()
+    model.config.semantic_alpha_normalize = True
+    normalized = model._render_features(_camera(), constant, scale=0.5)
+    torch.testing.assert_close(normalized[seen], constant[:1].expand(int(seen.sum()), 3))
+    torch.testing.assert_close(plain, constant[0] * coverage)
+    # Supervision weights are unaffected by the display normalisation.
+    cameras = _camera()
+    model.config.semantic_alpha_normalize = False
+    weights = model.gaussian_view_weights(cameras)
+    model.config.semantic_alpha_normalize = True
+    torch.testing.assert_close(model.gaussian_view_weights(cameras), weights)
+
+
+def test_sampled_render_pixels_see_the_upsampled_teacher() -> None:
+    """Interpolating the teacher at chosen pixels gives what upsampling its whole grid gives there, so a random
+    subset of pixels is an unbiased sample of the full per-pixel loss."""
+    from splatsem_ns.models.chorus_splat import render_resolution_pairs
+
+    latent, target = torch.randn(12, 20, 8), torch.randn(3, 5, 6)
+    everywhere = render_resolution_pairs(latent, target, None)
+    indices = torch.arange(12 * 20)
+    torch.testing.assert_close(render_resolution_pairs(latent, target, indices), everywhere)
+    some = torch.tensor([0, 19, 37, 120, 239])
+    picked = render_resolution_pairs(latent, target, some)
+    torch.testing.assert_close(picked[0], everywhere[0][some])
+    torch.testing.assert_close(picked[1], everywhere[1][some])
+
+    model = tiny_chorus_model(distill_pixels=50)
+    latent = torch.randn(16, 20, 32)
+    pixels = model.distillation_pixels(latent)
+    assert pixels.shape == (50,) and len(set(pixels.tolist())) == 50 and int(pixels.max()) < 16 * 20
+    targets = {"lang": torch.randn(4, 5, 24)}
+    expected = 1 - torch.nn.functional.cosine_similarity(
+        model.decode_features(latent.reshape(-1, 32)[pixels], "lang"),
+        render_resolution_pairs(latent, targets["lang"], None)[1][pixels],
+        dim=-1,
+    )
+    torch.testing.assert_close(
+        model.distillation_losses(latent, targets, pixels)["distill_lang"], expected.mean()
+    )
+    model.config.distill_pixels = 0  # every pixel
+    assert model.distillation_pixels(latent) is None
+    model.config.distill_pixels, model.config.distill_at = 50, "teacher"  # nothing to sample on the grid
+    assert model.distillation_pixels(latent) is None
+
+
+def test_supersampling_stays_within_the_pixel_budget() -> None:
+    model = tiny_chorus_model(semantic_supersample=8)
+    features = model.semantic_source(model.gauss_params).detach()
+    assert model._render_features(_camera(), features, scale=0.125).shape[:2] == (6, 8)
+    model.config.distill_at = "render"
+    sizes = []
+    for budget in (10_000, 48 * 64, 1000, 1):
+        model.config.semantic_max_pixels = budget
+        fine = model._render_semantic_latent(
+            model.means, model.quats, torch.exp(model.scales), torch.sigmoid(model.opacities).squeeze(-1),
+            features, torch.eye(4)[None], _camera().get_intrinsics_matrices(), 64, 48, 0.125, pool=False,
+        )  # fmt: skip
+        sizes.append(tuple(fine.shape[:2]))
+    # 6 x 8 cells: factor 8 fits 10k pixels (the image caps it at 8); 3072 pixels allow 8; 1000 allow 4; 1 allows 1.
+    assert sizes == [(48, 64), (48, 64), (24, 32), (6, 8)]

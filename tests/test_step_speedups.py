@@ -48,7 +48,7 @@ def _assert_same(a, b, atol=1e-5):
 def test_distillation_losses_are_weighted_cosine_losses_per_teacher():
     from splatsem_ns.models.heads import cosine_distillation_loss, resize_feature_map
 
-    model = tiny_chorus_model()
+    model = tiny_chorus_model(distill_at="teacher")  # the render resampled onto each teacher's grid
     latent, targets = _inputs("cpu")
     losses = model.distillation_losses(latent, targets)
     expected = 0.5 * cosine_distillation_loss(
@@ -174,6 +174,33 @@ def test_depth_images_load_at_image_size_in_scene_units(tmp_path):
         load_depth_image(tmp_path / "rgb.png", (3, 4), 1.0)
     with pytest.raises(ValueError, match="Cannot read depth image"):
         load_depth_image(tmp_path / "missing.png", (3, 4), 1.0)
+
+
+def test_depth_loss_weight_defaults_to_on_where_the_scene_has_depth():
+    from splatsem_ns.models.chorus_splat import DEFAULT_DEPTH_LOSS_WEIGHT, resolve_depth_loss_weight
+
+    assert resolve_depth_loss_weight(None, depth_served=True) == DEFAULT_DEPTH_LOSS_WEIGHT > 0
+    assert resolve_depth_loss_weight(None, depth_served=False) == 0.0
+    assert resolve_depth_loss_weight(0.0, depth_served=True) == 0.0
+    assert resolve_depth_loss_weight(0.5, depth_served=False) == 0.5  # required: the datamanager raises
+
+    # "auto" serves depth only when every training view has an image.
+    def manager(paths):
+        return types.SimpleNamespace(train_dataset=_Sized({"depth_filenames": paths}, 2))
+
+    assert ChorusDataManager._every_view_has_depth(manager(["a.png", "b.png"]))
+    assert not ChorusDataManager._every_view_has_depth(manager(["a.png", None]))
+    assert not ChorusDataManager._every_view_has_depth(manager(None))
+
+
+class _Sized:
+    """A stand-in dataset with metadata and a length."""
+
+    def __init__(self, metadata: dict, length: int) -> None:
+        self.metadata, self._length = metadata, length
+
+    def __len__(self) -> int:
+        return self._length
 
 
 def test_depth_loss_without_depth_images_is_a_clear_error():

@@ -25,7 +25,7 @@ from splatsem_ns.data.dataparser import (
     SEMANTIC_FILENAMES_KEY,
     SplatsemDataParserConfig,
 )
-from splatsem_ns.data.depth import load_depth_image
+from splatsem_ns.data.depth import DEPTH_SERVED_KEY, load_depth_image
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, make_teacher_config
@@ -54,9 +54,10 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``."""
     extraction_batch_size: int = 4
     """Images per teacher forward pass during extraction."""
-    load_depth: bool = False
-    """Serve each training image's sensor depth (scene units, 0 = no measurement) as ``batch["depth_image"]``.
-    Set by the pipeline when the model's depth loss is on."""
+    load_depth: Literal["off", "on", "auto"] = "off"
+    """Serve each training image's sensor depth (scene units, 0 = no measurement) as ``batch["depth_image"]``:
+    "on" requires depth images, "auto" serves them when every training view has one. Set by the pipeline from
+    the model's depth loss weight."""
 
 
 class ChorusDataManager(FullImageDatamanager):
@@ -77,8 +78,11 @@ class ChorusDataManager(FullImageDatamanager):
         self._depths: List[torch.Tensor] = []
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
             self._prepare_teacher_features()
-            if config.load_depth:
+            if config.load_depth == "on" or (config.load_depth == "auto" and self._every_view_has_depth()):
                 self._depths = self._load_train_depths()
+            elif config.load_depth == "auto":
+                CONSOLE.log("Not every training view has a depth image: training without the depth loss.")
+            self.train_dataset.metadata[DEPTH_SERVED_KEY] = bool(self._depths)
 
     def teacher_configs(self) -> List[TeacherConfig]:
         """The configured teachers, with their local checkpoints and the random-weights switch applied."""
@@ -183,6 +187,10 @@ class ChorusDataManager(FullImageDatamanager):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _every_view_has_depth(self) -> bool:
+        paths = self.train_dataset.metadata.get("depth_filenames")
+        return bool(paths) and len(paths) == len(self.train_dataset) and all(p is not None for p in paths)
 
     def _load_train_depths(self) -> List[torch.Tensor]:
         """Every training view's depth image at its colour image's size, in scene units, float16 [H, W]."""

@@ -19,6 +19,10 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from PIL import Image
 from torch import Tensor
 
+DEPTH_SERVED_KEY = "depth_images_served"
+"""Training-dataset metadata key: True when the datamanager serves every training view's sensor depth (so a
+model's depth loss can run)."""
+
 
 def load_depth_image(path: Path, size: Tuple[int, int], scale: float) -> torch.Tensor:
     """A depth PNG (integer units, 0 = no measurement) as float16 [H, W] in scene units at ``size``.

@@ -14,16 +14,18 @@ semantic branch cannot degrade RGB quality; ``semantic_grad_to_geometry`` turns 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Mapping, Optional, Tuple, Type, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from torch import Tensor, nn
 from torch.nn import Parameter
 
+from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.models.heads import (
     ProjectorHead,
     cosine_distillation_loss,
@@ -56,11 +58,36 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     so the semantic branch cannot cost RGB quality."""
     semantic_render_scale: Optional[float] = None
     """Resolution of the semantic render relative to the image. None: the finest teacher feature grid."""
-    semantic_supersample: int = 1
-    """The semantic pass renders at up to this many times its resolution per axis (never finer than the image)
-    and averages each block back down. A teacher's feature cell summarises its whole patch, while a coarse
-    render of Gaussians smaller than a cell sees only the few in front, each dilated to a pixel. 1: render the
-    coarse grid directly (cheapest)."""
+    semantic_supersample: int = 8
+    """The semantic pass renders at up to this many times its resolution per axis (never finer than the image).
+    A teacher's feature cell summarises its whole patch, while a coarse render of Gaussians smaller than a cell
+    sees only the few in front, each dilated to a pixel. Training distils the fine render (``distill_at``);
+    queries average each k x k block back to the grid. 1: render the coarse grid directly (cheapest). The
+    default 8 was the best trade-off measured on ScanNet (benchmarks/results/semantic_report_scannet_h200.md):
+    16 scored the same at 1.3x the training time."""
+    semantic_max_pixels: int = 65536
+    """Upper bound on the supersampled semantic render's pixel count: the factor is lowered until it fits, so
+    a teacher with a fine grid (SAM's 64 x 64) does not multiply the cost (ScanNet with the labels proxy's
+    32 x 24 grid: factor 8, 49k pixels)."""
+    distill_at: Literal["teacher", "render"] = "render"
+    """Where the distillation loss compares the rendered latent with each teacher. "teacher": the render
+    (supersampled ones averaged per block) is resampled onto the teacher's feature grid, so a cell constrains
+    only the mean of the Gaussians it covers and their mix within it is free. "render": the teacher's
+    features are upsampled (bilinear) to the render's own resolution, supersampling included, and every
+    rendered pixel (or the ``distill_pixels`` drawn among them) must match, which pulls each visible Gaussian,
+    not just the cell's average, towards the feature of the cells it falls in; views then vote on each Gaussian
+    through their shared gradients."""
+    distill_pixels: int = 4096
+    """With ``distill_at="render"``: render pixels drawn at random each step (the same for every teacher) where
+    the heads decode and the loss compares, with the teachers' features interpolated there. Decoding every
+    pixel of a supersampled render into wide teacher spaces (768 channels) would dominate the step's time and
+    memory. 0: every pixel."""
+    semantic_alpha_normalize: bool = False
+    """Divide the rendered latent by the semantic pass's accumulated opacity, so a pixel's latent is the
+    weighted mean of the Gaussians it sees rather than their weighted sum against an empty (zero) background:
+    thinly covered pixels then decode like the Gaussians in them, and a single Gaussian's latent decodes
+    like a rendered pixel. Pixels that see (almost) nothing fade to zero. Off by default: on ScanNet it scored
+    about 1 point lower in 2D and 3D."""
     semantic_rasterize_mode: Optional[Literal["classic", "antialiased"]] = None
     """Rasterization of the semantic pass; None: the RGB pass's ``rasterize_mode``. "antialiased" scales each
     Gaussian's opacity by its screen-space dilation, so Gaussians smaller than a pixel of the coarse render
@@ -69,10 +96,11 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     """Tile edge (pixels) of the semantic pass. That pass renders few pixels, so gsplat's default 16-pixel
     tiles leave most of a large GPU idle; smaller tiles give it more blocks to run in parallel (measured:
     benchmarks/results/train_speed_h200.md)."""
-    depth_loss_weight: float = 0.0
+    depth_loss_weight: Optional[float] = None
     """Weight of an L1 loss between the rendered expected depth and the scene's sensor depth (pixels with a
-    measurement only). 0 (default) trains like splatfacto; > 0 needs depth images and constrains geometry,
-    which sparse captures (few views of a large room) otherwise leave loose."""
+    measurement only). It constrains geometry, which sparse captures (few views of a large room) otherwise leave
+    loose. None (default): 0.1 when every training view has a depth image, else no depth loss; 0: off (trains
+    like splatfacto); > 0: that weight, and depth images are required."""
     compile_distillation: bool = True
     """On CUDA, run the heads and distillation losses through ``torch.compile``: their many small element-wise
     kernels fuse into a few, which matters because a splatting step is bound by kernel launches on the host.
@@ -111,6 +139,9 @@ class ChorusSplatModel(SplatfactoModel):
             else:
                 self.gauss_params["features_dc"] = Parameter(torch.logit(colors, eps=1e-10))
 
+        self.depth_loss_weight = resolve_depth_loss_weight(
+            self.config.depth_loss_weight, bool((self.kwargs.get("metadata") or {}).get(DEPTH_SERVED_KEY))
+        )
         self.semantic_source = self.config.semantic_source.setup()
         for name, param in self.semantic_source.gaussian_params(self.num_points).items():
             self.gauss_params[name] = param
@@ -217,7 +248,7 @@ class ChorusSplatModel(SplatfactoModel):
         camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
 
-        wants_depth = self.config.output_depth_during_training or self.config.depth_loss_weight > 0
+        wants_depth = self.config.output_depth_during_training or self.depth_loss_weight > 0
         render_mode = "RGB+ED" if (wants_depth or not self.training) else "RGB"
         colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
         if self.config.sh_degree > 0:
@@ -274,8 +305,20 @@ class ChorusSplatModel(SplatfactoModel):
             "background": background,
         }
         if self.projector_heads:
+            # Distilled at the render's resolution, training keeps the supersampled render whole.
+            pool = not (self.training and self.config.distill_at == "render")
             outputs["semantic_latent"] = self._render_semantic_latent(
-                means, quats, scales, opacities, latent, viewmat, full_K, full_W, full_H, self._semantic_scale
+                means,
+                quats,
+                scales,
+                opacities,
+                latent,
+                viewmat,
+                full_K,
+                full_W,
+                full_H,
+                self._semantic_scale,
+                pool,
             )
         if not self.training:  # viewer outputs (semantic queries) computed from this render
             for hook in self.output_hooks:
@@ -301,10 +344,16 @@ class ChorusSplatModel(SplatfactoModel):
         width: int,
         height: int,
         scale: float,
+        pool: bool = True,
+        normalize: Optional[bool] = None,
     ) -> Float[Tensor, "h w D"]:
+        """The latent rendered at ``scale`` of the image. Supersampled renders (k x k pixels per output pixel)
+        are averaged back to ``scale`` when ``pool``, else returned at k times that resolution. ``normalize``
+        (default: ``semantic_alpha_normalize``) divides by the accumulated opacity."""
         w, h = _scaled_size(width, scale), _scaled_size(height, scale)
         # Supersampling: k x k render pixels per output pixel, at most the image's own resolution.
-        k = max(1, min(self.config.semantic_supersample, width // w, height // h))
+        budget = int(math.sqrt(self.config.semantic_max_pixels / (w * h)))
+        k = max(1, min(self.config.semantic_supersample, width // w, height // h, budget))
         if not self.config.semantic_grad_to_geometry:
             means, quats, scales, opacities = (
                 means.detach(),
@@ -312,7 +361,7 @@ class ChorusSplatModel(SplatfactoModel):
                 scales.detach(),
                 opacities.detach(),
             )
-        rendered, _, _ = rasterize_gaussians(
+        rendered, alpha, _ = rasterize_gaussians(
             means=means,
             quats=quats,
             scales=scales,
@@ -326,8 +375,14 @@ class ChorusSplatModel(SplatfactoModel):
             backend=self.config.rasterizer_backend,
             tile_size=self.config.semantic_tile_size,
         )
-        if k > 1:
-            rendered = torch.nn.functional.avg_pool2d(rendered.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
+        if k > 1 and pool:
+            rendered, alpha = (
+                torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
+                for x in (rendered, alpha)
+            )
+        if self.config.semantic_alpha_normalize if normalize is None else normalize:
+            # A weighted mean; below _MIN_ALPHA the pixel fades to zero instead of amplifying a stray Gaussian.
+            rendered = rendered / alpha.clamp(min=_MIN_ALPHA)
         return rendered[0]
 
     @torch.no_grad()
@@ -344,11 +399,15 @@ class ChorusSplatModel(SplatfactoModel):
         ones = torch.ones(self.num_points, 1, device=self.device, requires_grad=True)
         with torch.enable_grad():
             for i in range(len(cameras)):
-                self._render_features(cameras[i : i + 1], ones).sum().backward()
+                self._render_features(cameras[i : i + 1], ones, normalize=False).sum().backward()
         return ones.grad[:, 0] if ones.grad is not None else torch.zeros(self.num_points, device=self.device)
 
     def _render_features(
-        self, camera: Cameras, features: Float[Tensor, "N D"], scale: Optional[float] = None
+        self,
+        camera: Cameras,
+        features: Float[Tensor, "N D"],
+        scale: Optional[float] = None,
+        normalize: Optional[bool] = None,
     ) -> Float[Tensor, "h w D"]:
         """Per-Gaussian ``features`` rendered through one camera as the semantic pass does (geometry fixed), at
         ``scale`` of its resolution (default: training's)."""
@@ -364,6 +423,7 @@ class ChorusSplatModel(SplatfactoModel):
             int(camera.width.item()),
             int(camera.height.item()),
             self._semantic_scale if scale is None else float(scale),
+            normalize=normalize,
         )
 
     @torch.no_grad()
@@ -381,8 +441,8 @@ class ChorusSplatModel(SplatfactoModel):
     # ------------------------------------------------------------------ losses and metrics
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        if self.config.depth_loss_weight > 0 and "depth_image" in batch and outputs.get("depth") is not None:
-            loss_dict["depth"] = self.config.depth_loss_weight * depth_l1_loss(
+        if self.depth_loss_weight > 0 and "depth_image" in batch and outputs.get("depth") is not None:
+            loss_dict["depth"] = self.depth_loss_weight * depth_l1_loss(
                 outputs["depth"], batch["depth_image"]
             )
         targets: Mapping[str, Tensor] = batch.get("teacher_features", {})
@@ -390,20 +450,38 @@ class ChorusSplatModel(SplatfactoModel):
             return loss_dict
         latent = outputs["semantic_latent"]
         targets = {name: target.to(latent.device) for name, target in targets.items()}
-        loss_dict.update(self._distillation_function(latent)(latent, targets))
+        pixels = self.distillation_pixels(
+            latent
+        )  # drawn outside the compiled losses, which stay deterministic
+        loss_dict.update(self._distillation_function(latent)(latent, targets, pixels))
         return loss_dict
 
     def distillation_losses(
-        self, latent: Float[Tensor, "h w D"], targets: Mapping[str, Float[Tensor, "h_t w_t C_t"]]
+        self,
+        latent: Float[Tensor, "h w D"],
+        targets: Mapping[str, Float[Tensor, "h_t w_t C_t"]],
+        pixels: Optional[Int[Tensor, " n"]] = None,
     ) -> Dict[str, Tensor]:
-        """``{"distill_<teacher>": weighted cosine loss}``: the rendered latent is resampled to each teacher's
-        grid, decoded by that teacher's head and compared with its features."""
+        """``{"distill_<teacher>": weighted cosine loss}``: the rendered latent is decoded by each teacher's head
+        and compared with its features, on the teacher's grid or at the render's resolution (``distill_at``); there
+        ``pixels`` (flat indices into the render) picks where, None: everywhere."""
         losses = {}
         for name, target in targets.items():
-            predicted = self.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
+            if self.config.distill_at == "render":
+                latent_at, target = render_resolution_pairs(latent, target.to(latent.dtype), pixels)
+                predicted = self.decode_features(latent_at, name)
+            else:
+                predicted = self.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
             weight = self.config.teacher_loss_weights.get(name, self.config.default_teacher_loss_weight)
             losses[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target)
         return losses
+
+    def distillation_pixels(self, latent: Float[Tensor, "h w D"]) -> Optional[Int[Tensor, " n"]]:
+        """This step's random render pixels for the loss (``distill_pixels``), or None for all of them."""
+        count = latent.shape[0] * latent.shape[1]
+        if self.config.distill_at != "render" or not 0 < self.config.distill_pixels < count:
+            return None
+        return torch.randperm(count, device=latent.device)[: self.config.distill_pixels]
 
     def _distillation_function(self, latent: Tensor):
         if not (self.config.compile_distillation and latent.is_cuda):
@@ -424,6 +502,19 @@ class ChorusSplatModel(SplatfactoModel):
         for key in ("lpips", "cc_lpips"):
             metrics.pop(key, None)
         return metrics, images
+
+
+DEFAULT_DEPTH_LOSS_WEIGHT = 0.1
+"""Depth loss weight used when ``depth_loss_weight`` is None and the scene has depth for every training view."""
+_MIN_ALPHA = 1e-3
+"""Accumulated opacity below which ``semantic_alpha_normalize`` no longer divides (the pixel fades to zero)."""
+
+
+def resolve_depth_loss_weight(configured: Optional[float], depth_served: bool) -> float:
+    """The depth loss weight to train with: ``configured``, or with None the default where depth is served."""
+    if configured is None:
+        return DEFAULT_DEPTH_LOSS_WEIGHT if depth_served else 0.0
+    return float(configured)
 
 
 _HIGHLIGHT_WEIGHT = 0.65
@@ -456,6 +547,31 @@ def depth_l1_loss(predicted: Float[Tensor, "H W 1"], sensor: Float[Tensor, "H0 W
     sensor = sensor.to(predicted.dtype)[..., None]
     valid = sensor > 0
     return (torch.abs(predicted - sensor) * valid).sum() / valid.sum().clamp(min=1)
+
+
+def render_resolution_pairs(
+    latent: Float[Tensor, "h w D"], target: Float[Tensor, "h_t w_t C"], pixels: Optional[Int[Tensor, " n"]]
+) -> Tuple[Float[Tensor, "n D"], Float[Tensor, "n C"]]:
+    """The rendered latent at ``pixels`` (flat indices; None: every pixel) and the teacher's features
+    interpolated there: bilinear, as upsampling the teacher's grid to the render's size would give, but only
+    at the pixels used."""
+    h, w = latent.shape[:2]
+    flat = latent.reshape(h * w, -1)
+    if pixels is None:
+        return flat, resize_feature_map(target, (h, w)).reshape(h * w, -1)
+    rows, cols = pixels // w, pixels % w
+    # Pixel centres in grid_sample's [-1, 1] (align_corners=False); "border" clamps like interpolate's edges.
+    grid = torch.stack(((cols + 0.5) * (2.0 / w) - 1.0, (rows + 0.5) * (2.0 / h) - 1.0), dim=-1).to(
+        target.dtype
+    )
+    sampled = torch.nn.functional.grid_sample(
+        target.permute(2, 0, 1)[None],
+        grid[None, None],
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    return flat[pixels], sampled[0, :, 0].T
 
 
 def _scaled_size(size: int, factor: float) -> int:

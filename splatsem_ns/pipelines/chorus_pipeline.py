@@ -54,9 +54,12 @@ class ChorusPipeline(VanillaPipeline):
 
     def __init__(self, config: ChorusPipelineConfig, device: str, test_mode="val", **kwargs) -> None:
         # One switch for users: the model's depth loss makes the datamanager serve depth images.
+        # None (the default) is "where the scene has depth".
         depth_weight = getattr(config.model, "depth_loss_weight", 0.0)
         if hasattr(config.datamanager, "load_depth"):
-            config.datamanager.load_depth = depth_weight > 0
+            config.datamanager.load_depth = (
+                "auto" if depth_weight is None else ("on" if depth_weight > 0 else "off")
+            )
         super().__init__(config, device, test_mode, **kwargs)
         # The viewer's semantic query panel: nerfstudio's viewer installs the controls it finds on the pipeline
         # (in ns-viewer and while training); its hook adds the query outputs to eval-mode renders.

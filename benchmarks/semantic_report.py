@@ -154,7 +154,7 @@ def markdown(report: dict) -> str:
             run["segmentation_error"].strip(),
             "```",
         ]
-    for run in (r for r in report["runs"] if "segmentation" in r):
+    for run in segmented:
         seg = run["segmentation"]
         lines += [
             "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 
 def command(name: str) -> str:
@@ -28,10 +29,10 @@ def train_synthetic(
     iterations: int = 300,
     teachers: tuple = ("labels", "labels-instance"),
     num_views: int = 16,
-    *extra: str,
+    extra: Sequence[str] = (),
 ) -> Path:
     """Generate the synthetic room under ``root`` and train chorus-splat on it with the real ``ns-train`` on the
-    CPU; returns the run folder (holding config.yml and nerfstudio_models/)."""
+    CPU, with ``extra`` ns-train arguments; returns the run folder (holding config.yml and nerfstudio_models/)."""
     import subprocess
 
     from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene

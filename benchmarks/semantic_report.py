@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 
 from splatsem_ns.models.optional_lpips import NaNMetric
+from splatsem_ns.pipelines.chorus_pipeline import _diagnostic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_trainer, device_name, parse_method, peak_memory_gib, seed_everything, trainer_config  # noqa: E402
+from view_diagnostics import dump_views, geometry_oracle  # noqa: E402
 
 PROXY_NOTE = (
     "Teachers named 'labels'/'instances' are proxies built from ground-truth labels with degradations "
@@ -85,6 +87,10 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
             result["segmentation_error"] = traceback.format_exc()
             print(result["segmentation_error"], file=sys.stderr, flush=True)
         result["segmentation_wall_s"] = round(time.perf_counter() - start, 1)
+        if args.geometry_oracle and "segmentation" in result:
+            _diagnostic(result["segmentation"], "geometry_oracle", geometry_oracle, pipeline)
+        if args.dump_views is not None:
+            _diagnostic(result, "dump_views", dump_views, pipeline, args.dump_views / label)
         result["teachers"] = {c.name: repr(c) for c in pipeline.datamanager.teacher_configs()}
     del trainer, pipeline
     if torch.cuda.is_available():
@@ -182,6 +188,14 @@ def markdown(report: dict) -> str:
             ),
         ]
         rows += [
+            ("diagnostic: 2D, held-out views", "ground-truth labels on the trained Gaussians", "oracle_2d"),
+            (
+                "diagnostic: 2D, training views",
+                "ground-truth labels on the trained Gaussians",
+                "oracle_2d_train_views",
+            ),
+        ]
+        rows += [
             (f"diagnostic: 2D, held-out, render scale {key.rsplit('_', 1)[1]}", run["method"], key)
             for key in seg
             if key.startswith("semantic_2d_scale_")
@@ -256,6 +270,17 @@ def main() -> None:
         type=float,
         default=[],
         help="also score held-out 2D with the semantic render at these scales of the image (diagnostic rows)",
+    )
+    parser.add_argument(
+        "--geometry-oracle",
+        action="store_true",
+        help="diagnostic rows: Gaussians labelled with their nearest labelled point's class, rendered and scored "
+        "like the model (what the trained geometry allows)",
+    )
+    parser.add_argument(
+        "--dump-views",
+        type=Path,
+        help="diagnostic: write per-view arrays of each chorus-splat run under DIR/LABEL",
     )
     parser.add_argument(
         "--baseline",

@@ -83,3 +83,12 @@ def tiny_chorus_model(**config):
             metadata={TEACHER_SPECS_KEY: specs},
             seed_points=(torch.rand(50, 3), torch.zeros(50, 3, dtype=torch.uint8)),
         )
+
+
+def tiny_camera():
+    """64 x 48 pixels, looking down -z at ``tiny_chorus_model``'s seed points in the unit cube from z = 3."""
+    import torch
+    from nerfstudio.cameras.cameras import Cameras
+
+    camera_to_world = torch.tensor([[[1.0, 0.0, 0.0, 0.5], [0.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 3.0]]])
+    return Cameras(camera_to_worlds=camera_to_world, fx=64.0, fy=64.0, cx=32.0, cy=24.0, width=64, height=48)

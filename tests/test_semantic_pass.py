@@ -3,46 +3,39 @@
 from __future__ import annotations
 
 import torch
-from nerfstudio.cameras.cameras import Cameras
-from support import tiny_chorus_model
-
-
-def _camera() -> Cameras:
-    """64 x 48 pixels, looking down -z at the model's seed points in the unit cube from z = 3."""
-    camera_to_world = torch.tensor([[[1.0, 0.0, 0.0, 0.5], [0.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 3.0]]])
-    return Cameras(camera_to_worlds=camera_to_world, fx=64.0, fy=64.0, cx=32.0, cy=24.0, width=64, height=48)
+from support import tiny_camera, tiny_chorus_model
 
 
 def test_supersampling_averages_a_finer_render() -> None:
     model = tiny_chorus_model(semantic_supersample=1)
     features = model.semantic_source(model.gauss_params).detach()
-    fine = model._render_features(_camera(), features, scale=0.5)  # 32 x 24
+    fine = model._render_features(tiny_camera(), features, scale=0.5)  # 32 x 24
     assert fine.abs().sum() > 0  # the Gaussians are in view
     model.config.semantic_supersample = 4
-    coarse = model._render_features(_camera(), features, scale=0.125)  # 8 x 6, rendered at 32 x 24
+    coarse = model._render_features(tiny_camera(), features, scale=0.125)  # 8 x 6, rendered at 32 x 24
     expected = torch.nn.functional.avg_pool2d(fine.permute(2, 0, 1), 4).permute(1, 2, 0)
     assert coarse.shape == (6, 8, features.shape[1])
     torch.testing.assert_close(coarse, expected)
     # Never finer than the image: at full resolution there is nothing to supersample.
     model.config.semantic_supersample = 1
-    full = model._render_features(_camera(), features, scale=1.0)
+    full = model._render_features(tiny_camera(), features, scale=1.0)
     model.config.semantic_supersample = 4
-    torch.testing.assert_close(model._render_features(_camera(), features, scale=1.0), full)
+    torch.testing.assert_close(model._render_features(tiny_camera(), features, scale=1.0), full)
 
 
 def test_semantic_pass_has_its_own_rasterize_mode() -> None:
     model = tiny_chorus_model()
     features = model.semantic_source(model.gauss_params).detach()
-    default = model._render_features(_camera(), features, scale=0.125)
+    default = model._render_features(tiny_camera(), features, scale=0.125)
     model.config.semantic_rasterize_mode = "classic"  # the RGB pass's mode, as by default
-    torch.testing.assert_close(model._render_features(_camera(), features, scale=0.125), default)
+    torch.testing.assert_close(model._render_features(tiny_camera(), features, scale=0.125), default)
     model.config.semantic_rasterize_mode = "antialiased"
-    antialiased = model._render_features(_camera(), features, scale=0.125)
+    antialiased = model._render_features(tiny_camera(), features, scale=0.125)
     # Gaussians smaller than a coarse pixel count by their area: less total weight than when dilated.
     ones = torch.ones(model.num_points, 1)
-    weight_aa = model._render_features(_camera(), ones, scale=0.125).sum()
+    weight_aa = model._render_features(tiny_camera(), ones, scale=0.125).sum()
     model.config.semantic_rasterize_mode = None
-    weight_classic = model._render_features(_camera(), ones, scale=0.125).sum()
+    weight_classic = model._render_features(tiny_camera(), ones, scale=0.125).sum()
     assert not torch.allclose(antialiased, default)
     assert weight_aa < weight_classic
     assert model.config.rasterize_mode == "classic"
@@ -52,11 +45,11 @@ def test_distilling_at_the_render_resolution_keeps_the_supersampled_render() -> 
     model = tiny_chorus_model(semantic_supersample=4, distill_at="render")
     model.train()
     model.optimizers = {}  # set by the trainer; the densification strategy only passes them on here
-    latent = model.get_outputs(_camera())["semantic_latent"]
+    latent = model.get_outputs(tiny_camera())["semantic_latent"]
     # The finest teacher grid (sam: 8 cells over 48 rows, so 8 x 11 here) with 4 x 4 pixels per cell, not pooled.
     assert latent.shape[:2] == (32, 44)
     model.eval()
-    assert model.get_outputs(_camera())["semantic_latent"].shape[:2] == (8, 11)  # queries see the grid
+    assert model.get_outputs(tiny_camera())["semantic_latent"].shape[:2] == (8, 11)  # queries see the grid
 
     targets = {"lang": torch.randn(4, 5, 24), "sam": torch.randn(8, 8, 16)}
     losses = model.distillation_losses(latent, targets)
@@ -94,16 +87,16 @@ def test_alpha_normalized_latent_is_a_weighted_mean() -> None:
     with torch.no_grad():
         model.gauss_params["opacities"].fill_(-2.0)  # opacity 0.12: every pixel partly covered
     constant = torch.tensor([0.5, -2.0, 1.0]).expand(model.num_points, 3)
-    plain = model._render_features(_camera(), constant, scale=0.5)
-    coverage = model._render_features(_camera(), torch.ones(model.num_points, 1), scale=0.5)
+    plain = model._render_features(tiny_camera(), constant, scale=0.5)
+    coverage = model._render_features(tiny_camera(), torch.ones(model.num_points, 1), scale=0.5)
     seen = coverage[..., 0] > 1e-3
     assert seen.any() and (coverage[seen] < 0.99).any()
     model.config.semantic_alpha_normalize = True
-    normalized = model._render_features(_camera(), constant, scale=0.5)
+    normalized = model._render_features(tiny_camera(), constant, scale=0.5)
     torch.testing.assert_close(normalized[seen], constant[:1].expand(int(seen.sum()), 3))
     torch.testing.assert_close(plain, constant[0] * coverage)
     # Supervision weights are unaffected by the display normalisation.
-    cameras = _camera()
+    cameras = tiny_camera()
     model.config.semantic_alpha_normalize = False
     weights = model.gaussian_view_weights(cameras)
     model.config.semantic_alpha_normalize = True
@@ -146,15 +139,51 @@ def test_sampled_render_pixels_see_the_upsampled_teacher() -> None:
 def test_supersampling_stays_within_the_pixel_budget() -> None:
     model = tiny_chorus_model(semantic_supersample=8)
     features = model.semantic_source(model.gauss_params).detach()
-    assert model._render_features(_camera(), features, scale=0.125).shape[:2] == (6, 8)
+    assert model._render_features(tiny_camera(), features, scale=0.125).shape[:2] == (6, 8)
     model.config.distill_at = "render"
     sizes = []
     for budget in (10_000, 48 * 64, 1000, 1):
         model.config.semantic_max_pixels = budget
         fine = model._render_semantic_latent(
             model.means, model.quats, torch.exp(model.scales), torch.sigmoid(model.opacities).squeeze(-1),
-            features, torch.eye(4)[None], _camera().get_intrinsics_matrices(), 64, 48, 0.125, pool=False,
+            features, torch.eye(4)[None], tiny_camera().get_intrinsics_matrices(), 64, 48, 0.125, pool=False,
         )  # fmt: skip
         sizes.append(tuple(fine.shape[:2]))
     # 6 x 8 cells: factor 8 fits 10k pixels (the image caps it at 8); 3072 pixels allow 8; 1000 allow 4; 1 allows 1.
     assert sizes == [(48, 64), (48, 64), (24, 32), (6, 8)]
+
+
+def test_area_weighting_weighs_pixels_by_the_surface_they_show() -> None:
+    """A pixel twice as far covers four times the surface: it weighs four times as much, and the weights keep
+    their ratio across steps (a running normaliser, not a per-view one)."""
+    from splatsem_ns.models.chorus_splat import render_resolution_pairs
+
+    model = tiny_chorus_model(distill_area_weighting=True, distill_pixels=0)
+    latent = torch.randn(8, 10, 32)
+    depth = torch.ones(16, 20, 1)
+    depth[:, 10:] = 2.0  # the right half of the view is twice as far
+    weights = model.distillation_pixel_weights(latent, depth, None).reshape(8, 10)
+    torch.testing.assert_close(weights[:, 5:], 4 * weights[:, :5])
+    torch.testing.assert_close(weights.mean(), torch.tensor(1.0))
+    closer = model.distillation_pixel_weights(latent, depth / 2, None)  # a close-up: less weight
+    assert closer.mean() < 0.9
+    sampled = model.distillation_pixel_weights(latent, depth, torch.tensor([0, 9, 79]))  # left, right, right
+    torch.testing.assert_close(sampled[1:], 4 * sampled[:1].expand(2))
+    targets = {"lang": torch.randn(4, 5, 24)}
+    weights = model.distillation_pixel_weights(latent, depth, None)
+    per_pixel = 1 - torch.nn.functional.cosine_similarity(
+        model.decode_features(latent.reshape(-1, 32), "lang"),
+        render_resolution_pairs(latent, targets["lang"], None)[1],
+        dim=-1,
+    )
+    torch.testing.assert_close(
+        model.distillation_losses(latent, targets, None, weights)["distill_lang"],
+        (per_pixel * weights).mean(),
+    )
+    # Off (the default), or without a depth render: no weights.
+    assert tiny_chorus_model().distillation_pixel_weights(latent, depth, None) is None
+    assert model.distillation_pixel_weights(latent, None, None) is None
+    # Training renders the depth it needs.
+    model.train()
+    model.optimizers = {}
+    assert model.get_outputs(tiny_camera())["depth"] is not None

@@ -21,6 +21,7 @@ from nerfstudio.data.datamanagers.full_images_datamanager import (
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from splatsem_ns.data.dataparser import (
+    DATAPARSER_SCALE_KEY,
     INSTANCE_FILENAMES_KEY,
     SEMANTIC_FILENAMES_KEY,
     SplatsemDataParserConfig,
@@ -83,6 +84,10 @@ class ChorusDataManager(FullImageDatamanager):
             elif config.load_depth == "auto":
                 CONSOLE.log("Not every training view has a depth image: training without the depth loss.")
             self.train_dataset.metadata[DEPTH_SERVED_KEY] = bool(self._depths)
+        # Lets the model express settings in the dataset's own units (metres for depth-sensor captures).
+        self.train_dataset.metadata[DATAPARSER_SCALE_KEY] = float(
+            self.train_dataparser_outputs.dataparser_scale
+        )
 
     def teacher_configs(self) -> List[TeacherConfig]:
         """The configured teachers, with their local checkpoints and the random-weights switch applied."""

@@ -35,6 +35,13 @@ CLASS_NAMES_KEY = "class_names"
 """Metadata key: ``Dict[int, str]`` from ``classes.json`` (class id -> name; 0 is unlabelled)."""
 LABELED_POINTS_KEY = "labeled_points_path"
 """Metadata key: ``Path`` of the labelled point cloud (in the dataset's original, untransformed frame)."""
+DATAPARSER_TRANSFORM_KEY = "dataparser_transform"
+"""Metadata key: ``[3, 4]`` (or ``[4, 4]``) transform from the dataset's original frame to the cameras'
+frame."""
+DATAPARSER_SCALE_KEY = "dataparser_scale"
+"""Metadata key: scale applied after ``dataparser_transform`` (nerfstudio's ``dataparser_scale``)."""
+DEPTH_SCALE_KEY = "depth_unit_scale_factor"
+"""Metadata key: depth image units -> metres of the original frame (nerfstudio's key; default 0.001)."""
 
 _FRAME_FILE_KEYS = {
     "depth_file_path": "depth",

@@ -7,7 +7,7 @@ rendered map, so their cost scales with the feature-map size, not with the numbe
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -56,11 +56,14 @@ def heads_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> Dict
 
 
 def cosine_distillation_loss(
-    predicted: Float[Tensor, "*batch C"], target: Float[Tensor, "*batch C"]
+    predicted: Float[Tensor, "*batch C"],
+    target: Float[Tensor, "*batch C"],
+    weights: Optional[Float[Tensor, "*batch"]] = None,
 ) -> Float[Tensor, ""]:
-    """Mean of ``1 - cos(predicted, target)`` over all pixels: scale-free, so teachers of very
-    different feature norms can share one weighting scheme."""
-    return (1.0 - F.cosine_similarity(predicted, target.to(predicted.dtype), dim=-1, eps=1e-6)).mean()
+    """Mean of ``1 - cos(predicted, target)`` over all pixels (each times its ``weights`` entry when given):
+    scale-free, so teachers of very different feature norms can share one weighting scheme."""
+    per_pixel = 1.0 - F.cosine_similarity(predicted, target.to(predicted.dtype), dim=-1, eps=1e-6)
+    return (per_pixel if weights is None else per_pixel * weights.to(per_pixel.dtype)).mean()
 
 
 def resize_feature_map(features: Float[Tensor, "h w C"], size: tuple[int, int]) -> Float[Tensor, "H2 W2 C"]:

@@ -53,19 +53,17 @@ from PIL import Image
 from torch import Tensor
 
 from splatsem_ns.data.class_tables import class_names as table_class_names
-from splatsem_ns.data.dataparser import CLASS_NAMES_KEY, LABELED_POINTS_KEY
+from splatsem_ns.data.dataparser import (
+    CLASS_NAMES_KEY,
+    DATAPARSER_SCALE_KEY,
+    DATAPARSER_TRANSFORM_KEY,
+    DEPTH_SCALE_KEY,
+    LABELED_POINTS_KEY,
+)
 from splatsem_ns.data.ply_io import PointCloud, PointCloudError, read_point_cloud
 from splatsem_ns.teachers.base import SceneView, Teacher, TeacherConfig
 from splatsem_ns.teachers.loading import check_images, describe
 from splatsem_ns.teachers.text_encoders import MiniLMTextEncoder, TextEncoder, make_text_encoder
-
-DATAPARSER_TRANSFORM_KEY = "dataparser_transform"
-"""Metadata key: ``[3, 4]`` (or ``[4, 4]``) transform from the dataset's original frame to the cameras'
-frame."""
-DATAPARSER_SCALE_KEY = "dataparser_scale"
-"""Metadata key: scale applied after ``dataparser_transform`` (nerfstudio's ``dataparser_scale``)."""
-DEPTH_SCALE_KEY = "depth_unit_scale_factor"
-"""Metadata key: depth image units -> metres of the original frame (nerfstudio's key; default 0.001)."""
 
 _MIN_SPLAT_RADIUS_PX = 0.75
 """Every splat covers at least the pixel it falls in (a pixel centre is at most 0.71 px away)."""

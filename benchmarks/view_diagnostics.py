@@ -1,0 +1,298 @@
+"""Diagnostics of where a trained chorus-splat scene's 2D segmentation errors come from (used by semantic_report).
+
+- ``geometry_oracle``: every Gaussian takes the ground-truth class of its nearest labelled point, and these
+  one-hot labels are rendered through the trained geometry at the protocol's views and scored like the model.
+  It bounds what any semantic latent could reach on this geometry: where the oracle is wrong, the Gaussians in
+  front (floaters, holes, misplaced surfaces) are wrong, not their features.
+- ``dump_views``: per-view arrays (ground truth, model and teacher classes, RGB, depth, opacity) for offline
+  inspection.
+- ``heldout_vote``: lifting by plain multi-view voting of the teacher, scored at the held-out views, and (with a
+  dump) the model's scores on the held-out pixels that training views see and on those they do not.
+
+Run as a script, it builds the scene's pipeline without training and writes ``heldout_vote``'s scores:
+
+    python benchmarks/view_diagnostics.py --data SCENE --out DIR [--dump views_eval.npz]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from splatsem_ns.data.dataparser import LABELED_POINTS_KEY
+from splatsem_ns.data.ply_io import read_point_cloud
+from splatsem_ns.evaluation.metrics import ConfusionMatrix, remap_labels
+from splatsem_ns.evaluation.protocol import accumulate_2d, class_queries, classify_map, score, upsample_labels
+from splatsem_ns.evaluation.voting import backproject_vote, classify_by_text
+from splatsem_ns.pipelines.chorus_pipeline import (
+    _ground_truth_reference,
+    _query_class_names,
+    _teacher_labels,
+    _to_dataparser_frame,
+)
+from splatsem_ns.teachers.labels_teacher import read_depth_image
+
+
+def _scene(pipeline):
+    """Views, metadata, class ids/names, the labelled cloud (dataparser frame) and the clean reference."""
+    cfg, dm = pipeline.config.semantic_eval, pipeline.datamanager
+    metadata = dm.scene_metadata()
+    cloud = read_point_cloud(Path(metadata[LABELED_POINTS_KEY]))
+    ids, names = class_queries(_query_class_names(metadata, cloud, cfg.class_table))
+    views = dm.scene_views()
+    reference = _ground_truth_reference(views, metadata, cfg.class_table)
+    return views, metadata, ids, names, cloud, _to_dataparser_frame(cloud.xyz, metadata), reference
+
+
+def _positions(pipeline, views, split: str) -> List[int]:
+    count = sum(v.split == split for v in views)
+    if split == "eval":
+        return list(range(count))
+    wanted = min(pipeline.config.semantic_eval.train_views_scored, count)
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, wanted)})
+
+
+def _cameras(pipeline, split: str):
+    dm = pipeline.datamanager
+    return dm.eval_dataset.cameras if split == "eval" else dm.train_dataset.cameras
+
+
+@torch.no_grad()
+def geometry_oracle(pipeline, max_distance_m: float = 0.05) -> Dict:
+    """``{"oracle_2d": scores, "oracle_2d_train_views": scores, "oracle_labelled_fraction": f}``: Gaussians
+    labelled with the class of the nearest labelled point within ``max_distance_m`` (metres; farther ones,
+    floaters, render as no class), rendered at the protocol's scale and scored against the same ground truth."""
+    model, cfg = pipeline.model, pipeline.config.semantic_eval
+    views, metadata, ids, names, cloud, points, reference = _scene(pipeline)
+    means = model.means.detach().cpu().numpy()
+    distance, nearest = cKDTree(points).query(means, k=1)
+    classes = remap_labels(cloud.labels[nearest], ids)
+    classes[distance > max_distance_m * metadata["dataparser_scale"]] = -1
+    channels = 32 if len(ids) <= 32 else 64 * ((len(ids) + 63) // 64)  # a channel count gsplat compiles
+    onehot = torch.zeros(len(classes), channels, device=model.device)
+    labelled = torch.as_tensor(classes >= 0, device=model.device)
+    onehot[labelled, torch.as_tensor(classes[classes >= 0], device=model.device)] = 1.0
+    out: Dict = {"oracle_labelled_fraction": float(labelled.float().mean())}
+    id_array = np.asarray(ids)
+    for split in ("eval", "train"):
+        positions = _positions(pipeline, views, split)
+        cameras = _cameras(pipeline, split)
+        cm = ConfusionMatrix(len(ids), ignore_index=-1)
+        for j, gt in zip(positions, reference.label_maps(split=split, positions=positions), strict=True):
+            rendered = model._render_features(
+                cameras[j : j + 1], onehot, scale=cfg.render_scale, normalize=False
+            )
+            index = rendered[..., : len(ids)].argmax(-1).cpu().numpy()
+            predicted = np.where(rendered.sum(-1).cpu().numpy() > 1e-6, id_array[index], 0)  # 0: no class
+            accumulate_2d(cm, upsample_labels(torch.as_tensor(predicted), tuple(gt.shape)), gt, ids)
+        out["oracle_2d" + ("" if split == "eval" else "_train_views")] = score(cm, names, cfg)
+    return out
+
+
+@torch.no_grad()
+def dump_views(pipeline, out: Path) -> Dict:
+    """``out/views_<split>.npz``: per scored view (``positions`` within its split) the ground-truth, model and
+    teacher class ids (uint8 indices into ``names``, 255 = none), the RGB render, rendered depth (mm) and
+    accumulation (0-255); the images and sensor depth stay with the scene. ``out/gaussians.npz``: every
+    Gaussian's position and largest scale (metres, the dataparser's axes), opacity and predicted class index."""
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline.eval()  # nerfstudio's image metrics leave the pipeline in training mode
+    model, cfg = pipeline.model, pipeline.config.semantic_eval
+    views, metadata, ids, names, _, _, reference = _scene(pipeline)
+    teacher = pipeline._query_teacher()
+    teacher.prepare_scene(views, metadata)
+    text = teacher.encode_text(names).to(model.device)
+    scale = metadata["dataparser_scale"]
+
+    def index_map(labels) -> np.ndarray:
+        return remap_labels(torch.as_tensor(labels).cpu().numpy(), ids, ignore_index=255).astype(np.uint8)
+
+    for split in ("eval", "train"):
+        positions = _positions(pipeline, views, split)
+        cameras = _cameras(pipeline, split)
+        split_views = [v for v in views if v.split == split]
+        arrays: Dict[str, list] = {}
+        for j, gt in zip(positions, reference.label_maps(split=split, positions=positions), strict=True):
+            size = tuple(gt.shape)
+            camera = cameras[j : j + 1].to(model.device)
+            outputs = model.get_outputs(camera)
+            latent = model.render_semantic_latent(cameras[j : j + 1], scale=cfg.render_scale)
+            predicted = classify_map(model.decode_features(latent, teacher.name), text, ids)
+            taught = _teacher_labels(teacher, split_views[j], text, ids)
+            entries = {
+                "gt": index_map(gt),
+                "model": index_map(upsample_labels(predicted, size)),
+                "teacher": index_map(upsample_labels(taught, size)),
+                "rgb": (outputs["rgb"].clamp(0, 1) * 255).byte().cpu().numpy(),
+                "depth_mm": (outputs["depth"][..., 0] / scale * 1000)
+                .clamp(0, 65535)
+                .cpu()
+                .numpy()
+                .astype(np.uint16),
+                "accumulation": (outputs["accumulation"][..., 0].clamp(0, 1) * 255).byte().cpu().numpy(),
+            }
+            for key, value in entries.items():
+                arrays.setdefault(key, []).append(value)
+        np.savez_compressed(
+            out / f"views_{split}.npz",
+            names=np.asarray(names),
+            positions=np.asarray(positions),
+            **{k: np.stack(v) for k, v in arrays.items()},
+        )
+    labels = classify_by_text(model.gaussian_features(teacher.name), text, ids)
+    np.savez_compressed(
+        out / "gaussians.npz",
+        means=(model.means.detach().cpu().numpy() / scale).astype(np.float16),
+        opacity=torch.sigmoid(model.opacities.detach()).squeeze(-1).cpu().numpy().astype(np.float16),
+        max_scale=(torch.exp(model.scales.detach()).amax(-1).cpu().numpy() / scale).astype(np.float16),
+        label=index_map(labels),
+        names=np.asarray(names),
+    )
+    return {"views_dumped_to": str(out)}
+
+
+@torch.no_grad()
+def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict:
+    """Lifting by plain voting, scored at the held-out views: every ``stride``-th pixel of each held-out view is
+    placed in 3D with that view's sensor depth and takes the majority of the teacher's labels over the training
+    views that see it (the "2D teacher back-projected" baseline's vote, with its depth test). Keys:
+    ``vote_2d`` (pixels no training view sees count as wrong), ``vote_2d_seen`` (only pixels some training view
+    sees), ``seen_fraction``, ``teacher_2d`` (the teacher per view at the same pixels) and, given a ``dump``
+    (``views_eval.npz`` of ``dump_views``), ``model_2d_seen`` / ``model_2d_unseen``: the trained model on the
+    pixels that training views see and on the others. Uses the held-out depth, so it is a diagnostic only."""
+    cfg = pipeline.config.semantic_eval
+    views, metadata, ids, names, _, _, reference = _scene(pipeline)
+    teacher = pipeline._query_teacher()
+    teacher.prepare_scene(views, metadata)
+    text = teacher.encode_text(names).to(pipeline.model.device)
+    voters = pipeline._teacher_view_labels(teacher, views, text, ids, metadata)
+    depth_scale = metadata["depth_unit_scale_factor"] * metadata["dataparser_scale"]
+    held_out = [v for v in views if v.split == "eval"]
+    dumped = np.load(dump) if dump is not None else None
+    keys = ("vote_2d", "vote_2d_seen", "teacher_2d") + (
+        ("model_2d_seen", "model_2d_unseen") if dumped is not None else ()
+    )
+    matrices = {key: ConfusionMatrix(len(ids), ignore_index=-1) for key in keys}
+    seen_pixels = labelled_pixels = 0
+    for j, (view, gt) in enumerate(zip(held_out, reference.label_maps(split="eval"), strict=True)):
+        size = tuple(gt.shape)
+        rows, cols = np.mgrid[0 : size[0] : stride, 0 : size[1] : stride]
+        depth = (
+            read_depth_image(Path(view.depth_path), size, depth_scale)[rows, cols]
+            if view.depth_path
+            else None
+        )
+        if depth is None:
+            raise ValueError("heldout_vote needs sensor depth for the held-out views")
+        k = np.asarray(view.intrinsics, dtype=np.float64)
+        pose = np.asarray(view.camera_to_world, dtype=np.float64)
+        camera = np.stack(
+            [(cols + 0.5 - k[0, 2]) / k[0, 0] * depth, -(rows + 0.5 - k[1, 2]) / k[1, 1] * depth, -depth], -1
+        ).reshape(-1, 3)
+        labels, votes = backproject_vote(camera @ pose[:3, :3].T + pose[:3, 3], voters, cfg.depth_tolerance)
+        seen = (votes > 0) & (depth.reshape(-1) > 0)
+        truth = remap_labels(gt.numpy()[rows, cols].reshape(-1), ids)
+        taught = upsample_labels(_teacher_labels(teacher, view, text, ids), size).cpu().numpy()[rows, cols]
+        matrices["vote_2d"].update(remap_labels(np.where(seen, labels, 0), ids), truth)
+        matrices["vote_2d_seen"].update(remap_labels(labels, ids), np.where(seen, truth, -1))
+        matrices["teacher_2d"].update(remap_labels(taught.reshape(-1), ids), truth)
+        if dumped is not None:
+            if list(dumped["names"]) != list(names):
+                raise ValueError(f"{dump} was written for other classes than this scene's queries")
+            model = dumped["model"][j][rows, cols].reshape(-1).astype(np.int64)
+            model = np.where(model < len(ids), model, -2)  # 255 (no class) counts as wrong
+            matrices["model_2d_seen"].update(model, np.where(seen, truth, -1))
+            matrices["model_2d_unseen"].update(model, np.where(seen, -1, truth))
+        seen_pixels += int((seen & (truth >= 0)).sum())
+        labelled_pixels += int((truth >= 0).sum())
+    out = {key: score(cm, names, cfg) for key, cm in matrices.items()}
+    out["seen_fraction"] = seen_pixels / max(labelled_pixels, 1)
+    return out
+
+
+def main() -> None:
+    import argparse
+    import json
+    import tempfile
+
+    from common import build_trainer, trainer_config
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--dump", type=Path, help="views_eval.npz written by semantic_report.py --dump-views")
+    parser.add_argument("--teachers", nargs="+", default=["labels"])
+    parser.add_argument("--eval-mode", default="interval")
+    parser.add_argument("--stride", type=int, default=4, help="score every STRIDE-th pixel per axis")
+    parser.add_argument(
+        "--note", default="", help="a line for the report (for example which run the dump is from)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = trainer_config(
+            "chorus-splat",
+            args.data,
+            Path(tmp),
+            1,
+            args.teachers,
+            full_resolution=False,
+            eval_mode=args.eval_mode,
+        )
+        trainer = build_trainer(cfg)
+        result = heldout_vote(trainer.pipeline, args.stride, args.dump)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "data": str(args.data),
+        "dump": args.dump.name if args.dump else None,
+        "note": args.note,
+        "stride": args.stride,
+        **result,
+    }
+    (args.out / "heldout_vote.json").write_text(json.dumps(report, indent=2))
+    rows = [
+        ("2D teacher per view", "teacher_2d"),
+        ("plain vote of the training views' teacher labels (unseen pixels count as wrong)", "vote_2d"),
+        ("plain vote, pixels some training view sees", "vote_2d_seen"),
+        ("trained model, pixels some training view sees", "model_2d_seen"),
+        ("trained model, pixels no training view sees", "model_2d_unseen"),
+    ]
+    lines = [
+        f"# Held-out views of `{args.data}`: multi-view voting of the teacher",
+        "",
+        f"- every {args.stride}th pixel per axis of each held-out view, placed in 3D with its sensor depth; "
+        f"{100 * result['seen_fraction']:.1f}% of the labelled ones are seen by some training view (depth test)",
+        f"- model scores from the dump `{args.dump.name}`" if args.dump else "- no model dump given",
+        *([f"- note: {args.note}"] if args.note else []),
+        "",
+        "| scored | mIoU | mAcc |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {100 * result[key]['miou']:.1f} | {100 * result[key]['macc']:.1f} |"
+        for name, key in rows
+        if key in result
+    ]
+    per_class = ["", "| class | teacher | vote (seen) | model (seen) |", "|---|---|---|---|"]
+    for cls, entry in result["teacher_2d"]["per_class"].items():
+        if entry["gt_count"]:
+            cells = [
+                result[k]["per_class"][cls]["iou"] if k in result else None
+                for k in ("teacher_2d", "vote_2d_seen", "model_2d_seen")
+            ]
+            per_class.append(
+                f"| {cls} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |"
+            )
+    (args.out / "heldout_vote.md").write_text("\n".join(lines + per_class) + "\n")
+    print("\n".join(lines + per_class))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

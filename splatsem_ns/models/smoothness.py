@@ -1,0 +1,52 @@
+"""A 3D prior on the semantic latent: Gaussians that share a voxel should agree.
+
+Distillation supervises a Gaussian only through the pixels where it is visible, in proportion to its blending
+weight there. Gaussians that training views see barely, or only behind others, keep latents that nothing
+constrains, and a new viewpoint can put them in front. Measured on ScanNet scene0000_00
+(benchmarks/results/semantic_report_scannet_h200.md): labelling every Gaussian with its nearest labelled point's
+class scores about 71 2D mIoU at held-out views through the trained geometry, while the distilled latents score
+51 to 54 there. This prior pulls each latent towards the opacity-weighted mean latent of its voxel. Voxels are
+offset at random every step, so over training the pull reaches every neighbour within about a voxel and spreads,
+step by step, into regions that no view supervises; a well-supervised Gaussian is also held by its distillation
+gradients. There it raised 3D foreground mIoU from about 53 to about 60; it is off by default because on the
+synthetic room it blurred the instance features that share the latent (see ``semantic_smoothness_weight``).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+_AXIS_BITS = 21
+"""Bits per voxel coordinate in the packed 64-bit key (coordinates within +-2^20 voxels of the origin)."""
+
+
+def voxel_keys(cells: "torch.LongTensor") -> "torch.LongTensor":
+    """One int64 per integer voxel coordinate triple ``[N, 3]``: equal keys exactly when the cells are equal."""
+    half = 1 << (_AXIS_BITS - 1)
+    shifted = (cells + half).clamp(0, (1 << _AXIS_BITS) - 1)
+    return (shifted[:, 0] << (2 * _AXIS_BITS)) | (shifted[:, 1] << _AXIS_BITS) | shifted[:, 2]
+
+
+def voxel_consensus_loss(
+    latent: Float[Tensor, "N D"],
+    means: Float[Tensor, "N 3"],
+    weights: Float[Tensor, " N"],
+    voxel: float,
+    offset: Float[Tensor, "3"],
+) -> Float[Tensor, ""]:
+    """Mean ``1 - cos(latent_i, m_v(i))`` over the Gaussians that share their voxel with another, where
+    ``m_v`` is the ``weights``-weighted mean latent of voxel v (a fixed target: no gradient flows through it).
+    Voxels have edge ``voxel`` and their grid is shifted by ``offset`` (same units as ``means``)."""
+    cells = torch.floor((means.detach() - offset) / voxel).long()
+    _, inverse, counts = torch.unique(voxel_keys(cells), return_inverse=True, return_counts=True)
+    weights = weights.detach().to(latent.dtype)
+    num_voxels = counts.shape[0]
+    sums = torch.zeros(num_voxels, latent.shape[1], dtype=latent.dtype, device=latent.device)
+    sums.index_add_(0, inverse, latent.detach() * weights[:, None])
+    totals = torch.zeros(num_voxels, dtype=latent.dtype, device=latent.device).index_add_(0, inverse, weights)
+    target = sums[inverse] / totals[inverse].clamp(min=1e-12)[:, None]
+    shared = (counts[inverse] > 1).to(latent.dtype)
+    cosine = torch.nn.functional.cosine_similarity(latent, target, dim=-1, eps=1e-8)
+    return ((1.0 - cosine) * shared).sum() / shared.sum().clamp(min=1.0)

@@ -188,12 +188,12 @@ def markdown(report: dict) -> str:
             ),
         ]
         rows += [
-            ("diagnostic: 2D, held-out views", "ground-truth labels on the trained Gaussians", "oracle_2d"),
-            (
-                "diagnostic: 2D, training views",
-                "ground-truth labels on the trained Gaussians",
-                "oracle_2d_train_views",
-            ),
+            (f"diagnostic: 2D, {where}", f"ground-truth labels on the trained Gaussians, {others}", key)
+            for where, suffix in (("held-out views", ""), ("training views", "_train_views"))
+            for others, key in (
+                ("off-surface ones transparent", f"oracle_2d{suffix}"),
+                ("off-surface ones opaque", f"oracle_2d_blocking{suffix}"),
+            )
         ]
         rows += [
             (f"diagnostic: 2D, held-out, render scale {key.rsplit('_', 1)[1]}", run["method"], key)

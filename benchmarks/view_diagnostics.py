@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -49,14 +49,6 @@ def _scene(pipeline):
     return views, metadata, ids, names, cloud, _to_dataparser_frame(cloud.xyz, metadata), reference
 
 
-def _positions(pipeline, views, split: str) -> List[int]:
-    count = sum(v.split == split for v in views)
-    if split == "eval":
-        return list(range(count))
-    wanted = min(pipeline.config.semantic_eval.train_views_scored, count)
-    return sorted({int(round(i)) for i in np.linspace(0, count - 1, wanted)})
-
-
 def _cameras(pipeline, split: str):
     dm = pipeline.datamanager
     return dm.eval_dataset.cameras if split == "eval" else dm.train_dataset.cameras
@@ -64,33 +56,46 @@ def _cameras(pipeline, split: str):
 
 @torch.no_grad()
 def geometry_oracle(pipeline, max_distance_m: float = 0.05) -> Dict:
-    """``{"oracle_2d": scores, "oracle_2d_train_views": scores, "oracle_labelled_fraction": f}``: Gaussians
-    labelled with the class of the nearest labelled point within ``max_distance_m`` (metres; farther ones,
-    floaters, render as no class), rendered at the protocol's scale and scored against the same ground truth."""
+    """Gaussians labelled with the class of their nearest labelled point within ``max_distance_m`` (metres),
+    rendered at the protocol's scale and scored against the same ground truth. The others (off the labelled
+    surfaces: floaters, or surfaces without labelled points) are counted two ways, from one render:
+
+    - ``oracle_2d`` / ``oracle_2d_train_views``: transparent. The score of the labelled-surface Gaussians alone;
+      it ignores whatever floats in front of them.
+    - ``oracle_2d_blocking`` / ``oracle_2d_blocking_train_views``: opaque and of no class. A pixel whose largest
+      compositing weight is theirs is wrong, so floaters in front count against the geometry.
+
+    Also ``oracle_labelled_fraction``: the share of Gaussians within ``max_distance_m``."""
     model, cfg = pipeline.model, pipeline.config.semantic_eval
     views, metadata, ids, names, cloud, points, reference = _scene(pipeline)
     means = model.means.detach().cpu().numpy()
     distance, nearest = cKDTree(points).query(means, k=1)
     classes = remap_labels(cloud.labels[nearest], ids)
-    classes[distance > max_distance_m * metadata["dataparser_scale"]] = -1
-    channels = 32 if len(ids) <= 32 else 64 * ((len(ids) + 63) // 64)  # a channel count gsplat compiles
+    off_surface = len(ids)  # the channel of the Gaussians farther than max_distance_m
+    classes[distance > max_distance_m * metadata["dataparser_scale"]] = off_surface
+    classes[classes < 0] = off_surface  # near an unlabelled point, or one of a class not queried
+    channels = 32 if len(ids) < 32 else 64 * ((len(ids) + 64) // 64)  # a channel count gsplat compiles
     onehot = torch.zeros(len(classes), channels, device=model.device)
-    labelled = torch.as_tensor(classes >= 0, device=model.device)
-    onehot[labelled, torch.as_tensor(classes[classes >= 0], device=model.device)] = 1.0
-    out: Dict = {"oracle_labelled_fraction": float(labelled.float().mean())}
-    id_array = np.asarray(ids)
+    onehot[torch.arange(len(classes), device=model.device), torch.as_tensor(classes, device=model.device)] = (
+        1.0
+    )
+    out: Dict = {"oracle_labelled_fraction": float(np.mean(classes < off_surface))}
+    id_array = np.asarray(list(ids) + [0])  # 0: no class
     for split in ("eval", "train"):
-        positions = _positions(pipeline, views, split)
+        positions = pipeline.scored_view_positions(views)[split]
         cameras = _cameras(pipeline, split)
-        cm = ConfusionMatrix(len(ids), ignore_index=-1)
+        matrices = {mode: ConfusionMatrix(len(ids), ignore_index=-1) for mode in ("", "_blocking")}
         for j, gt in zip(positions, reference.label_maps(split=split, positions=positions), strict=True):
             rendered = model._render_features(
                 cameras[j : j + 1], onehot, scale=cfg.render_scale, normalize=False
-            )
-            index = rendered[..., : len(ids)].argmax(-1).cpu().numpy()
-            predicted = np.where(rendered.sum(-1).cpu().numpy() > 1e-6, id_array[index], 0)  # 0: no class
-            accumulate_2d(cm, upsample_labels(torch.as_tensor(predicted), tuple(gt.shape)), gt, ids)
-        out["oracle_2d" + ("" if split == "eval" else "_train_views")] = score(cm, names, cfg)
+            )[..., : off_surface + 1].cpu()
+            surface = rendered[..., :off_surface]
+            transparent = torch.where(surface.sum(-1) > 1e-6, surface.argmax(-1), off_surface)
+            for mode, index in (("", transparent), ("_blocking", rendered.argmax(-1))):
+                predicted = torch.as_tensor(id_array[index.numpy()])
+                accumulate_2d(matrices[mode], upsample_labels(predicted, tuple(gt.shape)), gt, ids)
+        for mode, cm in matrices.items():
+            out["oracle_2d" + mode + ("" if split == "eval" else "_train_views")] = score(cm, names, cfg)
     return out
 
 
@@ -113,7 +118,7 @@ def dump_views(pipeline, out: Path) -> Dict:
         return remap_labels(torch.as_tensor(labels).cpu().numpy(), ids, ignore_index=255).astype(np.uint8)
 
     for split in ("eval", "train"):
-        positions = _positions(pipeline, views, split)
+        positions = pipeline.scored_view_positions(views)[split]
         cameras = _cameras(pipeline, split)
         split_views = [v for v in views if v.split == split]
         arrays: Dict[str, list] = {}

@@ -123,10 +123,7 @@ class ChorusPipeline(VanillaPipeline):
         out: Dict = {"semantic_query_teacher": teacher.name, "semantic_classes": names}
 
         reference = _ground_truth_reference(views, metadata, cfg.class_table)
-        num_views = {split: sum(v.split == split for v in views) for split in ("eval", "train")}
-        # Every held-out view; an even sample of the training views, scored as a diagnostic.
-        spread = np.linspace(0, num_views["train"] - 1, min(cfg.train_views_scored, num_views["train"]))
-        picked = {"eval": list(range(num_views["eval"])), "train": sorted({int(round(i)) for i in spread})}
+        picked = self.scored_view_positions(views)
         if reference is None or not picked["eval"]:
             CONSOLE.log("Held-out views have no labels: skipping 2D segmentation metrics.")
         if reference is not None:
@@ -172,6 +169,15 @@ class ChorusPipeline(VanillaPipeline):
                 names,
             )
         return out
+
+    def scored_view_positions(self, views: List[SceneView]) -> Dict[str, List[int]]:
+        """Positions within each split of the views that 2D scoring renders: every held-out view ("eval"), and
+        an even sample of ``train_views_scored`` training views ("train"), scored as a diagnostic."""
+        count = {split: sum(v.split == split for v in views) for split in ("eval", "train")}
+        spread = np.linspace(
+            0, count["train"] - 1, min(self.config.semantic_eval.train_views_scored, count["train"])
+        )
+        return {"eval": list(range(count["eval"])), "train": sorted({int(round(i)) for i in spread})}
 
     def _score_2d(
         self,

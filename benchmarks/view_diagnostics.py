@@ -1,8 +1,8 @@
 """Diagnostics of where a trained chorus-splat scene's 2D segmentation errors come from (used by semantic_report).
 
-- ``geometry_oracle``: every Gaussian takes the ground-truth class of its nearest labelled point, and these
-  one-hot labels are rendered through the trained geometry at the protocol's views and scored like the model.
-  It bounds what any semantic latent could reach on this geometry: where the oracle is wrong, the Gaussians in
+- ``geometry_oracle``: every Gaussian near a labelled point takes that point's ground-truth class, and these
+  one-hot labels are rendered through the trained geometry at the protocol's views and scored like the model:
+  roughly what a perfect semantic latent would reach on this geometry. Where it is wrong, the Gaussians in
   front (floaters, holes, misplaced surfaces) are wrong, not their features.
 - ``dump_views``: per-view arrays (ground truth, model and teacher classes, RGB, depth, opacity) for offline
   inspection.

@@ -25,6 +25,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from splatsem_ns.data.dataparser import LABELED_POINTS_KEY
+from splatsem_ns.data.depth import backproject_depth
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.evaluation.metrics import ConfusionMatrix, remap_labels
 from splatsem_ns.evaluation.protocol import accumulate_2d, class_queries, classify_map, score, upsample_labels
@@ -178,7 +179,11 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     voters = pipeline._teacher_view_labels(teacher, views, text, ids, metadata)
     depth_scale = metadata["depth_unit_scale_factor"] * metadata["dataparser_scale"]
     held_out = [v for v in views if v.split == "eval"]
+    if any(v.depth_path is None for v in held_out):
+        raise ValueError("heldout_vote needs sensor depth for the held-out views")
     dumped = np.load(dump) if dump is not None else None
+    if dumped is not None and list(dumped["names"]) != list(names):
+        raise ValueError(f"{dump} was written for other classes than this scene's queries")
     keys = ("vote_2d", "vote_2d_seen", "teacher_2d") + (
         ("model_2d_seen", "model_2d_unseen") if dumped is not None else ()
     )
@@ -187,28 +192,27 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     for j, (view, gt) in enumerate(zip(held_out, reference.label_maps(split="eval"), strict=True)):
         size = tuple(gt.shape)
         rows, cols = np.mgrid[0 : size[0] : stride, 0 : size[1] : stride]
-        depth = (
-            read_depth_image(Path(view.depth_path), size, depth_scale)[rows, cols]
-            if view.depth_path
-            else None
+        depth = torch.from_numpy(read_depth_image(Path(view.depth_path), size, depth_scale))
+        k = view.intrinsics
+        # The pixels with a measurement, in 3D, in the order of depth[::stride, ::stride][measured].
+        world, _ = backproject_depth(
+            depth,
+            view.image,
+            (float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])),
+            view.camera_to_world,
+            stride,
         )
-        if depth is None:
-            raise ValueError("heldout_vote needs sensor depth for the held-out views")
-        k = np.asarray(view.intrinsics, dtype=np.float64)
-        pose = np.asarray(view.camera_to_world, dtype=np.float64)
-        camera = np.stack(
-            [(cols + 0.5 - k[0, 2]) / k[0, 0] * depth, -(rows + 0.5 - k[1, 2]) / k[1, 1] * depth, -depth], -1
-        ).reshape(-1, 3)
-        labels, votes = backproject_vote(camera @ pose[:3, :3].T + pose[:3, 3], voters, cfg.depth_tolerance)
-        seen = (votes > 0) & (depth.reshape(-1) > 0)
+        measured = (depth[::stride, ::stride] > 0).numpy().reshape(-1)
+        labels = np.full(measured.shape, -1, dtype=np.int64)
+        votes = np.zeros(measured.shape, dtype=np.int64)
+        labels[measured], votes[measured] = backproject_vote(world.numpy(), voters, cfg.depth_tolerance)
+        seen = votes > 0
         truth = remap_labels(gt.numpy()[rows, cols].reshape(-1), ids)
         taught = upsample_labels(_teacher_labels(teacher, view, text, ids), size).cpu().numpy()[rows, cols]
         matrices["vote_2d"].update(remap_labels(np.where(seen, labels, 0), ids), truth)
         matrices["vote_2d_seen"].update(remap_labels(labels, ids), np.where(seen, truth, -1))
         matrices["teacher_2d"].update(remap_labels(taught.reshape(-1), ids), truth)
         if dumped is not None:
-            if list(dumped["names"]) != list(names):
-                raise ValueError(f"{dump} was written for other classes than this scene's queries")
             model = dumped["model"][j][rows, cols].reshape(-1).astype(np.int64)
             model = np.where(model < len(ids), model, -2)  # 255 (no class) counts as wrong
             matrices["model_2d_seen"].update(model, np.where(seen, truth, -1))

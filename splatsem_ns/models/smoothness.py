@@ -5,11 +5,12 @@ weight there. Gaussians that training views see barely, or only behind others, k
 constrains, and a new viewpoint can put them in front. Measured on ScanNet scene0000_00
 (benchmarks/results/semantic_report_scannet_h200.md): labelling the Gaussians near labelled points with those
 points' classes scores about 71 2D mIoU at held-out views through the trained geometry (the others left
-transparent), while the distilled latents score 51 to 54 there. This prior pulls each latent towards the opacity-weighted mean latent of its voxel. Voxels are
-offset at random every step, so over training the pull reaches every neighbour within about a voxel and spreads,
-step by step, into regions that no view supervises; a well-supervised Gaussian is also held by its distillation
-gradients. There it raised 3D foreground mIoU from about 53 to about 60; it is off by default because on the
-synthetic room it blurred the instance features that share the latent (see ``semantic_smoothness_weight``).
+transparent), while the distilled latents score 51 to 54 there. This prior pulls each latent towards the
+opacity-weighted mean latent of its voxel. Voxels are offset at random every step, so over training the pull
+reaches every neighbour within about a voxel and spreads, step by step, into regions that no view supervises;
+a well-supervised Gaussian is also held by its distillation gradients. There it raised 3D foreground mIoU from
+about 53 to about 60; it is off by default because on the synthetic room it blurred the instance features that
+share the latent (see ``semantic_smoothness_weight``).
 """
 
 from __future__ import annotations

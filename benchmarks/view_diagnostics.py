@@ -29,10 +29,11 @@ from splatsem_ns.data.depth import backproject_depth
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.evaluation.metrics import ConfusionMatrix, remap_labels
 from splatsem_ns.evaluation.protocol import accumulate_2d, class_queries, classify_map, score, upsample_labels
-from splatsem_ns.evaluation.voting import backproject_vote, classify_by_text
+from splatsem_ns.evaluation.voting import backproject_mean, backproject_vote, classify_by_text
 from splatsem_ns.pipelines.chorus_pipeline import (
     _ground_truth_reference,
     _query_class_names,
+    _teacher_features,
     _teacher_labels,
     _to_dataparser_frame,
 )
@@ -164,19 +165,34 @@ def dump_views(pipeline, out: Path) -> Dict:
 
 @torch.no_grad()
 def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict:
-    """Lifting by plain voting, scored at the held-out views: every ``stride``-th pixel of each held-out view is
-    placed in 3D with that view's sensor depth and takes the majority of the teacher's labels over the training
-    views that see it (the "2D teacher back-projected" baseline's vote, with its depth test). Keys:
-    ``vote_2d`` (pixels no training view sees count as wrong), ``vote_2d_seen`` (only pixels some training view
-    sees), ``seen_fraction``, ``teacher_2d`` (the teacher per view at the same pixels) and, given a ``dump``
-    (``views_eval.npz`` of ``dump_views``), ``model_2d_seen`` / ``model_2d_unseen``: the trained model on the
-    pixels that training views see and on the others. Uses the held-out depth, so it is a diagnostic only."""
+    """Lifting without optimisation, scored at the held-out views: every ``stride``-th pixel of each held-out view
+    is placed in 3D with that view's sensor depth and labelled from the training views that see it (the "2D
+    teacher back-projected" baseline's depth test). Keys, each a score dict:
+
+    - ``vote_2d``: the plain majority of the teacher's labels (pixels no training view sees count as wrong);
+      ``vote_2d_seen``: the same, only the pixels some training view sees;
+    - ``soft_vote_2d_seen``: the mean of the teacher's unit features over those views (one vote per view),
+      classified afterwards, on the same pixels;
+    - ``teacher_2d``: the teacher run on the held-out view itself; ``teacher_2d_seen`` / ``teacher_2d_unseen``: on
+      the pixels some training view sees / on the others.
+
+    and ``seen_fraction``. Given a ``dump`` (``views_eval.npz`` of ``dump_views``), also ``model_2d_seen`` /
+    ``model_2d_unseen`` (the trained model on the pixels training views see and on the others),
+    ``soft_vote_seen_model_unseen_2d`` (all pixels: the soft vote where training views see, the model elsewhere),
+    ``soft_vote_rendered_depth_2d_seen`` (the soft vote with each pixel placed at the model's rendered depth
+    instead, on the same pixels; a pixel whose rendered point no training view sees counts as wrong) and
+    ``rendered_depth_within_tolerance`` (the fraction of measured held-out pixels whose rendered depth is within
+    the protocol's depth tolerance of the sensor's). The sensor depth of held-out views is evaluation data, so
+    this is a diagnostic only."""
     cfg = pipeline.config.semantic_eval
     views, metadata, ids, names, _, _, reference = _scene(pipeline)
     teacher = pipeline._query_teacher()
     teacher.prepare_scene(views, metadata)
     text = teacher.encode_text(names).to(pipeline.model.device)
     voters = pipeline._teacher_view_labels(teacher, views, text, ids, metadata)
+    voter_features = [
+        _teacher_features(teacher, v).float().cpu().numpy() for v in views if v.split == "train"
+    ]
     depth_scale = metadata["depth_unit_scale_factor"] * metadata["dataparser_scale"]
     held_out = [v for v in views if v.split == "eval"]
     if any(v.depth_path is None for v in held_out):
@@ -184,43 +200,82 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     dumped = np.load(dump) if dump is not None else None
     if dumped is not None and list(dumped["names"]) != list(names):
         raise ValueError(f"{dump} was written for other classes than this scene's queries")
-    keys = ("vote_2d", "vote_2d_seen", "teacher_2d") + (
-        ("model_2d_seen", "model_2d_unseen") if dumped is not None else ()
+    keys = (
+        "vote_2d",
+        "vote_2d_seen",
+        "soft_vote_2d_seen",
+        "teacher_2d",
+        "teacher_2d_seen",
+        "teacher_2d_unseen",
     )
+    if dumped is not None:
+        keys += (
+            "model_2d_seen",
+            "model_2d_unseen",
+            "soft_vote_rendered_depth_2d_seen",
+            "soft_vote_seen_model_unseen_2d",
+        )
     matrices = {key: ConfusionMatrix(len(ids), ignore_index=-1) for key in keys}
-    seen_pixels = labelled_pixels = 0
+    seen_pixels = labelled_pixels = depth_ok = depth_measured = 0
+
+    def place(depth: torch.Tensor, view) -> tuple:
+        """Every ``stride``-th pixel with a depth, in 3D: (world points [M, 3], mask of those pixels [P])."""
+        k = view.intrinsics
+        fxfycxcy = (float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2]))
+        world, _ = backproject_depth(depth, view.image, fxfycxcy, view.camera_to_world, stride)
+        return world.numpy(), (depth[::stride, ::stride] > 0).numpy().reshape(-1)
+
+    def soft_labels(world: np.ndarray, placed: np.ndarray) -> np.ndarray:
+        """Class ids of the soft vote at the placed pixels, -2 (wrong) where no training view sees the point."""
+        mean, votes = backproject_mean(world, voters, voter_features, cfg.depth_tolerance)
+        labels = np.full(placed.shape, -2, dtype=np.int64)
+        classes = classify_by_text(torch.from_numpy(mean), text.cpu(), ids)
+        labels[placed] = np.where(votes > 0, remap_labels(np.asarray(classes), ids), -2)
+        return labels
+
     for j, (view, gt) in enumerate(zip(held_out, reference.label_maps(split="eval"), strict=True)):
         size = tuple(gt.shape)
         rows, cols = np.mgrid[0 : size[0] : stride, 0 : size[1] : stride]
         depth = torch.from_numpy(read_depth_image(Path(view.depth_path), size, depth_scale))
-        k = view.intrinsics
         # The pixels with a measurement, in 3D, in the order of depth[::stride, ::stride][measured].
-        world, _ = backproject_depth(
-            depth,
-            view.image,
-            (float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])),
-            view.camera_to_world,
-            stride,
-        )
-        measured = (depth[::stride, ::stride] > 0).numpy().reshape(-1)
+        world, measured = place(depth, view)
         labels = np.full(measured.shape, -1, dtype=np.int64)
         votes = np.zeros(measured.shape, dtype=np.int64)
-        labels[measured], votes[measured] = backproject_vote(world.numpy(), voters, cfg.depth_tolerance)
+        labels[measured], votes[measured] = backproject_vote(world, voters, cfg.depth_tolerance)
         seen = votes > 0
         truth = remap_labels(gt.numpy()[rows, cols].reshape(-1), ids)
+        truth_seen = np.where(seen, truth, -1)
         taught = upsample_labels(_teacher_labels(teacher, view, text, ids), size).cpu().numpy()[rows, cols]
+        taught = remap_labels(taught.reshape(-1), ids)
         matrices["vote_2d"].update(remap_labels(np.where(seen, labels, 0), ids), truth)
-        matrices["vote_2d_seen"].update(remap_labels(labels, ids), np.where(seen, truth, -1))
-        matrices["teacher_2d"].update(remap_labels(taught.reshape(-1), ids), truth)
+        matrices["vote_2d_seen"].update(remap_labels(labels, ids), truth_seen)
+        soft = soft_labels(world, measured)
+        matrices["soft_vote_2d_seen"].update(soft, truth_seen)
+        matrices["teacher_2d"].update(taught, truth)
+        matrices["teacher_2d_seen"].update(taught, truth_seen)
+        matrices["teacher_2d_unseen"].update(taught, np.where(seen, -1, truth))
         if dumped is not None:
             model = dumped["model"][j][rows, cols].reshape(-1).astype(np.int64)
             model = np.where(model < len(ids), model, -2)  # 255 (no class) counts as wrong
-            matrices["model_2d_seen"].update(model, np.where(seen, truth, -1))
+            matrices["model_2d_seen"].update(model, truth_seen)
             matrices["model_2d_unseen"].update(model, np.where(seen, -1, truth))
+            matrices["soft_vote_seen_model_unseen_2d"].update(np.where(seen, soft, model), truth)
+            rendered = torch.from_numpy(
+                dumped["depth_mm"][j].astype(np.float32) * (metadata["dataparser_scale"] / 1000.0)
+            )
+            matrices["soft_vote_rendered_depth_2d_seen"].update(
+                soft_labels(*place(rendered, view)), truth_seen
+            )
+            sensor = depth[::stride, ::stride].numpy().reshape(-1)
+            off = np.abs(rendered[::stride, ::stride].numpy().reshape(-1) - sensor)
+            depth_ok += int((measured & (off < cfg.depth_tolerance)).sum())
+            depth_measured += int(measured.sum())
         seen_pixels += int((seen & (truth >= 0)).sum())
         labelled_pixels += int((truth >= 0).sum())
     out = {key: score(cm, names, cfg) for key, cm in matrices.items()}
     out["seen_fraction"] = seen_pixels / max(labelled_pixels, 1)
+    if dumped is not None:
+        out["rendered_depth_within_tolerance"] = depth_ok / max(depth_measured, 1)
     return out
 
 
@@ -256,6 +311,7 @@ def main() -> None:
         )
         trainer = build_trainer(cfg)
         result = heldout_vote(trainer.pipeline, args.stride, args.dump)
+        pipeline_tolerance = trainer.pipeline.config.semantic_eval.depth_tolerance
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "data": str(args.data),
@@ -268,9 +324,23 @@ def main() -> None:
     rows = [
         ("2D teacher per view", "teacher_2d"),
         ("plain vote of the training views' teacher labels (unseen pixels count as wrong)", "vote_2d"),
+        ("2D teacher per view, pixels some training view sees", "teacher_2d_seen"),
+        ("2D teacher per view, pixels no training view sees", "teacher_2d_unseen"),
         ("plain vote, pixels some training view sees", "vote_2d_seen"),
+        (
+            "soft vote (mean unit feature, one vote per view), pixels some training view sees",
+            "soft_vote_2d_seen",
+        ),
+        (
+            "soft vote placed at the model's rendered depth instead of the sensor's, same pixels",
+            "soft_vote_rendered_depth_2d_seen",
+        ),
         ("trained model, pixels some training view sees", "model_2d_seen"),
         ("trained model, pixels no training view sees", "model_2d_unseen"),
+        (
+            "all pixels: the soft vote where training views see, the trained model elsewhere",
+            "soft_vote_seen_model_unseen_2d",
+        ),
     ]
     lines = [
         f"# Held-out views of `{args.data}`: multi-view voting of the teacher",
@@ -278,6 +348,14 @@ def main() -> None:
         f"- every {args.stride}th pixel per axis of each held-out view, placed in 3D with its sensor depth; "
         f"{100 * result['seen_fraction']:.1f}% of the labelled ones are seen by some training view (depth test)",
         f"- model scores from the dump `{args.dump.name}`" if args.dump else "- no model dump given",
+        *(
+            [
+                f"- the model's rendered depth is within the depth tolerance ({pipeline_tolerance}) of the "
+                f"sensor's at {100 * result['rendered_depth_within_tolerance']:.1f}% of the measured pixels"
+            ]
+            if "rendered_depth_within_tolerance" in result
+            else []
+        ),
         *([f"- note: {args.note}"] if args.note else []),
         "",
         "| scored | mIoU | mAcc |",
@@ -288,12 +366,22 @@ def main() -> None:
         for name, key in rows
         if key in result
     ]
-    per_class = ["", "| class | teacher | vote (seen) | model (seen) |", "|---|---|---|---|"]
+    per_class = [
+        "",
+        "| class | teacher | teacher (seen) | vote (seen) | soft vote (seen) | model (seen) |",
+        "|---|---|---|---|---|---|",
+    ]
     for cls, entry in result["teacher_2d"]["per_class"].items():
         if entry["gt_count"]:
             cells = [
                 result[k]["per_class"][cls]["iou"] if k in result else None
-                for k in ("teacher_2d", "vote_2d_seen", "model_2d_seen")
+                for k in (
+                    "teacher_2d",
+                    "teacher_2d_seen",
+                    "vote_2d_seen",
+                    "soft_vote_2d_seen",
+                    "model_2d_seen",
+                )
             ]
             per_class.append(
                 f"| {cls} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |"

@@ -76,4 +76,12 @@ def test_heldout_vote_scores_plain_voting_at_the_held_out_pixels(pipeline, proto
     assert 0.5 < scores["seen_fraction"] <= 1.0  # the training views ring the small room
     # Pixels no training view sees count against the vote, so the vote scores higher on the seen ones.
     assert scores["vote_2d_seen"]["miou"] >= scores["vote_2d"]["miou"] > 0.3
-    assert {"model_2d_seen", "model_2d_unseen"} <= set(scores)
+    assert {"model_2d_seen", "model_2d_unseen", "soft_vote_seen_model_unseen_2d"} <= set(scores)
+    # The soft vote scores the same seen pixels; the teacher is scored there too.
+    assert scores["soft_vote_2d_seen"]["miou"] > 0.3 and scores["teacher_2d_seen"]["miou"] > 0.3
+    # After a short CPU run the room's rendered depth is within the tolerance at about half of the pixels (the
+    # rest lie about 10 cm off); a unit mix-up (mm, metres, scene units) would leave none, and no vote.
+    assert 0.3 < scores["rendered_depth_within_tolerance"] <= 1.0, scores["rendered_depth_within_tolerance"]
+    assert scores["soft_vote_rendered_depth_2d_seen"]["miou"] > 0.3, scores[
+        "soft_vote_rendered_depth_2d_seen"
+    ]

@@ -23,6 +23,7 @@ from splatsem_ns.data.synthetic import (
 from splatsem_ns.evaluation import (
     ConfusionMatrix,
     ViewLabels,
+    backproject_mean,
     backproject_vote,
     classify_by_text,
     knn_vote,
@@ -356,6 +357,33 @@ def test_backproject_majority_ties_and_unseen_points() -> None:
     np.testing.assert_array_equal(votes, 0)
     pred, votes = backproject_vote(points, [])
     np.testing.assert_array_equal(pred, -1)
+
+
+def test_backproject_mean_averages_unit_features_one_vote_per_view() -> None:
+    points = np.array([[0.0, 0.0, -2.0], [0.1, 0.1, -2.0], [0.0, 0.0, 2.0], [50.0, 0.0, -2.0]])
+    depth = np.full((SIZE, SIZE), 2.0)
+
+    def view(label: int) -> ViewLabels:
+        return ViewLabels(np.full((4, 4), label), K64, np.eye(4), (SIZE, SIZE), depth=depth)
+
+    # Three views: two say "a" ([1, 0, 0] at scale 5 and 0.5: the norm must not matter), one says "b".
+    grids = [np.zeros((4, 4, 3)) for _ in range(4)]
+    grids[0][..., 0], grids[1][..., 0], grids[2][..., 1] = 5.0, 0.5, 1.0
+    mean, votes = backproject_mean(points, [view(1), view(1), view(1)], grids[:3])
+    np.testing.assert_allclose(mean[:2], [[2 / 3, 1 / 3, 0.0]] * 2, atol=1e-6)
+    np.testing.assert_array_equal(mean[2:], 0.0)  # behind the camera, out of frame
+    np.testing.assert_array_equal(votes, [3, 3, 0, 0])
+    # An ignored cell and an all-zero feature (no target) cast no vote; with the labels' vote it agrees.
+    mean, votes = backproject_mean(points, [view(1), view(-1), view(1)], [grids[0], grids[2], grids[3]])
+    np.testing.assert_allclose(mean[:2], [[1.0, 0.0, 0.0]] * 2, atol=1e-6)
+    np.testing.assert_array_equal(votes, [1, 1, 0, 0])
+    # Visibility is the vote's: a wrong depth hides everything.
+    _, votes = backproject_mean(points * [1, 1, 1.5], [view(1)], grids[:1], depth_tolerance=0.1)
+    np.testing.assert_array_equal(votes, 0)
+    with pytest.raises(ValueError, match="one feature grid per view"):
+        backproject_mean(points, [view(1)], grids[:2])
+    with pytest.raises(ValueError, match="do not match"):
+        backproject_mean(points, [view(1)], [np.zeros((2, 2, 3))])
 
 
 def test_view_labels_validation() -> None:

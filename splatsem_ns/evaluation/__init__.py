@@ -10,6 +10,7 @@ from splatsem_ns.evaluation.metrics import (
 )
 from splatsem_ns.evaluation.voting import (
     ViewLabels,
+    backproject_mean,
     backproject_vote,
     classify_by_text,
     knn_vote,
@@ -20,6 +21,7 @@ __all__ = [
     "BACKGROUND_NAMES",
     "ConfusionMatrix",
     "ViewLabels",
+    "backproject_mean",
     "backproject_vote",
     "classify_by_text",
     "foreground_classes",

@@ -5,7 +5,8 @@ back-projected onto points.
 - :func:`knn_vote`: labelled ground-truth points take the majority label of their k nearest Gaussians
   (SceneSplat's zero-shot protocol, k = 25).
 - :func:`backproject_vote`: each point takes the majority of the per-pixel labels of the views that
-  see it, the "2D teacher lifted without optimisation" baseline.
+  see it, the "2D teacher lifted without optimisation" baseline; :func:`backproject_mean` averages their
+  features instead (one vote per view).
 - :func:`project_points`: the pinhole projection of world points into a nerfstudio (OpenGL) camera that
   the others build on.
 """
@@ -286,6 +287,43 @@ class ViewLabels:
                 raise ValueError(f"{where}: depth must be an [H, W] map, got shape {self.depth.shape}")
 
 
+def _checked_points(points: ArrayLike, depth_tolerance: float) -> Float[np.ndarray, "P 3"]:
+    pts = _to_numpy(points).astype(np.float64, copy=False)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points must have shape [P, 3], got {pts.shape}")
+    if depth_tolerance <= 0:
+        raise ValueError(f"depth_tolerance must be positive, got {depth_tolerance}")
+    return pts
+
+
+def _visible_cells(
+    pts: Float[np.ndarray, "P 3"],
+    view: ViewLabels,
+    depth_tolerance: float,
+    zbuffer_grid: Optional[Tuple[int, int]],
+) -> Tuple[Int[np.ndarray, " V"], Int[np.ndarray, " V"], Int[np.ndarray, " V"]]:
+    """The points ``view`` sees (indices into ``pts``) and the row and column of their cell on the view's label
+    grid; visibility as :func:`backproject_vote` describes."""
+    uv, z, inside = project_points(pts, view.K, view.camera_to_world, view.image_size)
+    idx = np.nonzero(inside)[0]
+    uv, z = uv[idx], z[idx]
+    if view.depth is not None:
+        row, col = _pixel_index(uv, view.image_size, view.depth.shape)
+        measured = view.depth[row, col].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            visible = np.isfinite(measured) & (measured > 0) & (np.abs(measured - z) < depth_tolerance)
+    else:
+        grid = zbuffer_grid or view.labels.shape
+        row, col = _pixel_index(uv, view.image_size, grid)
+        cell = row * grid[1] + col
+        nearest = np.full(grid[0] * grid[1], np.inf)
+        np.minimum.at(nearest, cell, z)
+        visible = z - nearest[cell] < depth_tolerance
+    idx, uv = idx[visible], uv[visible]
+    row, col = _pixel_index(uv, view.image_size, view.labels.shape)
+    return idx, row, col
+
+
 def backproject_vote(
     points: Union[Float[np.ndarray, "P 3"], Float[torch.Tensor, "P 3"]],
     views: Sequence[ViewLabels],
@@ -319,32 +357,12 @@ def backproject_vote(
         ``labels`` [P] (int64; ``ignore_label`` where no view voted) and ``votes`` [P] (int64): how many
         views voted for the point, whatever their label.
     """
-    pts = _to_numpy(points).astype(np.float64, copy=False)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"points must have shape [P, 3], got {pts.shape}")
-    if depth_tolerance <= 0:
-        raise ValueError(f"depth_tolerance must be positive, got {depth_tolerance}")
+    pts = _checked_points(points, depth_tolerance)
     num_points = pts.shape[0]
     voter_ids: List[np.ndarray] = []
     voter_labels: List[np.ndarray] = []
     for view in views:
-        uv, z, inside = project_points(pts, view.K, view.camera_to_world, view.image_size)
-        idx = np.nonzero(inside)[0]
-        uv, z = uv[idx], z[idx]
-        if view.depth is not None:
-            row, col = _pixel_index(uv, view.image_size, view.depth.shape)
-            measured = view.depth[row, col].astype(np.float64)
-            with np.errstate(invalid="ignore"):
-                visible = np.isfinite(measured) & (measured > 0) & (np.abs(measured - z) < depth_tolerance)
-        else:
-            grid = zbuffer_grid or view.labels.shape
-            row, col = _pixel_index(uv, view.image_size, grid)
-            cell = row * grid[1] + col
-            nearest = np.full(grid[0] * grid[1], np.inf)
-            np.minimum.at(nearest, cell, z)
-            visible = z - nearest[cell] < depth_tolerance
-        idx, uv = idx[visible], uv[visible]
-        row, col = _pixel_index(uv, view.image_size, view.labels.shape)
+        idx, row, col = _visible_cells(pts, view, depth_tolerance, zbuffer_grid)
         label = view.labels[row, col]
         votes = label != ignore_label
         voter_ids.append(idx[votes])
@@ -365,3 +383,46 @@ def backproject_vote(
     first[1:] = key_point[1:] != key_point[:-1]
     out[key_point[first]] = classes[key_label[first]]
     return out, np.bincount(ids, minlength=num_points)
+
+
+def backproject_mean(
+    points: Union[Float[np.ndarray, "P 3"], Float[torch.Tensor, "P 3"]],
+    views: Sequence[ViewLabels],
+    features: Sequence[Float[np.ndarray, "h w C"]],
+    depth_tolerance: float = 0.1,
+    ignore_label: int = -1,
+    zbuffer_grid: Optional[Tuple[int, int]] = None,
+) -> Tuple[Float[np.ndarray, "P C"], Int[np.ndarray, " P"]]:
+    """The soft counterpart of :func:`backproject_vote`: each point takes the mean of the unit-normalised
+    feature vectors of its cell in every view that sees it (visibility and ignored cells as there), so every
+    view counts once whatever its distance, and the features' classes are decided after averaging.
+
+    Args:
+        points: World points. [P, 3]
+        views: Per-view cameras, depth and labels (cells labelled ``ignore_label`` cast no vote).
+        features: One feature grid per view, on the grid of that view's ``labels``. [h, w, C] each
+        depth_tolerance, ignore_label, zbuffer_grid: As in :func:`backproject_vote`.
+
+    Returns:
+        ``mean`` [P, C] (float32; zero where no view voted) and ``votes`` [P] (int64).
+    """
+    if len(features) != len(views):
+        raise ValueError(f"need one feature grid per view, got {len(features)} for {len(views)} views")
+    pts = _checked_points(points, depth_tolerance)
+    channels = int(features[0].shape[-1]) if len(features) else 0
+    sums = np.zeros((pts.shape[0], channels), dtype=np.float64)
+    votes = np.zeros(pts.shape[0], dtype=np.int64)
+    for view, grid in zip(views, features, strict=True):
+        grid = _to_numpy(grid).astype(np.float32, copy=False)
+        if grid.shape[:2] != view.labels.shape or grid.shape[-1] != channels:
+            raise ValueError(
+                f"view {view.name!r}: features {grid.shape} do not match its label grid {view.labels.shape} "
+                f"and {channels} channels"
+            )
+        norms = np.linalg.norm(grid, axis=-1, keepdims=True)
+        unit = grid / np.maximum(norms, 1e-12)
+        idx, row, col = _visible_cells(pts, view, depth_tolerance, zbuffer_grid)
+        keep = (view.labels[row, col] != ignore_label) & (norms[row, col, 0] > 0)
+        np.add.at(sums, idx[keep], unit[row[keep], col[keep]])
+        votes += np.bincount(idx[keep], minlength=pts.shape[0])
+    return (sums / np.maximum(votes, 1)[:, None]).astype(np.float32), votes

@@ -265,10 +265,14 @@ class ChorusPipeline(VanillaPipeline):
         return result
 
 
+def _teacher_features(teacher: Teacher, view: SceneView) -> torch.Tensor:
+    """The teacher's features for one view, on its feature grid. [h, w, C]"""
+    return teacher.encode_image(image_to_float_chw(view.image)[None].to(teacher.device))[0].permute(1, 2, 0)
+
+
 def _teacher_labels(teacher: Teacher, view: SceneView, text: torch.Tensor, ids: List[int]) -> torch.Tensor:
     """The teacher's per-cell class ids for one view, on its feature grid."""
-    features = teacher.encode_image(image_to_float_chw(view.image)[None].to(teacher.device))[0]
-    return classify_map(features.permute(1, 2, 0).to(text), text, ids)
+    return classify_map(_teacher_features(teacher, view).to(text), text, ids)
 
 
 def _query_class_names(metadata: Dict, cloud, table: Optional[str]) -> Dict[int, str]:

@@ -6,8 +6,9 @@
   front (floaters, holes, misplaced surfaces) are wrong, not their features.
 - ``dump_views``: per-view arrays (ground truth, model and teacher classes, RGB, depth, opacity) for offline
   inspection.
-- ``heldout_vote``: lifting by plain multi-view voting of the teacher, scored at the held-out views, and (with a
-  dump) the model's scores on the held-out pixels that training views see and on those they do not.
+- ``heldout_vote``: lifting the teacher by multi-view voting (of its labels, and of its features: the soft vote),
+  scored at the held-out views, and (with a dump) the model's scores on the held-out pixels that training views
+  see and on those they do not, and the soft vote at the model's rendered depth.
 
 Run as a script, it builds the scene's pipeline without training and writes ``heldout_vote``'s scores:
 

@@ -288,6 +288,7 @@ class ViewLabels:
 
 
 def _checked_points(points: ArrayLike, depth_tolerance: float) -> Float[np.ndarray, "P 3"]:
+    """``points`` as a float64 [P, 3] array, after checking it and the tolerance."""
     pts = _to_numpy(points).astype(np.float64, copy=False)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"points must have shape [P, 3], got {pts.shape}")

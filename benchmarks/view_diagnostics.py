@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from splatsem_ns.data.dataparser import LABELED_POINTS_KEY
+from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY, LABELED_POINTS_KEY, scene_depth_scale
 from splatsem_ns.data.depth import backproject_depth
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.evaluation.metrics import ConfusionMatrix, remap_labels
@@ -75,7 +75,7 @@ def geometry_oracle(pipeline, max_distance_m: float = 0.05) -> Dict:
     distance, nearest = cKDTree(points).query(means, k=1)
     classes = remap_labels(cloud.labels[nearest], ids)
     off_surface = len(ids)  # the channel of the Gaussians farther than max_distance_m
-    classes[distance > max_distance_m * metadata["dataparser_scale"]] = off_surface
+    classes[distance > max_distance_m * metadata[DATAPARSER_SCALE_KEY]] = off_surface
     classes[classes < 0] = off_surface  # near an unlabelled point, or one of a class not queried
     channels = 32 if len(ids) < 32 else 64 * ((len(ids) + 64) // 64)  # a channel count gsplat compiles
     onehot = torch.zeros(len(classes), channels, device=model.device)
@@ -115,7 +115,7 @@ def dump_views(pipeline, out: Path) -> Dict:
     teacher = pipeline._query_teacher()
     teacher.prepare_scene(views, metadata)
     text = teacher.encode_text(names).to(model.device)
-    scale = metadata["dataparser_scale"]
+    scale = metadata[DATAPARSER_SCALE_KEY]
 
     def index_map(labels) -> np.ndarray:
         return remap_labels(torch.as_tensor(labels).cpu().numpy(), ids, ignore_index=255).astype(np.uint8)
@@ -194,7 +194,7 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     voter_features = [
         _teacher_features(teacher, v).float().cpu().numpy() for v in views if v.split == "train"
     ]
-    depth_scale = metadata["depth_unit_scale_factor"] * metadata["dataparser_scale"]
+    depth_scale = scene_depth_scale(metadata)
     held_out = [v for v in views if v.split == "eval"]
     if any(v.depth_path is None for v in held_out):
         raise ValueError("heldout_vote needs sensor depth for the held-out views")
@@ -262,7 +262,7 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
             matrices["model_2d_unseen"].update(model, np.where(seen, -1, truth))
             matrices["soft_vote_seen_model_unseen_2d"].update(np.where(seen, soft, model), truth)
             rendered = torch.from_numpy(
-                dumped["depth_mm"][j].astype(np.float32) * (metadata["dataparser_scale"] / 1000.0)
+                dumped["depth_mm"][j].astype(np.float32) * (metadata[DATAPARSER_SCALE_KEY] / 1000.0)
             )
             matrices["soft_vote_rendered_depth_2d_seen"].update(
                 soft_labels(*place(rendered, view)), truth_seen

@@ -22,6 +22,8 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from splatsem_ns.data.dataparser import (
     DATAPARSER_SCALE_KEY,
+    DATAPARSER_TRANSFORM_KEY,
+    DEPTH_SCALE_KEY,
     INSTANCE_FILENAMES_KEY,
     SEMANTIC_FILENAMES_KEY,
     SplatsemDataParserConfig,
@@ -148,9 +150,9 @@ class ChorusDataManager(FullImageDatamanager):
         outputs = self.train_dataparser_outputs
         return {
             **outputs.metadata,
-            "dataparser_transform": outputs.dataparser_transform,
-            "dataparser_scale": float(outputs.dataparser_scale),
-            "depth_unit_scale_factor": float(outputs.metadata.get("depth_unit_scale_factor", 1e-3)),
+            DATAPARSER_TRANSFORM_KEY: outputs.dataparser_transform,
+            DATAPARSER_SCALE_KEY: float(outputs.dataparser_scale),
+            DEPTH_SCALE_KEY: float(outputs.metadata.get(DEPTH_SCALE_KEY, 1e-3)),
         }
 
     def _prepare_teacher_features(self) -> None:

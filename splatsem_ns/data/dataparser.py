@@ -43,6 +43,13 @@ DATAPARSER_SCALE_KEY = "dataparser_scale"
 DEPTH_SCALE_KEY = "depth_unit_scale_factor"
 """Metadata key: depth image units -> metres of the original frame (nerfstudio's key; default 0.001)."""
 
+
+def scene_depth_scale(metadata: Dict) -> float:
+    """Depth image units -> scene (cameras') units: ``DEPTH_SCALE_KEY`` (default 0.001) times
+    ``DATAPARSER_SCALE_KEY`` (default 1)."""
+    return float(metadata.get(DEPTH_SCALE_KEY, 1e-3)) * float(metadata.get(DATAPARSER_SCALE_KEY, 1.0))
+
+
 _FRAME_FILE_KEYS = {
     "depth_file_path": "depth",
     "semantic_file_path": "semantic label",

@@ -18,7 +18,13 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from PIL import Image
 
 from splatsem_ns.data.class_tables import class_names
-from splatsem_ns.data.dataparser import CLASS_NAMES_KEY, LABELED_POINTS_KEY
+from splatsem_ns.data.dataparser import (
+    CLASS_NAMES_KEY,
+    DATAPARSER_SCALE_KEY,
+    DATAPARSER_TRANSFORM_KEY,
+    LABELED_POINTS_KEY,
+    scene_depth_scale,
+)
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.evaluation.metrics import ConfusionMatrix
 from splatsem_ns.evaluation.protocol import (
@@ -34,7 +40,7 @@ from splatsem_ns.evaluation.protocol import (
 )
 from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
 from splatsem_ns.teachers.base import SceneView, Teacher, declared_text_encoder, image_to_float_chw
-from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
+from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig, transform_points
 from splatsem_ns.viewer.query_panel import SemanticQueryPanel
 
 
@@ -245,7 +251,7 @@ class ChorusPipeline(VanillaPipeline):
     ) -> List[ViewLabels]:
         """The teacher's per-pixel classes on every training view, with each view's camera and depth."""
         result = []
-        depth_scale = metadata["depth_unit_scale_factor"] * metadata["dataparser_scale"]
+        depth_scale = scene_depth_scale(metadata)
         for view in views:
             if view.split != "train":
                 continue
@@ -300,9 +306,8 @@ def _ground_truth_reference(views: List[SceneView], metadata: Dict, table: Optio
 
 def _to_dataparser_frame(xyz: np.ndarray, metadata: Dict) -> np.ndarray:
     """Points from the dataset's original frame into the cameras' (dataparser) frame."""
-    transform = np.asarray(metadata["dataparser_transform"], dtype=np.float64)
-    homogeneous = np.concatenate([xyz, np.ones_like(xyz[:, :1])], axis=1)
-    return (homogeneous @ transform.T * metadata["dataparser_scale"]).astype(np.float32)
+    transformed = transform_points(xyz, metadata[DATAPARSER_TRANSFORM_KEY], metadata[DATAPARSER_SCALE_KEY])
+    return transformed.astype(np.float32)
 
 
 def _diagnostic(out: Dict, name: str, function, *args) -> None:

@@ -59,6 +59,7 @@ from splatsem_ns.data.dataparser import (
     DATAPARSER_TRANSFORM_KEY,
     DEPTH_SCALE_KEY,
     LABELED_POINTS_KEY,
+    scene_depth_scale,
 )
 from splatsem_ns.data.ply_io import PointCloud, PointCloudError, read_point_cloud
 from splatsem_ns.teachers.base import SceneView, Teacher, TeacherConfig
@@ -385,8 +386,7 @@ class LabelsTeacher(Teacher):
         radius = self._point_radius
         depth = None
         if view.depth_path is not None:
-            depth_scale = float(self._metadata.get(DEPTH_SCALE_KEY, 1e-3)) * scale
-            depth = read_depth_image(Path(view.depth_path), size, depth_scale)
+            depth = read_depth_image(Path(view.depth_path), size, scene_depth_scale(self._metadata))
         point_index = project_point_indices(
             xyz,
             _as_numpy(view.intrinsics),

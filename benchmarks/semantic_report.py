@@ -151,6 +151,7 @@ def markdown(report: dict) -> str:
         first = segmented[0]["segmentation"]
         teacher = [_fmt(first.get(k, {}).get(m)) for k, m in _TEACHER_SUMMARY_KEYS]
         lines.append("| 2D teacher (per view; back-projected for 3D) | - | " + " | ".join(teacher) + " |")
+    lines += click_lines(segmented)
     for run in (r for r in report["runs"] if "segmentation_error" in r):
         lines += [
             "",
@@ -221,6 +222,56 @@ def markdown(report: dict) -> str:
                 for cls, v in seg[key]["per_class"].items():
                     lines.append(f"| {cls} | {_fmt(v['iou'])} | {_fmt(v['acc'])} | {v['gt_count']} |")
     return "\n".join(lines) + "\n"
+
+
+def click_lines(runs: list[dict]) -> list[str]:
+    """Click-to-segment summary (splatsem_ns.evaluation.clicks) of the runs that have it."""
+    clicked = [r for r in runs if "click_segmentation" in r["segmentation"]]
+    if not clicked:
+        return []
+    # Columns: the field's click ("feature"), any other rule a run scored, then the teacher's own click.
+    rules = ["feature"] + sorted(
+        {
+            k
+            for r in clicked
+            for k, v in r["segmentation"]["click_segmentation"].items()
+            if isinstance(v, dict)
+        }
+        - {"feature", "teacher_per_view"}
+    )
+    columns = (
+        [(rule, "2d") for rule in rules] + [("teacher_per_view", "2d")] + [(rule, "3d") for rule in rules]
+    )
+    lines = [
+        "",
+        "## Click-to-segment (one click at the centre of each object of each held-out view)",
+        "",
+        "Mean IoU over clicks (in brackets: the fraction of clicks with IoU >= 0.5). 2D: the selection's render"
+        " against the object's mask at the clicked view; 3D: the labelled points whose 25 nearest Gaussians are"
+        " mostly selected. 'feature' selects the Gaussians whose feature matches the clicked pixel's (the"
+        " viewer's rule); the teacher per view clicks its own features on the held-out image.",
+        "",
+        "| method | teacher | clicks (empty) | "
+        + " | ".join(f"{dim.upper()} {rule}" for rule, dim in columns)
+        + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for r in clicked:
+        c = r["segmentation"]["click_segmentation"]
+        cells = [_click_cell(c, rule, dim) for rule, dim in columns]
+        lines.append(
+            f"| {r['method']} | {c.get('teacher')} | {c['clicks']} ({c['empty_clicks']}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def _click_cell(scores: dict, rule: str, dim: str) -> str:
+    rule_scores = scores.get(rule, {})
+    if f"miou_{dim}" not in rule_scores:
+        return "-"
+    return f"{_fmt(rule_scores[f'miou_{dim}'])} ({_fmt(rule_scores[f'success_{dim}'])})"
 
 
 def target_lines(report: dict, run: dict) -> list[str]:

@@ -89,7 +89,7 @@ def geometry_oracle(pipeline, max_distance_m: float = 0.05) -> Dict:
         cameras = _cameras(pipeline, split)
         matrices = {mode: ConfusionMatrix(len(ids), ignore_index=-1) for mode in ("", "_blocking")}
         for j, gt in zip(positions, reference.label_maps(split=split, positions=positions), strict=True):
-            rendered = model._render_features(
+            rendered = model.render_features(
                 cameras[j : j + 1], onehot, scale=cfg.render_scale, normalize=False
             )[..., : off_surface + 1].cpu()
             surface = rendered[..., :off_surface]

@@ -9,33 +9,33 @@ from support import tiny_camera, tiny_chorus_model
 def test_supersampling_averages_a_finer_render() -> None:
     model = tiny_chorus_model(semantic_supersample=1)
     features = model.semantic_source(model.gauss_params).detach()
-    fine = model._render_features(tiny_camera(), features, scale=0.5)  # 32 x 24
+    fine = model.render_features(tiny_camera(), features, scale=0.5)  # 32 x 24
     assert fine.abs().sum() > 0  # the Gaussians are in view
     model.config.semantic_supersample = 4
-    coarse = model._render_features(tiny_camera(), features, scale=0.125)  # 8 x 6, rendered at 32 x 24
+    coarse = model.render_features(tiny_camera(), features, scale=0.125)  # 8 x 6, rendered at 32 x 24
     expected = torch.nn.functional.avg_pool2d(fine.permute(2, 0, 1), 4).permute(1, 2, 0)
     assert coarse.shape == (6, 8, features.shape[1])
     torch.testing.assert_close(coarse, expected)
     # Never finer than the image: at full resolution there is nothing to supersample.
     model.config.semantic_supersample = 1
-    full = model._render_features(tiny_camera(), features, scale=1.0)
+    full = model.render_features(tiny_camera(), features, scale=1.0)
     model.config.semantic_supersample = 4
-    torch.testing.assert_close(model._render_features(tiny_camera(), features, scale=1.0), full)
+    torch.testing.assert_close(model.render_features(tiny_camera(), features, scale=1.0), full)
 
 
 def test_semantic_pass_has_its_own_rasterize_mode() -> None:
     model = tiny_chorus_model()
     features = model.semantic_source(model.gauss_params).detach()
-    default = model._render_features(tiny_camera(), features, scale=0.125)
+    default = model.render_features(tiny_camera(), features, scale=0.125)
     model.config.semantic_rasterize_mode = "classic"  # the RGB pass's mode, as by default
-    torch.testing.assert_close(model._render_features(tiny_camera(), features, scale=0.125), default)
+    torch.testing.assert_close(model.render_features(tiny_camera(), features, scale=0.125), default)
     model.config.semantic_rasterize_mode = "antialiased"
-    antialiased = model._render_features(tiny_camera(), features, scale=0.125)
+    antialiased = model.render_features(tiny_camera(), features, scale=0.125)
     # Gaussians smaller than a coarse pixel count by their area: less total weight than when dilated.
     ones = torch.ones(model.num_points, 1)
-    weight_aa = model._render_features(tiny_camera(), ones, scale=0.125).sum()
+    weight_aa = model.render_features(tiny_camera(), ones, scale=0.125).sum()
     model.config.semantic_rasterize_mode = None
-    weight_classic = model._render_features(tiny_camera(), ones, scale=0.125).sum()
+    weight_classic = model.render_features(tiny_camera(), ones, scale=0.125).sum()
     assert not torch.allclose(antialiased, default)
     assert weight_aa < weight_classic
     assert model.config.rasterize_mode == "classic"
@@ -87,12 +87,12 @@ def test_alpha_normalized_latent_is_a_weighted_mean() -> None:
     with torch.no_grad():
         model.gauss_params["opacities"].fill_(-2.0)  # opacity 0.12: every pixel partly covered
     constant = torch.tensor([0.5, -2.0, 1.0]).expand(model.num_points, 3)
-    plain = model._render_features(tiny_camera(), constant, scale=0.5)
-    coverage = model._render_features(tiny_camera(), torch.ones(model.num_points, 1), scale=0.5)
+    plain = model.render_features(tiny_camera(), constant, scale=0.5)
+    coverage = model.render_features(tiny_camera(), torch.ones(model.num_points, 1), scale=0.5)
     seen = coverage[..., 0] > 1e-3
     assert seen.any() and (coverage[seen] < 0.99).any()
     model.config.semantic_alpha_normalize = True
-    normalized = model._render_features(tiny_camera(), constant, scale=0.5)
+    normalized = model.render_features(tiny_camera(), constant, scale=0.5)
     torch.testing.assert_close(normalized[seen], constant[:1].expand(int(seen.sum()), 3))
     torch.testing.assert_close(plain, constant[0] * coverage)
     # Supervision weights are unaffected by the display normalisation.
@@ -139,7 +139,7 @@ def test_sampled_render_pixels_see_the_upsampled_teacher() -> None:
 def test_supersampling_stays_within_the_pixel_budget() -> None:
     model = tiny_chorus_model(semantic_supersample=8)
     features = model.semantic_source(model.gauss_params).detach()
-    assert model._render_features(tiny_camera(), features, scale=0.125).shape[:2] == (6, 8)
+    assert model.render_features(tiny_camera(), features, scale=0.125).shape[:2] == (6, 8)
     model.config.distill_at = "render"
     sizes = []
     for budget in (10_000, 48 * 64, 1000, 1):

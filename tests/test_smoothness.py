@@ -66,7 +66,8 @@ def test_unsupervised_latents_take_their_neighbours_value() -> None:
 
 def test_the_model_adds_the_prior_on_the_latent_only() -> None:
     camera = tiny_camera()
-    off = tiny_chorus_model(num_downscales=0)  # off by default
+    assert tiny_chorus_model().config.semantic_smoothness_weight > 0  # on by default
+    off = tiny_chorus_model(num_downscales=0, semantic_smoothness_weight=0.0)
     assert off.scene_scale == 1.0  # no dataparser scale in the metadata: the dataset's own units
     model = tiny_chorus_model(semantic_smoothness_weight=2.0, semantic_smoothness_voxel=0.5, num_downscales=0)
     model.train()

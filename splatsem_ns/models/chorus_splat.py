@@ -107,17 +107,21 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     depth_loss_weight: Optional[float] = None
     """Weight of an L1 loss between the rendered expected depth and the scene's sensor depth (pixels with a
     measurement only). It constrains geometry, which sparse captures (few views of a large room) otherwise leave
-    loose. None (default): 0.1 when every training view has a depth image, else no depth loss; 0: off (trains
-    like splatfacto); > 0: that weight, and depth images are required."""
-    semantic_smoothness_weight: float = 0.0
+    loose, and a new viewpoint then sees the surfaces the teacher labelled. None (default): 3 when every training
+    view has a depth image, else no depth loss; 0: off (trains like splatfacto); > 0: that weight, and depth
+    images are required. On ScanNet scene0000_00 (benchmarks/results/semantic_report_scannet_h200.md) 3 with the
+    voxel prior at 10 raised held-out 2D mIoU from 51-54 to 56-57, 3D foreground mIoU from 52-54 to 60-62 and
+    click-to-segment IoU from 43-44 to 63-64 (semantic_report_scannet_clicks_h200.md), against 0.1 and no
+    prior."""
+    semantic_smoothness_weight: float = 10.0
     """Weight of a 3D prior that pulls each Gaussian's latent towards the opacity-weighted mean latent of the
     Gaussians in its voxel (``splatsem_ns.models.smoothness``): Gaussians that training views barely supervise
     take their neighbours' latent instead of keeping a random one. Adam scales each latent's step by its own
     gradient history, so a small weight already fills in unsupervised Gaussians, and a larger one also smooths
-    supervised ones. On ScanNet (benchmarks/results/semantic_report_scannet_h200.md) 10 raised 3D foreground mIoU
-    from about 53 to about 60 and held-out 2D by about 2 points. Off by default: on the small synthetic room it
-    lowered click-to-segment precision (0.91 to 0.44 at weight 1, to 0.0 at 10; 0.1 passed), so it is not yet
-    safe for the instance features that share the latent. 0: off."""
+    supervised ones. On ScanNet 10 raised 3D foreground mIoU from about 53 to about 60 and held-out 2D by about 2
+    points on its own, and more with the depth loss (see ``depth_loss_weight``). On the small synthetic room
+    after 300 CPU steps it lowers held-out 2D and click-to-segment (README, Evaluation); after 1,000 steps it
+    no longer does. 0: off."""
     semantic_smoothness_voxel: float = 0.05
     """Voxel edge of that prior in the units of the dataset's original frame (metres for depth-sensor captures
     such as ScanNet); the grid is shifted at random every step."""
@@ -417,7 +421,7 @@ class ChorusSplatModel(SplatfactoModel):
         self, camera: Cameras, scale: Optional[float] = None
     ) -> Float[Tensor, "h w D"]:
         """The rendered latent alone (no RGB), at ``scale`` of the camera's resolution (default: training's)."""
-        return self._render_features(camera, self.semantic_source(self.gauss_params), scale)
+        return self.render_features(camera, self.semantic_source(self.gauss_params), scale)
 
     def gaussian_view_weights(self, cameras: Cameras) -> Float[Tensor, " N"]:
         """Each Gaussian's compositing weight summed over the pixels of ``cameras``, rendered at the semantic
@@ -426,10 +430,10 @@ class ChorusSplatModel(SplatfactoModel):
         ones = torch.ones(self.num_points, 1, device=self.device, requires_grad=True)
         with torch.enable_grad():
             for i in range(len(cameras)):
-                self._render_features(cameras[i : i + 1], ones, normalize=False).sum().backward()
+                self.render_features(cameras[i : i + 1], ones, normalize=False).sum().backward()
         return ones.grad[:, 0] if ones.grad is not None else torch.zeros(self.num_points, device=self.device)
 
-    def _render_features(
+    def render_features(
         self,
         camera: Cameras,
         features: Float[Tensor, "N D"],
@@ -567,7 +571,7 @@ class ChorusSplatModel(SplatfactoModel):
         return metrics, images
 
 
-DEFAULT_DEPTH_LOSS_WEIGHT = 0.1
+DEFAULT_DEPTH_LOSS_WEIGHT = 3.0
 """Depth loss weight used when ``depth_loss_weight`` is None and the scene has depth for every training view."""
 _MAX_AREA_WEIGHT = 10.0
 """Largest pixel weight of ``distill_area_weighting``, in units of the running mean pixel area."""

@@ -9,8 +9,8 @@ transparent), while the distilled latents score 51 to 54 there. This prior pulls
 opacity-weighted mean latent of its voxel. Voxels are offset at random every step, so over training the pull
 reaches every neighbour within about a voxel and spreads, step by step, into regions that no view supervises;
 a well-supervised Gaussian is also held by its distillation gradients. There it raised 3D foreground mIoU from
-about 53 to about 60; it is off by default because on the synthetic room it blurred the instance features that
-share the latent (see ``semantic_smoothness_weight``).
+about 53 to about 60, and with the stronger default depth loss also held-out 2D and click-to-segment (see
+``semantic_smoothness_weight``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from splatsem_ns.data.dataparser import (
     scene_depth_scale,
 )
 from splatsem_ns.data.ply_io import read_point_cloud
+from splatsem_ns.evaluation.clicks import ClickEvalConfig, score_clicks
 from splatsem_ns.evaluation.metrics import ConfusionMatrix
 from splatsem_ns.evaluation.protocol import (
     SemanticEvalConfig,
@@ -41,7 +42,7 @@ from splatsem_ns.evaluation.protocol import (
 from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
 from splatsem_ns.teachers.base import SceneView, Teacher, declared_text_encoder, image_to_float_chw
 from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig, transform_points
-from splatsem_ns.viewer.query_panel import SemanticQueryPanel
+from splatsem_ns.viewer.query_panel import OBJECT_TEACHERS, SemanticQueryPanel
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ChorusPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: ChorusPipeline)
     semantic_eval: SemanticEvalConfig = field(default_factory=SemanticEvalConfig)
     """Open-vocabulary segmentation protocol used by ns-eval on scenes with labels."""
+    click_eval: ClickEvalConfig = field(default_factory=ClickEvalConfig)
+    """Click-to-segment protocol used by ns-eval on scenes with instance labels and an object-aware teacher."""
     semantic_eval_during_training: bool = False
     """Also run the segmentation protocol at training's full evaluations (it builds the query teacher)."""
 
@@ -174,7 +177,55 @@ class ChorusPipeline(VanillaPipeline):
                 ids,
                 names,
             )
+        if reference is not None and cloud is not None and cloud.instance_ids is not None and picked["eval"]:
+            skip = {i for i, name in class_names.items() if name.strip().lower() in cfg.background_names}
+            _diagnostic(
+                out,
+                "click_segmentation",
+                self._score_clicks,
+                views,
+                metadata,
+                reference,
+                cloud,
+                picked["eval"],
+                skip,
+            )
         return out
+
+    def _score_clicks(
+        self, views: List[SceneView], metadata: Dict, reference, cloud, positions: List[int], skip: set
+    ) -> Dict:
+        """``click_segmentation``: click-to-segment at the held-out views (splatsem_ns.evaluation.clicks), with
+        the first object-aware teacher the model has a head for; nothing without one."""
+        teacher = next((name for name in OBJECT_TEACHERS if name in self.model.projector_heads), None)
+        if teacher is None:
+            return {}
+        instances = LabelsTeacherConfig(
+            name="ground-truth-instances", variant="instance", degrade=False
+        ).setup()
+        instances.prepare_scene(views, metadata)
+        # The baseline: the same teacher clicked on each held-out image itself.
+        clicker = self.datamanager.build_teacher(
+            next(c for c in self.datamanager.teacher_configs() if c.name == teacher)
+        )
+        clicker.prepare_scene(views, metadata)
+        eval_views = [v for v in views if v.split == "eval"]
+        scores = score_clicks(
+            self.model,
+            teacher,
+            self.datamanager.eval_dataset.cameras[torch.tensor(positions)],
+            instances.label_maps(split="eval", positions=positions),
+            reference.label_maps(split="eval", positions=positions),
+            _to_dataparser_frame(cloud.xyz, metadata),
+            cloud.instance_ids,
+            skip,
+            # Configs saved before the click protocol existed load without the field.
+            getattr(self.config, "click_eval", None) or ClickEvalConfig(),
+            knn=self.config.semantic_eval.knn,
+            render_scale=self.config.semantic_eval.render_scale,
+            teacher_features=[_teacher_features(clicker, eval_views[j]) for j in positions],
+        )
+        return {"click_segmentation": {"teacher": teacher, **scores}}
 
     def scored_view_positions(self, views: List[SceneView]) -> Dict[str, List[int]]:
         """Positions within each split of the views that 2D scoring renders: every held-out view ("eval"), and

@@ -40,6 +40,19 @@ from splatsem_ns.pipelines.chorus_pipeline import (
 )
 from splatsem_ns.teachers.labels_teacher import read_depth_image
 
+_MM_PER_UNIT = 1000.0
+"""Dumped rendered depth is stored in millimetres of the dataset's original frame (metres for ScanNet)."""
+
+
+def _depth_to_mm(depth: torch.Tensor, scale: float) -> np.ndarray:
+    """Rendered depth in scene units -> uint16 millimetres of the original frame (``scale``: the dataparser's)."""
+    return (depth / scale * _MM_PER_UNIT).clamp(0, 65535).cpu().numpy().astype(np.uint16)
+
+
+def _depth_from_mm(depth_mm: np.ndarray, scale: float) -> torch.Tensor:
+    """The inverse of ``_depth_to_mm`` (up to its rounding): scene units."""
+    return torch.from_numpy(depth_mm.astype(np.float32) * (scale / _MM_PER_UNIT))
+
 
 def _scene(pipeline):
     """Views, metadata, class ids/names, the labelled cloud (dataparser frame) and the clean reference."""
@@ -137,11 +150,7 @@ def dump_views(pipeline, out: Path) -> Dict:
                 "model": index_map(upsample_labels(predicted, size)),
                 "teacher": index_map(upsample_labels(taught, size)),
                 "rgb": (outputs["rgb"].clamp(0, 1) * 255).byte().cpu().numpy(),
-                "depth_mm": (outputs["depth"][..., 0] / scale * 1000)
-                .clamp(0, 65535)
-                .cpu()
-                .numpy()
-                .astype(np.uint16),
+                "depth_mm": _depth_to_mm(outputs["depth"][..., 0], scale),
                 "accumulation": (outputs["accumulation"][..., 0].clamp(0, 1) * 255).byte().cpu().numpy(),
             }
             for key, value in entries.items():
@@ -261,9 +270,7 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
             matrices["model_2d_seen"].update(model, truth_seen)
             matrices["model_2d_unseen"].update(model, np.where(seen, -1, truth))
             matrices["soft_vote_seen_model_unseen_2d"].update(np.where(seen, soft, model), truth)
-            rendered = torch.from_numpy(
-                dumped["depth_mm"][j].astype(np.float32) * (metadata[DATAPARSER_SCALE_KEY] / 1000.0)
-            )
+            rendered = _depth_from_mm(dumped["depth_mm"][j], metadata[DATAPARSER_SCALE_KEY])
             matrices["soft_vote_rendered_depth_2d_seen"].update(
                 soft_labels(*place(rendered, view)), truth_seen
             )

@@ -481,3 +481,37 @@ def test_export_selection_writes_the_selected_gaussians(trained, panel, tmp_path
     assert path is not None, panel.last_message
     assert read_semantic_ply(path).means.shape[0] == expected
     assert f"Exported {expected} Gaussians" in panel.last_message
+
+
+@pytest.mark.slow
+def test_click_protocol_needs_an_object_aware_teacher_and_survives_old_configs(trained, monkeypatch):
+    """ns-eval's click protocol (splatsem_ns.evaluation.clicks) reads the instances head here; without an
+    object-aware head it reports nothing, and a config saved before the protocol existed still runs it."""
+    import splatsem_ns.pipelines.chorus_pipeline as chorus_pipeline
+    from splatsem_ns.data.ply_io import read_point_cloud
+    from splatsem_ns.evaluation.clicks import ClickEvalConfig
+
+    pipeline = trained["pipeline"]
+    dm = pipeline.datamanager
+    views, metadata = dm.scene_views(), dm.scene_metadata()
+    cloud = read_point_cloud(Path(metadata[chorus_pipeline.LABELED_POINTS_KEY]))
+    reference = chorus_pipeline._ground_truth_reference(views, metadata, None)
+    args = (
+        views,
+        metadata,
+        reference,
+        cloud,
+        pipeline.scored_view_positions(views)["eval"],
+        {CLASS_IDS["wall"]},
+    )
+    saved = pipeline.config.click_eval
+    try:
+        del pipeline.config.click_eval  # as yaml-loaded configs of earlier versions are
+        scores = pipeline._score_clicks(*args)["click_segmentation"]
+    finally:
+        pipeline.config.click_eval = saved
+    assert scores["teacher"] == "instances" and scores["clicks"] > 0
+    assert pipeline._score_clicks(*args)["click_segmentation"]["clicks"] == scores["clicks"]
+    assert saved == ClickEvalConfig()
+    monkeypatch.setattr(chorus_pipeline, "OBJECT_TEACHERS", ("sam",))
+    assert pipeline._score_clicks(*args) == {}

@@ -61,8 +61,9 @@ def centre_clicks(
     skip_classes: Set[int] = frozenset(),
 ) -> List[Click]:
     """One click per object of a ground-truth view: at its pixel farthest from its boundary (the image border
-    counts as boundary; ties go to the tied pixel nearest their mean). Objects are the instance ids above 0 with at least ``min_pixels`` pixels whose most
-    common class (in ``classes``, 0 unlabelled) is labelled and not in ``skip_classes``."""
+    counts as boundary; ties go to the tied pixel nearest their mean). Objects are the instance ids above 0
+    with at least ``min_pixels`` pixels whose most common class (in ``classes``, 0 unlabelled) is labelled and
+    not in ``skip_classes``."""
     from scipy.ndimage import distance_transform_edt
 
     if instances.shape != classes.shape or instances.ndim != 2:
@@ -150,7 +151,7 @@ def score_clicks(
             for c in clicks
         ]
         alpha = model.render_features(
-            camera, torch.ones(len(means), 1, device=means.device), render_scale, False
+            camera, torch.ones(len(means), 1, device=means.device), render_scale, normalize=False
         )
         valid = instances > 0  # unlabelled pixels count neither way
         for click, (row, col) in zip(clicks, at, strict=True):

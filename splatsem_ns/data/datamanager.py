@@ -27,6 +27,7 @@ from splatsem_ns.data.dataparser import (
     INSTANCE_FILENAMES_KEY,
     SEMANTIC_FILENAMES_KEY,
     SplatsemDataParserConfig,
+    scene_depth_scale,
 )
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY, load_depth_image
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
@@ -208,9 +209,7 @@ class ChorusDataManager(FullImageDatamanager):
                 "The depth loss is on (--pipeline.model.depth-loss-weight > 0) but this scene has no depth "
                 "images: give depth_file_path per frame in transforms.json, or set the weight to 0."
             )
-        scale = float(meta.get("depth_unit_scale_factor", 1e-3)) * float(
-            self.train_dataparser_outputs.dataparser_scale
-        )
+        scale = scene_depth_scale(self.scene_metadata())
         depths = []
         for path, data in zip(paths, self.cached_train, strict=True):
             height, width = data["image"].shape[:2]

@@ -134,7 +134,9 @@ class SplatsemDataParser(Nerfstudio):
                 outputs.cameras,
                 outputs.image_filenames,
                 outputs.metadata["depth_filenames"],
-                depth_scale=outputs.metadata["depth_unit_scale_factor"] * outputs.dataparser_scale,
+                depth_scale=scene_depth_scale(
+                    {**outputs.metadata, DATAPARSER_SCALE_KEY: outputs.dataparser_scale}
+                ),
                 stride=self.config.depth_seed_stride,
                 voxel=self.config.depth_seed_voxel * outputs.dataparser_scale,
             )

@@ -496,14 +496,9 @@ def test_click_protocol_needs_an_object_aware_teacher_and_survives_old_configs(t
     views, metadata = dm.scene_views(), dm.scene_metadata()
     cloud = read_point_cloud(Path(metadata[chorus_pipeline.LABELED_POINTS_KEY]))
     reference = chorus_pipeline._ground_truth_reference(views, metadata, None)
-    args = (
-        views,
-        metadata,
-        reference,
-        cloud,
-        pipeline.scored_view_positions(views)["eval"],
-        {CLASS_IDS["wall"]},
-    )
+    points = chorus_pipeline._to_dataparser_frame(cloud.xyz, metadata)
+    positions = pipeline.scored_view_positions(views)["eval"]
+    args = (views, metadata, reference, points, cloud.instance_ids, positions, {CLASS_IDS["wall"]})
     saved = pipeline.config.click_eval
     try:
         del pipeline.config.click_eval  # as yaml-loaded configs of earlier versions are

@@ -25,7 +25,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from splatsem_ns.models.relevancy import cosine_similarity, select_by_click
+from splatsem_ns.evaluation.protocol import upsample_labels
+from splatsem_ns.models.relevancy import select_by_click
 
 MODEL = "feature"
 """Key of the field's click: Gaussians selected by feature similarity."""
@@ -146,10 +147,7 @@ def score_clicks(
         camera = cameras[j : j + 1]
         latent = model.render_semantic_latent(camera, scale=render_scale)
         h, w = latent.shape[:2]
-        at = [
-            (min(c.row * h // instances.shape[0], h - 1), min(c.col * w // instances.shape[1], w - 1))
-            for c in clicks
-        ]
+        at = [_cell(c, instances.shape, (h, w)) for c in clicks]
         alpha = model.render_features(
             camera, torch.ones(len(means), 1, device=means.device), render_scale, normalize=False
         )
@@ -164,7 +162,7 @@ def score_clicks(
                 pixel_feature = model.decode_features(latent[row, col], teacher)
                 selected = select_by_click(features, pixel_feature, cfg.similarity)
             shown = model.render_features(camera, selected[:, None].float(), render_scale, normalize=True)
-            mask_2d = _upsample_mask(shown[..., 0] > 0.5, instances.shape)
+            mask_2d = _upsampled(shown[..., 0] > 0.5, instances.shape)
             voted = (selected[neighbours].float().mean(dim=1) > 0.5).cpu().numpy()
             record[f"{MODEL}_iou_2d"] = mask_iou(mask_2d[valid], target_2d)
             record[f"{MODEL}_iou_3d"] = mask_iou(voted[labelled], target_3d)
@@ -197,22 +195,25 @@ def summarise_clicks(records: List[Dict]) -> Dict:
     return out
 
 
+def _cell(click: Click, size, grid) -> tuple:
+    """The (row, column) of the cell of an ``[h, w]`` grid covering the image of ``size`` that holds the click
+    (always inside the grid: row < H gives row * h // H < h)."""
+    return click.row * grid[0] // size[0], click.col * grid[1] // size[1]
+
+
 def _teacher_click(
     grid: Float[Tensor, "h w C"], click: Click, size, similarity: float
 ) -> Bool[np.ndarray, "H W"]:
     """The teacher's own click: the pixels of its feature grid similar to the clicked one, at image size."""
-    picked = grid[click.row * grid.shape[0] // size[0], click.col * grid.shape[1] // size[1]]
-    similar = cosine_similarity(grid, picked[None])[..., 0] > similarity
-    return _upsample_mask(similar, size)
+    similar = select_by_click(
+        grid.reshape(-1, grid.shape[-1]), grid[_cell(click, size, grid.shape)], similarity
+    )
+    return _upsampled(similar.reshape(grid.shape[:2]), size)
 
 
-def _upsample_mask(mask: Bool[Tensor, "h w"], size) -> Bool[np.ndarray, "H W"]:
-    if tuple(mask.shape) != tuple(size):
-        mask = (
-            torch.nn.functional.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
-            > 0
-        )
-    return mask.cpu().numpy()
+def _upsampled(mask: Bool[Tensor, "h w"], size) -> Bool[np.ndarray, "H W"]:
+    """A mask resized (nearest) to the image's ``size``, on the host."""
+    return upsample_labels(mask.long(), tuple(size)).bool().cpu().numpy()
 
 
 __all__ = [

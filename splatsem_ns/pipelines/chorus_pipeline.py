@@ -152,8 +152,8 @@ class ChorusPipeline(VanillaPipeline):
                 names,
             )
 
+        points = _to_dataparser_frame(cloud.xyz, metadata) if cloud is not None else None
         if cloud is not None and cloud.labels is not None:
-            points = _to_dataparser_frame(cloud.xyz, metadata)
             gaussian_labels = torch.as_tensor(
                 classify_by_text(model.gaussian_features(teacher.name), text, ids)
             ).cpu()
@@ -186,24 +186,30 @@ class ChorusPipeline(VanillaPipeline):
                 views,
                 metadata,
                 reference,
-                cloud,
+                points,
+                cloud.instance_ids,
                 picked["eval"],
                 skip,
             )
         return out
 
     def _score_clicks(
-        self, views: List[SceneView], metadata: Dict, reference, cloud, positions: List[int], skip: set
+        self,
+        views: List[SceneView],
+        metadata: Dict,
+        reference,
+        points: np.ndarray,
+        point_instances: np.ndarray,
+        positions: List[int],
+        skip: set,
     ) -> Dict:
         """``click_segmentation``: click-to-segment at the held-out views (splatsem_ns.evaluation.clicks), with
-        the first object-aware teacher the model has a head for; nothing without one."""
+        the first object-aware teacher the model has a head for; nothing without one. ``points`` are the labelled
+        points in the cameras' frame, ``point_instances`` their instance ids."""
         teacher = next((name for name in OBJECT_TEACHERS if name in self.model.projector_heads), None)
         if teacher is None:
             return {}
-        instances = LabelsTeacherConfig(
-            name="ground-truth-instances", variant="instance", degrade=False
-        ).setup()
-        instances.prepare_scene(views, metadata)
+        instances = _ground_truth_reference(views, metadata, None, variant="instance")
         # The baseline: the same teacher clicked on each held-out image itself.
         clicker = self.datamanager.build_teacher(
             next(c for c in self.datamanager.teacher_configs() if c.name == teacher)
@@ -216,8 +222,8 @@ class ChorusPipeline(VanillaPipeline):
             self.datamanager.eval_dataset.cameras[torch.tensor(positions)],
             instances.label_maps(split="eval", positions=positions),
             reference.label_maps(split="eval", positions=positions),
-            _to_dataparser_frame(cloud.xyz, metadata),
-            cloud.instance_ids,
+            points,
+            point_instances,
             skip,
             # Configs saved before the click protocol existed load without the field.
             getattr(self.config, "click_eval", None) or ClickEvalConfig(),
@@ -344,13 +350,24 @@ def _query_class_names(metadata: Dict, cloud, table: Optional[str]) -> Dict[int,
     return names
 
 
-def _ground_truth_reference(views: List[SceneView], metadata: Dict, table: Optional[str]):
-    """An undegraded labels teacher whose ``label_maps(split)`` are the clean class-id maps at image size: the
-    label images where the scene has them, else the labelled point cloud projected with a depth test and hole
-    filling. None where the scene has neither."""
-    if not any(v.label_path for v in views) and LABELED_POINTS_KEY not in metadata:
+def _ground_truth_reference(
+    views: List[SceneView], metadata: Dict, table: Optional[str], variant: str = "semantic"
+):
+    """An undegraded labels teacher whose ``label_maps(split)`` are the clean id maps at image size (class ids,
+    or instance ids for the "instance" ``variant``): the label images where the scene has them, else the
+    labelled point cloud projected with a depth test and hole filling. None where the scene has neither."""
+    semantic = variant == "semantic"
+    if (
+        not any(v.label_path if semantic else v.instance_path for v in views)
+        and LABELED_POINTS_KEY not in metadata
+    ):
         return None
-    reference = LabelsTeacherConfig(name="ground-truth", degrade=False, class_table=table or "nyu40").setup()
+    reference = LabelsTeacherConfig(
+        name="ground-truth" if semantic else "ground-truth-instances",
+        variant=variant,
+        degrade=False,
+        class_table=table or "nyu40",
+    ).setup()
     reference.prepare_scene(views, metadata)
     return reference
 

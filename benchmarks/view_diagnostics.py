@@ -17,6 +17,7 @@ Run as a script, it builds the scene's pipeline without training and writes ``he
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -184,7 +185,9 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     - ``soft_vote_2d_seen``: the mean of the teacher's unit features over those views (one vote per view),
       classified afterwards, on the same pixels;
     - ``teacher_2d``: the teacher run on the held-out view itself; ``teacher_2d_seen`` / ``teacher_2d_unseen``: on
-      the pixels some training view sees / on the others.
+      the pixels some training view sees / on the others;
+    - ``vote_2d_seen_consistent`` / ``soft_vote_2d_seen_consistent``: the two votes without the training views'
+      cells that the datamanager's cross-view consistency check gives weight 0 (when it ran), on the same pixels.
 
     and ``seen_fraction``. Given a ``dump`` (``views_eval.npz`` of ``dump_views``), also ``model_2d_seen`` /
     ``model_2d_unseen`` (the trained model on the pixels training views see and on the others),
@@ -203,6 +206,18 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     voter_features = [
         _teacher_features(teacher, v).float().cpu().numpy() for v in views if v.split == "train"
     ]
+    # The training views' cells that the cross-view consistency check dropped (the weights training uses).
+    checked = [
+        weights.get(teacher.name)
+        for weights in (pipeline.datamanager.teacher_weights(i) for i in range(len(voters)))
+    ]
+    if all(w is not None for w in checked):
+        checked = [
+            dataclasses.replace(v, labels=np.where(w.cpu().numpy() > 0, v.labels, -1))
+            for v, w in zip(voters, checked, strict=True)
+        ]
+    else:
+        checked = None
     depth_scale = scene_depth_scale(metadata)
     held_out = [v for v in views if v.split == "eval"]
     if any(v.depth_path is None for v in held_out):
@@ -225,6 +240,8 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
             "soft_vote_rendered_depth_2d_seen",
             "soft_vote_seen_model_unseen_2d",
         )
+    if checked is not None:
+        keys += ("vote_2d_seen_consistent", "soft_vote_2d_seen_consistent")
     matrices = {key: ConfusionMatrix(len(ids), ignore_index=-1) for key in keys}
     seen_pixels = labelled_pixels = depth_ok = depth_measured = 0
 
@@ -235,9 +252,9 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
         world, _ = backproject_depth(depth, view.image, fxfycxcy, view.camera_to_world, stride)
         return world.numpy(), (depth[::stride, ::stride] > 0).numpy().reshape(-1)
 
-    def soft_labels(world: np.ndarray, placed: np.ndarray) -> np.ndarray:
+    def soft_labels(world: np.ndarray, placed: np.ndarray, views=voters) -> np.ndarray:
         """Class ids of the soft vote at the placed pixels, -2 (wrong) where no training view sees the point."""
-        mean, votes = backproject_mean(world, voters, voter_features, cfg.depth_tolerance)
+        mean, votes = backproject_mean(world, views, voter_features, cfg.depth_tolerance)
         labels = np.full(placed.shape, -2, dtype=np.int64)
         classes = classify_by_text(torch.from_numpy(mean), text.cpu(), ids)
         labels[placed] = np.where(votes > 0, remap_labels(np.asarray(classes), ids), -2)
@@ -264,6 +281,11 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
         matrices["teacher_2d"].update(taught, truth)
         matrices["teacher_2d_seen"].update(taught, truth_seen)
         matrices["teacher_2d_unseen"].update(taught, np.where(seen, -1, truth))
+        if checked is not None:
+            consistent = np.full(measured.shape, -1, dtype=np.int64)
+            consistent[measured], _ = backproject_vote(world, checked, cfg.depth_tolerance)
+            matrices["vote_2d_seen_consistent"].update(remap_labels(consistent, ids), truth_seen)
+            matrices["soft_vote_2d_seen_consistent"].update(soft_labels(world, measured, checked), truth_seen)
         if dumped is not None:
             model = dumped["model"][j][rows, cols].reshape(-1).astype(np.int64)
             model = np.where(model < len(ids), model, -2)  # 255 (no class) counts as wrong
@@ -336,8 +358,16 @@ def main() -> None:
         ("2D teacher per view, pixels no training view sees", "teacher_2d_unseen"),
         ("plain vote, pixels some training view sees", "vote_2d_seen"),
         (
+            "plain vote without the cells the cross-view consistency check drops, same pixels",
+            "vote_2d_seen_consistent",
+        ),
+        (
             "soft vote (mean unit feature, one vote per view), pixels some training view sees",
             "soft_vote_2d_seen",
+        ),
+        (
+            "soft vote without the cells the consistency check drops, same pixels",
+            "soft_vote_2d_seen_consistent",
         ),
         (
             "soft vote placed at the model's rendered depth instead of the sensor's, same pixels",

@@ -2,7 +2,9 @@
 
 On training set-up it runs each teacher once over the (undistorted) training images, with a progress
 bar, into the on-disk fp16 cache, then frees the teachers. Each training batch carries
-``batch["teacher_features"][name]``: that image's ``[h, w, C]`` features, read from a memory map.
+``batch["teacher_features"][name]``: that image's ``[h, w, C]`` features, read from a memory map, and, where
+every training view has depth, ``batch["teacher_weights"][name]``: the ``[h, w]`` cross-view consistency weights
+of those features (0 on regions the other views contradict; ``splatsem_ns.teachers.consistency``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from splatsem_ns.data.dataparser import (
     scene_depth_scale,
 )
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY, load_depth_image
+from splatsem_ns.evaluation.voting import ViewLabels
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
+from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, make_teacher_config
 
 
@@ -58,6 +62,9 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``."""
     extraction_batch_size: int = 4
     """Images per teacher forward pass during extraction."""
+    teacher_consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    """Before training, each teacher's regions that the other training views contradict get weight 0 in the
+    distillation loss (needs a depth image for every training view; splatsem_ns.teachers.consistency)."""
     load_depth: Literal["off", "on", "auto"] = "off"
     """Serve each training image's sensor depth (scene units, 0 = no measurement) as ``batch["depth_image"]``:
     "on" requires depth images, "auto" serves them when every training view has one. Set by the pipeline from
@@ -80,6 +87,7 @@ class ChorusDataManager(FullImageDatamanager):
                 "No teachers given: pass at least one, e.g. --pipeline.datamanager.teachers tiny-dinov2"
             )
         self._depths: List[torch.Tensor] = []
+        self._weights: Dict[str, List[np.ndarray]] = {}
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
             self._prepare_teacher_features()
             if config.load_depth == "on" or (config.load_depth == "auto" and self._every_view_has_depth()):
@@ -87,6 +95,7 @@ class ChorusDataManager(FullImageDatamanager):
             elif config.load_depth == "auto":
                 CONSOLE.log("Not every training view has a depth image: training without the depth loss.")
             self.train_dataset.metadata[DEPTH_SERVED_KEY] = bool(self._depths)
+            self._weights = self._consistency_weights()
         # Lets the model express settings in the dataset's own units (metres for depth-sensor captures).
         self.train_dataset.metadata[DATAPARSER_SCALE_KEY] = float(
             self.train_dataparser_outputs.dataparser_scale
@@ -217,6 +226,53 @@ class ChorusDataManager(FullImageDatamanager):
         CONSOLE.log(f"Loaded {len(depths)} depth images for the depth loss.")
         return depths
 
+    def _consistency_weights(self) -> Dict[str, List[np.ndarray]]:
+        """Per teacher, one ``[h, w]`` float16 weight map per training view (see ``teacher_consistency``); empty
+        when that check is off or a training view has no depth image."""
+        cfg = self.config.teacher_consistency
+        if not cfg.enabled:
+            return {}
+        if not self._every_view_has_depth():
+            CONSOLE.log(
+                "Not every training view has a depth image: no cross-view consistency check of teachers."
+            )
+            return {}
+        depths = self._depths or self._load_train_depths()
+        cameras = self.train_dataset.cameras
+        views = [
+            ViewLabels(
+                labels=np.zeros((1, 1), dtype=np.int64),  # unused: the check segments the features itself
+                K=cameras[i].get_intrinsics_matrices().numpy(),
+                camera_to_world=cameras.camera_to_worlds[i].numpy(),
+                image_size=tuple(data["image"].shape[:2]),
+                depth=depths[i].float().numpy(),
+            )
+            for i, data in enumerate(self.cached_train)
+        ]
+        # The tolerance is given in the dataset's original units; the cameras and depths are in scene units.
+        tolerance = cfg.depth_tolerance * float(self.train_dataparser_outputs.dataparser_scale)
+        result = {}
+        for name, maps in self._features.items():
+            weights = consistency_weights(
+                [torch.from_numpy(np.asarray(m)) for m in maps],
+                views,
+                cfg,
+                tolerance,
+                progress=f"Cross-view consistency: {name}",
+            )
+            dropped = float(np.mean([1.0 - w.mean() for w in weights]))
+            touched = sum(bool((w == 0).any()) for w in weights)
+            CONSOLE.log(
+                f"Cross-view consistency: {name}: weight 0 on {dropped:.1%} of the feature cells, in {touched} "
+                f"of {len(weights)} views."
+            )
+            result[name] = [w.astype(np.float16) for w in weights]
+        return result
+
+    def teacher_weights(self, image_idx: int) -> Dict[str, torch.Tensor]:
+        """``{teacher: [h, w] float16}`` cross-view consistency weights of one training image (empty when off)."""
+        return {name: self._to_device(maps[image_idx]) for name, maps in self._weights.items()}
+
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
         """A copy of a host array (a read-only memory map, say) on the training device.
 
@@ -240,6 +296,8 @@ class ChorusDataManager(FullImageDatamanager):
         camera, data = super().next_train(step)
         if self._features:
             data["teacher_features"] = self.teacher_features(int(camera.metadata["cam_idx"]))
+        if self._weights:
+            data["teacher_weights"] = self.teacher_weights(int(camera.metadata["cam_idx"]))
         if self._depths:
             data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])].numpy())
         return camera, data

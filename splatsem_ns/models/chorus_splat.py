@@ -490,10 +490,11 @@ class ChorusSplatModel(SplatfactoModel):
             return loss_dict
         latent = outputs["semantic_latent"]
         targets = {name: target.to(latent.device) for name, target in targets.items()}
+        kept = {name: w.to(latent.device) for name, w in batch.get("teacher_weights", {}).items()}
         # Drawn outside the compiled losses, which stay deterministic.
         pixels = self.distillation_pixels(latent)
         weights = self.distillation_pixel_weights(latent, outputs.get("depth"), pixels)
-        loss_dict.update(self._distillation_function(latent)(latent, targets, pixels, weights))
+        loss_dict.update(self._distillation_function(latent)(latent, targets, pixels, weights, kept or None))
         return loss_dict
 
     def distillation_losses(
@@ -502,19 +503,28 @@ class ChorusSplatModel(SplatfactoModel):
         targets: Mapping[str, Float[Tensor, "h_t w_t C_t"]],
         pixels: Optional[Int[Tensor, " n"]] = None,
         pixel_weights: Optional[Float[Tensor, " n"]] = None,
+        target_weights: Optional[Mapping[str, Float[Tensor, "h_t w_t"]]] = None,
     ) -> Dict[str, Tensor]:
         """``{"distill_<teacher>": weighted cosine loss}``: the rendered latent is decoded by each teacher's head
         and compared with its features, on the teacher's grid or at the render's resolution (``distill_at``); there
         ``pixels`` (flat indices into the render) picks where, None: everywhere, and ``pixel_weights`` (one per
-        picked pixel) weigh their losses."""
+        picked pixel) weigh their losses. ``target_weights`` (per teacher, on its feature grid; the datamanager's
+        cross-view consistency weights) weigh the teacher's cells, interpolated like its features."""
         losses = {}
         for name, target in targets.items():
-            weights = None
+            kept = None if target_weights is None else target_weights.get(name)
             if self.config.distill_at == "render":
-                latent_at, target = render_resolution_pairs(latent, target.to(latent.dtype), pixels)
+                target = target.to(latent.dtype)
+                if kept is not None:  # one more channel, so the weights are sampled exactly like the features
+                    target = torch.cat([target, kept.to(latent.dtype)[..., None]], dim=-1)
+                latent_at, target = render_resolution_pairs(latent, target, pixels)
                 predicted, weights = self.decode_features(latent_at, name), pixel_weights
+                if kept is not None:
+                    target, kept = target[:, :-1], target[:, -1]
+                    weights = kept if weights is None else weights * kept
             else:
                 predicted = self.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
+                weights = kept
             weight = self.config.teacher_loss_weights.get(name, self.config.default_teacher_loss_weight)
             losses[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target, weights)
         return losses

@@ -1,0 +1,178 @@
+"""Cross-view consistency of teachers: segmenting a view's features, finding the regions other views contradict,
+and the distillation loss ignoring them."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from support import tiny_chorus_model
+
+from splatsem_ns.data.datamanager import ChorusDataManager
+from splatsem_ns.evaluation.voting import ViewLabels
+from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights, segment_view
+
+SIZE = 40  # image edge, pixels
+GRID = 8  # feature grid edge, cells
+PLANE = 2.0  # depth of the wall every camera faces
+
+
+def _basis(index: int, dim: int = 8) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(index), dim).float()
+
+
+def _views(offsets=(-0.2, 0.0, 0.2)) -> list:
+    """Cameras side by side (x = offset) facing a wall at z = -PLANE (nerfstudio: looking down -z)."""
+    K = np.array([[SIZE, 0, SIZE / 2], [0, SIZE, SIZE / 2], [0, 0, 1]], dtype=np.float64)
+    views = []
+    for x in offsets:
+        pose = np.eye(4)[:3]
+        pose[0, 3] = x
+        views.append(
+            ViewLabels(
+                labels=np.zeros((1, 1), dtype=np.int64),
+                K=K,
+                camera_to_world=pose,
+                image_size=(SIZE, SIZE),
+                depth=np.full((SIZE, SIZE), PLANE, dtype=np.float32),
+            )
+        )
+    return views
+
+
+def _wall_features(view: ViewLabels, left: int = 0, right: int = 1) -> torch.Tensor:
+    """What a perfect teacher sees: feature ``left`` where the wall's world x < 0, ``right`` elsewhere. [h, w, 8]"""
+    cols = (np.arange(GRID) + 0.5) * (SIZE / GRID)
+    world_x = (cols - SIZE / 2) / SIZE * PLANE + view.camera_to_world[0, 3]
+    row = torch.stack([_basis(left) if x < 0 else _basis(right) for x in world_x])
+    return row[None].expand(GRID, GRID, -1).clone()
+
+
+def test_segment_view_separates_distinct_features_deterministically():
+    features = torch.zeros(4, 6, 8)
+    features[:, :3] = _basis(0)
+    features[:, 3:] = _basis(1) + 0.01 * torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+    segments, centroids = segment_view(features, segments=2)
+    assert segments.shape == (4, 6) and centroids.shape == (2, 8)
+    assert len(segments[:, :3].unique()) == 1 and len(segments[:, 3:].unique()) == 1
+    assert segments[0, 0] != segments[0, 5]
+    torch.testing.assert_close(centroids.norm(dim=1), torch.ones(2))
+    again, _ = segment_view(features, segments=2)
+    assert torch.equal(segments, again)
+    # More segments than cells: one per cell at most.
+    assert segment_view(features[:1, :1], segments=5)[1].shape == (1, 8)
+
+
+def test_consistent_views_keep_every_cell():
+    views = _views()
+    weights = consistency_weights([_wall_features(v) for v in views], views, ConsistencyConfig(), 0.05)
+    assert len(weights) == 3
+    for w in weights:
+        assert w.shape == (GRID, GRID) and w.dtype == np.float32
+        np.testing.assert_array_equal(w, 1.0)
+
+
+def test_a_region_the_other_views_contradict_gets_weight_zero():
+    views = _views()
+    features = [_wall_features(v) for v in views]
+    features[1] = _wall_features(
+        views[1], left=2
+    )  # the middle view mistakes the left half for something else
+    weights = consistency_weights(features, views, ConsistencyConfig(), 0.05)
+    confused = features[1][..., 2] > 0
+    assert confused.any() and (~confused).any()
+    np.testing.assert_array_equal(weights[1][confused.numpy()], 0.0)
+    np.testing.assert_array_equal(weights[1][~confused.numpy()], 1.0)
+    # The views it contradicts are outvoted by each other, not dropped.
+    np.testing.assert_array_equal(weights[0], 1.0)
+    np.testing.assert_array_equal(weights[2], 1.0)
+
+
+def test_a_view_nobody_else_sees_is_kept_and_a_similar_feature_agrees():
+    views = _views()
+    features = [_wall_features(v) for v in views]
+    far = _views((50.0,))[0]  # sees a part of the wall no other view sees
+    weights = consistency_weights(
+        features + [_wall_features(far, left=3, right=3)], views + [far], ConsistencyConfig(), 0.05
+    )
+    np.testing.assert_array_equal(weights[3], 1.0)
+    # A feature within the margin of the others' (cosine 0.99) is the same content, not a contradiction.
+    near = 0.99 * _basis(0) + (1 - 0.99**2) ** 0.5 * _basis(4)
+    features[1] = torch.where(features[1][..., :1] > 0, near, features[1])
+    weights = consistency_weights(features, views, ConsistencyConfig(), 0.05)
+    np.testing.assert_array_equal(weights[1], 1.0)
+
+
+def test_depth_is_required_and_counts_must_match():
+    views = _views()
+    features = [_wall_features(v) for v in views]
+    with pytest.raises(ValueError, match="feature maps for"):
+        consistency_weights(features[:2], views, ConsistencyConfig(), 0.05)
+    views[0].depth = None
+    with pytest.raises(ValueError, match="needs a depth image"):
+        consistency_weights(features, views, ConsistencyConfig(), 0.05)
+
+
+@pytest.mark.parametrize("distill_at", ["teacher", "render"])
+def test_distillation_ignores_cells_of_weight_zero(distill_at):
+    model = tiny_chorus_model(distill_at=distill_at, distill_pixels=0)
+    generator = torch.Generator().manual_seed(3)
+    latent = torch.randn(8, 8, 32, generator=generator).requires_grad_()
+    targets = {"sam": torch.randn(8, 8, 16, generator=generator).half()}
+    plain = model.distillation_losses(latent, targets)["distill_sam"]
+    ones = model.distillation_losses(latent, targets, target_weights={"sam": torch.ones(8, 8)})["distill_sam"]
+    torch.testing.assert_close(ones, plain)
+    zeros = model.distillation_losses(latent, targets, target_weights={"sam": torch.zeros(8, 8)})[
+        "distill_sam"
+    ]
+    assert float(zeros.detach()) == 0.0
+    # Half the cells dropped: no gradient reaches the rendered pixels there.
+    kept = torch.ones(8, 8)
+    kept[:, :4] = 0
+    latent.grad = None
+    model.distillation_losses(latent, targets, target_weights={"sam": kept})["distill_sam"].backward()
+    assert latent.grad[:, :3].abs().max() == 0 and latent.grad[:, 5:].abs().max() > 0
+
+
+def test_datamanager_serves_each_views_weights():
+    maps = [np.full((2, 3), i, dtype=np.float16) for i in range(2)]
+    manager = types.SimpleNamespace(_weights={"t": maps}, device="cpu")
+    manager._to_device = lambda host: ChorusDataManager._to_device(manager, host)
+    served = ChorusDataManager.teacher_weights(manager, 1)["t"]
+    assert served.dtype == torch.float16 and served.shape == (2, 3) and float(served[0, 0]) == 1.0
+    assert ChorusDataManager.teacher_weights(types.SimpleNamespace(_weights={}), 0) == {}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_training_batches_carry_the_weights_where_the_scene_has_depth(tmp_path, enabled):
+    import warnings
+
+    from splatsem_ns.data.datamanager import ChorusDataManagerConfig
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    scene = generate_synthetic_scene(
+        tmp_path / "scene", SyntheticSceneConfig(num_views=10, width=48, height=36)
+    )
+    cfg = ChorusDataManagerConfig(
+        data=scene.parent, teachers=("labels",), feature_cache_dir=tmp_path / "cache", eval_image_indices=None
+    )
+    cfg.teacher_consistency.enabled = enabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = cfg.setup(device="cpu", test_mode="val")
+    _, batch = manager.next_train(0)
+    if not enabled:
+        assert "teacher_weights" not in batch
+        return
+    weights, features = batch["teacher_weights"]["labels"], batch["teacher_features"]["labels"]
+    assert weights.shape == features.shape[:2] and set(weights.unique().tolist()) <= {0.0, 1.0}
+    # The proxy's per-view confusions give the check something to find, and most cells stay.
+    dropped = np.mean(
+        [
+            1.0 - float(manager.teacher_weights(i)["labels"].float().mean())
+            for i in range(len(manager.train_dataset))
+        ]
+    )
+    assert 0.0 < dropped < 0.5

@@ -145,23 +145,27 @@ def test_datamanager_serves_each_views_weights():
     assert ChorusDataManager.teacher_weights(types.SimpleNamespace(_weights={}), 0) == {}
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_training_batches_carry_the_weights_where_the_scene_has_depth(tmp_path, enabled):
+def _synthetic_manager(root, enabled: bool = True, num_views: int = 10):
+    """The datamanager of a synthetic room distilling the labels proxy teacher (the room has depth)."""
     import warnings
 
     from splatsem_ns.data.datamanager import ChorusDataManagerConfig
     from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
 
-    scene = generate_synthetic_scene(
-        tmp_path / "scene", SyntheticSceneConfig(num_views=10, width=48, height=36)
-    )
+    config = SyntheticSceneConfig(num_views=num_views, width=48, height=36)
+    scene = generate_synthetic_scene(root / "scene", config)
     cfg = ChorusDataManagerConfig(
-        data=scene.parent, teachers=("labels",), feature_cache_dir=tmp_path / "cache", eval_image_indices=None
+        data=scene.parent, teachers=("labels",), feature_cache_dir=root / "cache", eval_image_indices=None
     )
     cfg.teacher_consistency.enabled = enabled
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manager = cfg.setup(device="cpu", test_mode="val")
+        return cfg.setup(device="cpu", test_mode="val")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_training_batches_carry_the_weights_where_the_scene_has_depth(tmp_path, enabled):
+    manager = _synthetic_manager(tmp_path, enabled)
     _, batch = manager.next_train(0)
     if not enabled:
         assert "teacher_weights" not in batch
@@ -176,3 +180,36 @@ def test_training_batches_carry_the_weights_where_the_scene_has_depth(tmp_path, 
         ]
     )
     assert 0.0 < dropped < 0.5
+
+
+def test_the_cells_dropped_are_mostly_the_proxy_teachers_mistakes(tmp_path):
+    """On the synthetic room, a dropped cell of the labels proxy is far more often wrong than a kept one."""
+    from splatsem_ns.data.dataparser import CLASS_NAMES_KEY
+    from splatsem_ns.evaluation.protocol import classify_map
+    from splatsem_ns.teachers.registry import make_teacher_config
+
+    manager = _synthetic_manager(tmp_path, num_views=24)
+    teacher = manager.build_teacher(make_teacher_config("labels"))
+    metadata = manager.scene_metadata()
+    teacher.prepare_scene(manager.scene_views(), metadata)
+    classes = dict(metadata[CLASS_NAMES_KEY])
+    ids = sorted(classes)
+    text = teacher.encode_text([classes[i] for i in ids])
+    wrong = {True: 0, False: 0}
+    cells = {True: 0, False: 0}
+    for i, truth in enumerate(teacher.label_maps(split="train")):
+        features = torch.from_numpy(np.asarray(manager._features["labels"][i])).float()
+        h, w = features.shape[:2]
+        rows = ((np.arange(h) + 0.5) * truth.shape[0] / h).astype(int)
+        cols = ((np.arange(w) + 0.5) * truth.shape[1] / w).astype(int)
+        truth = truth.numpy()[np.ix_(rows, cols)]
+        mistaken = classify_map(features, text, ids).numpy() != truth
+        dropped = manager.teacher_weights(i)["labels"].numpy() == 0
+        for side in (True, False):
+            where = (dropped == side) & (truth > 0)
+            wrong[side] += int(mistaken[where].sum())
+            cells[side] += int(where.sum())
+    assert cells[True] > 0 and cells[False] > 0
+    dropped_error, kept_error = wrong[True] / cells[True], wrong[False] / cells[False]
+    print(f"teacher error: {dropped_error:.2f} on dropped cells, {kept_error:.2f} on kept ones")
+    assert dropped_error > 3 * kept_error, (dropped_error, kept_error)

@@ -96,7 +96,7 @@ def project_points(
     return uv, z, mask
 
 
-def _pixel_index(
+def pixel_index(
     uv: Float[np.ndarray, "P 2"], image_size: Tuple[int, int], grid: Tuple[int, int]
 ) -> Tuple[Int[np.ndarray, " P"], Int[np.ndarray, " P"]]:
     """Row and column on a (h, w) grid covering the (H, W) image, for in-image pixel coordinates.
@@ -297,7 +297,7 @@ def _checked_points(points: ArrayLike, depth_tolerance: float) -> Float[np.ndarr
     return pts
 
 
-def _visible_cells(
+def visible_cells(
     pts: Float[np.ndarray, "P 3"],
     view: ViewLabels,
     depth_tolerance: float,
@@ -309,19 +309,19 @@ def _visible_cells(
     idx = np.nonzero(inside)[0]
     uv, z = uv[idx], z[idx]
     if view.depth is not None:
-        row, col = _pixel_index(uv, view.image_size, view.depth.shape)
+        row, col = pixel_index(uv, view.image_size, view.depth.shape)
         measured = view.depth[row, col].astype(np.float64)
         with np.errstate(invalid="ignore"):
             visible = np.isfinite(measured) & (measured > 0) & (np.abs(measured - z) < depth_tolerance)
     else:
         grid = zbuffer_grid or view.labels.shape
-        row, col = _pixel_index(uv, view.image_size, grid)
+        row, col = pixel_index(uv, view.image_size, grid)
         cell = row * grid[1] + col
         nearest = np.full(grid[0] * grid[1], np.inf)
         np.minimum.at(nearest, cell, z)
         visible = z - nearest[cell] < depth_tolerance
     idx, uv = idx[visible], uv[visible]
-    row, col = _pixel_index(uv, view.image_size, view.labels.shape)
+    row, col = pixel_index(uv, view.image_size, view.labels.shape)
     return idx, row, col
 
 
@@ -363,7 +363,7 @@ def backproject_vote(
     voter_ids: List[np.ndarray] = []
     voter_labels: List[np.ndarray] = []
     for view in views:
-        idx, row, col = _visible_cells(pts, view, depth_tolerance, zbuffer_grid)
+        idx, row, col = visible_cells(pts, view, depth_tolerance, zbuffer_grid)
         label = view.labels[row, col]
         votes = label != ignore_label
         voter_ids.append(idx[votes])
@@ -422,7 +422,7 @@ def backproject_mean(
             )
         norms = np.linalg.norm(grid, axis=-1, keepdims=True)
         unit = grid / np.maximum(norms, 1e-12)
-        idx, row, col = _visible_cells(pts, view, depth_tolerance, zbuffer_grid)
+        idx, row, col = visible_cells(pts, view, depth_tolerance, zbuffer_grid)
         keep = (view.labels[row, col] != ignore_label) & (norms[row, col, 0] > 0)
         np.add.at(sums, idx[keep], unit[row[keep], col[keep]])
         votes += np.bincount(idx[keep], minlength=pts.shape[0])

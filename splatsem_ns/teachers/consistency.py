@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from rich.progress import track
 from torch import Tensor
 
-from splatsem_ns.evaluation.voting import ViewLabels, _pixel_index, _visible_cells
+from splatsem_ns.evaluation.voting import ViewLabels, pixel_index, visible_cells
 
 
 @dataclass
@@ -50,8 +50,8 @@ class ConsistencyConfig:
     """Cosine slack of one check: the other view's feature may be this much less similar to the cell's centroid
     than to its own segment's centroid and still agree. Measured on ScanNet scene0000_00 (50 frames, labels
     proxy, benchmarks/results/semantic_report_scannet_consistency_h200.md): 0.05 drops about a quarter of the
-    cells and raised held-out 2D mIoU from 57 to 61.5-62.7 over four runs; 0.2 drops 6% (labels) and scored
-    59.8-61.4. On the training views' own ground truth, 0.05 drops 73% of the teacher's wrong cells and 19% of
+    cells and raised held-out 2D mIoU from 57 to 61.5-63.0 over six runs (two of them with 12 segments); 0.2
+    drops 6% (labels) and scored 59.8-61.4. On the training views' own ground truth, 0.05 drops 73% of the teacher's wrong cells and 19% of
     its right ones: the field loses little by a right cell dropped, since other views still see the surface,
     and much by a wrong one kept. It is a cosine, so for a teacher whose distinct contents are very alike the
     check drops less."""
@@ -100,7 +100,7 @@ def _cell_points(view: ViewLabels) -> tuple[Float[np.ndarray, "M 3"], Int[np.nda
     rows, cols = np.mgrid[0:h, 0:w]
     u = (cols.reshape(-1) + 0.5) * (width / w)
     v = (rows.reshape(-1) + 0.5) * (height / h)
-    drow, dcol = _pixel_index(np.stack([u, v], axis=-1), view.image_size, view.depth.shape)
+    drow, dcol = pixel_index(np.stack([u, v], axis=-1), view.image_size, view.depth.shape)
     z = view.depth[drow, dcol].astype(np.float64)
     valid = np.isfinite(z) & (z > 0)
     fx, fy, cx, cy = view.K[0, 0], view.K[1, 1], view.K[0, 2], view.K[1, 2]
@@ -158,7 +158,7 @@ def consistency_weights(
         for j, other in enumerate(segmented):
             if j == i or len(points) == 0:
                 continue
-            idx, row, col = _visible_cells(points, other, depth_tolerance, None)
+            idx, row, col = visible_cells(points, other, depth_tolerance, None)
             if len(idx) == 0:
                 continue
             flat = torch.from_numpy(row * other.labels.shape[1] + col)

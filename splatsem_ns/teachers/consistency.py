@@ -67,7 +67,7 @@ def segment_view(
 ) -> tuple[Int[Tensor, "h w"], Float[Tensor, "K C"]]:
     """Spherical k-means over one view's feature cells: (segment id per cell, unit centroids).
 
-    Deterministic: k-means++ seeding by farthest point from the mean direction onwards, so the same features
+    Deterministic: farthest-point seeding from the cell least like the mean direction, so the same features
     always give the same segments (the weights must not change between a run and its resume)."""
     h, w, c = features.shape
     unit = F.normalize(features.reshape(-1, c).float(), dim=-1)

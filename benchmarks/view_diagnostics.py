@@ -202,10 +202,10 @@ def heldout_vote(pipeline, stride: int = 4, dump: Optional[Path] = None) -> Dict
     teacher = pipeline._query_teacher()
     teacher.prepare_scene(views, metadata)
     text = teacher.encode_text(names).to(pipeline.model.device)
-    voters = pipeline._teacher_view_labels(teacher, views, text, ids, metadata)
-    voter_features = [
-        _teacher_features(teacher, v).float().cpu().numpy() for v in views if v.split == "train"
-    ]
+    # Each training view is encoded once: its features vote in the soft vote, their classes in the plain one.
+    encoded = [_teacher_features(teacher, v) for v in views if v.split == "train"]
+    voters = pipeline._teacher_view_labels(teacher, views, text, ids, metadata, features=encoded)
+    voter_features = [f.float().cpu().numpy() for f in encoded]
     # The training views' cells that the cross-view consistency check dropped (the weights training uses).
     checked = [
         weights.get(teacher.name)

@@ -53,7 +53,6 @@ def backproject_depth(
     nerfstudio's camera convention (OpenGL): x right, y up, the camera looks down -z; pixel centres at +0.5.
     ``depth`` is the distance along the optical axis (z-depth), as RGB-D sensors store it.
     """
-    fx, fy, cx, cy = intrinsics
     d = depth[::stride, ::stride].float()
     v, u = torch.meshgrid(
         torch.arange(0, depth.shape[0], stride, dtype=torch.float32),
@@ -62,9 +61,24 @@ def backproject_depth(
     )
     valid = torch.isfinite(d) & (d > 0)
     d, u, v = d[valid], u[valid], v[valid]
-    camera_points = torch.stack([(u + 0.5 - cx) / fx * d, -(v + 0.5 - cy) / fy * d, -d], dim=-1)
-    world = camera_points @ camera_to_world[:3, :3].float().T + camera_to_world[:3, 3].float()
+    world = pixels_to_world(u + 0.5, v + 0.5, d, intrinsics, camera_to_world)
     return world, rgb[::stride, ::stride][valid]
+
+
+def pixels_to_world(
+    u: Float[Tensor, " N"],
+    v: Float[Tensor, " N"],
+    depth: Float[Tensor, " N"],
+    intrinsics: Tuple[float, float, float, float],
+    camera_to_world: Float[Tensor, "3 4"],
+) -> Float[Tensor, "N 3"]:
+    """World points at image positions (``u`` right, ``v`` down, in pixels; a pixel's centre is at +0.5) and
+    z-depth ``depth``, in nerfstudio's camera convention (OpenGL: x right, y up, the camera looks down -z).
+    Computed in ``depth``'s dtype."""
+    fx, fy, cx, cy = intrinsics
+    camera_points = torch.stack([(u - cx) / fx * depth, -(v - cy) / fy * depth, -depth], dim=-1)
+    pose = camera_to_world.to(depth.dtype)
+    return camera_points @ pose[:3, :3].T + pose[:3, 3]
 
 
 def voxel_downsample(

@@ -304,15 +304,27 @@ class ChorusPipeline(VanillaPipeline):
         return {"semantic_3d_seen": scores}
 
     def _teacher_view_labels(
-        self, teacher: Teacher, views: List[SceneView], text: torch.Tensor, ids: List[int], metadata: Dict
+        self,
+        teacher: Teacher,
+        views: List[SceneView],
+        text: torch.Tensor,
+        ids: List[int],
+        metadata: Dict,
+        features: Optional[List[torch.Tensor]] = None,
     ) -> List[ViewLabels]:
-        """The teacher's per-pixel classes on every training view, with each view's camera and depth."""
+        """The teacher's per-pixel classes on every training view, with each view's camera and depth.
+        ``features``: the teacher's features of the training views, in order, when the caller has them already
+        (else the teacher encodes each view)."""
         result = []
         depth_scale = scene_depth_scale(metadata)
-        for view in views:
-            if view.split != "train":
-                continue
-            labels = _teacher_labels(teacher, view, text, ids)
+        train = [view for view in views if view.split == "train"]
+        if features is not None and len(features) != len(train):
+            raise ValueError(f"{len(features)} feature maps for {len(train)} training views")
+        for i, view in enumerate(train):
+            if features is None:
+                labels = _teacher_labels(teacher, view, text, ids)
+            else:
+                labels = classify_map(features[i].to(text), text, ids)
             depth = None
             if view.depth_path is not None:
                 depth = np.asarray(Image.open(view.depth_path), dtype=np.float32) * depth_scale

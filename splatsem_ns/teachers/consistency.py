@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from rich.progress import track
 from torch import Tensor
 
+from splatsem_ns.data.depth import pixels_to_world
 from splatsem_ns.evaluation.voting import ViewLabels, pixel_index, visible_cells
 
 
@@ -103,12 +104,10 @@ def _cell_points(view: ViewLabels) -> tuple[Float[np.ndarray, "M 3"], Int[np.nda
     drow, dcol = pixel_index(np.stack([u, v], axis=-1), view.image_size, view.depth.shape)
     z = view.depth[drow, dcol].astype(np.float64)
     valid = np.isfinite(z) & (z > 0)
-    fx, fy, cx, cy = view.K[0, 0], view.K[1, 1], view.K[0, 2], view.K[1, 2]
-    z, u, v = z[valid], u[valid], v[valid]
-    # nerfstudio's camera convention (OpenGL): x right, y up, looking down -z.
-    camera = np.stack([(u - cx) / fx * z, -(v - cy) / fy * z, -z], axis=-1)
-    pose = view.camera_to_world
-    return camera @ pose[:3, :3].T + pose[:3, 3], np.nonzero(valid)[0]
+    intrinsics = (view.K[0, 0], view.K[1, 1], view.K[0, 2], view.K[1, 2])
+    u, v, z = (torch.from_numpy(a[valid]) for a in (u, v, z))
+    world = pixels_to_world(u, v, z, intrinsics, torch.from_numpy(view.camera_to_world))
+    return world.numpy(), np.nonzero(valid)[0]
 
 
 def consistency_weights(

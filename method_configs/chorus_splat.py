@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints
 from splatsem_ns.data.datamanager import ChorusDataManagerConfig
 from splatsem_ns.engine.optimizers import FusedAdamOptimizerConfig as AdamConfig
+from splatsem_ns.engine.trainer import ChorusTrainerConfig
 from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
 from splatsem_ns.pipelines.chorus_pipeline import ChorusPipelineConfig
+from splatsem_ns.viewer.address import LOOPBACK
 
 # Every ns-* command imports this module through the entry point, before any checkpoint is read.
 allow_numpy_scalars_in_checkpoints()
@@ -58,7 +59,7 @@ def _gaussian_optimizers() -> dict:
 
 
 chorus_splat = MethodSpecification(
-    config=TrainerConfig(
+    config=ChorusTrainerConfig(
         method_name="chorus-splat",
         steps_per_eval_image=100,
         steps_per_eval_batch=0,
@@ -71,7 +72,7 @@ chorus_splat = MethodSpecification(
             model=ChorusSplatModelConfig(),
         ),
         optimizers=_gaussian_optimizers(),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host=LOOPBACK),  # not nerfstudio's 0.0.0.0
         vis="viewer",
     ),
     description="Gaussian splatting with a per-Gaussian semantic latent distilled from several 2D teachers "

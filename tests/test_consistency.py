@@ -213,3 +213,22 @@ def test_the_cells_dropped_are_mostly_the_proxy_teachers_mistakes(tmp_path):
     dropped_error, kept_error = wrong[True] / cells[True], wrong[False] / cells[False]
     print(f"teacher error: {dropped_error:.2f} on dropped cells, {kept_error:.2f} on kept ones")
     assert dropped_error > 3 * kept_error, (dropped_error, kept_error)
+
+
+def test_start_up_says_which_step_runs_in_a_redirected_log(tmp_path, capsys):
+    """Each step of start-up announces itself, and the consistency check logs its progress as plain lines (under
+    pytest, as in `ns-train ... > log`, stdout is not a terminal and rich draws no bar)."""
+    _synthetic_manager(tmp_path, num_views=10)
+    out = " ".join(capsys.readouterr().out.split())
+    steps = [
+        "Start-up: checking the scene and loading its images...",
+        "Start-up: teacher features (labels)...",
+        "Teacher features: labels: 9 images to do",
+        "Start-up: cross-view consistency check of the teachers' features...",
+        "Cross-view consistency: labels: 9 views to do",
+        "Cross-view consistency: labels: 9 views done in",
+        "Start-up: data ready in",
+    ]
+    positions = [out.find(step) for step in steps]
+    assert all(p >= 0 for p in positions), [s for s, p in zip(steps, positions, strict=True) if p < 0]
+    assert positions == sorted(positions)

@@ -321,3 +321,86 @@ def test_real_scannet_scene() -> None:
     assert len(np.unique(cloud.instance_ids)) == 68
     counts = np.bincount(cloud.labels, minlength=41)
     assert counts[1] == 13899 and counts[2] == 10234 and counts[0] == 4357  # wall, floor, unannotated
+
+
+# ------------------------------------------------------------------------------------------------
+# Images that look whole, depth that does not fit, splits without a held-out view
+
+
+def test_truncated_image_is_caught_at_validation_naming_it(scene_copy: Path) -> None:
+    """A truncated PNG keeps a valid header; only decoding it finds the damage (else nerfstudio's loader thread
+    dies later without a file name)."""
+    image = scene_copy / "images" / "0003.png"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=r"0003\.png.*cannot be read as an image"):
+        _parse(scene_copy)
+
+
+def _rewrite_depth(root: Path, name: str, change: Callable[[np.ndarray], np.ndarray]) -> Path:
+    from PIL import Image
+
+    path = root / "depth" / name
+    Image.fromarray(np.ascontiguousarray(change(np.asarray(Image.open(path))))).save(path)
+    return path
+
+
+def test_depth_of_another_aspect_ratio_is_an_error_naming_the_file(scene_copy: Path) -> None:
+    _rewrite_depth(scene_copy, "0004.png", lambda d: d.T)  # transposed: 72 x 96 beside 96 x 72 colour
+    with pytest.raises(DatasetError, match=r"0004\.png is 72x96 .* colour image is 96x72"):
+        _parse(scene_copy)
+
+
+def test_depth_at_another_scale_is_resampled_with_one_warning(
+    scene_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splatsem_ns.data import depth as depth_module
+
+    monkeypatch.setattr(depth_module, "_warned_scales", set())  # "once" is per run; this test is a run
+    for i in range(NUM_VIEWS):
+        _rewrite_depth(scene_copy, f"{i:04d}.png", lambda d: d[::2, ::2])  # 48 x 36, as a depth sensor might
+    outputs = _parse(scene_copy)
+    for path in outputs.metadata["depth_filenames"][:3]:
+        loaded = depth_module.load_depth_image(path, (72, 96), 1e-3)
+        assert loaded.shape == (72, 96)
+    out = capsys.readouterr().out
+    assert out.count("depth is resampled") == 1, out
+
+
+@pytest.mark.parametrize(
+    ("frames", "fraction", "train", "held_out", "message"),
+    [
+        (6, 0.9, 5, 1, "so one view is held out"),  # nerfstudio's 90% would train on all 6
+        (6, 1.0, 6, 0, "No view of 6 is held out"),  # asked for explicitly: respected, and said
+        (1, 0.9, 1, 0, "No view of 1 is held out"),
+        (10, 0.9, 9, 1, None),  # the usual split is left alone
+    ],
+)
+def test_small_scenes_hold_out_one_view(
+    scene_copy: Path, capsys: pytest.CaptureFixture, frames, fraction, train, held_out, message
+) -> None:
+    _edit_transforms(scene_copy, lambda meta: meta.update(frames=meta["frames"][:frames]))
+    config = {"train_split_fraction": fraction}
+    assert len(_parse(scene_copy, "train", **config).image_filenames) == train
+    assert len(_parse(scene_copy, "val", **config).image_filenames) == held_out
+    out = " ".join(capsys.readouterr().out.split())
+    if message is None:
+        assert "held out" not in out
+    else:
+        assert message in out
+
+
+def test_a_split_without_training_views_is_an_error(scene_copy: Path) -> None:
+    _edit_transforms(scene_copy, lambda meta: meta.update(frames=meta["frames"][:1]))
+    with pytest.raises(DatasetError, match="leaves no training view"):
+        _parse(scene_copy, "train", eval_mode="interval", eval_interval=8)  # frame 0 is always held out
+
+
+def test_ns_eval_without_a_held_out_view_says_so() -> None:
+    from types import SimpleNamespace
+
+    from splatsem_ns.pipelines.chorus_pipeline import ChorusPipeline, NoHeldOutViewError
+
+    pipeline = SimpleNamespace(datamanager=SimpleNamespace(eval_dataset=[]))
+    with pytest.raises(NoHeldOutViewError, match="no held-out view"):
+        ChorusPipeline.get_average_eval_image_metrics(pipeline)  # type: ignore[arg-type]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import errno
+import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import traceback
 import types
 import warnings
 from pathlib import Path
@@ -17,6 +22,7 @@ from plyfile import PlyData, PlyElement
 from support import command, offline_env, train_synthetic
 
 from splatsem_ns.export import (
+    SemanticExportError,
     SemanticScene,
     SemanticSplatFileError,
     TeacherInfo,
@@ -161,7 +167,13 @@ def test_sidecar_is_plain_data_loadable_with_weights_only(saved):
             assert value is None or isinstance(value, (str, int, float, bool, torch.Tensor)), type(value)
 
     walk(record)
-    assert record["format_version"] == 1 and record["num_gaussians"] == NUM_POINTS
+    assert record["format_version"] == 2 and record["num_gaussians"] == NUM_POINTS
+    # The fingerprint hashes the positions exactly as the PLY stores them (little-endian float32, file order).
+    positions = np.stack([_ply_table(written.path)[1][c] for c in "xyz"], axis=1).astype("<f4")
+    assert record["ply_fingerprint"] == {
+        "num_gaussians": NUM_POINTS,
+        "positions_sha256": hashlib.sha256(positions.tobytes()).hexdigest(),
+    }
     assert record["heads"]["labels"]["architecture"] == {
         "latent_dim": 32,
         "feature_dim": 384,
@@ -226,6 +238,212 @@ def test_corrupt_sidecar(saved):
     sidecar_path(written.path).write_bytes(b"not a torch file")
     with pytest.raises(SemanticSplatFileError, match="not a readable semantic sidecar"):
         load_semantic_scene(written.path)
+
+
+def _other_scene(scene: SemanticScene) -> SemanticScene:
+    """Another export's scene: as many Gaussians, other positions and other head weights."""
+    heads = {name: copy.deepcopy(head) for name, head in scene.heads.items()}
+    with torch.no_grad():
+        for head in heads.values():
+            for param in head.parameters():
+                param.add_(1.0)
+    return dataclasses.replace(scene, means=scene.means + 0.25, heads=heads)
+
+
+def _fail_os_replace_onto(monkeypatch, name: str) -> None:
+    """Make renaming a finished file onto ``name`` fail as an unwritable destination does."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _fail_torch_save(monkeypatch) -> None:
+    """Make writing the sidecar fail as a full disk does."""
+
+    def save(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize(
+    "failure, failing_file, reason",
+    [
+        ("sidecar_write", "scene.semantic.pt", "No space left on device. The export was abandoned"),
+        ("sidecar_rename", "scene.semantic.pt", "Permission denied .*The export was abandoned"),
+        (
+            "ply_rename",
+            "scene.ply",
+            r"Permission denied .*scene\.semantic\.pt was put back as it was, so the earlier export there "
+            r"is unchanged",
+        ),
+    ],
+    ids=["sidecar_write_fails", "sidecar_rename_fails", "ply_rename_fails"],
+)
+def test_failed_re_export_leaves_the_previous_pair_unchanged(
+    saved, tmp_path, monkeypatch, failure, failing_file, reason
+):
+    """A re-export that fails at any step (the sidecar cannot be written or cannot replace the old one, or the
+    PLY cannot) leaves the earlier PLY and sidecar byte-identical and no temporary file: never a new PLY
+    beside the old sidecar, whose heads would then decode another export's latents."""
+    scene, written = saved
+    side = sidecar_path(written.path)
+    before = {path: path.read_bytes() for path in (written.path, side)}
+    if failure == "sidecar_write":
+        _fail_torch_save(monkeypatch)
+    else:
+        _fail_os_replace_onto(monkeypatch, failing_file)
+
+    with pytest.raises(SemanticExportError, match=f"Could not write .*{failing_file}: {reason}") as caught:
+        _other_scene(scene).save(written.path)
+    assert isinstance(caught.value, OSError) and str(tmp_path / failing_file) in str(caught.value)
+    assert {path: path.read_bytes() for path in (written.path, side)} == before
+    assert sorted(os.listdir(tmp_path)) == ["scene.ply", "scene.semantic.pt"]
+    # The same failure on a first export leaves nothing at all behind (a sidecar already renamed is removed).
+    with pytest.raises(SemanticExportError, match=failing_file):
+        scene.save(tmp_path / "fresh" / "scene.ply")
+    assert os.listdir(tmp_path / "fresh") == []
+
+    monkeypatch.undo()
+    loaded = load_semantic_scene(written.path)
+    assert torch.equal(loaded.means, scene.means)
+    torch.testing.assert_close(loaded.decode("labels"), scene.decode("labels"), rtol=0, atol=0)
+
+
+def test_export_onto_an_unwritable_sidecar_path_keeps_the_earlier_ply(saved, tmp_path):
+    """No monkeypatching: the sidecar's path is a folder, so the sidecar cannot be written there. The PLY
+    already at the destination must stay as it was rather than be replaced by one without its sidecar."""
+    scene, _ = saved
+    folder = tmp_path / "out"
+    plain = dataclasses.replace(scene, latent=None, heads={}, teachers={})
+    plain.save(folder / "scene.ply")
+    before = (folder / "scene.ply").read_bytes()
+    (folder / "scene.semantic.pt").mkdir()
+    with pytest.raises(
+        SemanticExportError, match=r"Could not write .*out/scene\.semantic\.pt: Is a directory"
+    ):
+        scene.save(folder / "scene.ply")
+    assert (folder / "scene.ply").read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["scene.ply", "scene.semantic.pt"]
+    assert load_semantic_scene(folder / "scene.ply").latent is None
+
+
+def test_plain_export_removes_a_stale_sidecar(saved, tmp_path):
+    """Saving a scene without semantics over a semantic export deletes the old sidecar: a plain PLY must not
+    sit beside another export's heads."""
+    scene, written = saved
+    plain = dataclasses.replace(_other_scene(scene), latent=None, heads={}, teachers={})
+    result = plain.save(written.path)
+    assert result.sidecar is None and not sidecar_path(written.path).exists()
+    assert sorted(os.listdir(tmp_path)) == ["scene.ply"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_semantic_scene(written.path)
+    assert loaded.latent is None and loaded.heads == {} and torch.equal(loaded.means, plain.means)
+
+
+def test_export_files_respect_the_umask(saved, tmp_path):
+    """The temporary files become the export, so they are created 0o666 minus the umask, as any file the user
+    writes (tempfile.mkstemp's 0o600 would make the export private)."""
+    scene, _ = saved
+    for umask in (0o022, 0o027):
+        previous = os.umask(umask)
+        try:
+            written = scene.save(tmp_path / f"umask{umask:o}" / "scene.ply")
+        finally:
+            os.umask(previous)
+        for path in (written.path, written.sidecar):
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+
+
+def test_sidecar_of_another_export_with_as_many_gaussians(saved, tmp_path):
+    """Two exports of as many Gaussians pass the count check; the fingerprint of the positions tells them
+    apart."""
+    scene, _ = saved
+    a = scene.save(tmp_path / "a" / "scene.ply")
+    b = _other_scene(scene).save(tmp_path / "b" / "scene.ply")
+    shutil.copy(b.sidecar, a.sidecar)
+    with pytest.raises(SemanticSplatFileError) as caught:
+        load_semantic_scene(a.path)
+    message = str(caught.value)
+    assert str(a.path) in message and str(a.sidecar) in message
+    assert "come from different exports" in message and "keep the PLY and its sidecar together" in message
+    assert load_semantic_scene(b.path).num_gaussians == NUM_POINTS  # B's own pair still loads
+
+
+def test_version_1_sidecar_loads_with_a_warning(saved):
+    """Sidecars written before the fingerprint (format version 1) still load, warning that the pair is
+    unchecked."""
+    scene, written = saved
+    side = sidecar_path(written.path)
+    record = torch.load(side, map_location="cpu", weights_only=True)
+    del record["ply_fingerprint"]
+    record["format_version"] = 1
+    torch.save(record, side)
+    with pytest.warns(UserWarning, match=r"version-1 sidecar without a fingerprint .* cannot be checked"):
+        loaded = load_semantic_scene(written.path)
+    torch.testing.assert_close(loaded.decode("labels"), scene.decode("labels"), rtol=0, atol=0)
+
+
+@dataclasses.dataclass
+class _NotPlainData:
+    """What no sidecar holds: an object that only unpickling its class could rebuild."""
+
+    value: int = 1
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (
+            "empty",
+            r"is empty \(0 bytes\): whatever wrote it was interrupted, or the disk was full\. "
+            r"Export the scene again",
+        ),
+        (
+            "truncated",
+            r"is a truncated torch file \(a zip archive without its end\), as when a write or a copy is "
+            r"cut short .* Export the scene again",
+        ),
+        ("garbage", r"is not a readable semantic sidecar: it is truncated or not a torch file"),
+        (
+            "pickled_object",
+            r"holds pickled Python objects \(GLOBAL \S*_NotPlainData\), which a semantic sidecar never "
+            r"contains: it was not written by splatsem-export, or it was altered\. It is not loaded because "
+            r"unpickling it could run arbitrary code\.",
+        ),
+    ],
+    ids=["empty", "truncated", "garbage", "pickled_object"],
+)
+def test_broken_sidecar_errors_say_what_is_wrong(saved, damage, expected):
+    """Each broken sidecar gets a message naming it and saying what happened, never torch's advice to retry
+    with weights_only=False (misleading for a sidecar, and unsafe), in the message or anywhere in the
+    traceback."""
+    _, written = saved
+    side = sidecar_path(written.path)
+    content = side.read_bytes()
+    if damage == "empty":
+        side.write_bytes(b"")
+    elif damage == "truncated":
+        side.write_bytes(content[: len(content) // 2])
+    elif damage == "garbage":
+        side.write_bytes(b"not a torch file")
+    else:
+        record = torch.load(side, map_location="cpu", weights_only=True)
+        record["teachers"]["labels"]["config_fields"]["extra"] = _NotPlainData()
+        torch.save(record, side)
+    with pytest.raises(SemanticSplatFileError, match=expected) as caught:
+        load_semantic_scene(written.path)
+    message = str(caught.value)
+    assert message.startswith(str(side))
+    shown = "".join(traceback.format_exception(caught.value))
+    for text in (message, shown):
+        assert "weights_only" not in text and "Weights only" not in text and "safe_globals" not in text, text
 
 
 def test_plain_3dgs_ply_loads_without_latent(saved, tmp_path):

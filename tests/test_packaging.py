@@ -29,3 +29,60 @@ def test_entry_points_resolve():
     assert spec.config.method_name == "chorus-splat"
     assert parsers["splatsem-data"].load().config is not None
     assert importlib.import_module("splatsem_ns.method_configs.chorus_splat").chorus_splat is spec
+
+
+def _package_methods() -> dict:
+    """The MethodSpecifications this package registers with nerfstudio."""
+    return {
+        e.name: e.load()
+        for e in entry_points(group="nerfstudio.method_configs")
+        if e.value.startswith("splatsem_ns.")
+    }
+
+
+def test_every_method_of_the_package_serves_the_viewer_on_loopback_only():
+    from splatsem_ns.viewer.address import LOOPBACK
+
+    methods = _package_methods()
+    assert "chorus-splat" in methods
+    for name, spec in methods.items():
+        assert spec.config.viewer.websocket_host == LOOPBACK == "127.0.0.1", name
+
+
+def test_splatsem_viewer_defaults_to_loopback_and_ns_viewer_is_warned_about():
+    import tyro
+
+    from splatsem_ns.viewer.address import exposure_notice
+    from splatsem_ns.viewer.run_viewer import LoopbackRunViewer
+
+    parsed = tyro.cli(tyro.conf.FlagConversionOff[LoopbackRunViewer], args=["--load-config", "c.yml"])
+    assert parsed.viewer.websocket_host == "127.0.0.1"
+    shared = ["--load-config", "c.yml", "--viewer.websocket-host", "0.0.0.0"]
+    assert (
+        tyro.cli(tyro.conf.FlagConversionOff[LoopbackRunViewer], args=shared).viewer.websocket_host
+        == "0.0.0.0"
+    )
+    # ns-viewer takes its address from its own command line (0.0.0.0 unless given), never from the saved config.
+    notice = exposure_notice(["/venv/bin/ns-viewer", "--load-config", "c.yml"])
+    assert notice is not None and "splatsem-viewer" in notice and "ssh -L 7007:localhost:7007" in notice
+    assert (
+        exposure_notice(
+            ["/venv/bin/ns-viewer", "--load-config", "c.yml", "--viewer.websocket-host=127.0.0.1"]
+        )
+        is None
+    )
+    assert exposure_notice(["/venv/bin/ns-viewer", *shared]) is None
+    assert exposure_notice(["/venv/bin/ns-eval", "--load-config", "c.yml"]) is None
+
+
+def test_readme_decode_examples_name_a_teacher():
+    """``SemanticScene.decode`` takes a teacher's name (its head's key), not a text: the README's examples must
+    show that."""
+    import re
+
+    from splatsem_ns.teachers.registry import available_teachers, make_teacher_config
+
+    names = {make_teacher_config(preset).name for preset in available_teachers()}
+    calls = re.findall(r"\.decode\(\"([^\"]+)\"\)", (ROOT / "README.md").read_text())
+    assert calls, "the README shows decode"
+    assert set(calls) <= names, f"decode takes a teacher name ({sorted(names)}), not {sorted(set(calls) - names)}"

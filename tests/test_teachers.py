@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import types
 import warnings
@@ -342,6 +343,26 @@ def test_corrupt_checkpoint_names_teacher_and_path(preset: str, tmp_path: Path) 
     with pytest.raises(TeacherWeightsUnavailable, match="weights.pth") as err:
         build(make_teacher_config(preset, random_weights=False, checkpoint=path))
     assert make_teacher_config(preset).name in str(err.value)
+
+
+@dataclasses.dataclass
+class _Pickled:
+    """Not a tensor: what a checkpoint that needs ``weights_only=False`` holds."""
+
+    weights: dict
+
+
+def test_checkpoint_with_pickled_objects_says_so_without_unsafe_advice(tmp_path: Path) -> None:
+    import traceback
+
+    path = tmp_path / "sam.pth"
+    torch.save(_Pickled(network(tiny("tiny-sam")).state_dict()), path)
+    with pytest.raises(TeacherWeightsUnavailable) as err:
+        build(make_teacher_config("tiny-sam", random_weights=False, checkpoint=path))
+    message = str(err.value)
+    assert str(path) in message and "pickled Python objects (GLOBAL" in message and "_Pickled" in message
+    shown = "".join(traceback.format_exception(err.value))
+    assert "weights_only" not in shown and "safe_globals" not in shown
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ of those features (0 on regions the other views contradict; ``splatsem_ns.teache
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type
@@ -36,7 +37,16 @@ from splatsem_ns.evaluation.voting import ViewLabels
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
-from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, make_teacher_config
+from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, available_teachers, make_teacher_config
+
+
+def startup_step(what: str) -> None:
+    """Log that a step of training's start-up begins."""
+    CONSOLE.log(f"Start-up: {what}...")
+
+
+class UnknownTeacherError(ValueError):
+    """A teacher name that no preset has (raised while the configuration is built)."""
 
 
 @dataclass
@@ -70,6 +80,20 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     "on" requires depth images, "auto" serves them when every training view has one. Set by the pipeline from
     the model's depth loss weight."""
 
+    def __post_init__(self) -> None:
+        # Checked when the command line is parsed, before any data loads (a typo should cost seconds, not the
+        # image loading and feature extraction that come first in set-up).
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        unknown = [name for name in self.teachers if name not in available_teachers()]
+        if unknown:
+            raise UnknownTeacherError(
+                f"Unknown teacher preset(s) {', '.join(map(repr, unknown))} in --pipeline.datamanager.teachers. "
+                f"Available: {', '.join(available_teachers())}. (Your own teachers need a register_teacher call in "
+                "a module that your method config imports.)"
+            )
+
 
 class ChorusDataManager(FullImageDatamanager):
     """See the module docstring."""
@@ -80,22 +104,28 @@ class ChorusDataManager(FullImageDatamanager):
         if not torch.cuda.is_available() and config.cache_images == "cpu":
             # nerfstudio pins "cpu"-cached images, which needs CUDA; on a CPU machine "gpu" means the device.
             config.cache_images = "gpu"
-        super().__init__(config, device=device, test_mode=test_mode, **kwargs)
-        self._features: Dict[str, List[np.memmap]] = {}
         if not config.teachers:
             raise ValueError(
                 "No teachers given: pass at least one, e.g. --pipeline.datamanager.teachers tiny-dinov2"
             )
+        start = time.perf_counter()
+        # Each step of start-up says that it began, in plain log lines: on a busy machine one can take minutes.
+        startup_step("checking the scene and loading its images")
+        super().__init__(config, device=device, test_mode=test_mode, **kwargs)
+        self._features: Dict[str, List[np.memmap]] = {}
         self._depths: List[torch.Tensor] = []
         self._weights: Dict[str, List[np.ndarray]] = {}
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
+            startup_step(f"teacher features ({', '.join(config.teachers)})")
             self._prepare_teacher_features()
             if config.load_depth == "on" or (config.load_depth == "auto" and self._every_view_has_depth()):
+                startup_step("depth images")
                 self._depths = self._load_train_depths()
             elif config.load_depth == "auto":
                 CONSOLE.log("Not every training view has a depth image: training without the depth loss.")
             self.train_dataset.metadata[DEPTH_SERVED_KEY] = bool(self._depths)
             self._weights = self._consistency_weights()
+            CONSOLE.log(f"Start-up: data ready in {time.perf_counter() - start:.1f} s.")
         # Lets the model express settings in the dataset's own units (metres for depth-sensor captures).
         self.train_dataset.metadata[DATAPARSER_SCALE_KEY] = float(
             self.train_dataparser_outputs.dataparser_scale
@@ -178,6 +208,7 @@ class ChorusDataManager(FullImageDatamanager):
             num_images=len(images),
             get_image=lambda i: images[i]["image"],
             cache_root=cache_root,
+            image_names=[str(p) for p in self.train_dataset.image_filenames],
             batch_size=self.config.extraction_batch_size,
         )
         specs = {}
@@ -237,6 +268,7 @@ class ChorusDataManager(FullImageDatamanager):
                 "Not every training view has a depth image: no cross-view consistency check of teachers."
             )
             return {}
+        startup_step("cross-view consistency check of the teachers' features")
         depths = self._depths or self._load_train_depths()
         cameras = self.train_dataset.cameras
         views = [

@@ -10,7 +10,7 @@ the SfM points splatfacto starts from elsewhere. Only training views are used: h
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -24,10 +24,47 @@ DEPTH_SERVED_KEY = "depth_images_served"
 model's depth loss can run)."""
 
 
+ASPECT_TOLERANCE = 0.02
+"""Largest relative difference between a depth image's aspect ratio and its colour image's for the depth to be
+resampled onto the colour pixels. ScanNet's 640 x 480 depth beside 648 x 484 (or 1296 x 968) colour differs by
+0.4%; a transposed or cropped depth image differs by far more and would put every depth at the wrong pixel."""
+
+_warned_scales: Set[Tuple[Tuple[int, int], Tuple[int, int]]] = set()
+"""(depth size, colour size) pairs already reported, so a run says it once, not once per image."""
+
+
+def check_depth_size(path: Path, depth_size: Tuple[int, int], image_size: Tuple[int, int]) -> bool:
+    """Whether a depth image of ``depth_size`` (H, W) must be resampled to its colour image's ``image_size``.
+
+    Another scale at the same aspect ratio (within ``ASPECT_TOLERANCE``) is resampled, with a warning the first
+    time a run meets that pair of sizes. Another aspect ratio is an error naming the file: resampling would
+    stretch the depth over the wrong pixels.
+    """
+    depth_size, image_size = tuple(map(int, depth_size)), tuple(map(int, image_size))
+    if depth_size == image_size:
+        return False
+    (dh, dw), (ih, iw) = depth_size, image_size
+    depth_aspect, image_aspect = dw / dh, iw / ih
+    if abs(depth_aspect / image_aspect - 1.0) > ASPECT_TOLERANCE:
+        raise ValueError(
+            f"Depth image {path} is {dw}x{dh} (aspect {depth_aspect:.3f}) but its colour image is {iw}x{ih} (aspect "
+            f"{image_aspect:.3f}): another shape, not another scale (transposed or cropped?). Depth must cover the "
+            "colour image's field of view; register it to the colour camera first."
+        )
+    if (depth_size, image_size) not in _warned_scales:
+        _warned_scales.add((depth_size, image_size))
+        CONSOLE.log(
+            f"[yellow]Depth images are {dw}x{dh} and colour images {iw}x{ih}: depth is resampled (nearest) to the "
+            f"colour size (first: {path})."
+        )
+    return True
+
+
 def load_depth_image(path: Path, size: Tuple[int, int], scale: float) -> torch.Tensor:
     """A depth PNG (integer units, 0 = no measurement) as float16 [H, W] in scene units at ``size``.
 
-    Nearest-neighbour resampling: averaging would mix missing (0) pixels and depth edges into false depths.
+    Nearest-neighbour resampling: averaging would mix missing (0) pixels and depth edges into false depths. A depth
+    image of another aspect ratio than ``size`` is an error (``check_depth_size``).
     """
     try:
         array = np.asarray(Image.open(path), dtype=np.float32)
@@ -36,7 +73,7 @@ def load_depth_image(path: Path, size: Tuple[int, int], scale: float) -> torch.T
     if array.ndim != 2:
         raise ValueError(f"Depth image {path} has shape {array.shape}; expected a single channel.")
     depth = torch.from_numpy(array * scale)
-    if tuple(depth.shape) != tuple(size):
+    if check_depth_size(path, tuple(depth.shape), size):
         depth = torch.nn.functional.interpolate(depth[None, None], size=size, mode="nearest")[0, 0]
     return depth.to(torch.float16)
 

@@ -12,6 +12,8 @@ _EXPORTS = {
     "SemanticScene": "loader",
     "load_semantic_scene": "loader",
     "GaussianArrays": "semantic_ply",
+    "PlyFingerprint": "semantic_ply",
+    "SemanticExportError": "semantic_ply",
     "SemanticSplatFileError": "semantic_ply",
     "TeacherInfo": "semantic_ply",
     "WrittenPly": "semantic_ply",
@@ -19,12 +21,15 @@ _EXPORTS = {
     "read_semantic_ply": "semantic_ply",
     "read_semantic_sidecar": "semantic_ply",
     "sidecar_path": "semantic_ply",
+    "write_semantic_export": "semantic_ply",
     "write_semantic_ply": "semantic_ply",
     "write_semantic_sidecar": "semantic_ply",
 }
 
 __all__ = [
     "GaussianArrays",
+    "PlyFingerprint",
+    "SemanticExportError",
     "SemanticScene",
     "SemanticSplatFileError",
     "TeacherInfo",
@@ -34,6 +39,7 @@ __all__ = [
     "read_semantic_ply",
     "read_semantic_sidecar",
     "sidecar_path",
+    "write_semantic_export",
     "write_semantic_ply",
     "write_semantic_sidecar",
 ]
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
     )
     from splatsem_ns.export.semantic_ply import (
         GaussianArrays,
+        PlyFingerprint,
+        SemanticExportError,
         SemanticSplatFileError,
         TeacherInfo,
         WrittenPly,
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
         read_semantic_ply,
         read_semantic_sidecar,
         sidecar_path,
+        write_semantic_export,
         write_semantic_ply,
         write_semantic_sidecar,
     )

@@ -9,6 +9,10 @@ The pipeline is restored as nerfstudio's ``ns-export`` restores it (``eval_setup
 no teachers run, the heads come from the checkpoint). With ``--query`` only the Gaussians whose LERF
 relevancy to the text exceeds ``--threshold`` are written: a text-selected piece of the scene that
 opens in any 3DGS viewer.
+
+The two files are written as a pair (``SemanticScene.save``): under temporary names first, renamed into
+place only once both are complete, so a failed export (a full disk, an unwritable file) leaves an earlier
+export with the same name as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Optional, Tuple
 import tyro
 
 from splatsem_ns.export.loader import SemanticScene
-from splatsem_ns.export.semantic_ply import WrittenPly, sidecar_path
+from splatsem_ns.export.semantic_ply import SemanticExportError, WrittenPly
 from splatsem_ns.models.relevancy import DEFAULT_NEGATIVES
 
 
@@ -80,11 +84,13 @@ class ExportSemanticSplat:
             )
 
         ply = self.output_dir / f"{self.name}.ply"
-        written = scene.save(ply, selection=selection, source_config=self.load_config)
-        side = sidecar_path(ply)
+        try:
+            written = scene.save(ply, selection=selection, source_config=self.load_config)
+        except SemanticExportError as err:  # the message names the file, the reason and what was kept
+            raise SystemExit(f"splatsem-export: {err}") from err
         sizes = f"{ply.stat().st_size / 2**20:.2f} MiB"
-        if side.is_file():
-            sizes += f" + sidecar {side} {side.stat().st_size / 2**20:.2f} MiB"
+        if written.sidecar is not None:
+            sizes += f" + sidecar {written.sidecar} {written.sidecar.stat().st_size / 2**20:.2f} MiB"
         CONSOLE.print(
             f"Wrote {written.num_written} Gaussians to {ply} ({sizes}) in {time.perf_counter() - start:.1f} s."
         )

@@ -20,14 +20,14 @@ from torch import Tensor, nn
 
 from splatsem_ns.export.semantic_ply import (
     GaussianColumns,
+    PlyFingerprint,
     SemanticSplatFileError,
     TeacherInfo,
     WrittenPly,
     read_semantic_ply,
     read_semantic_sidecar,
     sidecar_path,
-    write_semantic_ply,
-    write_semantic_sidecar,
+    write_semantic_export,
 )
 from splatsem_ns.models.heads import ProjectorHead
 from splatsem_ns.models.relevancy import DEFAULT_NEGATIVES, LERF_TEMPERATURE, lerf_relevancy
@@ -265,30 +265,27 @@ class SemanticScene(GaussianColumns):
         selection: Optional[Bool[Tensor, " N"]] = None,
         source_config: Optional[Union[str, Path]] = None,
     ) -> WrittenPly:
-        """Write the PLY (``write_semantic_ply``) and, for a scene with semantics, its sidecar."""
-        written = write_semantic_ply(
+        """Write the PLY and, for a scene with semantics (a latent or heads), its sidecar, as one atomic pair
+        (``write_semantic_export``): both are written under temporary names and renamed into place only once
+        both are complete, so a failure leaves an earlier export at ``ply_path`` unchanged.
+
+        A scene without semantics writes the PLY alone and deletes the sidecar an earlier export left at
+        ``<stem>.semantic.pt`` once the new PLY is in place: a plain PLY never sits beside another export's
+        heads.
+
+        Raises:
+            SemanticExportError: a file could not be written; the message names it and says why.
+        """
+        return write_semantic_export(
             ply_path,
-            self.means,
-            self.scales,
-            self.quats,
-            self.opacities,
-            self.features_dc,
-            self.features_rest,
-            latent=self.latent,
+            self,
+            heads=self.heads,
+            teachers=self.teachers,
+            semantic_scale=self.semantic_scale,
+            sh_degree=self.sh_degree,
             selection=selection,
+            source_config=source_config if source_config is not None else self.source_config,
         )
-        if self.latent is not None or self.heads:
-            write_semantic_sidecar(
-                ply_path,
-                num_gaussians=written.num_written,
-                latent_dim=self.latent_dim,
-                heads=self.heads,
-                teachers=self.teachers,
-                semantic_scale=self.semantic_scale,
-                sh_degree=self.sh_degree,
-                source_config=source_config if source_config is not None else self.source_config,
-            )
-        return written
 
 
 def load_semantic_scene(
@@ -298,6 +295,11 @@ def load_semantic_scene(
 
     A plain 3DGS PLY (no ``sem_*`` columns) loads too, with ``latent=None``; decoding or querying it then
     says so.
+
+    Raises:
+        SemanticSplatFileError: a broken file, or a PLY and sidecar from different exports (the sidecar's
+            fingerprint of its PLY does not match this PLY). A version-1 sidecar, which records no
+            fingerprint, loads with a warning instead.
     """
     ply_path = Path(ply_path)
     arrays = read_semantic_ply(ply_path)
@@ -321,7 +323,24 @@ def load_semantic_scene(
         if record["num_gaussians"] != n:
             raise SemanticSplatFileError(
                 f"{side} describes {record['num_gaussians']} Gaussians but {ply_path} holds {n}: the two files "
-                "come from different exports."
+                "come from different exports. Export again, and keep the PLY and its sidecar together."
+            )
+        # The count alone misses a sidecar from another export of as many Gaussians (another run, another
+        # step or selection), whose heads would decode this PLY's latents into nonsense without any error.
+        expected: Optional[PlyFingerprint] = record["ply_fingerprint"]
+        if expected is None:
+            warnings.warn(
+                f"{side} is a version-{record['format_version']} sidecar without a fingerprint of its PLY, "
+                f"so whether it belongs to {ply_path} cannot be checked beyond their Gaussian counts. "
+                "Export again to add one.",
+                stacklevel=2,
+            )
+        elif expected != (actual := PlyFingerprint.of_positions(arrays.means)):
+            raise SemanticSplatFileError(
+                f"{ply_path} and {side} come from different exports: the sidecar was written for a PLY with "
+                f"other Gaussian positions (sha256 {expected.positions_sha256[:12]}..., this PLY's "
+                f"{actual.positions_sha256[:12]}...), so its heads do not belong to these Gaussians. Export "
+                "again (splatsem-export), and keep the PLY and its sidecar together."
             )
         if arrays.latent is not None and record["latent_dim"] != arrays.latent.shape[1]:
             raise SemanticSplatFileError(

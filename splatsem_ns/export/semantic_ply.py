@@ -15,19 +15,28 @@ text queries: each teacher's projector head (weights and architecture), teacher 
 config needed to rebuild its text encoder (as a class path and plain field values, never pickled
 objects), the latent size, the semantic render scale and SH degree. It is a ``torch.save`` of plain
 tensors, strings, numbers, lists and dicts only, so ``torch.load(..., weights_only=True)`` reads it.
+Since format version 2 it also records a fingerprint of its PLY (``PlyFingerprint``: the Gaussian count
+and a hash of the positions), so a sidecar beside another export's PLY is refused rather than silently
+decoding that PLY's latents with the wrong heads.
+
+**Writing** is atomic per pair (``write_semantic_export``): both files are written under hidden temporary
+names in the destination folder and renamed into place only once both are complete, so a failed or
+interrupted export leaves the previous one as it was instead of a new PLY beside an old sidecar.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import importlib
+import os
 import re
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,13 +44,16 @@ from jaxtyping import Bool, Float
 from plyfile import PlyData, PlyElement
 from torch import Tensor, nn
 
+from splatsem_ns.checkpoints import load_torch_file
+from splatsem_ns.files import Writer, hidden_sibling, os_reason, remove_quietly, stage_file, sync_folder
 from splatsem_ns.models.heads import ProjectorHead
 from splatsem_ns.teachers.base import declared_text_encoder
 
 FORMAT_NAME = "splatsem_ns.semantic_splat"
 """``format`` entry of every sidecar."""
-FORMAT_VERSION = 1
-"""Sidecar layout version; readers refuse newer versions rather than misread them."""
+FORMAT_VERSION = 2
+"""Sidecar layout version; readers refuse newer versions rather than misread them. 2 added
+``ply_fingerprint``; version-1 sidecars still load, with a warning that their pairing cannot be checked."""
 SIDECAR_SUFFIX = ".semantic.pt"
 """``scene.ply`` -> ``scene.semantic.pt``."""
 LATENT_PREFIX = "sem_"
@@ -54,6 +66,11 @@ _GEOMETRY_TAIL = ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", 
 
 class SemanticSplatFileError(ValueError):
     """A semantic PLY or its sidecar is missing, malformed, or inconsistent. The message names the file."""
+
+
+class SemanticExportError(OSError):
+    """An export could not be written. The message names the file and the reason, and says what became of
+    the files an earlier export left at those paths (normally: unchanged)."""
 
 
 # ----------------------------------------------------------------------------------------------- PLY
@@ -72,9 +89,54 @@ def gaussian_columns(num_rest_coeffs: int, latent_dim: int = 0) -> List[str]:
     return _GEOMETRY_HEAD + rest + _GEOMETRY_TAIL + latent
 
 
+@dataclass(frozen=True)
+class PlyFingerprint:
+    """What identifies the Gaussians of one exported PLY, recorded in its sidecar so that the loader can tell
+    whether a PLY is the one the sidecar was written with. The count alone cannot: two exports of a run (other
+    training steps, another ``--query`` selection of as many Gaussians) differ in their positions, not
+    necessarily in their number."""
+
+    num_gaussians: int
+    """Gaussians in the PLY."""
+    positions_sha256: str
+    """sha256 (hex) of the PLY's x, y, z as little-endian float32, Gaussian after Gaussian in file order:
+    exactly the position bytes written (after the selection and after dropping non-finite Gaussians)."""
+
+    @classmethod
+    def of_positions(cls, means: Float[ArrayLike, "N 3"]) -> "PlyFingerprint":
+        """The fingerprint of a PLY holding these positions (as ``read_semantic_ply`` returns them, or as
+        ``write_semantic_ply`` writes them). Positions are hashed as float32, as the PLY stores them."""
+        values = np.ascontiguousarray(_as_numpy(means, "means"), dtype="<f4")
+        if values.ndim != 2 or values.shape[1] != 3:
+            raise ValueError(
+                f"PlyFingerprint.of_positions needs positions of shape (N, 3), got {values.shape}."
+            )
+        return cls(int(values.shape[0]), hashlib.sha256(values.tobytes()).hexdigest())
+
+    def to_record(self) -> Dict[str, Any]:
+        return {"num_gaussians": self.num_gaussians, "positions_sha256": self.positions_sha256}
+
+    @classmethod
+    def from_record(cls, record: Any, source: Path) -> "PlyFingerprint":
+        """Read back ``to_record``'s dict from the sidecar ``source``; a malformed entry is an error that
+        names the file."""
+        digest = record.get("positions_sha256") if isinstance(record, dict) else None
+        count = record.get("num_gaussians") if isinstance(record, dict) else None
+        if (
+            not isinstance(count, int)
+            or not isinstance(digest, str)
+            or re.fullmatch(r"[0-9a-f]{64}", digest) is None
+        ):
+            raise SemanticSplatFileError(
+                f"{source}: its ply_fingerprint entry is malformed ({str(record)[:120]}); the file was "
+                "altered or not written by splatsem-export. Export the scene again."
+            )
+        return cls(count, digest)
+
+
 @dataclass
 class WrittenPly:
-    """What ``write_semantic_ply`` wrote."""
+    """What ``write_semantic_ply`` (or ``write_semantic_export``) wrote."""
 
     path: Path
     """The PLY file."""
@@ -82,6 +144,10 @@ class WrittenPly:
     """Which of the input Gaussians are in the file, in file order (the selection minus non-finite ones)."""
     num_non_finite: int
     """Selected Gaussians dropped because one of their values was NaN or infinite."""
+    fingerprint: PlyFingerprint
+    """The written PLY's fingerprint (what its sidecar records)."""
+    sidecar: Optional[Path] = None
+    """The sidecar written with the PLY by ``write_semantic_export``; None for a PLY alone."""
 
     @property
     def num_written(self) -> int:
@@ -161,8 +227,45 @@ def write_semantic_ply(
         selection: Which Gaussians to write (default all). [N] bool
 
     Returns:
-        The path, which input Gaussians were written, and how many were dropped as non-finite.
+        The path, which input Gaussians were written, how many were dropped as non-finite, and the PLY's
+        fingerprint.
+
+    Raises:
+        SemanticExportError: the file could not be written (the message says why); a file already at
+            ``path`` is then unchanged, since the PLY is written under a temporary name and renamed onto it.
     """
+    data, written = _prepare_ply(
+        path,
+        means,
+        scales_log,
+        quats,
+        opacities_logit,
+        features_dc,
+        features_rest,
+        latent,
+        selection,
+        stacklevel=3,
+    )
+    _write_together([(written.path, data.write)])
+    return written
+
+
+def _prepare_ply(
+    path: Union[str, Path],
+    means: Float[ArrayLike, "N 3"],
+    scales_log: Float[ArrayLike, "N 3"],
+    quats: Float[ArrayLike, "N 4"],
+    opacities_logit: Union[Float[ArrayLike, "N 1"], Float[ArrayLike, " N"]],
+    features_dc: Float[ArrayLike, "N 3"],
+    features_rest: Float[ArrayLike, "N K 3"],
+    latent: Optional[Float[ArrayLike, "N D"]],
+    selection: Optional[Bool[ArrayLike, " N"]],
+    *,
+    stacklevel: int,
+) -> Tuple[PlyData, WrittenPly]:
+    """``write_semantic_ply``'s checks, selection and table, without writing: what to write and what the
+    file will hold, so that a sidecar can record the PLY's fingerprint before either file exists.
+    ``stacklevel`` points the non-finite warning at the exporter's caller."""
     path = Path(path)
     arrays = {
         "means": _as_numpy(means, "means"),
@@ -228,7 +331,7 @@ def write_semantic_ply(
         warnings.warn(
             f"{path}: dropped {num_non_finite} of {int(keep.sum())} Gaussians with NaN/Inf values "
             f"(in {', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}).",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     keep &= finite
     if not keep.any():
@@ -236,13 +339,12 @@ def write_semantic_ply(
             f"Writing {path}: no Gaussians left to write (selection empty or every value non-finite)."
         )
 
-    records = np.ascontiguousarray(table[keep]).view(np.dtype([(c, "<f4") for c in names])).reshape(-1)
+    kept_table = table[keep]
+    records = np.ascontiguousarray(kept_table).view(np.dtype([(c, "<f4") for c in names])).reshape(-1)
     comments = [f"Generated by splatsem_ns (semantic latent: {latent_dim} channels)", "Vertical Axis: z"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PlyData([PlyElement.describe(records, "vertex")], text=False, byte_order="<", comments=comments).write(
-        str(path)
-    )
-    return WrittenPly(path=path, kept=keep, num_non_finite=num_non_finite)
+    data = PlyData([PlyElement.describe(records, "vertex")], text=False, byte_order="<", comments=comments)
+    fingerprint = PlyFingerprint.of_positions(kept_table[:, :3])  # x, y, z are the table's first columns
+    return data, WrittenPly(path=path, kept=keep, num_non_finite=num_non_finite, fingerprint=fingerprint)
 
 
 def _indexed_columns(names: List[str], prefix: str, path: Path) -> List[str]:
@@ -471,6 +573,32 @@ def head_from_record(name: str, record: Mapping[str, Any], source: Path) -> Proj
 # --------------------------------------------------------------------------------------------- sidecar
 
 
+def _sidecar_record(
+    ply_path: Path,
+    *,
+    fingerprint: PlyFingerprint,
+    latent_dim: Optional[int],
+    heads: Mapping[str, nn.Module],
+    teachers: Mapping[str, TeacherInfo],
+    semantic_scale: Optional[float],
+    sh_degree: int,
+    source_config: Optional[Union[str, Path]],
+) -> Dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "ply_file": ply_path.name,
+        "num_gaussians": fingerprint.num_gaussians,
+        "ply_fingerprint": fingerprint.to_record(),
+        "latent_dim": None if latent_dim is None else int(latent_dim),
+        "semantic_scale": None if semantic_scale is None else float(semantic_scale),
+        "sh_degree": int(sh_degree),
+        "source_config": None if source_config is None else str(source_config),
+        "heads": {name: head_to_record(name, head) for name, head in heads.items()},
+        "teachers": {name: info.to_record() for name, info in teachers.items()},
+    }
+
+
 def write_semantic_sidecar(
     ply_path: Union[str, Path],
     *,
@@ -481,36 +609,132 @@ def write_semantic_sidecar(
     semantic_scale: Optional[float],
     sh_degree: int,
     source_config: Optional[Union[str, Path]] = None,
+    fingerprint: Optional[PlyFingerprint] = None,
 ) -> Path:
-    """Write ``<ply stem>.semantic.pt`` next to ``ply_path`` (see the module docstring); returns its path."""
+    """Write ``<ply stem>.semantic.pt`` next to ``ply_path`` (see the module docstring); returns its path.
+
+    The sidecar alone, for a PLY that is already written; ``write_semantic_export`` writes the pair
+    atomically and is what exporters should use. ``fingerprint=None`` fingerprints the PLY now at
+    ``ply_path`` (reading it back), so the sidecar is bound to that file.
+
+    Raises:
+        SemanticExportError: the sidecar could not be written; a sidecar already there is unchanged.
+    """
+    ply_path = Path(ply_path)
+    if fingerprint is None:
+        fingerprint = PlyFingerprint.of_positions(read_semantic_ply(ply_path).means)
+    if fingerprint.num_gaussians != int(num_gaussians):
+        raise ValueError(
+            f"Writing the sidecar of {ply_path}: num_gaussians={num_gaussians} but the PLY's fingerprint "
+            f"counts {fingerprint.num_gaussians} Gaussians."
+        )
+    record = _sidecar_record(
+        ply_path,
+        fingerprint=fingerprint,
+        latent_dim=latent_dim,
+        heads=heads,
+        teachers=teachers,
+        semantic_scale=semantic_scale,
+        sh_degree=sh_degree,
+        source_config=source_config,
+    )
     path = sidecar_path(ply_path)
-    record = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "ply_file": Path(ply_path).name,
-        "num_gaussians": int(num_gaussians),
-        "latent_dim": None if latent_dim is None else int(latent_dim),
-        "semantic_scale": None if semantic_scale is None else float(semantic_scale),
-        "sh_degree": int(sh_degree),
-        "source_config": None if source_config is None else str(source_config),
-        "heads": {name: head_to_record(name, head) for name, head in heads.items()},
-        "teachers": {name: info.to_record() for name, info in teachers.items()},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(record, path)
+    _write_together([(path, lambda stream: torch.save(record, stream))])
     return path
 
 
+def write_semantic_export(
+    ply_path: Union[str, Path],
+    gaussians: GaussianColumns,
+    *,
+    heads: Mapping[str, nn.Module],
+    teachers: Mapping[str, TeacherInfo],
+    semantic_scale: Optional[float],
+    sh_degree: int,
+    selection: Optional[Bool[ArrayLike, " N"]] = None,
+    source_config: Optional[Union[str, Path]] = None,
+) -> WrittenPly:
+    """Write a scene as its PLY and, when it has semantics (a latent or heads), its sidecar, atomically.
+
+    Both files are written under hidden temporary names in the destination folder and renamed into place
+    only once both are complete: the sidecar first, then the PLY. The PLY goes last because it is the file
+    everything opens (viewers, ``load_semantic_scene``, whoever checks that the export is there), so when
+    it appears its sidecar is already the matching one; if the PLY's rename fails, the previous sidecar is
+    put back from a hard link taken beforehand. Any failure thus leaves an earlier export at these paths as
+    it was (where the file system has hard links) and no temporary file behind.
+
+    A scene without semantics gets no sidecar, and a sidecar an earlier export left at
+    ``<stem>.semantic.pt`` is deleted once the new PLY is in place, so a plain PLY never sits beside
+    another export's heads.
+
+    Args:
+        ply_path: The PLY to write; the sidecar is ``sidecar_path(ply_path)``.
+        gaussians: The Gaussians (a ``SemanticScene`` or any ``GaussianColumns``).
+        heads: Projector heads by teacher name.
+        teachers: What is known of each teacher.
+        semantic_scale: Resolution of the semantic render relative to the images (None when unknown).
+        sh_degree: Spherical-harmonics degree of the colours.
+        selection: Which Gaussians to write (default all). [N] bool
+        source_config: The training run's config.yml, recorded in the sidecar.
+
+    Raises:
+        SemanticExportError: a file could not be written; the message names it, says why, and says what
+            became of the earlier files (normally: unchanged).
+    """
+    ply_path = Path(ply_path)
+    g = gaussians
+    data, written = _prepare_ply(
+        ply_path,
+        g.means,
+        g.scales,
+        g.quats,
+        g.opacities,
+        g.features_dc,
+        g.features_rest,
+        g.latent,
+        selection,
+        stacklevel=4,
+    )
+    side = sidecar_path(ply_path)
+    if g.latent is None and not heads:
+        stale = side if side.is_file() or side.is_symlink() else None
+        _write_together([(ply_path, data.write)], stale=stale)
+        return written
+    record = _sidecar_record(
+        ply_path,
+        fingerprint=written.fingerprint,
+        latent_dim=None if g.latent is None else int(g.latent.shape[1]),
+        heads=heads,
+        teachers=teachers,
+        semantic_scale=semantic_scale,
+        sh_degree=sh_degree,
+        source_config=source_config,
+    )
+    # Sidecar first, PLY last (see above): the PLY's appearance is what completes the export.
+    _write_together([(side, lambda stream: torch.save(record, stream)), (ply_path, data.write)])
+    return dataclasses.replace(written, sidecar=side)
+
+
+def _load_sidecar_file(path: Path) -> Any:
+    """The sidecar's content, read with ``weights_only=True``; errors say what is wrong with the file (never
+    torch's advice to retry with ``weights_only=False``: a genuine sidecar never needs it, and it is unsafe)."""
+    return load_torch_file(
+        path,
+        what="semantic sidecar",
+        remedy="Export the scene again (splatsem-export) to rewrite the PLY and its sidecar.",
+        not_written_by="splatsem-export",
+        error=SemanticSplatFileError,
+    )
+
+
 def read_semantic_sidecar(path: Union[str, Path]) -> Dict[str, Any]:
-    """The sidecar's record, read with ``weights_only=True``; heads are rebuilt as ``ProjectorHead``\\ s and
-    teachers as ``TeacherInfo``\\ s."""
+    """The sidecar's record, read with ``weights_only=True``; heads are rebuilt as ``ProjectorHead``\\ s,
+    teachers as ``TeacherInfo``\\ s and ``ply_fingerprint`` as a ``PlyFingerprint`` (None for a version-1
+    sidecar, which has none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Semantic sidecar {path} does not exist.")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle and zip errors of many kinds
-        raise SemanticSplatFileError(f"{path} is not a readable semantic sidecar: {err}") from err
+    record = _load_sidecar_file(path)
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
         raise SemanticSplatFileError(
             f"{path} is not a splatsem_ns semantic sidecar (no format '{FORMAT_NAME}')."
@@ -524,4 +748,109 @@ def read_semantic_sidecar(path: Union[str, Path]) -> Dict[str, Any]:
     record = dict(record)
     record["heads"] = {n: head_from_record(n, r, path) for n, r in (record.get("heads") or {}).items()}
     record["teachers"] = {n: TeacherInfo.from_record(r) for n, r in (record.get("teachers") or {}).items()}
+    record["ply_fingerprint"] = (
+        PlyFingerprint.from_record(record.get("ply_fingerprint"), path) if version >= 2 else None
+    )
     return record
+
+
+# ------------------------------------------------------------------------------------- atomic writing
+
+
+@dataclass
+class _Replaced:
+    """A file about to be replaced, and how to put it back."""
+
+    final: Path
+    existed: bool
+    """Whether something was at ``final`` before."""
+    backup: Optional[Path] = None
+    """A hard link to the earlier file (None: there was none, or the file system refused the link)."""
+
+
+def _write_together(files: Sequence[Tuple[Path, Writer]], stale: Optional[Path] = None) -> None:
+    """Write ``files`` so that each ends up either complete and new or untouched, and all of them or none.
+
+    Every file is written under a temporary name first; only once all are written are they renamed onto
+    their paths, in the order given (callers put the file that marks the export complete last). A rename
+    that fails undoes the ones before it, restoring the files they replaced from hard links taken just
+    before. ``stale`` is deleted after all files are in place.
+
+    Raises:
+        SemanticExportError: naming the file that could not be written, why, and what became of the earlier
+            files. No temporary file or backup link is left behind.
+    """
+    targets = " and ".join(str(final) for final, _ in files)
+    untouched = (
+        f"The export was abandoned before any file was replaced: anything already at {targets} is unchanged."
+    )
+    staged: List[Path] = []
+    links: List[Path] = []
+    replaced: List[_Replaced] = []
+    try:
+        for final, write in files:
+            try:
+                staged.append(stage_file(final, write))
+            except OSError as err:
+                raise SemanticExportError(f"Could not write {final}: {os_reason(err)}. {untouched}") from err
+        for index, (temporary, (final, _)) in enumerate(zip(staged, files, strict=True)):
+            entry = _Replaced(final, existed=final.exists() or final.is_symlink())
+            if entry.existed and index < len(files) - 1 and final.is_file():
+                # Only files renamed before the last one may have to be put back.
+                backup = hidden_sibling(final, "previous")
+                try:
+                    os.link(final, backup)
+                    entry.backup = backup
+                    links.append(backup)
+                except OSError:  # a file system without hard links: the file cannot be put back
+                    pass
+            try:
+                os.replace(temporary, final)
+            except OSError as err:
+                outcome = _undo(replaced) if replaced else untouched
+                raise SemanticExportError(
+                    f"Could not write {final}: {os_reason(err)} (moving the finished file into place). "
+                    f"{outcome}"
+                ) from err
+            replaced.append(entry)
+    finally:  # the temporaries that were renamed, and the links that were put back, are gone already
+        for temporary in staged + links:
+            remove_quietly(temporary)
+    sync_folder(files[-1][0].parent)
+    if stale is not None:
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise SemanticExportError(
+                f"Wrote {targets}, but could not remove {stale}, which an earlier export left there: "
+                f"{os_reason(err)}. Delete it, so that it is not taken for the new export's sidecar."
+            ) from err
+
+
+def _undo(replaced: Sequence[_Replaced]) -> str:
+    """Put back what the ``replaced`` paths held before (newest first); says how that went."""
+    done: List[str] = []
+    lost: List[str] = []
+    for entry in reversed(replaced):
+        try:
+            if entry.backup is not None:
+                os.replace(entry.backup, entry.final)
+                entry.backup = None
+                done.append(
+                    f"{entry.final} was put back as it was, so the earlier export there is unchanged."
+                )
+            elif not entry.existed:
+                entry.final.unlink()
+                done.append(f"The new {entry.final} was removed again, so nothing of this export is left.")
+            else:
+                lost.append(f"{entry.final} (no hard link to the earlier file could be made to keep it)")
+        except OSError as err:
+            lost.append(f"{entry.final} ({os_reason(err)})")
+    if not lost:
+        return " ".join(done)
+    return (
+        f"The earlier file could not be put back at {', '.join(lost)}, which now holds the new export's "
+        "file: loading refuses such a mismatched pair. Export again."
+    )

@@ -21,12 +21,14 @@ from typing import Dict, List, Literal, Mapping, Optional, Tuple, Type, Union
 import torch
 from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from torch import Tensor, nn
 from torch.nn import Parameter
 
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
+from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.heads import (
     ProjectorHead,
     cosine_distillation_loss,
@@ -129,6 +131,11 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     """On CUDA, run the heads and distillation losses through ``torch.compile``: their many small element-wise
     kernels fuse into a few, which matters because a splatting step is bound by kernel launches on the host.
     The first training step pays the compilation (tens of seconds). Eager on CPU."""
+    finite_check_every: int = 10
+    """Every this many training steps, stop with an error naming the source if a NaN or inf appeared: in a batch
+    input (teacher features, depth), a loss, or the Gaussians' parameters (splatsem_ns.models.finite_guard).
+    Recording costs a few small kernels per step and no host-device synchronisation; the check itself reads a
+    few numbers (nerfstudio synchronises as often to log the loss). 0: off."""
     rasterizer_backend: str = "auto"
     """"auto" (gsplat's CUDA kernels on GPU, the PyTorch reference path on CPU), "gsplat" or "torch"."""
 
@@ -195,6 +202,8 @@ class ChorusSplatModel(SplatfactoModel):
         # output_hooks: ``hook(model, camera, outputs) -> dict``, merged into eval-mode outputs.
         # hidden_mask: bool [N], Gaussians left out like splatfacto's crop; highlight_mask: bool [N], tinted.
         self.output_hooks: list = []
+        self.finite_watch = NonFiniteWatch()
+        self.training_image_names: List[str] = []  # set by the pipeline, to name an image in errors
         self._compiled_distillation = None  # built on the first CUDA training step (compile_distillation)
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
         self.hidden_mask: Optional[Tensor] = None
@@ -486,16 +495,43 @@ class ChorusSplatModel(SplatfactoModel):
                 torch.rand(3, device=self.device) * voxel,
             )
         targets: Mapping[str, Tensor] = batch.get("teacher_features", {})
-        if "semantic_latent" not in outputs or not targets:
-            return loss_dict
+        if "semantic_latent" in outputs and targets:
+            loss_dict.update(self._distillation_loss_dict(outputs, batch, targets))
+        if self.training and self.config.finite_check_every > 0:
+            inputs = {f"teacher features {name}": t for name, t in targets.items()}
+            if "depth_image" in batch:
+                inputs["depth image"] = batch["depth_image"]
+            image = int(batch.get("image_idx", -1))
+            self.finite_watch.record("batch input", inputs, self.step, image)
+            self.finite_watch.record("loss", loss_dict, self.step, image)
+        return loss_dict
+
+    def _distillation_loss_dict(self, outputs, batch, targets: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """The ``distill_<teacher>`` losses of one training batch (see ``distillation_losses``)."""
         latent = outputs["semantic_latent"]
         targets = {name: target.to(latent.device) for name, target in targets.items()}
         kept = {name: w.to(latent.device) for name, w in batch.get("teacher_weights", {}).items()}
         # Drawn outside the compiled losses, which stay deterministic.
         pixels = self.distillation_pixels(latent)
         weights = self.distillation_pixel_weights(latent, outputs.get("depth"), pixels)
-        loss_dict.update(self._distillation_function(latent)(latent, targets, pixels, weights, kept or None))
-        return loss_dict
+        return self._distillation_function(latent)(latent, targets, pixels, weights, kept or None)
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteTrainingError`` naming the first source if training met a NaN or inf (see
+        ``finite_check_every``); the trainer also calls it before writing a checkpoint."""
+        self.finite_watch.check(self.step, dict(self.gauss_params), self.training_image_names)
+
+    def get_training_callbacks(self, training_callback_attributes) -> List[TrainingCallback]:
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        if self.config.finite_check_every > 0:
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                    lambda step: self.check_finite(),
+                    update_every_num_iters=self.config.finite_check_every,
+                )
+            )
+        return callbacks
 
     def distillation_losses(
         self,

@@ -7,6 +7,7 @@ scores of ``splatsem_ns.evaluation.protocol`` with its two baselines.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Type
@@ -42,7 +43,12 @@ from splatsem_ns.evaluation.protocol import (
 from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
 from splatsem_ns.teachers.base import SceneView, Teacher, declared_text_encoder, image_to_float_chw
 from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig, transform_points
+from splatsem_ns.viewer.address import exposure_notice
 from splatsem_ns.viewer.query_panel import OBJECT_TEACHERS, SemanticQueryPanel
+
+
+class NoHeldOutViewError(ValueError):
+    """ns-eval on a run whose scene holds out no view."""
 
 
 @dataclass
@@ -72,8 +78,13 @@ class ChorusPipeline(VanillaPipeline):
         super().__init__(config, device, test_mode, **kwargs)
         # The viewer's semantic query panel: nerfstudio's viewer installs the controls it finds on the pipeline
         # (in ns-viewer and while training); its hook adds the query outputs to eval-mode renders.
+        if hasattr(self.model, "training_image_names") and self.datamanager.train_dataset is not None:
+            self.model.training_image_names = [str(p) for p in self.datamanager.train_dataset.image_filenames]
         self.semantic_query = SemanticQueryPanel.for_pipeline(self)
         self.model.output_hooks.append(self.semantic_query.output_hook)
+        notice = exposure_notice(sys.argv)  # ns-viewer's address comes from its command line, not this config
+        if notice is not None:
+            CONSOLE.print(f"[bold yellow]{notice}", soft_wrap=True)
 
     # Evaluation renders the model as trained, whatever the query panel shows or hides.
     def get_eval_loss_dict(self, step: int):
@@ -87,6 +98,12 @@ class ChorusPipeline(VanillaPipeline):
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ):
+        if not self.datamanager.eval_dataset:  # nerfstudio would fail with a bare IndexError
+            raise NoHeldOutViewError(
+                "This run has no held-out view to evaluate: its scene's split put every view in training (a "
+                "capture with a single view, --pipeline.datamanager.dataparser.train-split-fraction 1, or split "
+                "files without a val/test list). Train again with at least one held-out view."
+            )
         with self.semantic_query.suspended():
             metrics = super().get_average_eval_image_metrics(step, output_path, get_std)
         if self.test_mode == "val" and not self.config.semantic_eval_during_training:

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from rich.progress import track
 from torch import Tensor
 
 from splatsem_ns.data.depth import pixels_to_world
 from splatsem_ns.evaluation.voting import ViewLabels, pixel_index, visible_cells
+from splatsem_ns.progress import logged_progress
 
 
 @dataclass
@@ -124,7 +124,8 @@ def consistency_weights(
         views: The same views' cameras and depths (``labels`` is ignored; ``depth`` is required).
         config: Segmenting and agreement settings.
         depth_tolerance: Depth-test tolerance in the cameras' units.
-        progress: Description of a progress bar over the views (none when empty).
+        progress: Description of the progress shown over the views (a bar on a terminal, log lines otherwise;
+            none when empty).
     """
     if len(features) != len(views):
         raise ValueError(f"{len(features)} feature maps for {len(views)} views")
@@ -148,7 +149,7 @@ def consistency_weights(
             )
         )
     weights = []
-    for i, view in enumerate(track(segmented, description=progress, transient=True, disable=not progress)):
+    for i, view in enumerate(logged_progress(segmented, progress, unit="views") if progress else segmented):
         points, cells = _cell_points(view)
         own = grids[i].reshape(-1)[torch.from_numpy(cells)]  # segment of each placed cell [M]
         k = centroids[i].shape[0]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from splatsem_ns.checkpoints import load_torch_file
 from splatsem_ns.teachers.base import Teacher, TeacherConfig, TeacherWeightsUnavailable
 
 ARCH_CONFIG_DIR = Path(__file__).parent / "arch_configs"
@@ -173,15 +174,21 @@ def checkpoint_path(config: TeacherConfig) -> Path:
 
 def load_state_dict_file(config: TeacherConfig, path: Path) -> Dict[str, Tensor]:
     """Tensors of a ``.safetensors`` or torch file, unwrapped from a ``state_dict``/``model`` entry."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a checkpoint at all
-        raise weights_unavailable(config, f"the checkpoint {path} could not be read: {err}") from err
+        except Exception as err:  # corrupt, truncated or not a safetensors file at all
+            raise weights_unavailable(config, f"the checkpoint {path} could not be read: {err}") from err
+    else:
+        state = load_torch_file(
+            path,
+            what="weights checkpoint",
+            remedy="Download the weights again.",
+            not_written_by="a torch.save of plain tensors",
+            error=lambda message: weights_unavailable(config, message),
+        )
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

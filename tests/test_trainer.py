@@ -1,0 +1,229 @@
+"""The trainer under interruption and failure: Ctrl-C and SIGTERM keep the work, a crash costs minutes, checkpoints
+are whole, a run that never started leaves no folder, and a typo in a teacher name fails before any data loads."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from support import command, offline_env
+
+from splatsem_ns.data.datamanager import ChorusDataManagerConfig, UnknownTeacherError
+from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+from splatsem_ns.engine.trainer import ChorusTrainer, ChorusTrainerConfig, resume_command
+
+STEP_LINE = re.compile(r"^\s*(\d+) \(\d+\.\d+%\)")
+"""A row of nerfstudio's step table in a redirected log: "930 (46.50%)   78.6 ms ..."."""
+
+
+def _ns_train(scene: Path, out: Path, cache: Path, *extra: str) -> list:
+    return [
+        command("ns-train"), "chorus-splat", "--data", str(scene),
+        "--output-dir", str(out), "--experiment-name", "t", "--timestamp", "run",
+        "--vis", "tensorboard", "--machine.device-type", "cpu", "--viewer.quit-on-train-completion", "True",
+        "--steps-per-eval-image", "100000", "--steps-per-eval-all-images", "100000",
+        "--pipeline.datamanager.teachers", "labels",
+        "--pipeline.datamanager.feature-cache-dir", str(cache),
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("interrupt")
+    return generate_synthetic_scene(
+        root / "scene", SyntheticSceneConfig(num_views=12, width=48, height=36)
+    ).parent
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_says_how_to_resume_and_the_resumed_run_ends_on_time(scene, tmp_path):
+    """Ctrl-C in the middle of a run (checkpoints every 2000 steps, none due) saves the step it stopped at, prints
+    the resume command and exits non-zero; that command resumes there and stops at the run's total step count."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    total = 100000  # never reached: the run is interrupted
+    proc = subprocess.Popen(
+        _ns_train(scene, out, cache, "--max-num-iterations", str(total)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(),
+    )  # fmt: skip
+    lines: list = []
+    reached = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            match = STEP_LINE.match(line)
+            if match and int(match.group(1)) >= 20:
+                reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert reached.wait(300), "training did not reach step 20:\n" + "".join(lines[-40:])
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        proc.kill()
+    reader.join(10)
+    log = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGINT, log[-3000:]
+    checkpoints = sorted((out / "t" / "chorus-splat" / "run" / "nerfstudio_models").glob("step-*.ckpt"))
+    assert len(checkpoints) == 1, log[-3000:]
+    stopped = int(checkpoints[0].stem.split("-")[1])
+    assert stopped >= 20
+    assert f"Training stopped by SIGINT after step {stopped}" in log
+    assert str(checkpoints[0]) in log
+    resume = next(line for line in log.splitlines() if "--load-dir" in line).split()
+    assert resume[0] == "ns-train" and resume[-2] == "--load-dir"
+    assert Path(resume[-1]) == checkpoints[0].parent
+    assert not list(checkpoints[0].parent.parent.glob(".*partial*")), "a temporary checkpoint was left behind"
+
+    # Resume with the printed command (only the total shortened): it continues from the checkpoint and ends at
+    # the total step count, not that many steps after the checkpoint.
+    resume[resume.index("--max-num-iterations") + 1] = str(stopped + 11)
+    resumed = subprocess.run(
+        [command("ns-train"), *resume[1:]], capture_output=True, text=True, env=offline_env(), timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    unwrapped = "".join(resumed.stdout.split())  # rich folds long lines, paths included
+    assert f"DoneloadingNerfstudiocheckpointfrom{checkpoints[0]}" in unwrapped, resumed.stdout[-3000:]
+    final = sorted(checkpoints[0].parent.glob("step-*.ckpt"))
+    assert [p.name for p in final] == [f"step-{stopped + 10:09d}.ckpt"]
+
+
+def _bare_trainer(tmp_path: Path, **config) -> ChorusTrainer:
+    """A ChorusTrainer without a pipeline: enough for its signal handling and checkpoint writing."""
+    trainer = ChorusTrainer.__new__(ChorusTrainer)
+    trainer.config = ChorusTrainerConfig(output_dir=tmp_path / "outputs", **config)
+    trainer.checkpoint_dir = tmp_path / "run" / "nerfstudio_models"
+    trainer.base_dir = tmp_path / "run"
+    trainer._stop_signal, trainer._last_save, trainer._start_step = None, time.monotonic(), 0
+    trainer.training_state, trainer.step, trainer.local_rank = "training", 0, 0
+    trainer.pipeline = torch.nn.Module()
+    trainer.pipeline.model = torch.nn.Linear(2, 2)
+    adam = torch.optim.Adam(trainer.pipeline.parameters())
+    trainer.optimizers = SimpleNamespace(optimizers={"m": adam}, schedulers={})
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return trainer
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's time limit, ``kill``) during a step: the step finishes, a checkpoint of it is written
+    and the process exits with 128 + 15."""
+    trainer = _bare_trainer(tmp_path, max_num_iterations=1000)
+    steps = []
+
+    def loop(self) -> None:  # nerfstudio's loop, reduced to what matters: a step, then the callbacks
+        for step in range(1000):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 3
+            steps.append(step)
+            self._after_iteration(step)
+
+    monkeypatch.setattr("nerfstudio.engine.trainer.Trainer.train", loop)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        trainer.train()
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert steps == [0, 1, 2, 3]
+    assert [p.name for p in trainer.checkpoint_dir.iterdir()] == ["step-000000003.ckpt"]
+    assert "Training stopped by SIGTERM after step 3" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before, "the handler is not restored"
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A save that fails half-way (disk full, a kill) leaves the previous checkpoint in place and no partial file
+    where ``--load-dir`` would parse it."""
+    trainer = _bare_trainer(tmp_path)
+    trainer.save_checkpoint(10)
+    good = trainer.checkpoint_dir / "step-000000010.ckpt"
+    content = good.read_bytes()
+
+    def broken_save(obj, stream, *args, **kwargs):
+        stream.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint(20)
+    assert [p.name for p in trainer.checkpoint_dir.iterdir()] == [good.name]
+    assert good.read_bytes() == content
+    assert sorted(p.name for p in trainer.base_dir.iterdir()) == ["nerfstudio_models"]
+
+
+def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
+    """Between ``steps_per_save`` checkpoints, one is written whenever ``save_every_minutes`` have passed."""
+    trainer = _bare_trainer(tmp_path, save_every_minutes=5.0)
+    now = [1000.0]
+    monkeypatch.setattr("splatsem_ns.engine.trainer.time.monotonic", lambda: now[0])
+    trainer._last_save = now[0]
+    trainer._after_iteration(1)
+    assert not trainer.checkpoint_dir.exists()
+    now[0] += 299.0
+    trainer._after_iteration(2)
+    assert not trainer.checkpoint_dir.exists()
+    now[0] += 2.0
+    trainer._after_iteration(3)
+    assert [p.name for p in trainer.checkpoint_dir.iterdir()] == ["step-000000003.ckpt"]
+    now[0] += 100.0
+    trainer._after_iteration(4)  # the clock restarted at the last save
+    assert [p.name for p in trainer.checkpoint_dir.iterdir()] == ["step-000000003.ckpt"]
+    assert ChorusTrainerConfig().save_every_minutes > 0, "on by default"
+
+
+def test_resume_command_repeats_the_run_with_load_dir():
+    argv = [
+        "/venv/bin/ns-train",
+        "chorus-splat",
+        "--data",
+        "my scene",
+        "--load-dir",
+        "old",
+        "--vis",
+        "viewer",
+    ]
+    assert resume_command(Path("out/run/nerfstudio_models"), argv) == (
+        "ns-train chorus-splat --data 'my scene' --vis viewer --load-dir out/run/nerfstudio_models"
+    )
+    # nerfstudio replaces the whole config, --load-dir included, with a --load-config file: say what to pass.
+    generic = resume_command(Path("m"), ["ns-train", "chorus-splat", "--load-config", "c.yml"])
+    assert "<same options>" in generic and generic.endswith("--load-dir m")
+
+
+@pytest.mark.slow
+def test_failed_setup_leaves_no_config_only_run_folder(tmp_path):
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        _ns_train(tmp_path / "missing-scene", out, tmp_path / "cache"),
+        capture_output=True, text=True, env=offline_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "data path" in proc.stderr and "does not exist" in proc.stderr
+    assert "which held only its config.yml" in proc.stdout
+    assert not out.exists(), sorted(out.rglob("*"))
+
+
+def test_unknown_teacher_fails_when_the_command_line_is_parsed():
+    with pytest.raises(UnknownTeacherError, match="'siglip-b16'.*Available: .*siglip2-b16"):
+        ChorusDataManagerConfig(teachers=("siglip-b16", "dinov2-s14"))
+
+
+@pytest.mark.slow
+def test_unknown_teacher_is_a_usage_error_of_ns_train(tmp_path):
+    proc = subprocess.run(
+        _ns_train(tmp_path / "missing-scene", tmp_path / "out", tmp_path / "cache")
+        + ["--pipeline.datamanager.teachers", "labls"],
+        capture_output=True, text=True, env=offline_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]  # tyro's usage error, before the (missing) data is read
+    assert "labls" in proc.stderr and "Available" in proc.stderr
+    assert "does not exist" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()

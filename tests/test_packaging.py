@@ -85,4 +85,6 @@ def test_readme_decode_examples_name_a_teacher():
     names = {make_teacher_config(preset).name for preset in available_teachers()}
     calls = re.findall(r"\.decode\(\"([^\"]+)\"\)", (ROOT / "README.md").read_text())
     assert calls, "the README shows decode"
-    assert set(calls) <= names, f"decode takes a teacher name ({sorted(names)}), not {sorted(set(calls) - names)}"
+    assert set(calls) <= names, (
+        f"decode takes a teacher name ({sorted(names)}), not {sorted(set(calls) - names)}"
+    )

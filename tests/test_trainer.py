@@ -16,9 +16,10 @@ import pytest
 import torch
 from support import command, offline_env
 
-from splatsem_ns.data.datamanager import ChorusDataManagerConfig, UnknownTeacherError
+from splatsem_ns.data.datamanager import ChorusDataManagerConfig
 from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
 from splatsem_ns.engine.trainer import ChorusTrainer, ChorusTrainerConfig, resume_command
+from splatsem_ns.teachers.registry import UnknownTeacherError
 
 STEP_LINE = re.compile(r"^\s*(\d+) \(\d+\.\d+%\)")
 """A row of nerfstudio's step table in a redirected log: "930 (46.50%)   78.6 ms ..."."""

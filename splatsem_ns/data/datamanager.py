@@ -37,16 +37,12 @@ from splatsem_ns.evaluation.voting import ViewLabels
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
-from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, available_teachers, make_teacher_config
+from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, check_teacher_names, configured_teachers
 
 
 def startup_step(what: str) -> None:
     """Log that a step of training's start-up begins."""
     CONSOLE.log(f"Start-up: {what}...")
-
-
-class UnknownTeacherError(ValueError):
-    """A teacher name that no preset has (raised while the configuration is built)."""
 
 
 @dataclass
@@ -86,13 +82,7 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
-        unknown = [name for name in self.teachers if name not in available_teachers()]
-        if unknown:
-            raise UnknownTeacherError(
-                f"Unknown teacher preset(s) {', '.join(map(repr, unknown))} in --pipeline.datamanager.teachers. "
-                f"Available: {', '.join(available_teachers())}. (Your own teachers need a register_teacher call in "
-                "a module that your method config imports.)"
-            )
+        check_teacher_names(self.teachers)
 
 
 class ChorusDataManager(FullImageDatamanager):
@@ -133,22 +123,9 @@ class ChorusDataManager(FullImageDatamanager):
 
     def teacher_configs(self) -> List[TeacherConfig]:
         """The configured teachers, with their local checkpoints and the random-weights switch applied."""
-        configs = [make_teacher_config(p) for p in self.config.teachers]
-        names = [c.name for c in configs]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"Teachers {duplicated} appear twice; each teacher needs a distinct name.")
-        unknown = set(self.config.teacher_checkpoints) - set(names)
-        if unknown:
-            raise ValueError(
-                f"teacher-checkpoints names {sorted(unknown)}, which are not among the teachers {names}."
-            )
-        for cfg in configs:
-            if cfg.name in self.config.teacher_checkpoints:
-                cfg.checkpoint = Path(self.config.teacher_checkpoints[cfg.name])
-            if self.config.teacher_random_weights:
-                cfg.random_weights = True
-        return configs
+        return configured_teachers(
+            self.config.teachers, self.config.teacher_checkpoints, self.config.teacher_random_weights
+        )
 
     def build_teacher(self, config: TeacherConfig) -> Teacher:
         device = self.device if self.config.teacher_device == "auto" else self.config.teacher_device

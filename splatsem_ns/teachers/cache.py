@@ -41,7 +41,7 @@ import hashlib
 import io
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -298,34 +298,67 @@ def extract_teacher_features(
             names the teacher and the image.
         FeatureCacheNotWritable: features must be written and the cache folder refuses it.
     """
-    if image_names is None:
-        image_names = [f"image {i}" for i in range(num_images)]
-    elif len(image_names) != num_images:
-        raise ValueError(f"image_names has {len(image_names)} names for {num_images} images.")
     result: Dict[str, List[np.memmap]] = {}
     for teacher in teachers:
         cache = TeacherFeatureCache(cache_root, teacher.name, teacher.fingerprint())
         keys = [image_key(get_image(i), cache.fingerprint) for i in range(num_images)]
-        todo = cache.missing(keys)
-        if todo:
-            cache.check_writable()
-            done = num_images - len(todo)
-            CONSOLE.log(
-                escape(
-                    f"Teacher features: {teacher.name}: extracting {len(todo)} of {num_images} images"
-                    + (f" (resuming; {done} already cached)" if done else "")
-                    + f" into {cache.folder}"
-                )
-            )
-            with ProgressLog(f"Teacher features: {teacher.name}", len(todo), "images") as progress:
-                for start in range(0, len(todo), batch_size):
-                    chunk = todo[start : start + batch_size]
-                    images = torch.stack([image_to_float_chw(get_image(i)).cpu() for i in chunk]).to(
-                        teacher.device
-                    )
-                    features = teacher.encode_image(images)  # [B, C, h, w]
-                    for i, feats in zip(chunk, features, strict=True):
-                        cache.write(keys[i], feats.permute(1, 2, 0), image_name=image_names[i])
-                    progress.advance(len(chunk))
+        cache_teacher_features(teacher, cache, keys, get_image, batch_size, image_names)
         result[teacher.name] = [cache.open(key) for key in keys]
     return result
+
+
+def cache_teacher_features(
+    teacher: Teacher,
+    cache: TeacherFeatureCache,
+    keys: Sequence[str],
+    get_image: Callable[[int], Tensor],
+    batch_size: int = 4,
+    image_names: Optional[Sequence[str]] = None,
+    on_progress: Optional[Callable[[int], None]] = None,
+    show_progress: bool = True,
+) -> int:
+    """Verify the cached features of the images with ``keys`` (each image's ``image_key`` for this teacher) and
+    extract the missing or bad ones; returns how many were extracted. Opens nothing, so it scales to collections
+    of any size (each memory map holds a file descriptor).
+
+    Args:
+        teacher: the teacher (on its device).
+        cache: its cache (``TeacherFeatureCache(root, teacher.name, teacher.fingerprint())``).
+        keys: one key per image.
+        get_image: index -> ``[H, W, 3]`` image, only called for the images to extract.
+        batch_size: images per forward pass.
+        image_names: one name per image, for error messages; default "image <index>".
+        on_progress: called with the number of images just extracted (e.g. a shared counter across processes).
+        show_progress: show this call's own progress (a bar, or log lines when stdout is not a terminal).
+    """
+    num_images = len(keys)
+    if image_names is None:
+        image_names = [f"image {i}" for i in range(num_images)]
+    elif len(image_names) != num_images:
+        raise ValueError(f"image_names has {len(image_names)} names for {num_images} images.")
+    todo = cache.missing(keys)
+    if not todo:
+        return 0
+    cache.check_writable()
+    done = num_images - len(todo)
+    if show_progress:
+        CONSOLE.log(
+            escape(
+                f"Teacher features: {teacher.name}: extracting {len(todo)} of {num_images} images"
+                + (f" (resuming; {done} already cached)" if done else "")
+                + f" into {cache.folder}"
+            )
+        )
+    progress = ProgressLog(f"Teacher features: {teacher.name}", len(todo), "images")
+    with progress if show_progress else nullcontext():
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            images = torch.stack([image_to_float_chw(get_image(i)).cpu() for i in chunk]).to(teacher.device)
+            features = teacher.encode_image(images)  # [B, C, h, w]
+            for i, feats in zip(chunk, features, strict=True):
+                cache.write(keys[i], feats.permute(1, 2, 0), image_name=image_names[i])
+            if show_progress:
+                progress.advance(len(chunk))
+            if on_progress is not None:
+                on_progress(len(chunk))
+    return len(todo)

@@ -8,7 +8,8 @@ and cache names read well; two teachers of one family in the same run need disti
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 from splatsem_ns.teachers.base import TeacherConfig
 from splatsem_ns.teachers.dino_teacher import DINOTeacherConfig
@@ -97,3 +98,42 @@ def make_teacher_config(preset: str, **overrides: object) -> TeacherConfig:
             f"fields: {', '.join(sorted(fields))}."
         )
     return dataclasses.replace(config, **overrides)
+
+
+class UnknownTeacherError(ValueError):
+    """A teacher name that no preset has (raised while a configuration is built, before any data loads)."""
+
+
+def check_teacher_names(presets: Sequence[str], flag: str = "--pipeline.datamanager.teachers") -> None:
+    """Raise ``UnknownTeacherError`` naming every unknown preset in ``presets`` and the available ones."""
+    unknown = [name for name in presets if name not in _PRESETS]
+    if unknown:
+        raise UnknownTeacherError(
+            f"Unknown teacher preset(s) {', '.join(map(repr, unknown))} in {flag}. "
+            f"Available: {', '.join(available_teachers())}. (Your own teachers need a register_teacher call in "
+            "a module that your method config imports.)"
+        )
+
+
+def configured_teachers(
+    presets: Sequence[str], checkpoints: Mapping[str, Path], random_weights: bool
+) -> List[TeacherConfig]:
+    """Configs of the teacher ``presets``, with local ``checkpoints`` (by teacher name) and the random-weights
+    switch applied: what a datamanager's ``teachers``, ``teacher_checkpoints`` and ``teacher_random_weights``
+    settings mean."""
+    configs = [make_teacher_config(p) for p in presets]
+    names = [c.name for c in configs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"Teachers {duplicated} appear twice; each teacher needs a distinct name.")
+    unknown = set(checkpoints) - set(names)
+    if unknown:
+        raise ValueError(
+            f"teacher-checkpoints names {sorted(unknown)}, which are not among the teachers {names}."
+        )
+    for cfg in configs:
+        if cfg.name in checkpoints:
+            cfg.checkpoint = Path(checkpoints[cfg.name])
+        if random_weights:
+            cfg.random_weights = True
+    return configs

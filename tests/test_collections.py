@@ -115,7 +115,7 @@ def test_context_and_target_views_overlap_and_never_coincide(scenes):
         choose_views(overlap[:5, :5], ViewChoiceConfig(num_context_views=4, num_target_views=4), rng)
 
 
-def _manager(collection, tmp_path, **overrides):
+def _manager(collection, tmp_path, world_size: int = 1, local_rank: int = 0, **overrides):
     config = MultiSceneDataManagerConfig(
         data=collection,
         image_size=(48, 64),
@@ -127,11 +127,7 @@ def _manager(collection, tmp_path, **overrides):
     )
     for key, value in overrides.items():
         setattr(config, key, value)
-    return config.setup(
-        device="cpu",
-        test_mode="val",
-        **{k: v for k, v in overrides.items() if k in ("world_size", "local_rank")},
-    )
+    return config.setup(device="cpu", test_mode="val", world_size=world_size, local_rank=local_rank)
 
 
 def _stream(manager, steps, start=0):

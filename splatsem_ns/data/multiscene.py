@@ -326,11 +326,10 @@ class MultiSceneDataManager(DataManager):
         self.fingerprints: Fingerprints = {}
         if self.teacher_configs and test_mode != "inference":
             self.fingerprints = self.prepare_teacher_features()
-        # Every rank takes as many samples per epoch, so that the ranks stay in step with one another.
-        epoch = -(-(config.samples_per_epoch or max(len(self.train_scenes), 1)) // world_size) * world_size
+        epoch = config.samples_per_epoch or len(self.train_scenes)
         self.train_dataset = self._dataset(self.train_scenes, epoch) if self.train_scenes else None
         self.eval_dataset = (
-            self._dataset(self.eval_scenes, max(len(self.eval_scenes), 1)) if self.eval_scenes else None
+            self._dataset(self.eval_scenes, len(self.eval_scenes)) if self.eval_scenes else None
         )
         self._train_iterator: Optional[Iterator] = None
         self._eval_iterator: Optional[Iterator] = None
@@ -359,6 +358,8 @@ class MultiSceneDataManager(DataManager):
         return usable
 
     def _dataset(self, scenes: Sequence[SceneEntry], epoch_length: int) -> SceneSampleDataset:
+        # Every rank takes as many samples per epoch, so that the ranks stay in step with one another.
+        epoch_length = -(-max(epoch_length, 1) // self.world_size) * self.world_size
         return SceneSampleDataset(
             self.collection,
             scenes,

@@ -221,10 +221,10 @@ CLASS_IDS = {"wall": 1, "floor": 2, "ceiling": 3, "table": 4, "chair": 5, "sofa"
 
 @pytest.fixture(scope="module")
 def trained(labels_run):
-    import splatsem_ns.method_configs.chorus_splat  # noqa: F401 (numpy globals for weights_only loading)
     from nerfstudio.utils.eval_utils import eval_setup
     from scipy.spatial import cKDTree
 
+    import splatsem_ns.method_configs.chorus_splat  # noqa: F401 (numpy globals for weights_only loading)
     from splatsem_ns.data.dataparser import LABELED_POINTS_KEY
     from splatsem_ns.data.ply_io import read_point_cloud
     from splatsem_ns.pipelines.chorus_pipeline import _to_dataparser_frame

@@ -90,8 +90,9 @@ def test_the_model_adds_the_prior_on_the_latent_only() -> None:
 def test_voxels_are_sized_in_the_datasets_own_units(labels_run):
     """The datamanager hands the dataparser's scale to the model, so the prior's voxel edge means metres of the
     capture (the synthetic room's frame), whatever scale the dataparser applied."""
-    import splatsem_ns.method_configs.chorus_splat  # noqa: F401 (numpy globals for weights_only loading)
     from nerfstudio.utils.eval_utils import eval_setup
+
+    import splatsem_ns.method_configs.chorus_splat  # noqa: F401 (numpy globals for weights_only loading)
 
     pipeline = eval_setup(labels_run / "config.yml", test_mode="test")[1]
     scale = float(pipeline.datamanager.train_dataparser_outputs.dataparser_scale)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pipeline(labels_run):
-    import splatsem_ns.method_configs.chorus_splat  # noqa: F401 (numpy globals for weights_only loading)
     from nerfstudio.utils.eval_utils import eval_setup
+
+    import splatsem_ns.method_configs.chorus_splat  # noqa: F401 (numpy globals for weights_only loading)
 
     return eval_setup(labels_run / "config.yml", test_mode="test")[1]
 

@@ -12,7 +12,8 @@ real, generated or both.
   disjoint streams, together the one-rank stream (the epoch is rounded up to a multiple of the rank count).
 - **Content.** Per sample, for the context and the target views: uint8 images at ``image_size``, pinhole
   intrinsics at that size, OpenGL camera-to-world in the scene's own (metric) frame, depth in the scene's units
-  (0 = none), class and instance ids (0 = unlabelled), flags saying which the scene has, and each teacher's
+  (0 = none), class ids in the collection's class table (a scene with its own ``classes.json`` is mapped by
+  name) and instance ids (0 = unlabelled), flags saying which the scene has, and each teacher's
   fp16 features of exactly these pixels. Scenes without depth or labels serve zeros and a False flag, so mixed
   collections stack into batches.
 - **Teacher features** use the per-image cache of ``splatsem_ns.teachers.cache`` (same key, same checksums). Set-up
@@ -53,7 +54,7 @@ from splatsem_ns.data.scene_frames import SceneFrames
 from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sample_overlap, view_overlap
 from splatsem_ns.files import write_atomically
 from splatsem_ns.progress import ProgressLog, logged_progress
-from splatsem_ns.teachers.base import SceneView, Teacher, TeacherConfig
+from splatsem_ns.teachers.base import SceneView, Teacher, TeacherConfig, TeacherSpec, declared_text_encoder
 from splatsem_ns.teachers.cache import (
     TeacherFeatureCache,
     cache_teacher_features,
@@ -215,6 +216,11 @@ class SceneSampleDataset(Dataset):
         frames = self.frames(scene)
         size = tuple(self.config.image_size)
         loaded = [frames.load_view(int(i), size) for i in indices]
+        lookup = frames.label_lookup(self.collection.classes) if self.collection.classes else None
+        if lookup is not None:  # the scene's own class ids -> the collection's, by name
+            for view in loaded:
+                if view.labels is not None:
+                    view.labels = lookup[np.clip(view.labels, 0, len(lookup) - 1)]
         zeros_f = np.zeros(size, dtype=np.float32)
         zeros_i = np.zeros(size, dtype=np.int32)
         out: Dict[str, Any] = {
@@ -306,6 +312,9 @@ class MultiSceneDataManager(DataManager):
         self.test_mode = test_mode
         self.world_size = world_size
         self.local_rank = local_rank
+        # The share of the sample stream is the global rank's: several machines each have a local rank 0.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else local_rank
         if config.data is None:
             raise ValueError(
                 "MultiSceneDataManager needs a collection: --data COLLECTION (its collection.json)"
@@ -399,6 +408,33 @@ class MultiSceneDataManager(DataManager):
         torch.distributed.broadcast_object_list(found, src=0)  # the other ranks wait here meanwhile
         return found[0]
 
+    def teacher_specs(self) -> Dict[str, TeacherSpec]:
+        """What a model needs of each teacher to build its projector head: feature size and grid (read from one
+        cached entry), whether it embeds text, and its config."""
+        specs = {}
+        for cfg in self.teacher_configs:
+            fingerprint = next(iter((self.fingerprints.get(cfg.name) or {}).values()), None)
+            entry = None
+            if fingerprint is not None:
+                entry = next(
+                    TeacherFeatureCache(self.feature_root, cfg.name, fingerprint).folder.glob("*.npy"), None
+                )
+            if entry is None:
+                raise RuntimeError(f"no cached features of teacher '{cfg.name}' to size its head from")
+            h, w, channels = np.load(entry, mmap_mode="r").shape
+            text = declared_text_encoder(cfg)
+            if text is None:  # decided when built (the label proxies, by variant); cheap for those
+                text = bool(cfg.setup().has_text_encoder)
+            specs[cfg.name] = TeacherSpec(
+                name=cfg.name,
+                feature_dim=int(channels),
+                feature_grid=(int(h), int(w)),
+                image_size=tuple(self.config.image_size),
+                has_text_encoder=text,
+                config=cfg,
+            )
+        return specs
+
     # ------------------------------------------------------------------ loading
     def _loader(self, dataset: SceneSampleDataset, skip: int) -> Iterator:
         config = self.config
@@ -407,7 +443,7 @@ class MultiSceneDataManager(DataManager):
             DataLoader(
                 dataset,
                 batch_size=config.batch_size,
-                sampler=ShardedSampleSampler(dataset.epoch_length, self.local_rank, self.world_size, skip),
+                sampler=ShardedSampleSampler(dataset.epoch_length, self.rank, self.world_size, skip),
                 num_workers=workers,
                 prefetch_factor=config.prefetch_factor if workers > 0 else None,
                 pin_memory=config.pin_memory and torch.cuda.is_available(),
@@ -512,12 +548,13 @@ def scene_views(frames: SceneFrames, size: Tuple[int, int]) -> List[SceneView]:
 
 
 def scene_metadata(frames: SceneFrames, labeled_points: Optional[Path], classes: Dict[int, str]) -> dict:
-    """What ``Teacher.prepare_scene`` reads of a scene served in its own frame (no dataparser transform)."""
+    """What ``Teacher.prepare_scene`` reads of a scene served in its own frame (no dataparser transform); the class
+    table is the scene's own where it has one, else ``classes``."""
     metadata = {
         DATAPARSER_TRANSFORM_KEY: torch.eye(4)[:3],
         DATAPARSER_SCALE_KEY: 1.0,
         DEPTH_SCALE_KEY: frames.depth_scale,
-        CLASS_NAMES_KEY: dict(classes),
+        CLASS_NAMES_KEY: dict(frames.class_names or classes),  # the ids its label images hold
     }
     if labeled_points is not None and labeled_points.is_file():
         metadata[LABELED_POINTS_KEY] = labeled_points

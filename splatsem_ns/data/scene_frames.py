@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 from jaxtyping import Float, Int, UInt8
@@ -71,6 +71,20 @@ class SceneFrames:
     """Per-frame OpenGL camera-to-world, as stored in transforms.json."""
     depth_scale: float
     """Depth image units -> the scene's units (``depth_unit_scale_factor``, default 0.001)."""
+    class_names: Optional[Dict[int, str]] = None
+    """The scene's class table (``classes.json``: id -> name) when it has one."""
+
+    def label_lookup(self, classes: Mapping[int, str]) -> Optional[np.ndarray]:
+        """A table turning this scene's class ids into the ids of ``classes`` (matched by name, case-insensitive;
+        unknown names become 0, unlabelled), or None when the scene has no class table of its own (its label
+        images are taken to use ``classes``' ids)."""
+        if not self.class_names:
+            return None
+        by_name = {name.strip().lower(): int(i) for i, name in classes.items()}
+        lookup = np.zeros(max(self.class_names) + 1, dtype=np.int64)
+        for i, name in self.class_names.items():
+            lookup[int(i)] = by_name.get(name.strip().lower(), 0)
+        return lookup
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -121,8 +135,16 @@ class SceneFrames:
                 return None
             return [root / f[key] for f in frames]
 
+        classes_path = root / meta.get("classes_file_path", "classes.json")
+        class_names = None
+        if classes_path.is_file():
+            try:
+                class_names = {int(k): str(v) for k, v in json.loads(classes_path.read_text()).items()}
+            except (ValueError, AttributeError) as err:
+                raise SceneFramesError(f"class-name file {classes_path} is invalid: {err}") from err
         return cls(
             root=root,
+            class_names=class_names,
             image_paths=[root / f["file_path"] for f in frames],
             depth_paths=files("depth_file_path"),
             label_paths=files("semantic_file_path"),

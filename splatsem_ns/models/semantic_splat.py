@@ -1,0 +1,326 @@
+"""semantic-splat: feed-forward semantic Gaussians from a few posed views (SemanticSplat's cost-volume branch).
+
+A network trained across scene collections (``splatsem_ns.feedforward``) turns context views into per-pixel
+Gaussians with a semantic latent in one pass. This model wraps it for nerfstudio: per batch of
+``MultiSceneDataManager`` samples it predicts the Gaussians of each scene, renders them into the target views, and
+decodes the rendered latent with the same per-teacher ``ProjectorHead``s chorus-splat uses, so a prediction is a
+chorus-splat-like scene (export, queries and the viewer treat both alike).
+
+Losses, per batch:
+- photometric: MSE (or L1) between rendered and real target images, plus LPIPS where its weights load (MVSplat's
+  recipe, weight 0.05);
+- depth, where the scene has depth: relative L1 between the predicted context depth and the sensor's, and between
+  the rendered target depth and the sensor's;
+- distillation: for every teacher, ``1 - cos`` between the decoded latent and the teacher's features of the
+  target views, at ``distill_pixels`` random pixels per view (bilinear in the teacher's grid).
+
+SemanticSplat's two stages are ``stage``: "object" distils the object-aware teachers only; "language" freezes the
+object part of the semantic branch and distils the others; "joint" (default) does all at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from nerfstudio.models.base_model import Model, ModelConfig
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+from splatsem_ns.feedforward.gaussians import PredictedGaussians
+from splatsem_ns.feedforward.network import SemanticSplatNetworkConfig, network_inputs
+from splatsem_ns.feedforward.render import RenderedViews, render_predicted
+from splatsem_ns.models.heads import ProjectorHead, cosine_distillation_loss, heads_from_state_dict
+from splatsem_ns.models.optional_lpips import optional_lpips
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+
+OBJECT_TEACHERS: Tuple[str, ...] = ("sam", "instances")
+"""Teachers SemanticSplat's first stage distils (object-aware: SAM, or the instance labels proxy)."""
+
+
+@dataclass
+class SemanticSplatModelConfig(ModelConfig):
+    """The feed-forward network, its projector heads and losses (see the module docstring)."""
+
+    _target: Type = field(default_factory=lambda: SemanticSplatModel)
+    network: SemanticSplatNetworkConfig = field(default_factory=SemanticSplatNetworkConfig)
+    """The network (backbone, cost volume, Gaussian and semantic heads). Teacher channels are filled from the
+    datamanager's features."""
+    tiny_network: bool = False
+    """Use the few-channel network (``SemanticSplatNetworkConfig.tiny``) instead of ``network``: CPU tests and
+    smoke runs."""
+    projector_hidden_dim: int = 256
+    """Hidden width of each teacher's projector MLP (as chorus-splat)."""
+    projector_num_layers: int = 2
+    """Linear layers of each projector MLP."""
+    rgb_loss: Literal["mse", "l1"] = "mse"
+    """Photometric loss on the target views (MVSplat: MSE)."""
+    lpips_weight: float = 0.05
+    """Weight of LPIPS on the target views where its weights load (MVSplat: 0.05); 0: off."""
+    depth_loss_weight: float = 0.5
+    """Weight of the relative L1 depth loss (predicted context depth and rendered target depth against the
+    sensor), on scenes with depth; 0: off."""
+    distill_weight: float = 1.0
+    """Weight of each teacher's cosine distillation loss."""
+    teacher_loss_weights: Dict[str, float] = field(default_factory=dict)
+    """Per-teacher weights replacing ``distill_weight``."""
+    distill_pixels: int = 4096
+    """Random pixels per target view where the heads decode the rendered latent; 0: all."""
+    stage: Literal["joint", "object", "language"] = "joint"
+    """SemanticSplat's stages: "object" distils only the object-aware teachers (``OBJECT_TEACHERS``); "language"
+    freezes the object part of the semantic branch and distils the others; "joint": everything together."""
+    freeze_reconstruction: bool = False
+    """Freeze the geometry and appearance branches (semantic training on a trained reconstruction network)."""
+    depth_range_from_sensor: bool = True
+    """Where context views have depth, choose each scene's depth candidates from it (5th/95th percentiles with a
+    margin) instead of the network's fixed near/far."""
+    bf16: bool = True
+    """Run the network in bfloat16 autocast on CUDA (rendering stays float32)."""
+    background_color: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Colour behind the Gaussians in renders."""
+
+
+class SemanticSplatModel(Model):
+    """See the module docstring."""
+
+    config: SemanticSplatModelConfig
+
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        specs: Dict[str, TeacherSpec] = (self.kwargs.get("metadata") or {}).get(TEACHER_SPECS_KEY, {}) or {}
+        self.teacher_specs = dict(specs)
+        channels = {name: spec.feature_dim for name, spec in specs.items()}
+        if self.config.tiny_network:
+            network_config = SemanticSplatNetworkConfig.tiny(channels)
+        else:
+            network_config = self.config.network
+            network_config.semantic.teacher_channels = channels
+        self.network = network_config.setup()
+        latent_dim = network_config.semantic.latent_dim
+        self.projector_heads = nn.ModuleDict(
+            {
+                name: ProjectorHead(
+                    latent_dim,
+                    spec.feature_dim,
+                    self.config.projector_hidden_dim,
+                    self.config.projector_num_layers,
+                )
+                for name, spec in specs.items()
+            }
+        )
+        if self.config.freeze_reconstruction:
+            self.network.freeze("geometry", "appearance")
+        if self.config.stage == "language":
+            self.network.freeze("semantic_object")
+            for name in OBJECT_TEACHERS:
+                if name in self.projector_heads:
+                    self.projector_heads[name].requires_grad_(False)
+        with optional_lpips():
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+            self.lpips = LearnedPerceptualImagePatchSimilarity(normalize=True)
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        # Restored without teachers (ns-eval, export): the heads exist only in the checkpoint.
+        for name, head in heads_from_state_dict(state_dict, "projector_heads.").items():
+            if name not in self.projector_heads:
+                self.projector_heads[name] = head.to(self.device)
+        return super().load_state_dict(state_dict, **kwargs)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.network.config.semantic.latent_dim
+
+    def distilled_teachers(self) -> List[str]:
+        """The teachers whose losses this stage trains."""
+        names = list(self.projector_heads)
+        if self.config.stage == "object":
+            return [n for n in names if n in OBJECT_TEACHERS]
+        if self.config.stage == "language":
+            return [n for n in names if n not in OBJECT_TEACHERS]
+        return names
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = {f"network_{k}": v for k, v in self.network.parameter_groups().items()}
+        groups["projector_heads"] = list(self.projector_heads.parameters())
+        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+
+    # ------------------------------------------------------------------ prediction
+    def depth_range(self, context: Mapping[str, Any]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-scene (near, far) of the depth candidates: from the context views' sensor depth where they have it
+        (``depth_range_from_sensor``), else the network's defaults (None)."""
+        if not self.config.depth_range_from_sensor or "depth" not in context:
+            return None, None
+        depth = context["depth"].flatten(1).float()  # [B, V*H*W]
+        has = context.get("has_depth")
+        defaults = self.network.config.depth
+        near, far = [], []
+        for b in range(depth.shape[0]):
+            valid = depth[b][depth[b] > 0]
+            if (has is not None and not bool(has[b])) or valid.numel() < 100:
+                near.append(defaults.near)
+                far.append(defaults.far)
+                continue
+            lo, hi = torch.quantile(
+                valid[:: max(1, valid.numel() // 20000)], torch.tensor([0.05, 0.95], device=valid.device)
+            )
+            near.append(max(0.1, 0.5 * float(lo)))
+            far.append(max(float(hi) * 1.5, 2.0 * near[-1]))
+        return torch.tensor(near, device=depth.device), torch.tensor(far, device=depth.device)
+
+    def predict(self, context: Mapping[str, Any]) -> PredictedGaussians:
+        """The Gaussians of each scene of a batch's context views (float32)."""
+        inputs = network_inputs(context)
+        near, far = self.depth_range(context)
+        use_bf16 = self.config.bf16 and inputs["images"].is_cuda  # type: ignore[union-attr]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with autocast:
+            predicted = self.network(**inputs, near=near, far=far)
+        if use_bf16:  # the rasterizer and the losses work in float32
+            predicted = PredictedGaussians(**{k: v.float() for k, v in vars(predicted).items()})
+        return predicted
+
+    def render(
+        self, gaussians: PredictedGaussians, views: Mapping[str, Any], latent: bool = True
+    ) -> RenderedViews:
+        """Renders of ``gaussians`` into ``views`` (a batch's "target" or "context" views) at their size."""
+        height, width = views["images"].shape[2:4]
+        return render_predicted(
+            gaussians,
+            views["intrinsics"],
+            views["camera_to_world"],
+            int(width),
+            int(height),
+            background=torch.tensor(self.config.background_color, device=gaussians.means.device),
+            render_latent=latent and bool(self.projector_heads),
+        )
+
+    def forward(self, batch: Mapping[str, Any]) -> Dict[str, Any]:  # type: ignore[override]
+        """Predict and render one batch (what DistributedDataParallel wraps); see ``get_outputs``."""
+        return self.get_outputs(batch)
+
+    def get_outputs(self, batch: Mapping[str, Any]) -> Dict[str, Any]:  # type: ignore[override]
+        """``gaussians`` (the prediction), ``rendered`` (the target views), and, for the distillation losses,
+        ``decoded`` ({teacher: [B, T, n, C]}) at ``pixels`` ([B, T, n] flat indices into the target images)."""
+        gaussians = self.predict(batch["context"])
+        rendered = self.render(gaussians, batch["target"])
+        outputs: Dict[str, Any] = {"gaussians": gaussians, "rendered": rendered}
+        if rendered.latent is not None and self.distilled_teachers():
+            latent = rendered.latent.flatten(2, 3)  # [B, T, H*W, D]
+            count = latent.shape[2]
+            n = self.config.distill_pixels if 0 < self.config.distill_pixels < count else count
+            pixels = torch.stack(
+                [
+                    torch.randperm(count, device=latent.device)[:n]
+                    for _ in range(latent.shape[0] * latent.shape[1])
+                ]
+            ).reshape(latent.shape[0], latent.shape[1], n)
+            picked = torch.gather(latent, 2, pixels[..., None].expand(-1, -1, -1, latent.shape[-1]))
+            outputs["pixels"] = pixels
+            outputs["decoded"] = {
+                name: self.projector_heads[name](picked) for name in self.distilled_teachers()
+            }
+        return outputs
+
+    # ------------------------------------------------------------------ losses and metrics
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        target = batch["target"]["images"].float() / 255.0
+        rgb = outputs["rendered"].rgb
+        return {"psnr": -10.0 * torch.log10(F.mse_loss(rgb.detach(), target).clamp_min(1e-10))}
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        rendered: RenderedViews = outputs["rendered"]
+        target = batch["target"]
+        real = target["images"].float() / 255.0  # [B, T, H, W, 3]
+        losses: Dict[str, Tensor] = {}
+        if self.config.rgb_loss == "mse":
+            losses["rgb"] = F.mse_loss(rendered.rgb, real)
+        else:
+            losses["rgb"] = (rendered.rgb - real).abs().mean()
+        if self.config.lpips_weight > 0 and self.lpips is not None and not self.config.freeze_reconstruction:
+            pred = rendered.rgb.flatten(0, 1).permute(0, 3, 1, 2).clamp(0, 1)
+            losses["lpips"] = self.config.lpips_weight * self.lpips(
+                pred, real.flatten(0, 1).permute(0, 3, 1, 2)
+            )
+        if self.config.depth_loss_weight > 0 and not self.config.freeze_reconstruction:
+            depth = self._depth_loss(outputs["gaussians"].depth, batch["context"])
+            depth = depth + self._depth_loss(rendered.depth, target)
+            losses["depth"] = self.config.depth_loss_weight * depth
+        for name, decoded in (outputs.get("decoded") or {}).items():
+            features = target["teacher_features"][name]  # [B, T, h, w, C]
+            wanted = sample_feature_maps(features, outputs["pixels"], tuple(real.shape[2:4]))
+            weight = self.config.teacher_loss_weights.get(name, self.config.distill_weight)
+            losses[f"distill_{name}"] = weight * cosine_distillation_loss(decoded, wanted)
+        return losses
+
+    @staticmethod
+    def _depth_loss(predicted: Float[Tensor, "B V H W"], views: Mapping[str, Any]) -> Tensor:
+        """Mean |predicted - sensor| / sensor over the pixels with a measurement (0 where none)."""
+        sensor = views["depth"].to(predicted.dtype)
+        valid = sensor > 0
+        if not bool(valid.any()):
+            return predicted.sum() * 0.0
+        return ((predicted - sensor).abs() / sensor.clamp_min(1e-3))[valid].mean()
+
+    @torch.no_grad()
+    def image_metrics(self, outputs, batch) -> Dict[str, float]:
+        """PSNR, SSIM, LPIPS (when available) at the target views; depth AbsRel and delta < 1.25 of the rendered
+        target depth and of the predicted context depth against the sensor (scenes with depth)."""
+        rendered: RenderedViews = outputs["rendered"]
+        real = (batch["target"]["images"].float() / 255.0).flatten(0, 1).permute(0, 3, 1, 2)
+        pred = rendered.rgb.flatten(0, 1).permute(0, 3, 1, 2).clamp(0, 1)
+        metrics = {
+            "psnr": float(self.psnr(pred, real)),
+            "ssim": float(self.ssim(pred, real)),
+        }
+        if self.lpips is not None:
+            metrics["lpips"] = float(self.lpips(pred, real))
+        for name, predicted, views in (
+            ("target", rendered.depth, batch["target"]),
+            ("context", outputs["gaussians"].depth, batch["context"]),
+        ):
+            metrics.update({f"{name}_{k}": v for k, v in depth_metrics(predicted, views["depth"]).items()})
+        return metrics
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics = self.image_metrics(outputs, batch)
+        rendered: RenderedViews = outputs["rendered"]
+        real = batch["target"]["images"][0, 0].float() / 255.0
+        return metrics, {"img": torch.cat([real, rendered.rgb[0, 0]], dim=1)}
+
+
+def depth_metrics(predicted: Tensor, sensor: Tensor) -> Dict[str, float]:
+    """AbsRel (mean |d - d*| / d*) and the fraction with max(d/d*, d*/d) < 1.25, over pixels with d* > 0."""
+    valid = sensor > 0
+    if not bool(valid.any()):
+        return {}
+    d, gt = predicted[valid].float().clamp_min(1e-6), sensor[valid].float()
+    ratio = torch.maximum(d / gt, gt / d)
+    return {
+        "depth_abs_rel": float(((d - gt).abs() / gt).mean()),
+        "depth_delta1": float((ratio < 1.25).float().mean()),
+    }
+
+
+def sample_feature_maps(
+    features: Float[Tensor, "B T h w C"], pixels: Tensor, image_size: Tuple[int, int]
+) -> Float[Tensor, "B T n C"]:
+    """Teacher features at image pixels (flat indices into ``image_size``), bilinear in the teacher's grid (pixel
+    centres; the grid covers the whole image)."""
+    batch, views, h, w, channels = features.shape
+    height, width = image_size
+    rows, cols = pixels // width, pixels % width
+    grid = torch.stack(((cols + 0.5) * (2.0 / width) - 1.0, (rows + 0.5) * (2.0 / height) - 1.0), dim=-1)
+    maps = features.flatten(0, 1).permute(0, 3, 1, 2).float()  # [B*T, C, h, w]
+    sampled = F.grid_sample(
+        maps, grid.flatten(0, 1)[:, None].float(), mode="bilinear", padding_mode="border", align_corners=False
+    )  # [B*T, C, 1, n]
+    return sampled[:, :, 0].permute(0, 2, 1).reshape(batch, views, -1, channels)

@@ -1,0 +1,279 @@
+"""The semantic-splat pipeline: a multi-scene datamanager feeding the feed-forward model, and its evaluation.
+
+Training steps take a batch of (scene, context, target) samples; under DistributedDataParallel (``ns-train
+semantic-splat --machine.num-devices N``) the model is wrapped as nerfstudio wraps its models and each rank draws
+its own share of the sample stream (the datamanager shards by rank).
+
+``ns-eval`` scores held-out scenes (the datamanager's eval split), one fixed sample each:
+- image and depth: PSNR / SSIM / LPIPS at the target views, depth AbsRel and delta < 1.25 of the rendered target
+  depth and of the predicted context depth against the sensor;
+- 2D segmentation where the scenes have per-pixel labels, with the confusion-matrix protocol of chorus-splat, at the
+  target and at the source (context) views, against two baselines computed on the same pixels: the teacher run on
+  the view itself (its cached features), and the teacher's context-view features carried to the target by the
+  predicted geometry (each predicted Gaussian rendered with its context pixel's teacher feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Type
+
+import numpy as np
+import torch
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
+from nerfstudio.pipelines.base_pipeline import Pipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+from torch.nn import Parameter
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+from splatsem_ns.evaluation.metrics import ConfusionMatrix
+from splatsem_ns.evaluation.protocol import (
+    SemanticEvalConfig,
+    accumulate_2d,
+    class_queries,
+    classify_map,
+    score,
+)
+from splatsem_ns.feedforward.gaussians import PredictedGaussians
+from splatsem_ns.feedforward.render import render_predicted
+from splatsem_ns.models.heads import resize_feature_map
+from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY
+
+
+@dataclass
+class SemanticSplatPipelineConfig(VanillaPipelineConfig):
+    """Multi-scene data, the feed-forward model, and held-out evaluation."""
+
+    _target: Type = field(default_factory=lambda: SemanticSplatPipeline)
+    datamanager: MultiSceneDataManagerConfig = field(default_factory=MultiSceneDataManagerConfig)
+    """Samples of scene collections."""
+    model: SemanticSplatModelConfig = field(default_factory=SemanticSplatModelConfig)
+    """The feed-forward network and its losses."""
+    semantic_eval: SemanticEvalConfig = field(default_factory=SemanticEvalConfig)
+    """Segmentation protocol (class table, query teacher)."""
+    eval_scenes: Optional[int] = None
+    """Score at most this many held-out scenes in ns-eval (None: all of the eval split)."""
+    eval_views: Literal["target", "both"] = "both"
+    """Segmentation at the target views only, or at the source (context) views too."""
+
+
+class SemanticSplatPipeline(Pipeline):
+    """See the module docstring."""
+
+    config: SemanticSplatPipelineConfig
+
+    def __init__(
+        self,
+        config: SemanticSplatPipelineConfig,
+        device: str,
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        grad_scaler=None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.test_mode = test_mode
+        self.world_size = world_size
+        self.datamanager = config.datamanager.setup(
+            device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank
+        )
+        specs = self.datamanager.teacher_specs() if self.datamanager.fingerprints else {}
+        self._model = config.model.setup(
+            scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])),
+            num_train_data=len(self.datamanager.train_scenes),
+            metadata={TEACHER_SPECS_KEY: specs},
+            device=device,
+            grad_scaler=grad_scaler,
+        )
+        self.model.to(device)
+        if world_size > 1:
+            ids = [local_rank] if torch.device(device).type == "cuda" else None
+            self._model = DDP(self._model, device_ids=ids, find_unused_parameters=True)
+
+    # ------------------------------------------------------------------ training
+    def get_train_loss_dict(self, step: int):
+        _, batch = self.datamanager.next_train(step)
+        outputs = self._model(batch)  # through DDP when distributed, so the gradients are averaged
+        metrics = self.model.get_metrics_dict(outputs, batch)
+        return outputs, self.model.get_loss_dict(outputs, batch, metrics), metrics
+
+    @torch.no_grad()
+    def get_eval_loss_dict(self, step: int):
+        self.eval()
+        _, batch = self.datamanager.next_eval(step)
+        outputs = self.model(batch)
+        metrics = self.model.get_metrics_dict(outputs, batch)
+        losses = self.model.get_loss_dict(outputs, batch, metrics)
+        self.train()
+        return outputs, losses, metrics
+
+    @torch.no_grad()
+    def get_eval_image_metrics_and_images(self, step: int):
+        self.eval()
+        _, batch = self.datamanager.next_eval(step)
+        metrics, images = self.model.get_image_metrics_and_images(self.model(batch), batch)
+        self.train()
+        return metrics, images
+
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        return self.model.get_training_callbacks(training_callback_attributes)
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        return self.model.get_param_groups()
+
+    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
+        # Pipeline.load_state_dict drops the "module." prefix of checkpoints written under DDP, so a multi-GPU
+        # checkpoint loads on one GPU or the CPU.
+        self.model.update_to_step(step)
+        self.load_state_dict(loaded_state)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def get_average_eval_image_metrics(
+        self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
+    ) -> Dict[str, Any]:
+        """Image, depth and segmentation scores over the held-out scenes (see the module docstring)."""
+        dataset = self.datamanager.eval_dataset
+        if dataset is None:
+            raise ValueError(
+                f"{self.datamanager.config.data} has no usable '{self.datamanager.config.eval_split}' scenes to score"
+            )
+        self.eval()
+        count = (
+            len(dataset.scenes)
+            if self.config.eval_scenes is None
+            else min(self.config.eval_scenes, len(dataset.scenes))
+        )
+        segmentation = _Segmentation(self) if self._can_segment() else None
+        per_scene: List[Dict[str, float]] = []
+        for sample_id in range(count):  # sample i of epoch 0 is scene i of the eval order: every scene once
+            sample = dataset[sample_id]
+            batch = _to_batch(sample, self.model.device)
+            outputs = self.model(batch)
+            scores = self.model.image_metrics(outputs, batch)
+            scores["scene"] = sample["scene"]  # type: ignore[assignment]
+            per_scene.append(scores)
+            if segmentation is not None and bool(batch["target"]["has_labels"].all()):
+                segmentation.add(batch, outputs)
+        self.train()
+        numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, float)})
+        result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene if k in s])) for k in numeric}
+        if get_std:
+            result.update({f"{k}_std": float(np.std([s[k] for s in per_scene if k in s])) for k in numeric})
+        result["num_scenes"] = len(per_scene)
+        result["per_scene"] = per_scene
+        if segmentation is not None:
+            result.update(segmentation.scores())
+        return result
+
+    def _can_segment(self) -> bool:
+        specs = getattr(self.model, "teacher_specs", {}) or {}
+        return bool(self.datamanager.collection.classes) and any(s.has_text_encoder for s in specs.values())
+
+
+def _to_batch(sample: Mapping[str, Any], device) -> Dict[str, Any]:
+    """One dataset sample as a batch of one, on ``device``."""
+    from torch.utils.data import default_collate
+
+    from splatsem_ns.data.multiscene import to_device
+
+    return to_device(default_collate([sample]), device)
+
+
+class _Segmentation:
+    """The 2D segmentation protocol over held-out samples: the model at target (and source) views, the teacher on
+    the target view itself, and the teacher's context features carried to the target by the predicted Gaussians."""
+
+    def __init__(self, pipeline: SemanticSplatPipeline) -> None:
+        self.pipeline = pipeline
+        model = pipeline.model
+        cfg = pipeline.config.semantic_eval
+        specs = model.teacher_specs
+        wanted = cfg.query_teacher
+        names = [n for n, s in specs.items() if s.has_text_encoder and (wanted is None or n == wanted)]
+        if not names:
+            raise ValueError(
+                f"no teacher with a text encoder{f' named {wanted}' if wanted else ''} to segment with"
+            )
+        self.teacher_name = names[0]
+        teacher = specs[self.teacher_name].config.setup().to(model.device).eval()
+        classes = pipeline.datamanager.collection.classes
+        self.ids, self.names = class_queries(classes)
+        self.text = teacher.encode_text(self.names).float().to(model.device)
+        self.cfg = cfg
+        k = len(self.ids)
+        self.matrices = {
+            key: ConfusionMatrix(k) for key in ("target", "source", "teacher_target", "teacher_warped_target")
+        }
+        CONSOLE.log(f"Segmentation with teacher '{self.teacher_name}' over {k} classes.")
+
+    def add(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        model = self.pipeline.model
+        head = model.projector_heads[self.teacher_name]
+        target = batch["target"]
+        height, width = target["images"].shape[2:4]
+        rendered = outputs["rendered"]
+        gaussians: PredictedGaussians = outputs["gaussians"]
+        for v in range(target["images"].shape[1]):
+            truth = target["labels"][0, v].long()
+            features = head(rendered.latent[0, v])
+            accumulate_2d(
+                self.matrices["target"], classify_map(features, self.text, self.ids), truth, self.ids
+            )
+            teacher = resize_feature_map(
+                target["teacher_features"][self.teacher_name][0, v].float(), (height, width)
+            )
+            accumulate_2d(
+                self.matrices["teacher_target"], classify_map(teacher, self.text, self.ids), truth, self.ids
+            )
+        warped = self._warped_teacher(gaussians, batch, (height, width))
+        for v in range(warped.shape[0]):
+            accumulate_2d(
+                self.matrices["teacher_warped_target"],
+                classify_map(warped[v], self.text, self.ids),
+                target["labels"][0, v].long(),
+                self.ids,
+            )
+        if self.pipeline.config.eval_views == "both":
+            context = batch["context"]
+            source = model.render(gaussians, context)
+            for v in range(context["images"].shape[1]):
+                accumulate_2d(
+                    self.matrices["source"],
+                    classify_map(head(source.latent[0, v]), self.text, self.ids),
+                    context["labels"][0, v].long(),
+                    self.ids,
+                )
+
+    def _warped_teacher(self, gaussians: PredictedGaussians, batch: Mapping[str, Any], size) -> torch.Tensor:
+        """The context views' teacher features carried to the target views by the predicted geometry: each
+        Gaussian (one per context pixel) rendered with its pixel's teacher feature instead of its latent."""
+        context, target = batch["context"], batch["target"]
+        features = context["teacher_features"][self.teacher_name][0].float()  # [V, h, w, C]
+        per_pixel = torch.stack([resize_feature_map(f, size) for f in features]).flatten(0, 2)  # [V*H*W, C]
+        carried = PredictedGaussians(**{**vars(gaussians), "latent": per_pixel[None]})
+        rendered = render_predicted(
+            carried, target["intrinsics"], target["camera_to_world"], size[1], size[0], render_latent=True
+        )
+        return rendered.latent[0]  # [T, H, W, C]
+
+    def scores(self) -> Dict[str, Any]:
+        names = self.names
+        out: Dict[str, Any] = {"semantic_query_teacher": self.teacher_name, "semantic_classes": names}
+        keys = {
+            "target": "semantic_2d_target",
+            "source": "semantic_2d_source",
+            "teacher_target": "semantic_2d_teacher_target",
+            "teacher_warped_target": "semantic_2d_teacher_warped_target",
+        }
+        for key, name in keys.items():
+            if self.matrices[key].matrix.sum() > 0:
+                out[name] = score(self.matrices[key], names, self.cfg)
+        return out

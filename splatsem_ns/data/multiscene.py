@@ -341,6 +341,8 @@ class MultiSceneDataManager(DataManager):
             self._dataset(self.eval_scenes, len(self.eval_scenes)) if self.eval_scenes else None
         )
         self._train_iterator: Optional[Iterator] = None
+        # Sample ids of every training batch served so far, in order: the share of the stream this rank took.
+        self.served_sample_ids: List[int] = []
         self._eval_iterator: Optional[Iterator] = None
         super().__init__()
 
@@ -464,6 +466,7 @@ class MultiSceneDataManager(DataManager):
             self._train_iterator = self._loader(self.train_dataset, step * self.config.batch_size)
         self.train_count += 1
         batch = to_device(next(self._train_iterator), self.device)
+        self.served_sample_ids.extend(int(i) for i in batch["sample_id"])
         return batch["context"], batch
 
     def next_eval(self, step: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -48,6 +48,10 @@ class ExportSemanticSplat:
     """Language teacher that answers ``--query`` (default: the run's first teacher with a text encoder)."""
     negatives: Tuple[str, ...] = DEFAULT_NEGATIVES
     """Negative phrases of the relevancy (LERF's canonical ones by default)."""
+    scene: Optional[str] = None
+    """Feed-forward runs (semantic-splat): the collection scene to predict (default: the first held-out one)."""
+    context_views: Optional[Tuple[int, ...]] = None
+    """Feed-forward runs: the context views to predict from (default: the datamanager's choice for the scene)."""
 
     def main(self) -> WrittenPly:
         from nerfstudio.utils.eval_utils import eval_setup
@@ -60,10 +64,20 @@ class ExportSemanticSplat:
         start = time.perf_counter()
         # eval_setup picks CUDA when available and the CPU otherwise; checkpoints load onto the CPU first.
         _, pipeline, checkpoint, step = eval_setup(self.load_config, test_mode="inference")
-        teacher_configs = []
-        if hasattr(pipeline.datamanager, "teacher_configs"):
-            teacher_configs = pipeline.datamanager.teacher_configs()
-        scene = SemanticScene.from_model(pipeline.model, teacher_configs)
+        if hasattr(pipeline, "predict_scene"):  # feed-forward: one scene's prediction
+            gaussians, name, context = pipeline.predict_scene(self.scene, self.context_views)
+            scene = SemanticScene.from_prediction(
+                pipeline.model,
+                gaussians,
+                source=f"{name} from views {', '.join(map(str, context))}",
+                teacher_configs=pipeline.datamanager.teacher_configs,
+            )
+            CONSOLE.print(f"Predicted scene {name} from context views {context}.")
+        else:
+            teacher_configs = []
+            if hasattr(pipeline.datamanager, "teacher_configs"):
+                teacher_configs = pipeline.datamanager.teacher_configs()
+            scene = SemanticScene.from_model(pipeline.model, teacher_configs)
         CONSOLE.print(
             f"Loaded {scene.num_gaussians} Gaussians (step {step}, {checkpoint}) in "
             f"{time.perf_counter() - start:.1f} s; heads: {', '.join(scene.heads) or 'none'}."

@@ -12,7 +12,7 @@ import copy
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -70,17 +70,7 @@ class SemanticScene(GaussianColumns):
             name: copy.deepcopy(head).eval().requires_grad_(False)
             for name, head in getattr(model, "projector_heads", {}).items()
         }
-        specs = getattr(model, "teacher_specs", {}) or {}
-        configs = {c.name: c for c in teacher_configs}
-        teachers = {}
-        for name, head in heads.items():
-            spec = specs.get(name)
-            config = spec.config if spec is not None else configs.get(name)
-            has_text = spec.has_text_encoder if spec is not None else None
-            if config is not None:
-                teachers[name] = TeacherInfo.from_config(config, head.feature_dim, has_text)
-            else:
-                teachers[name] = TeacherInfo(name=name, feature_dim=head.feature_dim)
+        teachers = _teacher_infos(model, heads, teacher_configs)
         scale = getattr(model, "semantic_scale", None)
         return cls(
             means=gauss["means"].detach(),
@@ -95,6 +85,38 @@ class SemanticScene(GaussianColumns):
             semantic_scale=None if scale is None else float(scale),
             sh_degree=int(model.config.sh_degree),
             source=type(model).__name__,
+        )
+
+    @classmethod
+    def from_prediction(
+        cls,
+        model: nn.Module,
+        gaussians: Any,
+        index: int = 0,
+        source: str = "",
+        teacher_configs: Iterable[Any] = (),
+    ) -> "SemanticScene":
+        """Scene ``index`` of a feed-forward prediction (``splatsem_ns.feedforward.PredictedGaussians`` of a
+        ``SemanticSplatModel``): the same Gaussians, latent and heads a chorus-splat export holds, so it saves,
+        loads, decodes and answers queries alike. Heads are copied; ``teacher_configs`` describe the teachers the
+        model has no ``TeacherSpec`` of (a model restored without extracting features)."""
+        params = gaussians.splatfacto_parameters(index)
+        heads = {
+            name: copy.deepcopy(head).eval().requires_grad_(False)
+            for name, head in getattr(model, "projector_heads", {}).items()
+        }
+        return cls(
+            means=params["means"].detach(),
+            scales=params["scales"].detach(),
+            quats=params["quats"].detach(),
+            opacities=params["opacities"].detach(),
+            features_dc=params["features_dc"].detach(),
+            features_rest=params["features_rest"].detach(),
+            latent=gaussians.latent[index].detach(),
+            heads=heads,
+            teachers=_teacher_infos(model, heads, teacher_configs),
+            sh_degree=int(gaussians.sh_degree),
+            source=source or type(model).__name__,
         )
 
     # ------------------------------------------------------------------ basics
@@ -286,6 +308,25 @@ class SemanticScene(GaussianColumns):
             selection=selection,
             source_config=source_config if source_config is not None else self.source_config,
         )
+
+
+def _teacher_infos(
+    model: nn.Module, heads: Mapping[str, ProjectorHead], teacher_configs: Iterable[Any]
+) -> Dict[str, TeacherInfo]:
+    """What is known of the teacher of each head: from the model's ``TeacherSpec`` where it has one, else from the
+    run's teacher configs, else only its feature size."""
+    specs = getattr(model, "teacher_specs", {}) or {}
+    configs = {c.name: c for c in teacher_configs}
+    teachers = {}
+    for name, head in heads.items():
+        spec = specs.get(name)
+        config = spec.config if spec is not None else configs.get(name)
+        has_text = spec.has_text_encoder if spec is not None else None
+        if config is not None:
+            teachers[name] = TeacherInfo.from_config(config, head.feature_dim, has_text)
+        else:
+            teachers[name] = TeacherInfo(name=name, feature_dim=head.feature_dim)
+    return teachers
 
 
 def load_semantic_scene(

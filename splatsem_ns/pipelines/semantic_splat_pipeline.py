@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Type
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+from splatsem_ns.data.view_sampling import choose_views
 from splatsem_ns.evaluation.metrics import ConfusionMatrix
 from splatsem_ns.evaluation.protocol import (
     SemanticEvalConfig,
@@ -133,6 +134,30 @@ class SemanticSplatPipeline(Pipeline):
         # checkpoint loads on one GPU or the CPU.
         self.model.update_to_step(step)
         self.load_state_dict(loaded_state)
+
+    # ------------------------------------------------------------------ one scene
+    @torch.no_grad()
+    def predict_scene(
+        self, scene: Optional[str] = None, context: Optional[Sequence[int]] = None
+    ) -> Tuple[PredictedGaussians, str, List[int]]:
+        """The prediction for one scene of the collection from chosen context views: (Gaussians, scene name,
+        context view indices). ``scene``: a scene name (default: the first of the eval split, else of the training
+        split); ``context``: view indices (default: the datamanager's choice, seeded by the scene)."""
+        dm = self.datamanager
+        datasets = [d for d in (dm.eval_dataset, dm.train_dataset) if d is not None]
+        found = [(d, i) for d in datasets for i, e in enumerate(d.scenes) if scene is None or e.name == scene]
+        if not found:
+            names = sorted({e.name for d in datasets for e in d.scenes})
+            raise ValueError(f"scene {scene!r} is not in this run's collection splits; scenes: {names[:20]}")
+        dataset, index = found[0]
+        if context is None:
+            rng = np.random.default_rng([dm.config.seed, index])
+            chosen, _ = choose_views(dataset.overlap(index), dm.config.views, rng)
+            context = [int(i) for i in chosen]
+        self.eval()
+        batch = _to_batch({"context": dataset.views(index, list(context))}, self.model.device)
+        gaussians = self.model.predict(batch["context"])
+        return gaussians, dataset.scenes[index].name, list(context)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

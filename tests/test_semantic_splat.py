@@ -1,0 +1,254 @@
+"""semantic-splat through the real commands on a tiny collection, its losses and stages, DistributedDataParallel on
+two CPU processes (gloo), and the export of a prediction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from support import command, offline_env
+
+from splatsem_ns.data.collection_cli import BuildCollection
+from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+from splatsem_ns.models.heads import resize_feature_map
+from splatsem_ns.models.semantic_splat import depth_metrics, sample_feature_maps
+
+TEACHERS = ("labels", "labels-instance")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """Five small rooms: four to train on, one held out (test split)."""
+    root = tmp_path_factory.mktemp("ff_scenes")
+    for seed in range(5):
+        config = SyntheticSceneConfig(seed=seed, num_views=8, width=64, height=48, num_seed_points=200)
+        generate_synthetic_scene(root / f"room_{seed}", config)
+    out = root / "collection.json"
+    BuildCollection(
+        scenes=(root,), out=out, val_fraction=0.0, test_fraction=0.0, test_scenes=("room_4",)
+    ).main()
+    return out
+
+
+def _options(collection: Path, cache: Path) -> list:
+    return [
+        "--data", str(collection),
+        "--pipeline.model.tiny-network", "True",
+        "--pipeline.datamanager.image-size", "48", "64",
+        "--pipeline.datamanager.teachers", *TEACHERS,
+        "--pipeline.datamanager.eval-split", "test",
+        "--pipeline.datamanager.num-workers", "0",
+        "--pipeline.datamanager.batch-size", "2",
+        "--pipeline.datamanager.feature-cache-dir", str(cache),
+        "--machine.device-type", "cpu",
+    ]  # fmt: skip
+
+
+def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            command("ns-train"), "semantic-splat", *_options(collection, root / "cache"),
+            "--output-dir", str(root / "out"), "--experiment-name", "ff", "--timestamp", "run",
+            "--max-num-iterations", str(steps), "--steps-per-save", str(steps), "--logging.steps-per-log", "1",
+            *extra,
+        ],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ns_train_eval_resume_and_export(collection, tmp_path):
+    trained = _ns_train(collection, tmp_path, 6)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
+    run = tmp_path / "out" / "ff" / "semantic-splat" / "run"
+    assert [p.name for p in (run / "nerfstudio_models").iterdir()] == ["step-000000005.ckpt"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for loss in ("rgb", "depth", "distill_labels", "distill_instances"):
+        assert f"Train Loss Dict/{loss}" in tags, sorted(tags)
+
+    evaluated = subprocess.run(
+        [command("ns-eval"), "--load-config", str(run / "config.yml"), "--output-path", str(tmp_path / "eval.json")],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert results["num_scenes"] == 1 and results["per_scene"][0]["scene"] == "room_4"
+    assert 5.0 < results["psnr"] < 40.0
+    assert results["target_depth_abs_rel"] >= 0.0 and 0.0 <= results["context_depth_delta1"] <= 1.0
+    for key in (
+        "semantic_2d_target",
+        "semantic_2d_source",
+        "semantic_2d_teacher_target",
+        "semantic_2d_teacher_warped_target",
+    ):
+        assert 0.0 <= results[key]["miou"] <= 1.0, key
+    # The teacher on the held-out view is the degraded labels proxy: far above chance over the room's classes.
+    assert results["semantic_2d_teacher_target"]["overall_acc"] > 0.5
+
+    resumed = _ns_train(collection, tmp_path, 9, "--load-dir", str(run / "nerfstudio_models"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "DoneloadingNerfstudiocheckpoint" in "".join(resumed.stdout.split())
+    assert [p.name for p in (run / "nerfstudio_models").iterdir()] == ["step-000000008.ckpt"]
+
+    exported = subprocess.run(
+        [command("splatsem-export"), "--load-config", str(run / "config.yml"), "--output-dir", str(tmp_path / "exp"),
+         "--scene", "room_4", "--context-views", "0", "1"],
+        capture_output=True, text=True, env=offline_env(), timeout=600,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    from splatsem_ns.export import load_semantic_scene
+
+    scene = load_semantic_scene(tmp_path / "exp" / "scene.ply")
+    assert scene.num_gaussians == 2 * 48 * 64 and scene.latent_dim == 8
+    assert set(scene.heads) == {"labels", "instances"} and scene.decode("labels").shape == (2 * 48 * 64, 384)
+    relevancy = scene.query("sofa")
+    assert relevancy.shape == (2 * 48 * 64,) and bool(torch.isfinite(relevancy).all())
+
+
+def test_teacher_features_are_sampled_where_the_pixels_are():
+    torch.manual_seed(0)
+    features = torch.rand(1, 2, 6, 8, 5)
+    pixels = torch.randint(0, 24 * 32, (1, 2, 50))
+    sampled = sample_feature_maps(features, pixels, (24, 32))
+    dense = torch.stack(
+        [resize_feature_map(features[0, v], (24, 32)) for v in range(2)]
+    )  # bilinear upsampling
+    expected = torch.stack([dense[v].reshape(-1, 5)[pixels[0, v]] for v in range(2)])[None]
+    torch.testing.assert_close(sampled, expected, atol=1e-5, rtol=0)
+
+
+def test_depth_metrics():
+    sensor = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
+    predicted = torch.tensor([[1.1, 2.0], [7.0, 2.0]])
+    scores = depth_metrics(predicted, sensor)
+    assert scores["depth_abs_rel"] == pytest.approx((0.1 + 0.0 + 0.5) / 3)
+    assert scores["depth_delta1"] == pytest.approx(2 / 3)
+    assert depth_metrics(predicted, torch.zeros(2, 2)) == {}
+
+
+def _pipeline(collection: Path, cache: Path, **model):
+    from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+    from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig
+    from splatsem_ns.pipelines.semantic_splat_pipeline import SemanticSplatPipelineConfig
+
+    config = SemanticSplatPipelineConfig(
+        datamanager=MultiSceneDataManagerConfig(
+            data=collection, image_size=(48, 64), teachers=TEACHERS, eval_split="test", num_workers=0,
+            feature_cache_dir=cache,
+        ),
+        model=SemanticSplatModelConfig(tiny_network=True, **model),
+    )  # fmt: skip
+    return config.setup(device="cpu", test_mode="val")
+
+
+def test_stages_distil_their_teachers_and_freeze_the_object_part(collection, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        joint = _pipeline(collection, tmp_path, stage="joint")
+        object_stage = _pipeline(collection, tmp_path, stage="object")
+        language = _pipeline(collection, tmp_path, stage="language")
+    for pipeline, distilled in (
+        (joint, {"labels", "instances"}),
+        (object_stage, {"instances"}),
+        (language, {"labels"}),
+    ):
+        _, losses, _ = pipeline.get_train_loss_dict(0)
+        assert {k[len("distill_") :] for k in losses if k.startswith("distill_")} == distilled
+        sum(losses.values()).backward()
+    frozen = [p for m in language.model.network.part_modules("semantic_object") for p in m.parameters()]
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(p.grad is None for p in language.model.projector_heads["instances"].parameters())
+    assert any(p.grad is not None for p in language.model.projector_heads["labels"].parameters())
+
+
+def _ddp_worker(local_rank: int, world_size: int, config, global_rank: int = 0) -> None:
+    """One rank: train a few steps through the package's trainer, then compare every weight with the other rank's."""
+    import torch.distributed as dist
+
+    from splatsem_ns.engine.trainer import ChorusTrainer
+
+    trainer = ChorusTrainer(config, local_rank=local_rank, world_size=world_size)
+    trainer.setup()
+
+    def weights() -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in trainer.pipeline.model.parameters()])
+
+    start = weights()  # after DDP's broadcast of rank 0's initial weights
+    trainer.train()
+    end = weights()
+    gathered = [torch.zeros_like(end) for _ in range(world_size)]
+    dist.all_gather(gathered, end)
+    samples = [
+        torch.zeros(config.pipeline.datamanager.batch_size * 4, dtype=torch.int64) for _ in range(world_size)
+    ]
+    dist.all_gather(samples, torch.tensor(trainer.pipeline.datamanager.served_sample_ids, dtype=torch.int64))
+    if global_rank == 0:
+        result = {
+            "identical": all(torch.equal(gathered[0], g) for g in gathered),
+            "moved": float((end - start).abs().max()),
+            "samples": [s.tolist() for s in samples],
+        }
+        Path(config.result_file).write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
+    """nerfstudio's ``_distributed_worker`` on the CPU: a gloo process group, then the worker."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend="gloo", init_method=url, world_size=world_size, rank=rank)
+    try:
+        _ddp_worker(rank, world_size, config, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path):
+    """Two processes on gloo, as ``--machine.num-devices 2`` starts them: each draws its own samples, DDP averages
+    the gradients, and both end with the same weights, which training changed."""
+    import copy
+
+    from splatsem_ns.method_configs.semantic_splat import semantic_splat
+
+    config = copy.deepcopy(semantic_splat.config)
+    config.pipeline.datamanager.data = collection
+    config.pipeline.datamanager.image_size = (48, 64)
+    config.pipeline.datamanager.teachers = TEACHERS
+    config.pipeline.datamanager.num_workers = 0
+    config.pipeline.datamanager.feature_cache_dir = tmp_path / "cache"
+    config.pipeline.datamanager.eval_split = "test"
+    config.pipeline.model.tiny_network = True
+    config.machine.device_type = "cpu"
+    config.machine.num_devices = 2
+    config.max_num_iterations = 4
+    config.steps_per_save = 1000
+    config.steps_per_eval_image = 1000
+    config.output_dir = tmp_path / "out"
+    config.timestamp = "run"
+    config.vis = "tensorboard"
+    config.result_file = str(tmp_path / "result.json")  # type: ignore[attr-defined]
+    # nerfstudio's launcher asserts CUDA even for gloo, so the two CPU ranks are spawned here the way it spawns them.
+    torch.multiprocessing.spawn(_gloo_rank, args=(2, f"tcp://127.0.0.1:{_free_port()}", config), nprocs=2)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["identical"], "the ranks' weights differ: gradients were not averaged"
+    assert result["moved"] > 0, "training did not change the weights"
+    rank0, rank1 = (set(s) for s in result["samples"])
+    assert rank0 and rank1 and not rank0 & rank1, "each rank draws its own samples"

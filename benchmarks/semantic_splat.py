@@ -1,0 +1,282 @@
+"""semantic-splat on the GPU: forward time, one training run within a time budget, and held-out evaluation.
+
+    python benchmarks/semantic_splat.py --collection COLL/collection.json --out DIR --minutes 5 \\
+        [--real-collection REAL/collection.json] [--teachers labels labels-instance]
+
+1. ``forward_ms``: one forward of the full-size network on 2 context views at the training resolution (bf16
+   autocast, as training runs it), median of 50 after warm-up.
+2. Training: ``ns-train semantic-splat``'s configuration (the method config, its optimizers and trainer) on the
+   collection's training split, for ``--minutes`` of wall time or ``--steps``; scenes per second and peak memory.
+3. Evaluation: the pipeline's ns-eval protocol on the collection's held-out (test) scenes, which the network
+   never saw, and separately on each real collection given: PSNR, depth AbsRel / delta < 1.25, and target-view 2D
+   mIoU with the teacher on the target view and the teacher warped by the predicted depth.
+
+With the labels proxy teachers the semantic scores say how well the network lifts such a teacher, not how a real
+CLIP or SigLIP2 would do. The report is JSON (``"benchmark": "semantic_splat"``) plus a markdown table; the JSON
+is rewritten after each stage, so a cut run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, peak_memory_gib, seed_everything, sync  # noqa: E402
+
+
+def forward_ms(
+    size, views: int, repeats: int, teacher_channels: Dict[str, int], tiny: bool = False
+) -> Dict[str, Any]:
+    """Median forward time of the full-size network (no teachers' own cost: their features are inputs)."""
+    from splatsem_ns.feedforward.network import SemanticSplatNetworkConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = SemanticSplatNetworkConfig.tiny(teacher_channels) if tiny else SemanticSplatNetworkConfig()
+    config.semantic.teacher_channels = dict(teacher_channels)
+    network = config.setup().to(device).eval()
+    height, width = size
+    images = torch.rand(1, views, 3, height, width, device=device)
+    K = torch.tensor([[0.8 * width, 0, width / 2], [0, 0.8 * width, height / 2], [0, 0, 1.0]], device=device)
+    intrinsics = K.expand(1, views, 3, 3).contiguous()
+    c2w = torch.eye(4, device=device).expand(1, views, 4, 4).clone()
+    c2w[0, 1:, 0, 3] = torch.linspace(0.2, 0.4, views - 1, device=device)  # a baseline between the views
+    features = {
+        name: torch.rand(1, views, height // 14, width // 14, c, device=device, dtype=torch.float16)
+        for name, c in teacher_channels.items()
+    }
+    times = []
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    with torch.no_grad(), autocast:
+        for i in range(repeats + 10):
+            sync()
+            start = time.perf_counter()
+            network(images, intrinsics, c2w, features)
+            sync()
+            if i >= 10:
+                times.append(1000 * (time.perf_counter() - start))
+    parameters = sum(p.numel() for p in network.parameters())
+    return {
+        "forward_ms": round(statistics.median(times), 2),
+        "forward_ms_p90": round(sorted(times)[int(0.9 * len(times))], 2),
+        "views": views,
+        "size": list(size),
+        "parameters": parameters,
+        "dtype": "bf16 autocast" if device == "cuda" else "float32",
+    }
+
+
+def train_config(args, out: Path):
+    from splatsem_ns.method_configs.semantic_splat import semantic_splat
+
+    config = copy.deepcopy(semantic_splat.config)
+    dm = config.pipeline.datamanager
+    dm.data = Path(args.collection)
+    dm.teachers = tuple(args.teachers)
+    dm.teacher_random_weights = args.random_weights
+    dm.image_size = tuple(args.size)
+    dm.batch_size = args.batch_size
+    dm.num_workers = args.loader_workers
+    dm.eval_split = "test"
+    dm.extraction_workers = args.extraction_workers
+    dm.feature_cache_dir = out / "feature_cache"
+    config.pipeline.model.tiny_network = args.tiny
+    config.max_num_iterations = args.steps
+    config.steps_per_save = 10**9
+    config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 10**9
+    config.save_every_minutes = 0
+    config.output_dir = out / "runs"
+    config.timestamp = "bench"
+    config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    config.vis = "tensorboard"
+    return config
+
+
+def train(args, out: Path, report: Dict[str, Any]):
+    """Train within the time budget; returns the trainer (its pipeline is evaluated next)."""
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+    from splatsem_ns.engine.trainer import ChorusTrainer
+
+    seed_everything(args.seed)
+    config = train_config(args, out)
+    start = time.perf_counter()
+    trainer = ChorusTrainer(config, local_rank=0, world_size=1)
+    trainer.setup()
+    report["setup_s"] = round(time.perf_counter() - start, 1)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    stamps: List[float] = []
+    losses: List[Dict[str, float]] = []
+    deadline = time.perf_counter() + 60 * args.minutes
+
+    def record(step: int) -> None:
+        sync()
+        stamps.append(time.perf_counter())
+        if step % 50 == 0:
+            scalars = getattr(trainer, "_last_loss_dict", None)
+            if scalars is not None:
+                losses.append({"step": step, **{k: round(float(v), 5) for k, v in scalars.items()}})
+        if time.perf_counter() > deadline:
+            trainer.stop_training = True
+
+    original = trainer.train_iteration
+
+    def train_iteration(step: int):
+        loss, loss_dict, metrics = original(step)
+        trainer._last_loss_dict = loss_dict
+        return loss, loss_dict, metrics
+
+    trainer.train_iteration = train_iteration  # type: ignore[method-assign]
+    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
+    trainer.train()
+    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)][20:]
+    batch = args.batch_size
+    report["training"] = {
+        "steps": len(stamps),
+        "batch_size": batch,
+        "ms_per_step_median": round(1000 * statistics.median(deltas), 1) if deltas else None,
+        "scenes_per_s": round(batch / statistics.median(deltas), 2) if deltas else None,
+        "peak_gpu_memory_gib": peak_memory_gib(),
+        "loss_curve": losses,
+    }
+    return trainer
+
+
+def evaluate(pipeline, collection: Optional[Path], label: str, report: Dict[str, Any], args) -> None:
+    """ns-eval's protocol on ``collection``'s test split (or the pipeline's own held-out scenes)."""
+    if collection is not None:
+        from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+
+        dm_config = copy.deepcopy(pipeline.datamanager.config)
+        assert isinstance(dm_config, MultiSceneDataManagerConfig)
+        dm_config.data = collection
+        dm_config.num_workers = 0
+        manager = dm_config.setup(device=pipeline.model.device, test_mode="test")
+        original, pipeline.datamanager = pipeline.datamanager, manager
+    try:
+        results = pipeline.get_average_eval_image_metrics(get_std=True)
+    finally:
+        if collection is not None:
+            pipeline.datamanager = original
+    keep = {k: v for k, v in results.items() if k not in ("semantic_classes",)}
+    report["evaluation"][label] = keep
+
+
+def write(report: Dict[str, Any], out: Path) -> None:
+    (out / "semantic_splat.json").write_text(json.dumps(report, indent=1, default=str))
+    lines = [
+        "# semantic-splat: forward time, training and held-out evaluation",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}; teachers: {', '.join(report['teachers'])}"
+        + (
+            " (labels proxy: scores say how the network lifts that teacher, not how a real CLIP would do)"
+            if "labels" in report["teachers"]
+            else ""
+        ),
+        f"- collection: `{report['collection']}`",
+    ]
+    if "forward" in report:
+        f = report["forward"]
+        lines.append(
+            f"- forward of {f['views']} context views at {f['size'][0]}x{f['size'][1]} ({f['dtype']}, "
+            f"{f['parameters'] / 1e6:.2f}M parameters): **{f['forward_ms']} ms** median (p90 {f['forward_ms_p90']} ms); "
+            "target <= 50 ms; LSM 108 ms, Uni3R about 150 ms"
+        )
+    if "training" in report:
+        t = report["training"]
+        lines.append(
+            f"- training: {t['steps']} steps of {t['batch_size']} samples, {t['ms_per_step_median']} ms per step, "
+            f"{t['scenes_per_s']} scenes/s, peak GPU memory {t['peak_gpu_memory_gib']} GiB (set-up {report.get('setup_s')} s)"
+        )
+    lines += [
+        "",
+        "| held-out scenes | scenes | PSNR | depth AbsRel | depth δ<1.25 | target 2D mIoU | teacher on the target | teacher warped by predicted depth |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def miou(r: Dict[str, Any], key: str) -> str:
+        return f"{100 * r[key]['miou']:.1f}" if key in r else "-"
+
+    for label, r in report.get("evaluation", {}).items():
+        lines.append(
+            f"| {label} | {r.get('num_scenes')} | {r.get('psnr', float('nan')):.2f} | "
+            f"{r.get('target_depth_abs_rel', float('nan')):.3f} | {r.get('target_depth_delta1', float('nan')):.3f} | "
+            f"{miou(r, 'semantic_2d_target')} | {miou(r, 'semantic_2d_teacher_target')} | "
+            f"{miou(r, 'semantic_2d_teacher_warped_target')} |"
+        )
+    for note in report.get("notes", []):
+        lines.append(f"\n- note: {note}")
+    (out / "semantic_splat.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--collection", type=Path, required=True)
+    parser.add_argument(
+        "--real-collection", type=Path, action="append", default=[], help="evaluated separately"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--teachers", nargs="+", default=["labels", "labels-instance"])
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--size", type=int, nargs=2, default=(240, 320), help="4:3, as ScanNet's frames")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=100000)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--loader-workers", type=int, default=8)
+    parser.add_argument("--extraction-workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--skip-training", action="store_true", help="forward time only")
+    parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")
+    parser.add_argument("--forward-repeats", type=int, default=50)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, Any] = {
+        "benchmark": "semantic_splat",
+        "device": device_name(),
+        "torch": torch.__version__,
+        "collection": str(args.collection),
+        "teachers": list(args.teachers),
+        "evaluation": {},
+        "notes": [],
+    }
+    channels = (
+        {"labels": 384, "instances": 384}
+        if "labels" in args.teachers
+        else {"siglip2": 768, "dinov2": 384, "sam": 256}
+    )
+    report["forward"] = forward_ms(tuple(args.size), 2, args.forward_repeats, channels, args.tiny)
+    write(report, args.out)
+    if args.skip_training:
+        return
+    trainer = train(args, args.out, report)
+    write(report, args.out)
+    for label, collection in [("procedural (never seen)", None)] + [
+        (f"real: {Path(c).parent.name}", Path(c)) for c in args.real_collection
+    ]:
+        try:
+            evaluate(trainer.pipeline, collection, label, report, args)
+        except Exception as err:  # one failed evaluation must not lose the others
+            traceback.print_exc()
+            report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")
+        write(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,9 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Annotated, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from jaxtyping import Float, Int, UInt8
@@ -814,14 +815,50 @@ def generate_synthetic_scene(
     return transforms_path
 
 
+_SINGLE_ROOM_ONLY = ("room_size", "camera_ring_fraction", "camera_height_range", "layout_jitter")
+"""Settings of the single room that a procedural collection has no use for."""
+
+
+def _default(text: str):
+    """A help hint for fields whose default depends on the mode (single room or collection)."""
+    import tyro
+
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
+
+
 @dataclass
 class SyntheticSceneCommand(SyntheticSceneConfig):
-    """Write a procedural indoor scene (images, depth, per-pixel labels, labelled points) as a nerfstudio dataset."""
+    """Write a procedural indoor scene (images, depth, per-pixel labels, labelled points) as a nerfstudio dataset,
+    or with --num-scenes a collection of procedural scenes (rooms of several shapes and types, furnished, filmed by a
+    walking hand-held camera) and its index, collection.json."""
 
-    out: Path = Path("data/synthetic_room")
+    num_views: int = 24
+    """Number of rendered views: on a jittered ring in the single room, along a hand-held walk in each scene of a collection."""
+    width: Annotated[Optional[int], _default("96; 320 with --num-scenes")] = None  # type: ignore[assignment]
+    """Image width in pixels."""
+    height: Annotated[Optional[int], _default("72; 256 with --num-scenes")] = None  # type: ignore[assignment]
+    """Image height in pixels."""
+    supersample: Annotated[Optional[int], _default("2; 1 with --num-scenes")] = None  # type: ignore[assignment]
+    """Colour samples per pixel along each axis (anti-aliasing); depth and labels use the pixel centre."""
+    min_points_per_part: Annotated[Optional[int], _default("150; 20 with --num-scenes")] = None  # type: ignore[assignment]
+    """Fewest labelled samples drawn on each primitive, so small objects are represented."""
+    out: Annotated[
+        Optional[Path], _default("data/synthetic_room; data/procedural_scenes with --num-scenes")
+    ] = None
     """Output folder."""
     overwrite: bool = False
-    """Replace an existing dataset in the output folder."""
+    """Replace an existing dataset in the output folder (with --num-scenes: regenerate finished scenes made with other settings, which are otherwise an error)."""
+    num_scenes: Optional[int] = None
+    """Write a collection of this many procedural scenes (OUT/proc_000000, ...) and its index OUT/collection.json instead of the single demo room; rerunning the same command resumes an interrupted run."""
+    workers: Annotated[Optional[int], _default("the number of CPUs")] = None
+    """With --num-scenes: worker processes."""
+    val_fraction: float = 0.05
+    """With --num-scenes: fraction of scenes in the validation split (a hash of the scene name decides)."""
+    test_fraction: float = 0.05
+    """With --num-scenes: fraction of scenes in the test split (a hash of the scene name decides)."""
+
+    def __post_init__(self) -> None:
+        pass  # each mode checks its own configuration (SyntheticSceneConfig, ProceduralSceneConfig)
 
 
 def main() -> None:
@@ -829,9 +866,66 @@ def main() -> None:
     import tyro
 
     command = tyro.cli(SyntheticSceneCommand)
-    fields = {k: v for k, v in asdict(command).items() if k not in ("out", "overwrite")}
-    path = generate_synthetic_scene(command.out, SyntheticSceneConfig(**fields), overwrite=command.overwrite)
+    if command.num_scenes is not None:
+        _write_collection(command)
+        return
+    # Fields the command leaves unset (None) take the single room's own defaults.
+    fields = {
+        f.name: f.default if getattr(command, f.name) is None else getattr(command, f.name)
+        for f in dataclass_fields(SyntheticSceneConfig)
+    }
+    out = command.out if command.out is not None else Path("data/synthetic_room")
+    path = generate_synthetic_scene(out, SyntheticSceneConfig(**fields), overwrite=command.overwrite)
     print(f"wrote {path}")
+
+
+def _write_collection(command: SyntheticSceneCommand) -> None:
+    """``splatsem-synthetic --num-scenes N``: a procedural collection (``splatsem_ns.data.procedural``)."""
+    from splatsem_ns.data.collection import CollectionError
+    from splatsem_ns.data.procedural.generate import CollectionConfig, generate_collection
+    from splatsem_ns.data.procedural.scene import ProceduralSceneConfig
+
+    defaults = SyntheticSceneConfig()
+    ignored = [name for name in _SINGLE_ROOM_ONLY if getattr(command, name) != getattr(defaults, name)]
+    if ignored:
+        raise SystemExit(
+            f"--{', --'.join(n.replace('_', '-') for n in ignored)}: settings of the single demo room, not used with "
+            "--num-scenes (collections draw room sizes, layouts and camera walks per scene)"
+        )
+    scene_defaults = ProceduralSceneConfig()
+    try:
+        scene = ProceduralSceneConfig(
+            num_views=command.num_views,
+            width=command.width if command.width is not None else scene_defaults.width,
+            height=command.height if command.height is not None else scene_defaults.height,
+            horizontal_fov_deg=command.horizontal_fov_deg,
+            supersample=command.supersample
+            if command.supersample is not None
+            else scene_defaults.supersample,
+            num_seed_points=command.num_seed_points,
+            seed_point_noise=command.seed_point_noise,
+            labeled_points_per_m2=command.labeled_points_per_m2,
+            min_points_per_part=(
+                command.min_points_per_part
+                if command.min_points_per_part is not None
+                else scene_defaults.min_points_per_part
+            ),
+        )
+        config = CollectionConfig(
+            num_scenes=command.num_scenes,
+            seed=command.seed,
+            workers=command.workers,
+            val_fraction=command.val_fraction,
+            test_fraction=command.test_fraction,
+            scene=scene,
+            overwrite=command.overwrite,
+        )
+        out = command.out if command.out is not None else Path("data/procedural_scenes")
+        generate_collection(out, config)
+    except (ValueError, CollectionError) as err:
+        raise SystemExit(f"splatsem-synthetic: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -74,20 +74,20 @@ def depth_colours(depth: np.ndarray) -> np.ndarray:
 def make_scenes(out: Path, count: int = 4) -> Path:
     """A grid: for each of ``count`` generated scenes, two views with the depth and labels of the first."""
     from splatsem_ns.data.procedural.generate import CollectionConfig, generate_collection
+    from splatsem_ns.data.procedural.scene import ProceduralSceneConfig
     from splatsem_ns.data.scene_frames import SceneFrames
 
     with tempfile.TemporaryDirectory() as tmp:
+        scene = ProceduralSceneConfig(num_views=12, width=320, height=240)
         collection = generate_collection(
-            CollectionConfig(
-                out=Path(tmp) / "collection", num_scenes=count, seed=11, num_views=12, width=160, height=120
-            )
+            Path(tmp) / "collection", CollectionConfig(num_scenes=count, seed=11, workers=1, scene=scene)
         )
         rows: List[List[Image.Image]] = []
         for entry in collection.scenes:
             frames = SceneFrames.load(collection.scene_path(entry))
             first = frames.load_view(0, (120, 160))
             second = frames.load_view(len(frames) // 2, (120, 160))
-            shape = entry.stats.get("room_shape", entry.name)
+            shape = entry.stats.get("room_shape") or entry.stats.get("shape") or ""
             rows.append(
                 [
                     _tile(first.image, f"{entry.name} ({shape})"),

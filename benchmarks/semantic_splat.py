@@ -93,6 +93,7 @@ def train_config(args, out: Path):
     dm.eval_split = "test"
     dm.extraction_workers = args.extraction_workers
     dm.feature_cache_dir = out / "feature_cache"
+    dm.max_scenes = args.max_scenes
     config.pipeline.model.tiny_network = args.tiny
     config.max_num_iterations = args.steps
     config.steps_per_save = 10**9
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--loader-workers", type=int, default=8)
     parser.add_argument("--extraction-workers", type=int, default=1)
+    parser.add_argument("--max-scenes", type=int, help="use only the first N scenes of each split")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--skip-training", action="store_true", help="forward time only")
     parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")

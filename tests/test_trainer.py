@@ -107,7 +107,7 @@ def _bare_trainer(tmp_path: Path, **config) -> ChorusTrainer:
     trainer.checkpoint_dir = tmp_path / "run" / "nerfstudio_models"
     trainer.base_dir = tmp_path / "run"
     trainer._stop_signal, trainer._last_save, trainer._start_step = None, time.monotonic(), 0
-    trainer.training_state, trainer.step, trainer.local_rank = "training", 0, 0
+    trainer.training_state, trainer.step, trainer.local_rank, trainer.world_size = "training", 0, 0, 1
     trainer.pipeline = torch.nn.Module()
     trainer.pipeline.model = torch.nn.Linear(2, 2)
     adam = torch.optim.Adam(trainer.pipeline.parameters())
@@ -228,3 +228,27 @@ def test_unknown_teacher_is_a_usage_error_of_ns_train(tmp_path):
     assert "labls" in proc.stderr and "Available" in proc.stderr
     assert "does not exist" not in proc.stderr + proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def _agree(rank: int, url: str, result: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
+    trainer = ChorusTrainer.__new__(ChorusTrainer)
+    trainer.world_size, trainer.device = 2, "cpu"
+    trainer._stop_signal = signal.SIGTERM if rank == 1 else None  # only rank 1 was signalled
+    agreed = trainer._agreed_stop_signal()
+    Path(result).with_suffix(f".{rank}").write_text(str(agreed))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_so_they_stop_after_the_same_step(tmp_path):
+    """A signal that reaches one rank stops every rank after the same step; otherwise the others would wait forever
+    in the next step's gradient all-reduce."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    torch.multiprocessing.spawn(_agree, args=(url, str(tmp_path / "agreed")), nprocs=2)
+    assert [(tmp_path / f"agreed.{r}").read_text() for r in (0, 1)] == [str(int(signal.SIGTERM))] * 2

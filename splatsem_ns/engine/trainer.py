@@ -7,7 +7,8 @@ checkpoint, which ``--load-dir`` then picks and fails on. This trainer:
 
 - on SIGINT or SIGTERM during training, finishes the current step (densification included, so the state is
   consistent), writes a checkpoint, prints where it is and the command that resumes from it, and exits with
-  128 + the signal's number. A second Ctrl-C stops at once, without a checkpoint;
+  128 + the signal's number. A second Ctrl-C stops at once, without a checkpoint. Under DistributedDataParallel
+  the ranks agree on the stop after every step (one tiny all-reduce), so all stop after the same step;
 - also writes a checkpoint whenever ``save_every_minutes`` of wall-clock time passed since the last one, so a
   crash (out of memory, a lost node) costs minutes whatever the step rate;
 - writes every checkpoint to a temporary file beside the checkpoint folder and renames it into place, so the
@@ -164,11 +165,22 @@ class ChorusTrainer(Trainer):
 
     def _after_iteration(self, step: int) -> None:
         """After each step's callbacks (densification included): stop on a signal, or save on the clock."""
-        if self._stop_signal is not None:
-            raise TrainingInterrupted(step, self._stop_signal)
+        signum = self._agreed_stop_signal()
+        if signum is not None:
+            raise TrainingInterrupted(step, signum)
         minutes = self.config.save_every_minutes
         if minutes > 0 and time.monotonic() - self._last_save >= 60.0 * minutes:
             self.save_checkpoint(step)
+
+    def _agreed_stop_signal(self) -> Optional[int]:
+        """This process's stop signal; under DistributedDataParallel the ranks agree first (the largest signal of
+        any rank), so that all of them stop after the same step: a rank that ran one more step would wait forever
+        for the others in its gradient all-reduce."""
+        if self.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def _print_resume(self, stop: TrainingInterrupted, total: int) -> None:
         checkpoint = self.checkpoint_dir / f"step-{stop.step:09d}.ckpt"

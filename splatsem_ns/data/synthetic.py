@@ -36,6 +36,7 @@ from jaxtyping import Float, Int, UInt8
 from PIL import Image
 
 from splatsem_ns.data.ply_io import write_point_cloud
+from splatsem_ns.data.scene_files import seed_points_of_view, write_view_files
 
 CLASS_NAMES: Dict[int, str] = {
     1: "wall",
@@ -713,6 +714,10 @@ def render_view(scene: SyntheticScene, c2w: np.ndarray, config: SyntheticSceneCo
 # Dataset writer
 
 
+def _save_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
 def generate_synthetic_scene(
     out_dir: Path, config: Optional[SyntheticSceneConfig] = None, overwrite: bool = False
 ) -> Path:
@@ -753,30 +758,16 @@ def generate_synthetic_scene(
     cx, cy = config.width / 2.0, config.height / 2.0
     for index, c2w in enumerate(poses):
         view = render_view(scene, c2w, config)
-        name = f"{index:04d}.png"
-        Image.fromarray(view.rgb).save(out_dir / "images" / name)
-        depth_mm = np.clip(np.round(view.depth * 1000.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-        Image.fromarray(depth_mm).save(out_dir / "depth" / name)
-        Image.fromarray(view.labels.astype(np.uint16)).save(out_dir / "labels" / name)
-        Image.fromarray(view.instances.astype(np.uint16)).save(out_dir / "instances" / name)
         frames.append(
-            {
-                "file_path": f"images/{name}",
-                "depth_file_path": f"depth/{name}",
-                "semantic_file_path": f"labels/{name}",
-                "instance_file_path": f"instances/{name}",
-                "transform_matrix": [[float(x) for x in row] for row in c2w],
-            }
+            write_view_files(
+                out_dir, f"{index:04d}.png", view.rgb, view.depth, view.labels, view.instances, c2w, _save_png
+            )
         )
-
-        # Seed points mimic an SfM cloud: only surfaces the cameras saw, with some positional noise.
-        num_pixels = config.width * config.height
-        pick = rng.choice(num_pixels, size=per_view[index], replace=per_view[index] > num_pixels)
-        jj, ii = np.divmod(pick, config.width)
-        d_cam = np.stack([(ii + 0.5 - cx) / f, -(jj + 0.5 - cy) / f, -np.ones(len(pick))], axis=-1)
-        points = c2w[:3, 3] + view.depth[jj, ii, None] * (d_cam @ c2w[:3, :3].T)
-        seed_xyz.append(points + rng.normal(scale=config.seed_point_noise, size=points.shape))
-        seed_rgb.append(view.rgb[jj, ii])
+        xyz, rgb = seed_points_of_view(
+            rng, view.rgb, view.depth, c2w, f, per_view[index], config.seed_point_noise
+        )
+        seed_xyz.append(xyz)
+        seed_rgb.append(rgb)
 
     write_point_cloud(out_dir / "points3D.ply", np.concatenate(seed_xyz), np.concatenate(seed_rgb))
 

@@ -55,6 +55,7 @@ from splatsem_ns.data.procedural.primitives import (
     sample_room_face,
     sample_solid,
 )
+from splatsem_ns.data.scene_files import seed_points_of_view, write_view_files
 
 GENERATOR_VERSION = 1
 """Bumped whenever the same settings would give different scenes; recorded in every scene."""
@@ -466,31 +467,24 @@ def write_scene(out_dir: Path, config: ProceduralSceneConfig, seed: int, index: 
     frames, seed_xyz, seed_rgb = [], [], []
     for view_index, c2w in enumerate(scene.path.poses):
         view = render_view(scene, c2w, config)
-        name = f"{view_index:04d}.png"
-        level = config.png_compression
-        _save_png(out_dir / "images" / name, view.rgb, level)
-        depth_mm = np.clip(np.round(view.depth * 1000.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-        _save_png(out_dir / "depth" / name, depth_mm, level)
-        _save_png(out_dir / "labels" / name, view.labels.astype(np.uint16), level)
-        _save_png(out_dir / "instances" / name, view.instances.astype(np.uint16), level)
-        class_pixels += np.bincount(view.labels.ravel(), minlength=class_pixels.size)[: class_pixels.size]
         frames.append(
-            {
-                "file_path": f"images/{name}",
-                "depth_file_path": f"depth/{name}",
-                "semantic_file_path": f"labels/{name}",
-                "instance_file_path": f"instances/{name}",
-                "transform_matrix": [[float(x) for x in row] for row in c2w],
-            }
+            write_view_files(
+                out_dir,
+                f"{view_index:04d}.png",
+                view.rgb,
+                view.depth,
+                view.labels,
+                view.instances,
+                c2w,
+                lambda path, array: _save_png(path, array, config.png_compression),
+            )
         )
-        # Seed points mimic an SfM cloud: only surfaces the cameras saw, with some positional noise.
-        num_pixels = config.width * config.height
-        pick = rng.choice(num_pixels, size=per_view[view_index], replace=per_view[view_index] > num_pixels)
-        jj, ii = np.divmod(pick, config.width)
-        d_cam = np.stack([(ii + 0.5 - cx) / f, -(jj + 0.5 - cy) / f, -np.ones(len(pick))], axis=-1)
-        points = c2w[:3, 3] + view.depth[jj, ii, None] * (d_cam @ c2w[:3, :3].T)
-        seed_xyz.append(points + rng.normal(scale=config.seed_point_noise, size=points.shape))
-        seed_rgb.append(view.rgb[jj, ii])
+        class_pixels += np.bincount(view.labels.ravel(), minlength=class_pixels.size)[: class_pixels.size]
+        xyz, rgb = seed_points_of_view(
+            rng, view.rgb, view.depth, c2w, f, per_view[view_index], config.seed_point_noise
+        )
+        seed_xyz.append(xyz)
+        seed_rgb.append(rgb)
     write_point_cloud(out_dir / "points3D.ply", np.concatenate(seed_xyz), np.concatenate(seed_rgb))
 
     xyz, colours, labels, instances = labeled_points(

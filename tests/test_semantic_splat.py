@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from support import command, offline_env
@@ -59,11 +60,18 @@ def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subproce
     )  # fmt: skip
 
 
-@pytest.mark.slow
-def test_ns_train_eval_resume_and_export(collection, tmp_path):
-    trained = _ns_train(collection, tmp_path, 6)
+@pytest.fixture(scope="module")
+def trained(collection, tmp_path_factory) -> Path:
+    """A tiny semantic-splat run of 6 steps through the real ns-train; returns its run folder."""
+    root = tmp_path_factory.mktemp("ff_run")
+    trained = _ns_train(collection, root, 6)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
-    run = tmp_path / "out" / "ff" / "semantic-splat" / "run"
+    return root / "out" / "ff" / "semantic-splat" / "run"
+
+
+@pytest.mark.slow
+def test_ns_train_eval_resume_and_export(collection, trained, tmp_path):
+    run = trained
     assert [p.name for p in (run / "nerfstudio_models").iterdir()] == ["step-000000005.ckpt"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -95,7 +103,8 @@ def test_ns_train_eval_resume_and_export(collection, tmp_path):
     resumed = _ns_train(collection, tmp_path, 9, "--load-dir", str(run / "nerfstudio_models"))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "DoneloadingNerfstudiocheckpoint" in "".join(resumed.stdout.split())
-    assert [p.name for p in (run / "nerfstudio_models").iterdir()] == ["step-000000008.ckpt"]
+    resumed_run = tmp_path / "out" / "ff" / "semantic-splat" / "run" / "nerfstudio_models"
+    assert [p.name for p in resumed_run.iterdir()] == ["step-000000008.ckpt"]
 
     exported = subprocess.run(
         [command("splatsem-export"), "--load-config", str(run / "config.yml"), "--output-dir", str(tmp_path / "exp"),
@@ -252,3 +261,67 @@ def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path):
     assert result["moved"] > 0, "training did not change the weights"
     rank0, rank1 = (set(s) for s in result["samples"])
     assert rank0 and rank1 and not rank0 & rank1, "each rank draws its own samples"
+
+
+@pytest.mark.slow
+def test_chorus_splat_starts_from_a_feedforward_prediction(collection, trained, tmp_path):
+    """``--pipeline.feedforward-init`` seeds chorus-splat with the network's Gaussians, latents and heads."""
+    scene = Path(json.loads(collection.read_text())["scenes"][0]["path"])
+    scene = scene if scene.is_absolute() else collection.parent / scene
+    proc = subprocess.run(
+        [
+            command("ns-train"), "chorus-splat", "--data", str(scene), "--output-dir", str(tmp_path / "out"),
+            "--experiment-name", "c", "--timestamp", "run", "--max-num-iterations", "5", "--vis", "tensorboard",
+            "--machine.device-type", "cpu", "--viewer.quit-on-train-completion", "True",
+            "--pipeline.datamanager.teachers", *TEACHERS,
+            "--pipeline.datamanager.feature-cache-dir", str(tmp_path / "cache"),
+            "--pipeline.feedforward-init", str(trained / "config.yml"),
+            "--pipeline.feedforward.image-size", "48", "64",
+            "--pipeline.model.semantic-source.latent-dim", "8",
+        ],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    said = " ".join(proc.stdout.split())
+    assert "Feed-forward init:" in said and "the heads of labels, instances" in said
+    # 7 training views (one of 8 held out) in groups of 2: 3 predictions of 2 x 48 x 64 pixels, the opaque ones kept
+    count = int(said.split("Feed-forward init: ")[1].split()[0])
+    assert 0 < count <= 3 * 2 * 48 * 64
+
+
+def test_cameras_and_gaussians_move_between_the_metric_and_the_dataparser_frame():
+    from splatsem_ns.feedforward.cameras import rotation_to_quaternion
+    from splatsem_ns.pipelines.feedforward_init import to_dataparser_frame, to_metric_frame
+
+    torch.manual_seed(0)
+    angle = 0.7
+    rotation = torch.tensor(
+        [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]]
+    ).float()
+    transform = torch.cat([rotation, torch.tensor([[0.3], [-1.0], [2.0]])], dim=1)
+    scale = 0.25
+    metric = torch.eye(4)[:3][None].repeat(2, 1, 1)
+    metric[:, :, 3] = torch.tensor([[1.0, 2.0, 0.5], [-1.0, 0.0, 1.5]])
+    # nerfstudio's dataparser: c2w' = [R R_c | s (R c + t)]
+    parsed = torch.cat(
+        [rotation @ metric[:, :, :3], (scale * (metric[:, :, 3] @ rotation.T + transform[:, 3]))[..., None]],
+        -1,
+    )
+    torch.testing.assert_close(to_metric_frame(parsed, transform, scale)[:, :3], metric, atol=1e-5, rtol=0)
+    means = torch.rand(5, 3)
+    quats = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    moved, scales, turned = to_dataparser_frame(means, torch.ones(5, 3), quats, transform, scale)
+    torch.testing.assert_close(moved, scale * (means @ rotation.T + transform[:, 3]))
+    torch.testing.assert_close(scales, torch.full((5, 3), scale))
+
+    # The rotated Gaussian's axes are the transform's rotation applied to the original axes.
+    def matrix(q):
+        w, x, y, z = q.unbind(-1)
+        return torch.stack([
+            torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+            torch.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+            torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+        ], -2)  # fmt: skip
+
+    torch.testing.assert_close(matrix(turned), rotation @ matrix(quats), atol=1e-5, rtol=0)
+    assert rotation_to_quaternion(rotation).shape == (4,)

@@ -157,21 +157,12 @@ class SceneFrames:
 
     # ------------------------------------------------------------------ loading
     def crop_box(self, index: int, size: Tuple[int, int]) -> Tuple[float, float, float]:
-        """(scale, offset_x, offset_y) that map stored pixel coordinates to served ones: the image is scaled to
-        cover ``size`` (height, width) and centre-cropped."""
-        height, width = (int(v) for v in self.sizes[index])
-        out_h, out_w = size
-        scale = max(out_h / height, out_w / width)
-        return scale, (width * scale - out_w) / 2.0, (height * scale - out_h) / 2.0
+        """``cover_crop`` of frame ``index``."""
+        return cover_crop(tuple(int(v) for v in self.sizes[index]), size)
 
     def served_intrinsics(self, index: int, size: Tuple[int, int]) -> Float[np.ndarray, "3 3"]:
         """Frame ``index``'s intrinsics at the served ``size``."""
-        scale, ox, oy = self.crop_box(index, size)
-        K = self.intrinsics[index].copy()
-        K[:2] *= scale
-        K[0, 2] -= ox
-        K[1, 2] -= oy
-        return K
+        return cropped_intrinsics(self.intrinsics[index], self.crop_box(index, size))
 
     def load_image(self, index: int, size: Tuple[int, int]) -> UInt8[np.ndarray, "H W 3"]:
         """Frame ``index``'s colour at ``size`` (bilinear: it is a photograph)."""
@@ -218,10 +209,7 @@ class SceneFrames:
 
     def _resample_image(self, image: Image.Image, index: int, size: Tuple[int, int]) -> np.ndarray:
         """Bilinear resampling of the colour image onto the served pixels (one resize over the crop box)."""
-        scale, ox, oy = self.crop_box(index, size)
-        out_h, out_w = size
-        box = (ox / scale, oy / scale, (ox + out_w) / scale, (oy + out_h) / scale)  # in stored pixels
-        return np.array(image.resize((out_w, out_h), Image.BILINEAR, box=box))  # a writable copy
+        return _cover_resize(image, self.crop_box(index, size), size)
 
     def _resample_array(self, array: np.ndarray, index: int, size: Tuple[int, int]) -> np.ndarray:
         """Nearest-neighbour resampling of a single-channel map onto the served pixels: averaging would blend
@@ -235,3 +223,38 @@ class SceneFrames:
         cols = np.clip(cols.astype(np.int64), 0, array.shape[1] - 1)
         rows = np.clip(rows.astype(np.int64), 0, array.shape[0] - 1)
         return array[rows[:, None], cols[None, :]]
+
+
+def cover_crop(stored: Tuple[int, int], size: Tuple[int, int]) -> Tuple[float, float, float]:
+    """(scale, offset_x, offset_y) mapping stored pixel coordinates (an image of ``stored`` = (height, width)) to
+    served ones: the image is scaled to cover ``size`` (height, width) and centre-cropped."""
+    (height, width), (out_h, out_w) = stored, size
+    scale = max(out_h / height, out_w / width)
+    return scale, (width * scale - out_w) / 2.0, (height * scale - out_h) / 2.0
+
+
+def cropped_intrinsics(K: Float[np.ndarray, "3 3"], crop: Tuple[float, float, float]) -> Float[np.ndarray, "3 3"]:
+    """Intrinsics after ``cover_crop``'s scale and offsets."""
+    scale, ox, oy = crop
+    K = np.array(K, dtype=np.float64)
+    K[:2] *= scale
+    K[0, 2] -= ox
+    K[1, 2] -= oy
+    return K
+
+
+def fit_view(
+    image: UInt8[np.ndarray, "H W 3"], K: Float[np.ndarray, "3 3"], size: Tuple[int, int]
+) -> Tuple[UInt8[np.ndarray, "h w 3"], Float[np.ndarray, "3 3"]]:
+    """An in-memory image and its intrinsics served at ``size`` exactly as ``SceneFrames.load_view`` serves files
+    (scaled to cover, centre-cropped, bilinear)."""
+    crop = cover_crop(image.shape[:2], size)
+    return _cover_resize(Image.fromarray(image), crop, size), cropped_intrinsics(K, crop)
+
+
+def _cover_resize(image: Image.Image, crop: Tuple[float, float, float], size: Tuple[int, int]) -> np.ndarray:
+    """One bilinear resize of the crop box (in stored pixels) to ``size``; a writable copy."""
+    scale, ox, oy = crop
+    out_h, out_w = size
+    box = (ox / scale, oy / scale, (ox + out_w) / scale, (oy + out_h) / scale)
+    return np.array(image.resize((out_w, out_h), Image.BILINEAR, box=box))

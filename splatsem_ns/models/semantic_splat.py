@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Type
 
 import torch
@@ -324,3 +325,41 @@ def sample_feature_maps(
         maps, grid.flatten(0, 1)[:, None].float(), mode="bilinear", padding_mode="border", align_corners=False
     )  # [B*T, C, 1, n]
     return sampled[:, :, 0].permute(0, 2, 1).reshape(batch, views, -1, channels)
+
+
+def restore_semantic_splat(config_path: Path, device: str = "cpu") -> SemanticSplatModel:
+    """A trained semantic-splat model from its run's ``config.yml`` and latest checkpoint, without its collection
+    (predicting on a new scene needs neither the datamanager nor its data): the teachers, their channels and the
+    heads come from the checkpoint itself (each head's output size is its teacher's channel count)."""
+    import yaml
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints, load_torch_file
+
+    config_path = Path(config_path)
+    trainer_config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    folder = config_path.parent / "nerfstudio_models"
+    checkpoints = sorted(folder.glob("step-*.ckpt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"{folder} holds no checkpoint of the semantic-splat run {config_path}")
+    allow_numpy_scalars_in_checkpoints()
+    state = load_torch_file(
+        checkpoints[-1],
+        what="checkpoint",
+        remedy="Train the run again.",
+        not_written_by="ns-train semantic-splat",
+    )["pipeline"]
+    prefix = "_model.module." if any(k.startswith("_model.module.") for k in state) else "_model."
+    model_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    specs = {
+        name: TeacherSpec(name, head.feature_dim, (0, 0), (0, 0), False, None)  # type: ignore[arg-type]
+        for name, head in heads_from_state_dict(model_state, "projector_heads.").items()
+    }
+    model = trainer_config.pipeline.model.setup(
+        scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])),
+        num_train_data=0,
+        metadata={TEACHER_SPECS_KEY: specs},
+        device=device,
+    )
+    model.load_state_dict(model_state)
+    return model.to(device).eval()

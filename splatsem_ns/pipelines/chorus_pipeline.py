@@ -41,6 +41,7 @@ from splatsem_ns.evaluation.protocol import (
     vote_points_from_gaussians,
 )
 from splatsem_ns.evaluation.voting import ViewLabels, classify_by_text
+from splatsem_ns.pipelines.feedforward_init import FeedforwardInitConfig, predict_seeds, seed_chorus_model
 from splatsem_ns.teachers.base import SceneView, Teacher, declared_text_encoder, image_to_float_chw
 from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig, transform_points
 from splatsem_ns.viewer.address import exposure_notice
@@ -62,6 +63,12 @@ class ChorusPipelineConfig(VanillaPipelineConfig):
     """Click-to-segment protocol used by ns-eval on scenes with instance labels and an object-aware teacher."""
     semantic_eval_during_training: bool = False
     """Also run the segmentation protocol at training's full evaluations (it builds the query teacher)."""
+    feedforward_init: Optional[Path] = None
+    """A semantic-splat run's config.yml: start from its network's prediction on the training views (Gaussians,
+    latents, shared heads) instead of the seed points (splatsem_ns.pipelines.feedforward_init). Off by default:
+    whether it helps has not been measured yet."""
+    feedforward: FeedforwardInitConfig = field(default_factory=FeedforwardInitConfig)
+    """How the prediction seeds the scene (image size, views per prediction, opacity floor, budget)."""
 
 
 class ChorusPipeline(VanillaPipeline):
@@ -78,6 +85,8 @@ class ChorusPipeline(VanillaPipeline):
         super().__init__(config, device, test_mode, **kwargs)
         # The viewer's semantic query panel: nerfstudio's viewer installs the controls it finds on the pipeline
         # (in ns-viewer and while training); its hook adds the query outputs to eval-mode renders.
+        if config.feedforward_init is not None and test_mode == "val":
+            self._seed_from_feedforward(Path(config.feedforward_init))
         if hasattr(self.model, "training_image_names") and self.datamanager.train_dataset is not None:
             self.model.training_image_names = [str(p) for p in self.datamanager.train_dataset.image_filenames]
         self.semantic_query = SemanticQueryPanel.for_pipeline(self)
@@ -85,6 +94,23 @@ class ChorusPipeline(VanillaPipeline):
         notice = exposure_notice(sys.argv)  # ns-viewer's address comes from its command line, not this config
         if notice is not None:
             CONSOLE.print(f"[bold yellow]{notice}", soft_wrap=True)
+
+    def _seed_from_feedforward(self, run: Path) -> None:
+        """Replace the model's initial Gaussians with a semantic-splat prediction (``feedforward_init``)."""
+        dm = self.datamanager
+        cameras = dm.train_dataset.cameras
+        outputs = dm.train_dataparser_outputs
+        seeds, heads = predict_seeds(
+            run,
+            [np.asarray(data["image"].cpu()) for data in dm.cached_train],
+            cameras.get_intrinsics_matrices(),
+            cameras.camera_to_worlds,
+            outputs.dataparser_transform,
+            float(outputs.dataparser_scale),
+            self.config.feedforward,
+            str(self.model.device),
+        )
+        seed_chorus_model(self.model, seeds, heads)
 
     # Evaluation renders the model as trained, whatever the query panel shows or hides.
     def get_eval_loss_dict(self, step: int):

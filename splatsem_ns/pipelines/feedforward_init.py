@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from splatsem_ns.data.scene_frames import fit_view
+from splatsem_ns.export.semantic_ply import GaussianColumns
 from splatsem_ns.feedforward.cameras import quaternion_multiply, rotation_to_quaternion
 from splatsem_ns.models.semantic_splat import restore_semantic_splat
 
@@ -41,20 +42,6 @@ class FeedforwardInitConfig:
     """Predicted Gaussians below this opacity are left out."""
     max_gaussians: int = 1_000_000
     """At most this many seeds (the most opaque are kept)."""
-
-
-@dataclass
-class SeedGaussians:
-    """Predicted Gaussians in the dataparser frame, in splatfacto's raw parameter form."""
-
-    means: Float[Tensor, "N 3"]
-    scales: Float[Tensor, "N 3"]
-    """Log scales."""
-    quats: Float[Tensor, "N 4"]
-    opacities: Float[Tensor, "N 1"]
-    """Opacity logits."""
-    features_dc: Float[Tensor, "N 3"]
-    latent: Float[Tensor, "N D"]
 
 
 def to_metric_frame(
@@ -93,17 +80,17 @@ def predict_seeds(
     scale: float,
     init: FeedforwardInitConfig,
     device: str,
-) -> Tuple[SeedGaussians, Dict[str, torch.nn.Module]]:
-    """The semantic-splat run's prediction over the training views, in the dataparser frame; and its heads."""
+) -> Tuple[GaussianColumns, Dict[str, torch.nn.Module]]:
+    """The semantic-splat run's prediction over the training views in the dataparser frame, as splatfacto-shaped
+    columns (log scales, logit opacities, degree-0 colours); and the run's projector heads."""
     model = restore_semantic_splat(config_path, device)
     metric = to_metric_frame(camera_to_world, transform, scale)
     fitted = [
         fit_view(image, K.numpy(), init.image_size) for image, K in zip(images, intrinsics, strict=True)
     ]
     n, group = len(images), max(2, init.views_per_group)
-    parts: Dict[str, List[Tensor]] = {
-        k: [] for k in ("means", "scales", "quats", "opacities", "features_dc", "latent")
-    }
+    names = ("means", "scales", "quats", "opacities", "features_dc", "features_rest", "latent")
+    parts: Dict[str, List[Tensor]] = {k: [] for k in names}
     for start in range(0, max(n - group + 1, 1), group):
         views = list(range(start, min(start + group, n)))
         if len(views) < 2:
@@ -115,12 +102,8 @@ def predict_seeds(
         }
         predicted = model.predict(context)
         keep = predicted.opacities[0] >= init.min_opacity
-        parts["means"].append(predicted.means[0][keep])
-        parts["scales"].append(predicted.scales[0][keep])
-        parts["quats"].append(predicted.quats[0][keep])
-        parts["opacities"].append(predicted.opacities[0][keep])
-        parts["features_dc"].append(predicted.features_dc[0][keep])
-        parts["latent"].append(predicted.latent[0][keep])
+        for name in names:
+            parts[name].append(getattr(predicted, name)[0][keep])
     joined = {k: torch.cat(v) for k, v in parts.items()}
     if len(joined["means"]) == 0:
         raise ValueError(
@@ -132,18 +115,21 @@ def predict_seeds(
     means, scales, quats = to_dataparser_frame(
         joined["means"], joined["scales"], joined["quats"], transform.to(device), scale
     )
-    seeds = SeedGaussians(
+    # Higher SH bands would have to be rotated into the new frame; the network predicts degree 0 by default, and
+    # the chorus model starts its higher bands at zero (seed_chorus_model).
+    seeds = GaussianColumns(
         means=means,
         scales=torch.log(scales),
         quats=quats,
         opacities=torch.logit(joined["opacities"], eps=1e-6)[:, None],
         features_dc=joined["features_dc"],
+        features_rest=joined["features_rest"][:, :0],
         latent=joined["latent"],
     )
     return seeds, dict(model.projector_heads.items())
 
 
-def seed_chorus_model(model, seeds: SeedGaussians, heads: Dict[str, torch.nn.Module]) -> List[str]:
+def seed_chorus_model(model, seeds: GaussianColumns, heads: Dict[str, torch.nn.Module]) -> List[str]:
     """Replace ``model``'s Gaussians (a ``ChorusSplatModel`` before its optimizers are built) with ``seeds``; copy
     the heads whose teacher and sizes match. Returns the names of the heads copied."""
     latent_name = "semantic_latent"

@@ -10,8 +10,9 @@ The single demo room (``synthetic``) and the procedural collections (``procedura
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 from jaxtyping import Float, Int, UInt8
@@ -64,3 +65,35 @@ def seed_points_of_view(
     d_cam = np.stack([(ii + 0.5 - cx) / focal, -(jj + 0.5 - cy) / focal, -np.ones(len(pick))], axis=-1)
     points = camera_to_world[:3, 3] + depth[jj, ii, None] * (d_cam @ camera_to_world[:3, :3].T)
     return points + rng.normal(scale=noise, size=points.shape), rgb[jj, ii]
+
+
+def write_classes(out_dir: Path, names: Dict[int, str]) -> None:
+    """``classes.json``: class id -> name of the label images and labelled points."""
+    (out_dir / "classes.json").write_text(json.dumps({str(k): v for k, v in names.items()}, indent=1) + "\n")
+
+
+def pinhole_transforms(
+    width: int, height: int, focal: float, frames: List[Dict[str, object]], **extra: object
+) -> Dict[str, object]:
+    """transforms.json of a generated scene: one undistorted pinhole camera (principal point at the image centre),
+    millimetre depth, the seed and labelled point clouds and the class table beside it, then ``extra`` entries
+    (what generated the scene) and the frames."""
+    return {
+        "camera_model": "OPENCV",
+        "w": width,
+        "h": height,
+        "fl_x": focal,
+        "fl_y": focal,
+        "cx": width / 2.0,
+        "cy": height / 2.0,
+        "k1": 0.0,
+        "k2": 0.0,
+        "p1": 0.0,
+        "p2": 0.0,
+        "depth_unit_scale_factor": 0.001,
+        "ply_file_path": "points3D.ply",
+        "labeled_ply_file_path": "points_labeled.ply",
+        "classes_file_path": "classes.json",
+        **extra,
+        "frames": frames,
+    }

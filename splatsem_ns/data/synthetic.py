@@ -36,7 +36,12 @@ from jaxtyping import Float, Int, UInt8
 from PIL import Image
 
 from splatsem_ns.data.ply_io import write_point_cloud
-from splatsem_ns.data.scene_files import seed_points_of_view, write_view_files
+from splatsem_ns.data.scene_files import (
+    pinhole_transforms,
+    seed_points_of_view,
+    write_classes,
+    write_view_files,
+)
 
 CLASS_NAMES: Dict[int, str] = {
     1: "wall",
@@ -755,7 +760,6 @@ def generate_synthetic_scene(
     frames = []
     seed_xyz, seed_rgb = [], []
     f = config.focal_length
-    cx, cy = config.width / 2.0, config.height / 2.0
     for index, c2w in enumerate(poses):
         view = render_view(scene, c2w, config)
         frames.append(
@@ -778,30 +782,9 @@ def generate_synthetic_scene(
     labels, instances = scene.labels_of(sids)
     write_point_cloud(out_dir / "points_labeled.ply", points, colours, labels=labels, instance_ids=instances)
 
-    (out_dir / "classes.json").write_text(
-        json.dumps({str(k): v for k, v in CLASS_NAMES.items()}, indent=1) + "\n"
-    )
-    transforms = {
-        "camera_model": "OPENCV",
-        "w": config.width,
-        "h": config.height,
-        "fl_x": f,
-        "fl_y": f,
-        "cx": cx,
-        "cy": cy,
-        "k1": 0.0,
-        "k2": 0.0,
-        "p1": 0.0,
-        "p2": 0.0,
-        "depth_unit_scale_factor": 0.001,
-        "ply_file_path": "points3D.ply",
-        "labeled_ply_file_path": "points_labeled.ply",
-        "classes_file_path": "classes.json",
-        "synthetic_scene_config": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()
-        },
-        "frames": frames,
-    }
+    write_classes(out_dir, CLASS_NAMES)
+    record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    transforms = pinhole_transforms(config.width, config.height, f, frames, synthetic_scene_config=record)
     transforms_path.write_text(json.dumps(transforms, indent=1) + "\n")
     return transforms_path
 

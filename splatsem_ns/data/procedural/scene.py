@@ -55,7 +55,12 @@ from splatsem_ns.data.procedural.primitives import (
     sample_room_face,
     sample_solid,
 )
-from splatsem_ns.data.scene_files import seed_points_of_view, write_view_files
+from splatsem_ns.data.scene_files import (
+    pinhole_transforms,
+    seed_points_of_view,
+    write_classes,
+    write_view_files,
+)
 
 GENERATOR_VERSION = 1
 """Bumped whenever the same settings would give different scenes; recorded in every scene."""
@@ -460,7 +465,6 @@ def write_scene(out_dir: Path, config: ProceduralSceneConfig, seed: int, index: 
     scene = build_scene(config, seed, index)
     rng = scene.rng
     f = config.focal_length
-    cx, cy = config.width / 2.0, config.height / 2.0
     per_view = [config.num_seed_points // config.num_views] * config.num_views
     per_view[0] += config.num_seed_points - sum(per_view)
     class_pixels = np.zeros(max(NYU40) + 1, dtype=np.int64)
@@ -491,27 +495,15 @@ def write_scene(out_dir: Path, config: ProceduralSceneConfig, seed: int, index: 
         scene, config.labeled_points_per_m2, config.min_points_per_part
     )
     write_point_cloud(out_dir / "points_labeled.ply", xyz, colours, labels=labels, instance_ids=instances)
-    (out_dir / "classes.json").write_text(json.dumps({str(k): v for k, v in NYU40.items()}, indent=1) + "\n")
+    write_classes(out_dir, NYU40)
     stats = scene_statistics(scene, class_pixels, xyz.shape[0])
-    transforms = {
-        "camera_model": "OPENCV",
-        "w": config.width,
-        "h": config.height,
-        "fl_x": f,
-        "fl_y": f,
-        "cx": cx,
-        "cy": cy,
-        "k1": 0.0,
-        "k2": 0.0,
-        "p1": 0.0,
-        "p2": 0.0,
-        "depth_unit_scale_factor": 0.001,
-        "ply_file_path": "points3D.ply",
-        "labeled_ply_file_path": "points_labeled.ply",
-        "classes_file_path": "classes.json",
-        "procedural_scene": {"generator": generator_record(config, seed, index), "stats": stats},
-        "frames": frames,
-    }
+    transforms = pinhole_transforms(
+        config.width,
+        config.height,
+        f,
+        frames,
+        procedural_scene={"generator": generator_record(config, seed, index), "stats": stats},
+    )
     # Written last: a folder with transforms.json is a finished scene.
     (out_dir / "transforms.json").write_text(json.dumps(transforms, indent=1) + "\n")
     return stats

@@ -481,8 +481,9 @@ class SubmanifoldConv3d(_SparseConvBase):
         return x.replace_features(_with_bias(out.features, self.bias))
 
 
-class StridedConv3d(_SparseConvBase):
-    """Strided sparse conv (downsampling): kernel 2, stride 2 halves the grid resolution."""
+class _ResamplingConvBase(_SparseConvBase):
+    """A conv between two grids of the hierarchy: kernel 2 and stride 2 by default (the coarse grid halves the
+    resolution)."""
 
     def __init__(
         self,
@@ -494,6 +495,10 @@ class StridedConv3d(_SparseConvBase):
         backend: ConvBackend = "auto",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, bias, backend)
+
+
+class StridedConv3d(_ResamplingConvBase):
+    """Strided sparse conv (downsampling): kernel 2, stride 2 halves the grid resolution."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if self._backend_for(x) == "torch":
@@ -523,19 +528,8 @@ class StridedConv3d(_SparseConvBase):
         return SparseTensor(made[0], _with_bias(out.features, self.bias), x.batch_size, made[1])
 
 
-class InverseConv3d(_SparseConvBase):
+class InverseConv3d(_ResamplingConvBase):
     """Transposed sparse conv back onto the fine sites a ``StridedConv3d`` came from (``target``)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 2,
-        stride: int = 2,
-        bias: bool = True,
-        backend: ConvBackend = "auto",
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, bias, backend)
 
     def forward(self, x: SparseTensor, target: SparseTensor) -> SparseTensor:
         parent = x.cache.entries.get("spconv_parent")

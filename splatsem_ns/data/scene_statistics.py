@@ -19,6 +19,7 @@ import numpy as np
 
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.data.scene_frames import SceneFrames
+from splatsem_ns.data.view_sampling import project_points
 
 STATS_SIZE = (120, 160)
 """(height, width) the views are read at for the statistics."""
@@ -74,13 +75,7 @@ def _views_per_point(points: np.ndarray, views) -> np.ndarray:
     seen = np.zeros(len(points), dtype=np.int64)
     height, width = STATS_SIZE
     for view in views:
-        rotation, centre = view.camera_to_world[:3, :3], view.camera_to_world[:3, 3]
-        local = (points - centre) @ rotation
-        z = -local[:, 2]
-        K = view.intrinsics
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = K[0, 0] * local[:, 0] / z + K[0, 2]
-            v = -K[1, 1] * local[:, 1] / z + K[1, 2]
+        u, v, z = project_points(points, view.intrinsics, view.camera_to_world)
         inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
         measured = np.zeros(len(points))
         measured[inside] = view.depth[v[inside].astype(int), u[inside].astype(int)]

@@ -61,7 +61,7 @@ class ViewChoiceConfig:
         return self.num_context_views + self.num_target_views
 
 
-def _project(
+def project_points(
     points: Float[np.ndarray, "M 3"],
     intrinsics: Float[np.ndarray, "3 3"],
     camera_to_world: Float[np.ndarray, "4 4"],
@@ -102,7 +102,7 @@ def view_overlap(frames: SceneFrames, tolerance: float = 0.05) -> Float[np.ndarr
             if j == i:
                 overlap[i, j] = 1.0
                 continue
-            u, v, z = _project(world, other.intrinsics, other.camera_to_world)
+            u, v, z = project_points(world, other.intrinsics, other.camera_to_world)
             inside = (z > 0) & (u >= 0) & (u < size[1]) & (v >= 0) & (v < size[0])
             if not inside.any():
                 continue
@@ -130,7 +130,7 @@ def camera_overlap(frames: SceneFrames) -> Float[np.ndarray, "N N"]:
         for j in range(n):
             if j != i:
                 h_j, w_j = (int(s) for s in frames.sizes[j])
-                pu, pv, z = _project(world, frames.intrinsics[j], frames.camera_to_world[j])
+                pu, pv, z = project_points(world, frames.intrinsics[j], frames.camera_to_world[j])
                 overlap[i, j] = float(np.mean((z > 0) & (pu >= 0) & (pu < w_j) & (pv >= 0) & (pv < h_j)))
     return overlap
 

@@ -233,7 +233,9 @@ def cover_crop(stored: Tuple[int, int], size: Tuple[int, int]) -> Tuple[float, f
     return scale, (width * scale - out_w) / 2.0, (height * scale - out_h) / 2.0
 
 
-def cropped_intrinsics(K: Float[np.ndarray, "3 3"], crop: Tuple[float, float, float]) -> Float[np.ndarray, "3 3"]:
+def cropped_intrinsics(
+    K: Float[np.ndarray, "3 3"], crop: Tuple[float, float, float]
+) -> Float[np.ndarray, "3 3"]:
     """Intrinsics after ``cover_crop``'s scale and offsets."""
     scale, ox, oy = crop
     K = np.array(K, dtype=np.float64)

@@ -176,7 +176,9 @@ class ChorusTrainer(Trainer):
         """This process's stop signal; under DistributedDataParallel the ranks agree first (the largest signal of
         any rank), so that all of them stop after the same step: a rank that ran one more step would wait forever
         for the others in its gradient all-reduce."""
-        if self.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if self.world_size <= 1 or not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
             return self._stop_signal
         flag = torch.tensor([self._stop_signal or 0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

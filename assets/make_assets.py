@@ -2,6 +2,10 @@
 
     python assets/make_assets.py scenes   # generated_scenes.png: procedural scenes with their depth and labels
     python assets/make_assets.py query    # query_panel.png: the viewer's query panel at work on a trained room
+    python assets/make_assets.py prediction --config RUN/config.yml
+                                          # semantic_splat_prediction.png: a trained semantic-splat run's prediction
+                                          # for a held-out scene: context views, predicted depth, a novel view and
+                                          # a relevancy map
 
 ``query`` trains chorus-splat on the synthetic room with the labels proxy teachers on the CPU (a few minutes),
 then sets the controls of the query panel that ns-viewer shows (``SemanticQueryPanel``) and renders a held-out
@@ -168,18 +172,89 @@ def make_query(out: Path, iterations: int = 1500, config: Path | None = None) ->
     return path
 
 
+# -------------------------------------------------------------------------------------- prediction
+
+STRUCTURE = ("wall", "floor", "ceiling")
+"""Classes not chosen as the prediction picture's query (they cover most of every view)."""
+NEGATIVES = ("object", "things", "stuff", "texture")
+"""LERF's canonical negative queries."""
+
+
+def make_prediction(out: Path, pipeline) -> Path:
+    """One row for the first held-out scene of a semantic-splat pipeline: the two context views, the predicted depth
+    of the first, the prediction rendered at a target view the network never saw, that view's real image, and the
+    relevancy of the object class that covers most of the target view (decoded from the rendered latent)."""
+    import torch
+
+    from splatsem_ns.evaluation.protocol import class_queries
+    from splatsem_ns.models.relevancy import lerf_relevancy
+    from splatsem_ns.pipelines.semantic_splat_pipeline import _to_batch
+
+    dataset = pipeline.datamanager.eval_dataset or pipeline.datamanager.train_dataset
+    model = pipeline.model
+    pipeline.eval()
+    batch = _to_batch(dataset[0], model.device)
+    with torch.no_grad():
+        outputs = model(batch)
+    context, target = batch["context"], batch["target"]
+    rendered = outputs["rendered"]
+    tiles = [_tile(context["images"][0, v].cpu().numpy(), f"context {v + 1}") for v in range(2)]
+    depth = outputs["gaussians"].depth[0, 0].float().cpu().numpy()
+    tiles.append(_tile(depth_colours(depth), "predicted depth 1"))
+    tiles.append(_tile(rendered.rgb[0, 0].cpu().numpy(), "novel view (predicted)"))
+    tiles.append(_tile(target["images"][0, 0].cpu().numpy(), "novel view (real)"))
+    teacher = next((n for n, s in model.teacher_specs.items() if s.has_text_encoder), None)
+    labels = target["labels"][0, 0].cpu().numpy()
+    classes = pipeline.datamanager.collection.classes
+    ids, names = class_queries(classes)
+    counts = {name: int((labels == i).sum()) for i, name in zip(ids, names, strict=True)}
+    query = max((n for n in counts if n not in STRUCTURE), key=lambda n: counts[n], default=None)
+    if teacher is not None and query is not None:
+        text = model.teacher_specs[teacher].config.setup().to(model.device).eval()
+        with torch.no_grad():
+            features = model.projector_heads[teacher](rendered.latent[0, 0])
+            relevancy = lerf_relevancy(
+                features, text.encode_text([query]).float(), text.encode_text(list(NEGATIVES)).float()
+            )[..., 0]
+        import matplotlib
+
+        heat = matplotlib.colormaps["turbo"](relevancy.clamp(0, 1).cpu().numpy())[..., :3]
+        tiles.append(_tile(heat, f'relevancy: "{query}"'))
+    path = out / "semantic_splat_prediction.png"
+    _grid([tiles]).save(path, optimize=True)
+    return path
+
+
+def _prediction_from_run(out: Path, config: Path) -> Path:
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    import splatsem_ns.method_configs.semantic_splat  # noqa: F401 (allow-lists the checkpoint's numpy scalars)
+
+    _, pipeline, _, _ = eval_setup(config, test_mode="test")
+    return make_prediction(out, pipeline)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("scenes", "query"))
+    parser.add_argument("what", choices=("scenes", "query", "prediction"))
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--iterations", type=int, default=1500, help="training steps of the query picture")
-    parser.add_argument("--config", type=Path, help="query: use this trained run's config.yml instead")
-    args = parser.parse_args(argv)
-    path = (
-        make_scenes(args.out) if args.what == "scenes" else make_query(args.out, args.iterations, args.config)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="query: use this trained chorus-splat run's config.yml instead; prediction: the semantic-splat run",
     )
+    args = parser.parse_args(argv)
+    if args.what == "scenes":
+        path = make_scenes(args.out)
+    elif args.what == "query":
+        path = make_query(args.out, args.iterations, args.config)
+    else:
+        if args.config is None:
+            parser.error("prediction needs --config RUN/config.yml of a trained semantic-splat run")
+        path = _prediction_from_run(args.out, args.config)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 

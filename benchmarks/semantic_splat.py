@@ -96,6 +96,9 @@ def train_config(args, out: Path):
     dm.max_scenes = args.max_scenes
     config.pipeline.model.tiny_network = args.tiny
     config.max_num_iterations = args.steps
+    if args.decay_steps:  # let the cosine decay finish within a short run
+        for group in config.optimizers.values():
+            group["scheduler"].max_steps = args.decay_steps
     config.steps_per_save = 10**9
     config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 10**9
     config.save_every_minutes = 0
@@ -144,6 +147,9 @@ def train(args, out: Path, report: Dict[str, Any]):
     trainer.train_iteration = train_iteration  # type: ignore[method-assign]
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
     trainer.train()
+    if args.save_checkpoint:  # for ns-eval, the viewer, export and the README picture
+        trainer.save_checkpoint(trainer.step)
+        report["run_config"] = str(trainer.base_dir / "config.yml")
     deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)][20:]
     batch = args.batch_size
     report["training"] = {
@@ -205,8 +211,8 @@ def write(report: Dict[str, Any], out: Path) -> None:
         )
     lines += [
         "",
-        "| held-out scenes | scenes | PSNR | depth AbsRel | depth δ<1.25 | target 2D mIoU | teacher on the target | teacher warped by predicted depth |",
-        "|---|---|---|---|---|---|---|---|",
+        "| held-out scenes | scenes | PSNR | depth AbsRel | depth δ<1.25 | target 2D mIoU | teacher on the target | teacher warped by predicted depth | source 2D mIoU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def miou(r: Dict[str, Any], key: str) -> str:
@@ -217,7 +223,7 @@ def write(report: Dict[str, Any], out: Path) -> None:
             f"| {label} | {r.get('num_scenes')} | {r.get('psnr', float('nan')):.2f} | "
             f"{r.get('target_depth_abs_rel', float('nan')):.3f} | {r.get('target_depth_delta1', float('nan')):.3f} | "
             f"{miou(r, 'semantic_2d_target')} | {miou(r, 'semantic_2d_teacher_target')} | "
-            f"{miou(r, 'semantic_2d_teacher_warped_target')} |"
+            f"{miou(r, 'semantic_2d_teacher_warped_target')} | {miou(r, 'semantic_2d_source')} |"
         )
     for note in report.get("notes", []):
         lines.append(f"\n- note: {note}")
@@ -247,6 +253,13 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="forward time only")
     parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")
     parser.add_argument("--forward-repeats", type=int, default=50)
+    parser.add_argument(
+        "--decay-steps", type=int, help="end the learning-rate decay at this step (default: the method's)"
+    )
+    parser.add_argument("--save-checkpoint", action="store_true", help="keep the trained run's checkpoint")
+    parser.add_argument(
+        "--figure", type=Path, help="write the README's prediction picture (assets/make_assets.py) here"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {
@@ -263,6 +276,7 @@ def main() -> None:
         if "labels" in args.teachers
         else {"siglip2": 768, "dinov2": 384, "sam": 256}
     )
+    report["settings"] = {k: str(v) for k, v in vars(args).items()}
     report["forward"] = forward_ms(tuple(args.size), 2, args.forward_repeats, channels, args.tiny)
     write(report, args.out)
     if args.skip_training:
@@ -278,6 +292,12 @@ def main() -> None:
             traceback.print_exc()
             report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")
         write(report, args.out)
+    if args.figure is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "assets"))
+        from make_assets import make_prediction
+
+        args.figure.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {make_prediction(args.figure, trainer.pipeline)}", flush=True)
 
 
 if __name__ == "__main__":

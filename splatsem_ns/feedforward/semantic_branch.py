@@ -8,6 +8,13 @@ mixes them. Teachers can be absent: a missing teacher is masked out of that atte
 always there, so the branch also runs with no teacher at all (at inference a user may not run the teachers; training
 drops teachers at random so that this case is learnt, not extrapolated).
 
+Beside the aggregation, each teacher also reaches the latent directly (``teacher_skip``): its normalised features are
+mapped linearly to the latent channels at the teacher's grid and upsampled to full resolution. Through the 1/4
+grid and two encoders alone, a network learns slowly to carry a teacher's per-pixel meaning through: trained on
+the labels proxy, the tiny network still decoded every pixel as the most common class ("wall") after 400 steps,
+although the teacher's features were its input. The skip makes carrying the teacher through the easy start, and
+the encoders learn the corrections (edges, views where the teacher is wrong, views without the teacher).
+
 Two parts, for SemanticSplat's two-stage distillation: the *object* part (projections, aggregation, object encoder)
 is trained first against an object-aware teacher (SAM) and then frozen, while the *language* part (language encoder
 and latent head) learns the open-vocabulary teacher on top of it. With ``object_latent_dim > 0`` the first latent
@@ -48,6 +55,10 @@ class SemanticBranchConfig:
     """Leading latent channels produced by the object part only (0: every channel mixes both parts)."""
     head_channels: int = 32
     """Hidden channels of the full-resolution latent head(s)."""
+    teacher_skip: bool = True
+    """Add each present teacher's features, mapped linearly to the latent channels and upsampled to full
+    resolution, to the latent (see the module docstring). Part of the language part: with ``object_latent_dim``
+    the skip feeds only the channels the language part owns."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.object_latent_dim < self.latent_dim:
@@ -171,6 +182,14 @@ class SemanticBranch(nn.Module):
             config.head_channels,
             config.latent_dim - config.object_latent_dim,
         )
+        self.teacher_skips = nn.ModuleDict(
+            {
+                module_key(name): TeacherProjection(c, config.latent_dim - config.object_latent_dim)
+                for name, c in config.teacher_channels.items()
+            }
+            if config.teacher_skip
+            else {}
+        )
 
     def object_modules(self) -> List[nn.Module]:
         """The object-aware part (what ``freeze("semantic_object")`` freezes)."""
@@ -179,7 +198,7 @@ class SemanticBranch(nn.Module):
 
     def language_modules(self) -> List[nn.Module]:
         """The open-vocabulary part trained on top of the object part."""
-        return [self.language_encoder, self.latent_head]
+        return [self.language_encoder, self.latent_head, self.teacher_skips]
 
     def teacher_inputs(
         self,
@@ -190,9 +209,10 @@ class SemanticBranch(nn.Module):
         size: tuple[int, int],
         device: torch.device,
         dtype: torch.dtype,
-    ) -> tuple[List[Tensor], Tensor]:
-        """Projected teacher features at 1/4 resolution ([B*V, D, h, w] each, zeros where absent) and which are
-        present ([B*V, T]), in the order of ``config.teacher_channels``."""
+    ) -> tuple[List[Tensor], Tensor, Dict[str, Tensor]]:
+        """Projected teacher features at 1/4 resolution ([B*V, D, h, w] each, zeros where absent), which are
+        present ([B*V, T]), in the order of ``config.teacher_channels``, and the given teachers' features as
+        [B*V, ht, wt, C] by name (for the skips)."""
         teacher_features = dict(teacher_features or {})
         unknown = sorted(set(teacher_features) - set(self.config.teacher_channels))
         if unknown:
@@ -200,7 +220,7 @@ class SemanticBranch(nn.Module):
                 f"Teacher features {unknown} are not among the teachers the network was built for "
                 f"({sorted(self.config.teacher_channels)}); set SemanticBranchConfig.teacher_channels."
             )
-        projected, present = [], []
+        projected, present, given = [], [], {}
         for name, channels in self.config.teacher_channels.items():
             features = teacher_features.get(name)
             if features is None:
@@ -221,13 +241,14 @@ class SemanticBranch(nn.Module):
                 keep = torch.rand(batch, views, device=device) >= self.config.teacher_dropout
                 available = available & keep
             available = available.flatten()
-            features = self.teacher_projections[module_key(name)](features.flatten(0, 1).to(device), size)
+            given[name] = features.flatten(0, 1).to(device)
+            features = self.teacher_projections[module_key(name)](given[name], size)
             # Zeroed where absent, so that nothing of a hidden teacher leaks through the mask-free convolutions.
             projected.append(features * available[:, None, None, None].to(features.dtype))
             present.append(available)
         if not present:
-            return [], torch.zeros(batch * views, 0, dtype=torch.bool, device=device)
-        return projected, torch.stack(present, dim=1)
+            return [], torch.zeros(batch * views, 0, dtype=torch.bool, device=device), given
+        return projected, torch.stack(present, dim=1), given
 
     def forward(
         self,
@@ -242,7 +263,7 @@ class SemanticBranch(nn.Module):
         batch, views = features.shape[:2]
         size = tuple(features.shape[-2:])
         multiview = self.multiview_projection(features.flatten(0, 1))
-        conditions, present = self.teacher_inputs(
+        conditions, present, given = self.teacher_inputs(
             teacher_features, teacher_available, batch, views, size, features.device, multiview.dtype
         )
         fused = self.aggregation(multiview, conditions, present)
@@ -250,6 +271,10 @@ class SemanticBranch(nn.Module):
         language = self.language_encoder(torch.cat([objects, fused], dim=1))
         full = full_resolution.flatten(0, 1)
         latent = self.latent_head(language, full)
+        for index, name in enumerate(self.config.teacher_channels):
+            if name in given and module_key(name) in self.teacher_skips:
+                skip = self.teacher_skips[module_key(name)](given[name], tuple(full.shape[-2:]))
+                latent = latent + skip * present[:, index, None, None, None].to(skip.dtype)
         if self.object_latent_head is not None:
             latent = torch.cat([self.object_latent_head(objects, full), latent], dim=1)
         return latent.unflatten(0, (batch, views))

@@ -12,7 +12,8 @@ Losses, per batch:
 - depth, where the scene has depth: relative L1 between the predicted context depth and the sensor's, and between
   the rendered target depth and the sensor's;
 - distillation: for every teacher, ``1 - cos`` between the decoded latent and the teacher's features of the
-  target views, at ``distill_pixels`` random pixels per view (bilinear in the teacher's grid).
+  target views, at ``distill_pixels`` random pixels per view (bilinear in the teacher's grid); and the same at the
+  context views on each pixel's own latent, before rendering (``context_distill_weight``).
 
 SemanticSplat's two stages are ``stage``: "object" distils the object-aware teachers only; "language" freezes the
 object part of the semantic branch and distils the others; "joint" (default) does all at once.
@@ -71,6 +72,12 @@ class SemanticSplatModelConfig(ModelConfig):
     """Per-teacher weights replacing ``distill_weight``."""
     distill_pixels: int = 4096
     """Random pixels per target view where the heads decode the rendered latent; 0: all."""
+    context_distill_weight: float = 1.0
+    """Weight of the distillation at the context views, on the latent of the Gaussian each context pixel becomes
+    (no rendering), relative to the target views' (``distill_pixels`` pixels per view). While the predicted depth
+    is still wrong, target renders blend unrelated surfaces and their distillation gradient is mostly noise: with
+    target views alone the network first learns the teacher's mean (every pixel decoded as the most common class);
+    a pixel's own latent against its own teacher feature is a clean signal from the first step. 0: off."""
     stage: Literal["joint", "object", "language"] = "joint"
     """SemanticSplat's stages: "object" distils only the object-aware teachers (``OBJECT_TEACHERS``); "language"
     freezes the object part of the semantic branch and distils the others; "joint": everything together."""
@@ -218,17 +225,23 @@ class SemanticSplatModel(Model):
             latent = rendered.latent.flatten(2, 3)  # [B, T, H*W, D]
             count = latent.shape[2]
             n = self.config.distill_pixels if 0 < self.config.distill_pixels < count else count
-            pixels = torch.stack(
-                [
-                    torch.randperm(count, device=latent.device)[:n]
-                    for _ in range(latent.shape[0] * latent.shape[1])
-                ]
-            ).reshape(latent.shape[0], latent.shape[1], n)
+            pixels = _random_pixels(latent.shape[0], latent.shape[1], count, n, latent.device)
             picked = torch.gather(latent, 2, pixels[..., None].expand(-1, -1, -1, latent.shape[-1]))
             outputs["pixels"] = pixels
             outputs["decoded"] = {
                 name: self.projector_heads[name](picked) for name in self.distilled_teachers()
             }
+            if self.config.context_distill_weight > 0:
+                context = batch["context"]["images"]
+                own = gaussians.latent.unflatten(1, (context.shape[1], -1))  # [B, V, H*W, D]
+                pixels = _random_pixels(
+                    own.shape[0], own.shape[1], own.shape[2], min(n, own.shape[2]), own.device
+                )
+                picked = torch.gather(own, 2, pixels[..., None].expand(-1, -1, -1, own.shape[-1]))
+                outputs["context_pixels"] = pixels
+                outputs["context_decoded"] = {
+                    name: self.projector_heads[name](picked) for name in self.distilled_teachers()
+                }
         return outputs
 
     # ------------------------------------------------------------------ losses and metrics
@@ -260,6 +273,18 @@ class SemanticSplatModel(Model):
             wanted = sample_feature_maps(features, outputs["pixels"], tuple(real.shape[2:4]))
             weight = self.config.teacher_loss_weights.get(name, self.config.distill_weight)
             losses[f"distill_{name}"] = weight * cosine_distillation_loss(decoded, wanted)
+            if name in outputs.get("context_decoded", {}):
+                context = batch["context"]
+                wanted = sample_feature_maps(
+                    context["teacher_features"][name],
+                    outputs["context_pixels"],
+                    tuple(context["images"].shape[2:4]),
+                )
+                losses[f"distill_context_{name}"] = (
+                    weight
+                    * self.config.context_distill_weight
+                    * cosine_distillation_loss(outputs["context_decoded"][name], wanted)
+                )
         return losses
 
     @staticmethod
@@ -296,6 +321,13 @@ class SemanticSplatModel(Model):
         rendered: RenderedViews = outputs["rendered"]
         real = batch["target"]["images"][0, 0].float() / 255.0
         return metrics, {"img": torch.cat([real, rendered.rgb[0, 0]], dim=1)}
+
+
+def _random_pixels(batch: int, views: int, count: int, n: int, device) -> Tensor:
+    """[batch, views, n] distinct random flat pixel indices below ``count`` per view."""
+    return torch.stack([torch.randperm(count, device=device)[:n] for _ in range(batch * views)]).reshape(
+        batch, views, n
+    )
 
 
 def depth_metrics(predicted: Tensor, sensor: Tensor) -> Dict[str, float]:

@@ -329,3 +329,51 @@ def test_cameras_and_gaussians_move_between_the_metric_and_the_dataparser_frame(
 
     torch.testing.assert_close(matrix(turned), rotation @ matrix(quats), atol=1e-5, rtol=0)
     assert rotation_to_quaternion(rotation).shape == (4,)
+
+
+def test_the_viewer_shows_a_prediction_as_a_queryable_scene(trained, monkeypatch):
+    """ns-viewer on a semantic-splat run: the pipeline shows one predicted scene as a chorus-splat model that
+    renders what the network's own renderer renders, with the context views as frustums and the query panel."""
+    import sys
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from splatsem_ns.feedforward.render import render_predicted
+    from splatsem_ns.viewer import prediction_view
+    from splatsem_ns.viewer.query_panel import QUERY_OUTPUT
+
+    monkeypatch.setattr(sys, "argv", ["ns-eval"])  # not a viewer: the network itself
+    _, network_pipeline, _, _ = eval_setup(trained / "config.yml", test_mode="test")
+    assert type(network_pipeline.model).__name__ == "SemanticSplatModel"
+    gaussians, scene, context = network_pipeline.predict_scene("room_4", [0, 3])
+
+    monkeypatch.setattr(sys, "argv", ["ns-viewer", "--load-config", str(trained / "config.yml")])
+    monkeypatch.setitem(prediction_view.REQUEST, "scene", "room_4")
+    monkeypatch.setitem(prediction_view.REQUEST, "context_views", (0, 3))
+    monkeypatch.setitem(prediction_view.REQUEST, "min_opacity", 0.0)  # every Gaussian, for the comparison
+    _, pipeline, _, _ = eval_setup(trained / "config.yml", test_mode="test")
+    model = pipeline.model
+    assert type(model).__name__ == "ChorusSplatModel"
+    assert model.num_points == 2 * 48 * 64
+    views = pipeline.datamanager.train_dataset
+    assert len(views) == 2 and views[1]["image"].shape == (48, 64, 3)
+
+    camera = views.cameras[1:2]
+    with torch.no_grad():
+        outputs = model.get_outputs_for_camera(camera)
+        own = render_predicted(
+            gaussians,
+            gaussians.means.new_tensor(camera.get_intrinsics_matrices())[None],
+            torch.cat([camera.camera_to_worlds, torch.tensor([[[0.0, 0.0, 0.0, 1.0]]])], dim=1)[None],
+            64,
+            48,
+            render_latent=False,
+        )
+    assert outputs["rgb"].shape == (48, 64, 3)
+    assert torch.allclose(outputs["rgb"], own.rgb[0, 0], atol=2e-3)
+
+    panel = pipeline.semantic_query
+    panel.positives.value = "wall"
+    with torch.no_grad():
+        queried = model.get_outputs_for_camera(camera)
+    assert QUERY_OUTPUT in queried and queried[QUERY_OUTPUT].shape == (48, 64, 3), panel.last_message

@@ -43,6 +43,8 @@ from splatsem_ns.feedforward.render import render_predicted
 from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY
+from splatsem_ns.viewer import prediction_view
+from splatsem_ns.viewer.prediction_view import PredictionViewConfig
 
 
 @dataclass
@@ -60,6 +62,8 @@ class SemanticSplatPipelineConfig(VanillaPipelineConfig):
     """Score at most this many held-out scenes in ns-eval (None: all of the eval split)."""
     eval_views: Literal["target", "both"] = "both"
     """Segmentation at the target views only, or at the source (context) views too."""
+    viewer: PredictionViewConfig = field(default_factory=PredictionViewConfig)
+    """The prediction ns-viewer shows of this run (splatsem-viewer's --scene and --context-views override it)."""
 
 
 class SemanticSplatPipeline(Pipeline):
@@ -134,6 +138,11 @@ class SemanticSplatPipeline(Pipeline):
         # checkpoint loads on one GPU or the CPU.
         self.model.update_to_step(step)
         self.load_state_dict(loaded_state)
+        if self.test_mode == "test" and prediction_view.launched_by_viewer():
+            # ns-viewer restores the network; what it can show is one predicted scene (viewer/prediction_view.py).
+            request = {k: v for k, v in prediction_view.REQUEST.items() if v is not None and v != ()}
+            view = PredictionViewConfig(**{**vars(self.config.viewer), **request})
+            prediction_view.show_prediction(self, view)
 
     # ------------------------------------------------------------------ one scene
     @torch.no_grad()

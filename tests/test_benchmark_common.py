@@ -57,3 +57,24 @@ def test_merge_drops_only_the_missing_baseline_note() -> None:
         "runs trained in separate processes on the same device model; two calls",
     ]
     assert merge_reports([chorus])["notes"] == chorus["notes"]  # no splatfacto run: the note stays true
+
+
+def test_the_context_baseline_trains_on_the_context_views_alone(tmp_path):
+    """semantic-splat's per-scene baseline: a capture whose training split is the context views, whose held-out
+    split is the target views, and which has no point cloud (its seeds come from the context views' depth)."""
+    from context_baseline import context_capture
+
+    from splatsem_ns.data.dataparser import SplatsemDataParserConfig
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    scene = generate_synthetic_scene(
+        tmp_path / "room", SyntheticSceneConfig(num_views=8, width=64, height=48, num_seed_points=50)
+    ).parent
+    capture = context_capture(scene, [2, 5], [3, 4, 7], tmp_path / "capture")
+    parser = SplatsemDataParserConfig(data=capture, seed_points="depth").setup()
+    train = parser.get_dataparser_outputs("train")
+    held_out = parser.get_dataparser_outputs("test")
+    assert [p.name for p in train.image_filenames] == ["0002.png", "0005.png"]
+    assert [p.name for p in held_out.image_filenames] == ["0003.png", "0004.png", "0007.png"]
+    seeds = train.metadata["points3D_xyz"]
+    assert len(seeds) > 0 and not (capture / "points3D.ply").exists()

@@ -51,6 +51,7 @@ from splatsem_ns.data.dataparser import (
     LABELED_POINTS_KEY,
 )
 from splatsem_ns.data.scene_frames import SceneFrames
+from splatsem_ns.data.scene_gaussians import GaussianSource, collate_samples, load_scene_gaussians, subsample
 from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sample_overlap, view_overlap
 from splatsem_ns.files import write_atomically
 from splatsem_ns.progress import ProgressLog, logged_progress
@@ -114,6 +115,14 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
     extraction_workers: int = 1
     """Processes extracting teacher features at set-up (each with its own teachers; on CUDA, process i uses GPU
     i modulo the GPU count)."""
+    gaussians: GaussianSource = "off"
+    """Also serve each scene's 3D Gaussians (the encoder's input; ``scene_gaussians.py``): "ply" a fitted 3DGS file
+    in the scene folder, "points" the seed point cloud as small Gaussians, "auto" the file where there is one, else
+    the points; "off": views only."""
+    gaussians_file: str = "gaussians.ply"
+    """File name of a scene's fitted Gaussians, in its folder (scene frame)."""
+    max_gaussians: int = 200_000
+    """At most this many Gaussians per sample (a seeded random subset of larger scenes)."""
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -203,13 +212,21 @@ class SceneSampleDataset(Dataset):
         scene = self.scene_of(sample_id)
         rng = np.random.default_rng([self.config.seed, 1 << 20, int(sample_id)])
         context, targets = choose_views(self.overlap(scene), self.config.views, rng)
-        return {
+        sample = {
             "scene": self.scenes[scene].name,
             "sample_id": int(sample_id),
             "overlap": sample_overlap(self.overlap(scene), context, targets) or 0.0,
             "context": self.views(scene, context),
             "target": self.views(scene, targets),
         }
+        if self.config.gaussians != "off":
+            gaussians = load_scene_gaussians(
+                self.collection.scene_path(self.scenes[scene]),
+                self.config.gaussians,
+                self.config.gaussians_file,
+            )
+            sample["gaussians"] = subsample(gaussians, self.config.max_gaussians, rng)
+        return sample
 
     def views(self, scene: int, indices: Sequence[int]) -> Dict[str, Any]:
         """Stacked views of one scene (see the module docstring for what is in them)."""
@@ -450,6 +467,7 @@ class MultiSceneDataManager(DataManager):
                 prefetch_factor=config.prefetch_factor if workers > 0 else None,
                 pin_memory=config.pin_memory and torch.cuda.is_available(),
                 persistent_workers=workers > 0,
+                collate_fn=collate_samples,
             )
         )
 

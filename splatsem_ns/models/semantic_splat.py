@@ -225,7 +225,7 @@ class SemanticSplatModel(Model):
             latent = rendered.latent.flatten(2, 3)  # [B, T, H*W, D]
             count = latent.shape[2]
             n = self.config.distill_pixels if 0 < self.config.distill_pixels < count else count
-            pixels = _random_pixels(latent.shape[0], latent.shape[1], count, n, latent.device)
+            pixels = random_pixels(latent.shape[0], latent.shape[1], count, n, latent.device)
             picked = torch.gather(latent, 2, pixels[..., None].expand(-1, -1, -1, latent.shape[-1]))
             outputs["pixels"] = pixels
             outputs["decoded"] = {
@@ -234,7 +234,7 @@ class SemanticSplatModel(Model):
             if self.config.context_distill_weight > 0:
                 context = batch["context"]["images"]
                 own = gaussians.latent.unflatten(1, (context.shape[1], -1))  # [B, V, H*W, D]
-                pixels = _random_pixels(
+                pixels = random_pixels(
                     own.shape[0], own.shape[1], own.shape[2], min(n, own.shape[2]), own.device
                 )
                 picked = torch.gather(own, 2, pixels[..., None].expand(-1, -1, -1, own.shape[-1]))
@@ -323,7 +323,7 @@ class SemanticSplatModel(Model):
         return metrics, {"img": torch.cat([real, rendered.rgb[0, 0]], dim=1)}
 
 
-def _random_pixels(batch: int, views: int, count: int, n: int, device) -> Tensor:
+def random_pixels(batch: int, views: int, count: int, n: int, device) -> Tensor:
     """[batch, views, n] distinct random flat pixel indices below ``count`` per view."""
     return torch.stack([torch.randperm(count, device=device)[:n] for _ in range(batch * views)]).reshape(
         batch, views, n

@@ -214,11 +214,10 @@ class SemanticSplatPipeline(Pipeline):
 
 def _to_batch(sample: Mapping[str, Any], device) -> Dict[str, Any]:
     """One dataset sample as a batch of one, on ``device``."""
-    from torch.utils.data import default_collate
-
     from splatsem_ns.data.multiscene import to_device
+    from splatsem_ns.data.scene_gaussians import collate_samples
 
-    return to_device(default_collate([sample]), device)
+    return to_device(collate_samples([sample]), device)
 
 
 class _Segmentation:

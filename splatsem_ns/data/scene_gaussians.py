@@ -1,0 +1,120 @@
+"""Each scene's 3D Gaussians, served beside its views: the input of the Chorus encoder over Gaussians.
+
+Where a scene's Gaussians come from (``MultiSceneDataManagerConfig.gaussians``):
+- "ply": a fitted 3DGS file in the scene's folder (``gaussians_file``, e.g. a short splatfacto or chorus-splat fit
+  exported there), in the scene's own frame, read with ``read_semantic_ply`` (any 3DGS PLY with SH colours);
+- "points": the scene's seed point cloud (transforms.json's ``ply_file_path``) as small isotropic Gaussians, each
+  as wide as the mean distance to its nearest neighbours, nearly opaque, coloured by its point: what a scene
+  without a fit still offers (Chorus also trains a point-cloud variant);
+- "auto": the fitted file where a scene has one, else its points.
+
+Each sample carries at most ``max_gaussians`` of them (a seeded random subset, so one large scene cannot blow up a
+batch). Batches join the scenes' Gaussians along the first axis with a ``batch`` index per Gaussian (Pointcept's
+layout), which the encoder takes as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from splatsem_ns.data.ply_io import read_point_cloud
+from splatsem_ns.export.semantic_ply import read_semantic_ply
+
+GaussianSource = Literal["off", "auto", "ply", "points"]
+GAUSSIAN_KEYS = ("means", "features_dc", "opacities", "scales", "quats")
+"""What a served scene's Gaussians hold (splatfacto's parameters: opacity logits, log-scales, wxyz quaternions)."""
+SH_C0 = 0.28209479177387814
+
+
+class SceneGaussiansError(ValueError):
+    """A scene has no Gaussians of the asked kind."""
+
+
+def points_as_gaussians(
+    xyz: Float[np.ndarray, "N 3"],
+    rgb: Optional[np.ndarray],
+    neighbours: int = 4,
+    opacity: float = 0.9,
+    chunk: int = 4096,
+) -> Dict[str, Tensor]:
+    """Points as isotropic Gaussians: log-scale = log(mean distance to the ``neighbours`` nearest points), opacity
+    ``opacity``, identity rotation, colour from ``rgb`` (uint8; grey when None)."""
+    points = torch.as_tensor(np.asarray(xyz, dtype=np.float32))
+    n = len(points)
+    if n == 0:
+        raise SceneGaussiansError("the point cloud is empty")
+    k = min(neighbours, max(n - 1, 1))
+    spacing = torch.empty(n)
+    for start in range(0, n, chunk):  # chunked: an N x N distance matrix does not fit for large clouds
+        distances = torch.cdist(points[start : start + chunk], points)
+        nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:] if n > 1 else distances
+        spacing[start : start + chunk] = nearest.mean(dim=1)
+    spacing = spacing.clamp_min(
+        float(spacing[spacing > 0].median()) * 0.1 if bool((spacing > 0).any()) else 1e-3
+    )
+    colours = (
+        torch.full((n, 3), 0.5)
+        if rgb is None
+        else torch.as_tensor(np.asarray(rgb), dtype=torch.float32) / 255.0
+    )
+    return {
+        "means": points,
+        "features_dc": (colours - 0.5) / SH_C0,
+        "opacities": torch.full((n, 1), float(np.log(opacity / (1.0 - opacity)))),
+        "scales": torch.log(spacing)[:, None].expand(n, 3).contiguous(),
+        "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).contiguous(),
+    }
+
+
+def load_scene_gaussians(scene: Path, source: GaussianSource, gaussians_file: str) -> Dict[str, Tensor]:
+    """One scene's Gaussians (``GAUSSIAN_KEYS``, float32) from ``source`` (see the module docstring)."""
+    scene = Path(scene)
+    fitted = scene / gaussians_file
+    if source == "ply" or (source == "auto" and fitted.is_file()):
+        if not fitted.is_file():
+            raise SceneGaussiansError(
+                f"{scene} has no fitted Gaussians {gaussians_file}: fit the scene first, or serve its seed points "
+                "with --pipeline.datamanager.gaussians points (or auto)"
+            )
+        arrays = read_semantic_ply(fitted)
+        return {k: getattr(arrays, k).float().contiguous() for k in GAUSSIAN_KEYS}
+    meta = json.loads((scene / "transforms.json").read_text())
+    ply = meta.get("ply_file_path")
+    if not ply or not (scene / ply).is_file():
+        raise SceneGaussiansError(
+            f"{scene} has neither fitted Gaussians ({gaussians_file}) nor a seed point cloud (transforms.json's "
+            "ply_file_path)"
+        )
+    cloud = read_point_cloud(scene / ply)
+    return points_as_gaussians(cloud.xyz, cloud.rgb)
+
+
+def subsample(gaussians: Mapping[str, Tensor], limit: int, rng: np.random.Generator) -> Dict[str, Tensor]:
+    """At most ``limit`` of the Gaussians, a random subset drawn from ``rng`` (all of them, in order, below it)."""
+    n = len(gaussians["means"])
+    if n <= limit:
+        return dict(gaussians)
+    keep = torch.from_numpy(np.sort(rng.choice(n, size=limit, replace=False)))
+    return {k: v[keep] for k, v in gaussians.items()}
+
+
+def collate_samples(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """torch's default collation, except for the scenes' Gaussians (of different counts): joined along the first
+    axis, with ``batch`` [N] saying whose each is."""
+    if not samples or "gaussians" not in samples[0]:
+        return default_collate(list(samples))
+    gaussians: List[Dict[str, Tensor]] = [s["gaussians"] for s in samples]
+    rest = default_collate([{k: v for k, v in s.items() if k != "gaussians"} for s in samples])
+    sizes = torch.tensor([len(g["means"]) for g in gaussians])
+    joined = {k: torch.cat([g[k] for g in gaussians]) for k in GAUSSIAN_KEYS}
+    joined["batch"] = torch.repeat_interleave(torch.arange(len(gaussians)), sizes)
+    rest["gaussians"] = joined
+    return rest

@@ -1,0 +1,201 @@
+"""chorus-pretrain: the Chorus scene encoder over 3D Gaussians, pretrained across scenes by render-and-distill.
+
+Per batch of ``MultiSceneDataManager`` samples (served with ``gaussians`` on): the encoder
+(``splatsem_ns.encoders.GaussianEncoder``) turns each scene's Gaussians into one latent per Gaussian in one pass;
+the latents are rendered with the Gaussians' own geometry into the sample's views (context and target views alike:
+here they are only views of a scene whose Gaussians are given), and each teacher's projector head (the same
+``ProjectorHead`` as chorus-splat) decodes the rendered latent at ``distill_pixels`` random pixels per view, compared
+with the teacher's cached features by cosine. The Gaussians themselves are inputs, not trained.
+
+The latent has chorus-splat's size and is decoded by the same heads, so the encoder can replace chorus-splat's
+learned per-Gaussian latent on a new scene (zero-shot), or start it (adaptation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple, Type
+
+import torch
+from jaxtyping import Float
+from nerfstudio.models.base_model import Model, ModelConfig
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig
+from splatsem_ns.feedforward.cameras import world_to_camera_viewmat
+from splatsem_ns.models.heads import ProjectorHead, cosine_distillation_loss, heads_from_state_dict
+from splatsem_ns.models.semantic_splat import random_pixels, sample_feature_maps
+from splatsem_ns.rendering import rasterize_gaussians
+from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+
+VIEW_PARTS = ("context", "target")
+"""The parts of a sample whose views the latents are rendered into."""
+
+
+@dataclass
+class ChorusPretrainModelConfig(ModelConfig):
+    """The Chorus encoder, its projector heads and the render-and-distill loss (see the module docstring)."""
+
+    _target: Type = field(default_factory=lambda: ChorusPretrainModel)
+    encoder: GaussianEncoderConfig = field(default_factory=GaussianEncoderConfig)
+    """The sparse 3D encoder (backbone, voxel size, input variant, latent size)."""
+    tiny_encoder: bool = False
+    """Use the backbone's "tiny" preset and narrow layers instead of ``encoder``'s sizes: CPU tests and smoke runs."""
+    projector_hidden_dim: int = 256
+    """Hidden width of each teacher's projector MLP (as chorus-splat)."""
+    projector_num_layers: int = 2
+    """Linear layers of each projector MLP."""
+    distill_pixels: int = 4096
+    """Random pixels per view where the heads decode the rendered latent; 0: all."""
+    teacher_loss_weights: Dict[str, float] = field(default_factory=dict)
+    """Per-teacher weights of the cosine loss (default 1)."""
+    near_plane: float = 0.01
+    """Gaussians nearer than this to a camera are not rendered (scene units)."""
+
+
+class ChorusPretrainModel(Model):
+    """See the module docstring."""
+
+    config: ChorusPretrainModelConfig
+
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        specs: Dict[str, TeacherSpec] = (self.kwargs.get("metadata") or {}).get(TEACHER_SPECS_KEY, {}) or {}
+        self.teacher_specs = dict(specs)
+        encoder_config = self.config.encoder
+        if self.config.tiny_encoder:
+            encoder_config = GaussianEncoderConfig(
+                backbone=encoder_config.backbone,
+                backbone_preset="tiny",
+                voxel_size=encoder_config.voxel_size,
+                input_variant=encoder_config.input_variant,
+                out_channels=16,
+                latent_dim=8,
+                point_hidden_dim=8,
+            )
+        self.encoder = GaussianEncoder(encoder_config)
+        self.projector_heads = nn.ModuleDict(
+            {
+                name: ProjectorHead(
+                    self.encoder.latent_dim,
+                    spec.feature_dim,
+                    self.config.projector_hidden_dim,
+                    self.config.projector_num_layers,
+                )
+                for name, spec in specs.items()
+            }
+        )
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        # Restored without teachers: the heads exist only in the checkpoint.
+        for name, head in heads_from_state_dict(state_dict, "projector_heads.").items():
+            if name not in self.projector_heads:
+                self.projector_heads[name] = head.to(self.device)
+        return super().load_state_dict(state_dict, **kwargs)
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        return {
+            "encoder": list(self.encoder.parameters()),
+            "projector_heads": list(self.projector_heads.parameters()),
+        }
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, gaussians: Mapping[str, Tensor]) -> Float[Tensor, "N D"]:
+        """The latent of every served Gaussian (``gaussians``: a batch's joined Gaussians with ``batch``)."""
+        batch = gaussians["batch"].long()
+        return self.encoder(
+            gaussians["means"].float(),
+            gaussians["features_dc"].float(),
+            gaussians["opacities"].float(),
+            gaussians["scales"].float(),
+            gaussians["quats"].float(),
+            batch=batch,
+            batch_size=int(batch.max()) + 1 if batch.numel() else 1,
+        )
+
+    def render_latent(
+        self, gaussians: Mapping[str, Tensor], latent: Tensor, views: Mapping[str, Any]
+    ) -> Float[Tensor, "B V H W D"]:
+        """The latents rendered into every view of every scene of the batch (zero where no Gaussian is)."""
+        height, width = views["images"].shape[2:4]
+        viewmats = world_to_camera_viewmat(views["camera_to_world"].float())
+        rendered = []
+        for b in range(views["images"].shape[0]):
+            mine = gaussians["batch"] == b
+            image, _, _ = rasterize_gaussians(
+                means=gaussians["means"][mine].float(),
+                quats=gaussians["quats"][mine].float(),
+                scales=torch.exp(gaussians["scales"][mine].float()),
+                opacities=torch.sigmoid(gaussians["opacities"][mine].float()).squeeze(-1),
+                colors=latent[mine],
+                viewmats=viewmats[b],
+                Ks=views["intrinsics"][b].float(),
+                width=int(width),
+                height=int(height),
+                near_plane=self.config.near_plane,
+            )
+            rendered.append(image)
+        return torch.stack(rendered)
+
+    def forward(self, batch: Mapping[str, Any]) -> Dict[str, Any]:  # type: ignore[override]
+        return self.get_outputs(batch)
+
+    def get_outputs(self, batch: Mapping[str, Any]) -> Dict[str, Any]:  # type: ignore[override]
+        """``latent`` (per Gaussian), and per view part: ``rendered`` latents, ``pixels`` sampled and ``decoded``
+        teacher features there."""
+        if "gaussians" not in batch:
+            raise ValueError(
+                "chorus-pretrain needs each scene's Gaussians: --pipeline.datamanager.gaussians auto (or ply, points)"
+            )
+        gaussians = batch["gaussians"]
+        latent = self.encode(gaussians)
+        outputs: Dict[str, Any] = {"latent": latent}
+        for part in VIEW_PARTS:
+            rendered = self.render_latent(gaussians, latent, batch[part])
+            flat = rendered.flatten(2, 3)  # [B, V, H*W, D]
+            count = flat.shape[2]
+            n = self.config.distill_pixels if 0 < self.config.distill_pixels < count else count
+            pixels = random_pixels(flat.shape[0], flat.shape[1], count, n, flat.device)
+            picked = torch.gather(flat, 2, pixels[..., None].expand(-1, -1, -1, flat.shape[-1]))
+            outputs[part] = {
+                "rendered": rendered,
+                "pixels": pixels,
+                "decoded": {name: head(picked) for name, head in self.projector_heads.items()},
+            }
+        return outputs
+
+    # ------------------------------------------------------------------ losses and metrics
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        return {}
+
+    def distillation(self, outputs, batch) -> Dict[str, Tensor]:
+        """Per teacher, ``1 - cos`` between decoded and cached teacher features at the sampled pixels of every
+        view (unweighted)."""
+        terms: Dict[str, Tensor] = {}
+        for name in self.projector_heads:
+            per_part = []
+            for part in VIEW_PARTS:
+                views, out = batch[part], outputs[part]
+                wanted = sample_feature_maps(
+                    views["teacher_features"][name], out["pixels"], tuple(views["images"].shape[2:4])
+                )
+                per_part.append(cosine_distillation_loss(out["decoded"][name], wanted))
+            terms[name] = torch.stack(per_part).mean()
+        return terms
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        return {
+            f"distill_{name}": self.config.teacher_loss_weights.get(name, 1.0) * loss
+            for name, loss in self.distillation(outputs, batch).items()
+        }
+
+    @torch.no_grad()
+    def cosine_scores(self, outputs, batch) -> Dict[str, float]:
+        """Mean cosine similarity between decoded and teacher features at the sampled pixels, per teacher."""
+        return {
+            f"cosine_{name}": 1.0 - float(loss) for name, loss in self.distillation(outputs, batch).items()
+        }
+
+    def get_image_metrics_and_images(self, outputs, batch) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        return self.cosine_scores(outputs, batch), {}

@@ -1,0 +1,180 @@
+"""chorus-pretrain through the real commands on a tiny collection, and each scene's Gaussians served by the
+multi-scene datamanager."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support import command, offline_env
+
+from splatsem_ns.data.collection_cli import BuildCollection
+from splatsem_ns.data.scene_gaussians import (
+    GAUSSIAN_KEYS,
+    SceneGaussiansError,
+    collate_samples,
+    load_scene_gaussians,
+    points_as_gaussians,
+)
+from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+TEACHERS = ("labels", "labels-instance")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """Four small rooms: three to train on, one held out (test split)."""
+    root = tmp_path_factory.mktemp("pretrain_scenes")
+    for seed in range(4):
+        config = SyntheticSceneConfig(seed=seed, num_views=8, width=64, height=48, num_seed_points=300)
+        generate_synthetic_scene(root / f"room_{seed}", config)
+    out = root / "collection.json"
+    BuildCollection(
+        scenes=(root,), out=out, val_fraction=0.0, test_fraction=0.0, test_scenes=("room_3",)
+    ).main()
+    return out
+
+
+def test_points_become_gaussians_as_wide_as_their_spacing():
+    grid = np.stack(np.meshgrid(np.arange(5), np.arange(5), [0.0], indexing="ij"), -1).reshape(-1, 3) * 0.1
+    rgb = np.full((len(grid), 3), 255, dtype=np.uint8)
+    gaussians = points_as_gaussians(grid, rgb, neighbours=4)
+    assert set(gaussians) == set(GAUSSIAN_KEYS)
+    # An inner point's four nearest neighbours are 0.1 away.
+    assert torch.exp(gaussians["scales"][12]).tolist() == pytest.approx([0.1] * 3, rel=1e-5)
+    assert torch.sigmoid(gaussians["opacities"]).flatten().tolist() == pytest.approx([0.9] * 25)
+    assert torch.allclose(0.28209479177387814 * gaussians["features_dc"] + 0.5, torch.ones(25, 3))
+
+
+def test_a_scene_serves_its_fitted_gaussians_or_its_points(collection, tmp_path):
+    from splatsem_ns.export.semantic_ply import write_semantic_ply
+
+    scene = collection.parent / "room_0"
+    points = load_scene_gaussians(scene, "auto", "gaussians.ply")
+    assert len(points["means"]) == 300  # the seed points: no fit in the folder
+    with pytest.raises(SceneGaussiansError, match="no fitted Gaussians"):
+        load_scene_gaussians(scene, "ply", "gaussians.ply")
+    fitted = tmp_path / "room"
+    fitted.mkdir()
+    (fitted / "transforms.json").write_text((scene / "transforms.json").read_text())
+    write_semantic_ply(
+        fitted / "gaussians.ply",
+        means=points["means"][:10],
+        scales_log=points["scales"][:10],
+        quats=points["quats"][:10],
+        opacities_logit=points["opacities"][:10],
+        features_dc=points["features_dc"][:10],
+        features_rest=torch.zeros(10, 0, 3),
+    )
+    served = load_scene_gaussians(fitted, "auto", "gaussians.ply")
+    assert len(served["means"]) == 10 and torch.allclose(served["means"], points["means"][:10])
+
+
+def test_batches_join_the_scenes_gaussians_with_their_index():
+    samples = [
+        {
+            "sample_id": i,
+            "gaussians": {k: torch.full((n, 4 if k == "quats" else 3), float(i)) for k in GAUSSIAN_KEYS},
+        }
+        for i, n in enumerate((3, 5))
+    ]
+    for s in samples:
+        s["gaussians"]["opacities"] = s["gaussians"]["opacities"][:, :1]
+    batch = collate_samples(samples)
+    assert batch["sample_id"].tolist() == [0, 1]
+    assert batch["gaussians"]["batch"].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert batch["gaussians"]["means"][:, 0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_the_datamanager_serves_a_seeded_subset_of_each_scenes_gaussians(collection, tmp_path):
+    from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+
+    config = MultiSceneDataManagerConfig(
+        data=collection, image_size=(48, 64), teachers=(), num_workers=0, batch_size=2, gaussians="points",
+        max_gaussians=100, feature_cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    first = config.setup(device="cpu").train_dataset[0]
+    again = config.setup(device="cpu").train_dataset[0]
+    assert len(first["gaussians"]["means"]) == 100
+    assert torch.equal(first["gaussians"]["means"], again["gaussians"]["means"])
+    _, batch = config.setup(device="cpu").next_train(0)
+    assert batch["gaussians"]["batch"].tolist() == [0] * 100 + [1] * 100
+
+
+def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            command("ns-train"), "chorus-pretrain", "--data", str(collection),
+            "--pipeline.model.tiny-encoder", "True",
+            "--pipeline.datamanager.image-size", "48", "64",
+            "--pipeline.datamanager.teachers", *TEACHERS,
+            "--pipeline.datamanager.eval-split", "test",
+            "--pipeline.datamanager.num-workers", "0",
+            "--pipeline.datamanager.batch-size", "2",
+            "--pipeline.datamanager.feature-cache-dir", str(root / "cache"),
+            "--machine.device-type", "cpu",
+            "--output-dir", str(root / "out"), "--experiment-name", "pre", "--timestamp", "run",
+            "--max-num-iterations", str(steps), "--steps-per-save", str(steps), "--logging.steps-per-log", "1",
+            *extra,
+        ],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+
+
+def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(collection, tmp_path):
+    trained = _ns_train(collection, tmp_path, 4)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
+    run = tmp_path / "out" / "pre" / "chorus-pretrain" / "run"
+    checkpoint = torch.load(
+        next((run / "nerfstudio_models").iterdir()), map_location="cpu", weights_only=False
+    )
+    weights = checkpoint["pipeline"]
+    assert any(k.startswith("_model.encoder.backbone.") for k in weights)
+    assert {k.split(".")[2] for k in weights if k.startswith("_model.projector_heads.")} == {
+        "labels",
+        "instances",
+    }
+
+    evaluated = subprocess.run(
+        [command("ns-eval"), "--load-config", str(run / "config.yml"), "--output-path", str(tmp_path / "eval.json")],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert results["num_scenes"] == 1 and results["per_scene"][0]["scene"] == "room_3"
+    assert results["num_gaussians"] == 300
+    assert -1.0 <= results["cosine_labels"] <= 1.0 and -1.0 <= results["cosine_instances"] <= 1.0
+    assert 0.0 <= results["semantic_2d_target"]["miou"] <= 1.0
+    # The labels proxy on the held-out views themselves: far above chance over the room's classes.
+    assert results["semantic_2d_teacher_target"]["overall_acc"] > 0.5
+
+
+def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):
+    """A few dozen steps on one scene's sample bring the rendered, decoded latent towards the teacher's features."""
+    from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+    from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
+    from splatsem_ns.pipelines.chorus_pretrain_pipeline import ChorusPretrainPipelineConfig
+
+    torch.manual_seed(0)
+    config = ChorusPretrainPipelineConfig(
+        datamanager=MultiSceneDataManagerConfig(
+            data=collection, image_size=(48, 64), teachers=("labels",), eval_split="test", num_workers=0,
+            feature_cache_dir=tmp_path / "cache", gaussians="points", max_scenes=1,
+        ),
+        model=ChorusPretrainModelConfig(tiny_encoder=True, distill_pixels=0),
+    )  # fmt: skip
+    pipeline = config.setup(device="cpu", test_mode="val")
+    _, batch = pipeline.datamanager.next_train(0)
+    optimizer = torch.optim.Adam(pipeline.model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = pipeline.model.get_loss_dict(pipeline.model(batch), batch)["distill_labels"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0], losses[::8]

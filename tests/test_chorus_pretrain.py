@@ -152,6 +152,35 @@ def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(colle
     # The labels proxy on the held-out views themselves: far above chance over the room's classes.
     assert results["semantic_2d_teacher_target"]["overall_acc"] > 0.5
 
+    # splatsem-encode: a plain 3DGS PLY in, a queryable semantic PLY + sidecar out, with the encoder's latents.
+    from splatsem_ns.export import load_semantic_scene
+    from splatsem_ns.export.semantic_ply import write_semantic_ply
+    from splatsem_ns.models.semantic_splat import restore_network_model
+
+    points = load_scene_gaussians(collection.parent / "room_3", "points", "gaussians.ply")
+    write_semantic_ply(
+        tmp_path / "plain.ply", points["means"], points["scales"], points["quats"], points["opacities"],
+        points["features_dc"], torch.zeros(len(points["means"]), 0, 3),
+    )  # fmt: skip
+    encoded = subprocess.run(
+        [command("splatsem-encode"), "--scene", str(tmp_path / "plain.ply"), "--checkpoint", str(run / "config.yml"),
+         "--output-dir", str(tmp_path / "enc"), "--device", "cpu"],
+        capture_output=True, text=True, env=offline_env(), timeout=600,
+    )  # fmt: skip
+    assert encoded.returncode == 0, encoded.stderr[-4000:]
+    scene = load_semantic_scene(tmp_path / "enc" / "scene.ply")
+    assert (
+        scene.num_gaussians == 300 and scene.latent_dim == 8 and set(scene.heads) == {"labels", "instances"}
+    )
+    model = restore_network_model(run / "config.yml", "ns-train chorus-pretrain")
+    with torch.no_grad():
+        expected = model.encoder(
+            points["means"], points["features_dc"], points["opacities"], points["scales"], points["quats"]
+        )
+    assert torch.allclose(scene.latent, expected, atol=1e-5)
+    relevancy = scene.query("sofa")
+    assert relevancy.shape == (300,) and bool(torch.isfinite(relevancy).all())
+
 
 def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):
     """A few dozen steps on one scene's sample bring the rendered, decoded latent towards the teacher's features."""

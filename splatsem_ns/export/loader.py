@@ -320,8 +320,9 @@ def _teacher_infos(
     teachers = {}
     for name, head in heads.items():
         spec = specs.get(name)
-        config = spec.config if spec is not None else configs.get(name)
-        has_text = spec.has_text_encoder if spec is not None else None
+        # A model restored from its checkpoint alone has specs without configs: the run's configs fill them in.
+        config = (spec.config if spec is not None else None) or configs.get(name)
+        has_text = spec.has_text_encoder if spec is not None and spec.config is not None else None
         if config is not None:
             teachers[name] = TeacherInfo.from_config(config, head.feature_dim, has_text)
         else:

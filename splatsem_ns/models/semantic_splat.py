@@ -361,25 +361,32 @@ def sample_feature_maps(
 
 def restore_semantic_splat(config_path: Path, device: str = "cpu") -> SemanticSplatModel:
     """A trained semantic-splat model from its run's ``config.yml`` and latest checkpoint, without its collection
-    (predicting on a new scene needs neither the datamanager nor its data): the teachers, their channels and the
-    heads come from the checkpoint itself (each head's output size is its teacher's channel count)."""
+    (predicting on a new scene needs neither the datamanager nor its data)."""
+    return restore_network_model(config_path, "ns-train semantic-splat", device)  # type: ignore[return-value]
+
+
+def restore_network_model(config_path: Path, trained_by: str, device: str = "cpu") -> Model:
+    """The model of a feed-forward run (semantic-splat, chorus-pretrain) from its ``config.yml`` and latest
+    checkpoint, without its collection: the teachers, their channels and the heads come from the checkpoint itself
+    (each head's output size is its teacher's channel count). ``trained_by`` names the command for messages."""
     import yaml
     from nerfstudio.data.scene_box import SceneBox
 
     from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints, load_torch_file
 
     config_path = Path(config_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} does not exist: give the run's config.yml (from {trained_by})"
+        )
     trainer_config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
     folder = config_path.parent / "nerfstudio_models"
     checkpoints = sorted(folder.glob("step-*.ckpt"))
     if not checkpoints:
-        raise FileNotFoundError(f"{folder} holds no checkpoint of the semantic-splat run {config_path}")
+        raise FileNotFoundError(f"{folder} holds no checkpoint of the run {config_path} ({trained_by})")
     allow_numpy_scalars_in_checkpoints()
     state = load_torch_file(
-        checkpoints[-1],
-        what="checkpoint",
-        remedy="Train the run again.",
-        not_written_by="ns-train semantic-splat",
+        checkpoints[-1], what="checkpoint", remedy="Train the run again.", not_written_by=trained_by
     )["pipeline"]
     prefix = "_model.module." if any(k.startswith("_model.module.") for k in state) else "_model."
     model_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -55,6 +55,11 @@ def _gaussian_optimizers() -> dict:
             "optimizer": AdamConfig(lr=1e-3, eps=1e-15),
             "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=MAX_STEPS),
         },
+        # Only with --pipeline.model.semantic-source.kind encoder: fine-tuning a pretrained encoder, gently.
+        "semantic_encoder": {
+            "optimizer": AdamConfig(lr=1e-4, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-5, max_steps=MAX_STEPS),
+        },
     }
 
 

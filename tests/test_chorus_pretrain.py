@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, offline_env
+from support import command, offline_env, train_synthetic
 
 from splatsem_ns.data.collection_cli import BuildCollection
 from splatsem_ns.data.scene_gaussians import (
@@ -125,10 +125,17 @@ def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subproce
     )  # fmt: skip
 
 
-def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(collection, tmp_path):
-    trained = _ns_train(collection, tmp_path, 4)
+@pytest.fixture(scope="module")
+def pretrained(collection, tmp_path_factory) -> Path:
+    """A tiny chorus-pretrain run of 4 steps through the real ns-train; returns its run folder."""
+    root = tmp_path_factory.mktemp("pretrain_run")
+    trained = _ns_train(collection, root, 4)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
-    run = tmp_path / "out" / "pre" / "chorus-pretrain" / "run"
+    return root / "out" / "pre" / "chorus-pretrain" / "run"
+
+
+def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(collection, pretrained, tmp_path):
+    run = pretrained
     checkpoint = torch.load(
         next((run / "nerfstudio_models").iterdir()), map_location="cpu", weights_only=False
     )
@@ -207,3 +214,32 @@ def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0], losses[::8]
+
+
+def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
+    """--pipeline.model.semantic-source.kind encoder: the latent comes from the pretrained encoder, which starts
+    from the checkpoint with its heads and is fine-tuned by the scene's render-and-distill loss."""
+    from splatsem_ns.models.semantic_splat import restore_network_model
+
+    run = train_synthetic(
+        tmp_path,
+        iterations=3,
+        num_views=8,
+        extra=(
+            "--pipeline.model.semantic-source.kind", "encoder",
+            "--pipeline.model.semantic-source.encoder-checkpoint", str(pretrained / "config.yml"),
+            "--pipeline.model.sh-degree", "0",
+        ),
+    )  # fmt: skip
+    state = torch.load(next((run / "nerfstudio_models").iterdir()), map_location="cpu", weights_only=False)
+    weights = state["pipeline"]
+    assert not any("semantic_latent" in k for k in weights)  # no free latent per Gaussian
+    encoder = {
+        k.split("semantic_source.encoder.", 1)[1]: v
+        for k, v in weights.items()
+        if "semantic_source.encoder." in k
+    }
+    start = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain").encoder.state_dict()
+    assert set(encoder) == set(start)
+    changed = [k for k in start if not torch.equal(encoder[k], start[k])]
+    assert changed, "the encoder was not fine-tuned"

@@ -31,6 +31,7 @@ from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.heads import (
     ProjectorHead,
+    copy_matching_heads,
     cosine_distillation_loss,
     heads_from_state_dict,
     resize_feature_map,
@@ -175,7 +176,11 @@ class ChorusSplatModel(SplatfactoModel):
         )
         # Scene units per unit of the dataset's original frame (the dataparser's scale), for metric settings.
         self.scene_scale = float((self.kwargs.get("metadata") or {}).get(DATAPARSER_SCALE_KEY, 1.0))
-        self.semantic_source = self.config.semantic_source.setup()
+        source_config = self.config.semantic_source
+        if getattr(source_config, "kind", "learned") == "encoder":  # metric voxels: Gaussians back in metres
+            self.semantic_source = source_config.setup(metres_per_unit=1.0 / self.scene_scale)
+        else:
+            self.semantic_source = source_config.setup()
         for name, param in self.semantic_source.gaussian_params(self.num_points).items():
             self.gauss_params[name] = param
 
@@ -192,6 +197,9 @@ class ChorusSplatModel(SplatfactoModel):
                 for name, spec in specs.items()
             }
         )
+        copy_matching_heads(
+            self.projector_heads, self.semantic_source.initial_heads()
+        )  # a pretrained encoder's
         # Saved with the checkpoint, so a model restored without its teachers renders at the same scale. The
         # render path reads a Python copy: reading the (GPU) buffer every step would synchronise the device.
         self._semantic_scale = self._initial_semantic_scale(specs)

@@ -7,7 +7,7 @@ rendered map, so their cost scales with the feature-map size, not with the numbe
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -78,3 +78,17 @@ def resize_feature_map(features: Float[Tensor, "h w C"], size: tuple[int, int]) 
     else:
         out = F.interpolate(chw, size=size, mode="bilinear", align_corners=False)
     return out[0].permute(1, 2, 0)
+
+
+def copy_matching_heads(own: Mapping[str, nn.Module], heads: Mapping[str, nn.Module]) -> List[str]:
+    """Load each of ``heads`` into ``own``'s head of the same teacher where every parameter's shape matches (a
+    pretrained or predicted starting point); returns the teachers copied."""
+    copied = []
+    for name, head in heads.items():
+        mine = own[name] if name in own else None
+        if mine is not None and all(
+            a.shape == b.shape for a, b in zip(mine.parameters(), head.parameters(), strict=False)
+        ):
+            mine.load_state_dict(head.state_dict())
+            copied.append(name)
+    return copied

@@ -8,8 +8,10 @@ parameters. The model only calls the three methods below.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Type
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Type
 
 import torch
 from jaxtyping import Float
@@ -50,17 +52,36 @@ class SemanticSource(nn.Module):
         """Other trainable parameters (network weights), by optimizer name."""
         return {}
 
+    def initial_heads(self) -> Dict[str, nn.Module]:
+        """Projector heads the model should start from (by teacher), e.g. a pretrained encoder's."""
+        return {}
+
     def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         raise NotImplementedError
 
 
 @dataclass
 class LearnedLatentSourceConfig(SemanticSourceConfig):
-    """A free latent vector per Gaussian, optimised directly (feature-splatting style)."""
+    """Where the latent comes from: a free vector per Gaussian, optimised directly (feature-splatting style), or,
+    with ``kind encoder``, a pretrained Chorus encoder over the Gaussians, fine-tuned on the scene
+    (render-and-distill adaptation). One config with a ``kind`` rather than a union of configs, so that
+    ``--pipeline.model.semantic-source.*`` options stay flat on the command line."""
 
     _target: Type = field(default_factory=lambda: LearnedLatentSource)
+    kind: Literal["learned", "encoder"] = "learned"
+    """"learned": a latent parameter per Gaussian; "encoder": computed by ``encoder_checkpoint``'s encoder."""
     init_std: float = 0.1
     """Standard deviation of the random initial latents; non-zero so every head gets a gradient at step 0."""
+    encoder_checkpoint: Optional[Path] = None
+    """kind encoder: the chorus-pretrain run's config.yml (its latest checkpoint; also read when the adapted run is
+    restored, before the run's own weights replace it)."""
+    freeze_encoder: bool = False
+    """kind encoder: keep the pretrained encoder fixed (zero-shot features, only the heads adapt)."""
+
+    def setup(self, **kwargs) -> "SemanticSource":
+        if self.kind == "encoder":
+            return EncoderLatentSource(self, **kwargs)
+        return LearnedLatentSource(self)
 
 
 class LearnedLatentSource(SemanticSource):
@@ -74,3 +95,51 @@ class LearnedLatentSource(SemanticSource):
 
     def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         return gauss_params[self.PARAM_NAME]
+
+
+class EncoderLatentSource(SemanticSource):
+    """``latent = encoder(Gaussians)``: a pretrained Chorus encoder (``chorus-pretrain``), run on the Gaussians in
+    metres (the encoder's voxels are metric), trained further with the scene's losses unless frozen."""
+
+    config: LearnedLatentSourceConfig
+    OPTIMIZER = "semantic_encoder"
+
+    def __init__(self, config: LearnedLatentSourceConfig, metres_per_unit: float = 1.0) -> None:
+        super().__init__(config)
+        if config.encoder_checkpoint is None:
+            raise ValueError(
+                "semantic-source kind 'encoder' needs --pipeline.model.semantic-source.encoder-checkpoint "
+                "RUN/config.yml of a chorus-pretrain run"
+            )
+        from splatsem_ns.models.semantic_splat import restore_network_model
+
+        pretrained = restore_network_model(Path(config.encoder_checkpoint), "ns-train chorus-pretrain")
+        if not hasattr(pretrained, "encoder"):
+            raise ValueError(f"{config.encoder_checkpoint} is not a chorus-pretrain run (it has no encoder)")
+        self.encoder = pretrained.encoder.train()
+        self.encoder.requires_grad_(not config.freeze_encoder)
+        # A plain dict: the heads are copied into the model's own, not held twice in its state.
+        self._heads = dict(pretrained.projector_heads.items())
+        self.metres_per_unit = float(metres_per_unit)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    def param_groups(self) -> Dict[str, List[Parameter]]:
+        if self.config.freeze_encoder:
+            return {}
+        return {self.OPTIMIZER: list(self.encoder.parameters())}
+
+    def initial_heads(self) -> Dict[str, nn.Module]:
+        return dict(self._heads)
+
+    def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
+        unit = self.metres_per_unit
+        return self.encoder(
+            gauss_params["means"].detach() * unit,
+            gauss_params["features_dc"].detach(),
+            gauss_params["opacities"].detach(),
+            gauss_params["scales"].detach() + math.log(unit),
+            gauss_params["quats"].detach(),
+        )

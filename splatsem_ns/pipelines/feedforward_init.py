@@ -27,6 +27,7 @@ from torch.nn import Parameter
 from splatsem_ns.data.scene_frames import fit_view
 from splatsem_ns.export.semantic_ply import GaussianColumns
 from splatsem_ns.feedforward.cameras import quaternion_multiply, rotation_to_quaternion
+from splatsem_ns.models.heads import copy_matching_heads
 from splatsem_ns.models.semantic_splat import restore_semantic_splat
 
 
@@ -156,15 +157,7 @@ def seed_chorus_model(model, seeds: GaussianColumns, heads: Dict[str, torch.nn.M
         if name not in values:
             raise ValueError(f"feed-forward init does not know how to seed the Gaussian parameter '{name}'")
         model.gauss_params[name] = Parameter(values[name].detach().float().to(device).contiguous())
-    copied = []
-    own = getattr(model, "projector_heads", {})
-    for name, head in heads.items():
-        mine = own[name] if name in own else None
-        if mine is not None and all(
-            a.shape == b.shape for a, b in zip(mine.parameters(), head.parameters(), strict=False)
-        ):
-            mine.load_state_dict(head.state_dict())
-            copied.append(name)
+    copied = copy_matching_heads(getattr(model, "projector_heads", {}), heads)
     CONSOLE.log(
         f"Feed-forward init: {len(seeds.means)} Gaussians with latents"
         + (f" and the heads of {', '.join(copied)}" if copied else "")

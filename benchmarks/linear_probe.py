@@ -1,0 +1,149 @@
+"""Linear probe of the Chorus encoder's frozen features on a collection's labelled points.
+
+    python benchmarks/linear_probe.py --collection COLL/collection.json --checkpoint PRETRAIN/config.yml --out DIR
+
+The probe (``splatsem_ns.evaluation.linear_probe``) is fitted on the labelled points of the training split's scenes
+and scored on the held-out split's, at 1, 5, 20 and 100% of the training points, for each kind of feature:
+- ``encoder``: the pretrained encoder's latent of each point's nearest Gaussian (each scene's Gaussians as
+  chorus-pretrain is served them: its fitted gaussians.ply, else its seed points);
+- ``raw``: that Gaussian's colour and position relative to the scene's centre (the probe's floor).
+Class ids are the collection's (scenes with their own class table are mapped by name). The JSON
+(``"benchmark": "linear_probe"``) and markdown are written at the end; per-scene chorus-splat latents are not a
+row yet (they need a chorus-splat run per scene).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name  # noqa: E402
+
+
+def scene_points(scene: Path, classes: Dict[int, str], max_points: int, rng) -> Tuple[np.ndarray, np.ndarray]:
+    """A scene's labelled points (at most ``max_points``) and their labels as collection class ids."""
+    from splatsem_ns.data.ply_io import read_point_cloud
+    from splatsem_ns.data.scene_frames import SceneFrames
+
+    meta = json.loads((scene / "transforms.json").read_text())
+    cloud = read_point_cloud(scene / meta.get("labeled_ply_file_path", "points_labeled.ply"))
+    if cloud.labels is None:
+        raise ValueError(f"{scene}: its labelled points have no labels")
+    labels = np.asarray(cloud.labels, dtype=np.int64)
+    lookup = SceneFrames.load(scene).label_lookup(classes)
+    if lookup is not None:
+        labels = lookup[np.clip(labels, 0, len(lookup) - 1)]
+    keep = np.flatnonzero(labels > 0)
+    if len(keep) > max_points:
+        keep = np.sort(rng.choice(keep, size=max_points, replace=False))
+    return cloud.xyz[keep], labels[keep]
+
+
+def features_of_split(model, collection, split: str, args, rng) -> Dict[str, List[torch.Tensor]]:
+    """Per feature kind, the points' features, and their labels, over the split's scenes."""
+    from splatsem_ns.data.scene_gaussians import SH_C0, load_scene_gaussians
+    from splatsem_ns.evaluation.linear_probe import nearest_gaussian_features
+
+    out: Dict[str, List[torch.Tensor]] = {"encoder": [], "raw": [], "labels": []}
+    scenes = collection.split(split)[: args.max_scenes]
+    for entry in scenes:
+        path = collection.scene_path(entry)
+        gaussians = load_scene_gaussians(path, "auto", "gaussians.ply")
+        with torch.no_grad():
+            latent = model.encoder(
+                *(
+                    gaussians[k].to(args.device)
+                    for k in ("means", "features_dc", "opacities", "scales", "quats")
+                )
+            ).cpu()
+        means = gaussians["means"].numpy()
+        centre = (means.min(axis=0) + means.max(axis=0)) / 2
+        raw = torch.cat(
+            [SH_C0 * gaussians["features_dc"] + 0.5, gaussians["means"] - torch.as_tensor(centre)], dim=1
+        )
+        xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
+        out["encoder"].append(nearest_gaussian_features(xyz, means, latent))
+        out["raw"].append(nearest_gaussian_features(xyz, means, raw))
+        out["labels"].append(torch.as_tensor(labels))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--collection", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the chorus-pretrain run's config.yml")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--test-split", default="test")
+    parser.add_argument("--max-scenes", type=int, default=50, help="scenes per split")
+    parser.add_argument("--max-points", type=int, default=20000, help="labelled points per scene")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from splatsem_ns.data.collection import SceneCollection
+    from splatsem_ns.evaluation.linear_probe import LinearProbeConfig, linear_probe
+    from splatsem_ns.models.semantic_splat import restore_network_model
+
+    start = time.perf_counter()
+    collection = SceneCollection.load(args.collection)
+    model = restore_network_model(args.checkpoint, "ns-train chorus-pretrain", args.device)
+    rng = np.random.default_rng(0)
+    train = features_of_split(model, collection, args.train_split, args, rng)
+    test = features_of_split(model, collection, args.test_split, args, rng)
+    ids = sorted(int(i) for i in collection.classes if int(i) != 0)
+    index = {c: i for i, c in enumerate(ids)}
+    names = [collection.classes[c] for c in ids]
+
+    def as_index(labels: List[torch.Tensor]) -> torch.Tensor:
+        return torch.as_tensor([index.get(int(c), -1) for c in torch.cat(labels).tolist()])
+
+    config = LinearProbeConfig()
+    report = {
+        "benchmark": "linear_probe",
+        "device": device_name(),
+        "collection": str(args.collection),
+        "checkpoint": str(args.checkpoint),
+        "train_points": int(sum(len(t) for t in train["labels"])),
+        "test_points": int(sum(len(t) for t in test["labels"])),
+        "results": {},
+    }
+    for kind in ("encoder", "raw"):
+        scores = linear_probe(
+            torch.cat(train[kind]), as_index(train["labels"]), torch.cat(test[kind]), as_index(test["labels"]),
+            names, config,
+        )  # fmt: skip
+        report["results"][kind] = {
+            str(f): {k: s[k] for k in ("train_points", "miou", "macc")} for f, s in scores.items()
+        }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    (args.out / "linear_probe.json").write_text(json.dumps(report, indent=1))
+    header = "| features | " + " | ".join(f"{100 * f:g}% mIoU / mAcc" for f in config.fractions) + " |"
+    lines = [
+        "# Linear probe on frozen per-Gaussian features",
+        "",
+        f"- device: {report['device']}; collection `{report['collection']}`; encoder `{report['checkpoint']}`",
+        f"- {report['train_points']} training points, {report['test_points']} held-out points",
+        "",
+        header,
+        "|---|" + "---|" * len(config.fractions),
+    ]
+    for kind, rows in report["results"].items():
+        cells = [f"{100 * r['miou']:.1f} / {100 * r['macc']:.1f}" for r in rows.values()]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    (args.out / "linear_probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -92,3 +92,47 @@ def tiny_camera():
 
     camera_to_world = torch.tensor([[[1.0, 0.0, 0.0, 0.5], [0.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 3.0]]])
     return Cameras(camera_to_worlds=camera_to_world, fx=64.0, fy=64.0, cx=32.0, cy=24.0, width=64, height=48)
+
+
+def tiny_collection(root: Path, rooms: int, test_room: int, seed_points: int = 200) -> Path:
+    """``rooms`` small synthetic rooms (8 views of 64x48) under ``root`` and their collection.json, with room
+    ``test_room`` held out (test split) and the others to train on."""
+    from splatsem_ns.data.collection_cli import BuildCollection
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    for seed in range(rooms):
+        config = SyntheticSceneConfig(
+            seed=seed, num_views=8, width=64, height=48, num_seed_points=seed_points
+        )
+        generate_synthetic_scene(root / f"room_{seed}", config)
+    out = root / "collection.json"
+    BuildCollection(
+        scenes=(root,), out=out, val_fraction=0.0, test_fraction=0.0, test_scenes=(f"room_{test_room}",)
+    ).main()
+    return out
+
+
+def ns_train_on_collection(
+    method: str, collection: Path, root: Path, steps: int, experiment: str, *extra: str
+):
+    """The real ``ns-train METHOD`` of a feed-forward model on a ``tiny_collection``, on the CPU: 48x64 views, the
+    labels proxy teachers, the test split held out, batches of 2, no loader workers; outputs under ``root/out``
+    (``root/out/EXPERIMENT/METHOD/run``). Returns the finished process."""
+    import subprocess
+
+    return subprocess.run(
+        [
+            command("ns-train"), method, "--data", str(collection),
+            "--pipeline.datamanager.image-size", "48", "64",
+            "--pipeline.datamanager.teachers", "labels", "labels-instance",
+            "--pipeline.datamanager.eval-split", "test",
+            "--pipeline.datamanager.num-workers", "0",
+            "--pipeline.datamanager.batch-size", "2",
+            "--pipeline.datamanager.feature-cache-dir", str(root / "cache"),
+            "--machine.device-type", "cpu",
+            "--output-dir", str(root / "out"), "--experiment-name", experiment, "--timestamp", "run",
+            "--max-num-iterations", str(steps), "--steps-per-save", str(steps), "--logging.steps-per-log", "1",
+            *extra,
+        ],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, offline_env, train_synthetic
+from support import command, ns_train_on_collection, offline_env, tiny_collection, train_synthetic
 
-from splatsem_ns.data.collection_cli import BuildCollection
 from splatsem_ns.data.scene_gaussians import (
     GAUSSIAN_KEYS,
     SceneGaussiansError,
@@ -20,7 +19,6 @@ from splatsem_ns.data.scene_gaussians import (
     load_scene_gaussians,
     points_as_gaussians,
 )
-from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
 
 TEACHERS = ("labels", "labels-instance")
 
@@ -28,15 +26,7 @@ TEACHERS = ("labels", "labels-instance")
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> Path:
     """Four small rooms: three to train on, one held out (test split)."""
-    root = tmp_path_factory.mktemp("pretrain_scenes")
-    for seed in range(4):
-        config = SyntheticSceneConfig(seed=seed, num_views=8, width=64, height=48, num_seed_points=300)
-        generate_synthetic_scene(root / f"room_{seed}", config)
-    out = root / "collection.json"
-    BuildCollection(
-        scenes=(root,), out=out, val_fraction=0.0, test_fraction=0.0, test_scenes=("room_3",)
-    ).main()
-    return out
+    return tiny_collection(tmp_path_factory.mktemp("pretrain_scenes"), rooms=4, test_room=3, seed_points=300)
 
 
 def test_points_become_gaussians_as_wide_as_their_spacing():
@@ -106,23 +96,9 @@ def test_the_datamanager_serves_a_seeded_subset_of_each_scenes_gaussians(collect
 
 
 def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            command("ns-train"), "chorus-pretrain", "--data", str(collection),
-            "--pipeline.model.tiny-encoder", "True",
-            "--pipeline.datamanager.image-size", "48", "64",
-            "--pipeline.datamanager.teachers", *TEACHERS,
-            "--pipeline.datamanager.eval-split", "test",
-            "--pipeline.datamanager.num-workers", "0",
-            "--pipeline.datamanager.batch-size", "2",
-            "--pipeline.datamanager.feature-cache-dir", str(root / "cache"),
-            "--machine.device-type", "cpu",
-            "--output-dir", str(root / "out"), "--experiment-name", "pre", "--timestamp", "run",
-            "--max-num-iterations", str(steps), "--steps-per-save", str(steps), "--logging.steps-per-log", "1",
-            *extra,
-        ],
-        capture_output=True, text=True, env=offline_env(), timeout=900,
-    )  # fmt: skip
+    return ns_train_on_collection(
+        "chorus-pretrain", collection, root, steps, "pre", "--pipeline.model.tiny-encoder", "True", *extra
+    )
 
 
 @pytest.fixture(scope="module")

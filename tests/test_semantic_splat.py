@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, offline_env
+from support import command, ns_train_on_collection, offline_env, tiny_collection
 
-from splatsem_ns.data.collection_cli import BuildCollection
-from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
 from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.models.semantic_splat import depth_metrics, sample_feature_maps
 
@@ -23,41 +21,13 @@ TEACHERS = ("labels", "labels-instance")
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> Path:
     """Five small rooms: four to train on, one held out (test split)."""
-    root = tmp_path_factory.mktemp("ff_scenes")
-    for seed in range(5):
-        config = SyntheticSceneConfig(seed=seed, num_views=8, width=64, height=48, num_seed_points=200)
-        generate_synthetic_scene(root / f"room_{seed}", config)
-    out = root / "collection.json"
-    BuildCollection(
-        scenes=(root,), out=out, val_fraction=0.0, test_fraction=0.0, test_scenes=("room_4",)
-    ).main()
-    return out
-
-
-def _options(collection: Path, cache: Path) -> list:
-    return [
-        "--data", str(collection),
-        "--pipeline.model.tiny-network", "True",
-        "--pipeline.datamanager.image-size", "48", "64",
-        "--pipeline.datamanager.teachers", *TEACHERS,
-        "--pipeline.datamanager.eval-split", "test",
-        "--pipeline.datamanager.num-workers", "0",
-        "--pipeline.datamanager.batch-size", "2",
-        "--pipeline.datamanager.feature-cache-dir", str(cache),
-        "--machine.device-type", "cpu",
-    ]  # fmt: skip
+    return tiny_collection(tmp_path_factory.mktemp("ff_scenes"), rooms=5, test_room=4, seed_points=200)
 
 
 def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            command("ns-train"), "semantic-splat", *_options(collection, root / "cache"),
-            "--output-dir", str(root / "out"), "--experiment-name", "ff", "--timestamp", "run",
-            "--max-num-iterations", str(steps), "--steps-per-save", str(steps), "--logging.steps-per-log", "1",
-            *extra,
-        ],
-        capture_output=True, text=True, env=offline_env(), timeout=900,
-    )  # fmt: skip
+    return ns_train_on_collection(
+        "semantic-splat", collection, root, steps, "ff", "--pipeline.model.tiny-network", "True", *extra
+    )
 
 
 @pytest.fixture(scope="module")

@@ -54,18 +54,9 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ) -> Dict[str, Any]:
-        dataset = self.datamanager.eval_dataset
-        if dataset is None:
-            raise ValueError(
-                f"{self.datamanager.config.data} has no usable '{self.datamanager.config.eval_split}' scenes to score"
-            )
+        dataset, count = self.scenes_to_score()
         model = self.model
         self.eval()
-        count = (
-            len(dataset.scenes)
-            if self.config.eval_scenes is None
-            else min(self.config.eval_scenes, len(dataset.scenes))
-        )
         teacher_name = next((n for n, s in model.teacher_specs.items() if s.has_text_encoder), None)
         classes = self.datamanager.collection.classes
         segment = teacher_name is not None and bool(classes)

@@ -169,22 +169,23 @@ class SemanticSplatPipeline(Pipeline):
         return gaussians, dataset.scenes[index].name, list(context)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def get_average_eval_image_metrics(
-        self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
-    ) -> Dict[str, Any]:
-        """Image, depth and segmentation scores over the held-out scenes (see the module docstring)."""
+    def scenes_to_score(self) -> Tuple[Any, int]:
+        """The held-out dataset and how many of its scenes ns-eval scores (sample i of epoch 0 is scene i)."""
         dataset = self.datamanager.eval_dataset
         if dataset is None:
             raise ValueError(
                 f"{self.datamanager.config.data} has no usable '{self.datamanager.config.eval_split}' scenes to score"
             )
+        limit = self.config.eval_scenes
+        return dataset, len(dataset.scenes) if limit is None else min(limit, len(dataset.scenes))
+
+    @torch.no_grad()
+    def get_average_eval_image_metrics(
+        self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
+    ) -> Dict[str, Any]:
+        """Image, depth and segmentation scores over the held-out scenes (see the module docstring)."""
+        dataset, count = self.scenes_to_score()
         self.eval()
-        count = (
-            len(dataset.scenes)
-            if self.config.eval_scenes is None
-            else min(self.config.eval_scenes, len(dataset.scenes))
-        )
         segmentation = _Segmentation(self) if self._can_segment() else None
         per_scene: List[Dict[str, float]] = []
         for sample_id in range(count):  # sample i of epoch 0 is scene i of the eval order: every scene once

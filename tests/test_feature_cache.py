@@ -392,3 +392,57 @@ def test_image_key_depends_on_pixels_and_teacher():
     b[3, 3, 1] += 1
     assert image_key(a, "t1") != image_key(b, "t1")
     assert image_key(a, "t1") != image_key(a, "t2")
+
+
+def test_the_cache_key_covers_what_changes_the_features_and_nothing_else(tmp_path):
+    """An unrelated teacher field (its name, a text-side option, where the weights lie) reuses the cache; a field
+    that changes the image features (resolution, model, the weights' content) invalidates it."""
+    from splatsem_ns.teachers.siglip_teacher import SigLIP2TeacherConfig
+
+    base = SigLIP2TeacherConfig()
+    same = [
+        SigLIP2TeacherConfig(name="language"),
+        SigLIP2TeacherConfig(lowercase_text=False),
+        SigLIP2TeacherConfig(tokenizer="bytes"),
+    ]
+    other = [
+        SigLIP2TeacherConfig(input_size=384),
+        SigLIP2TeacherConfig(model_name="google/siglip2-large-patch16-512"),
+    ]
+    assert all(c.fingerprint() == base.fingerprint() for c in same)
+    assert all(c.fingerprint() != base.fingerprint() for c in other)
+
+    weights = tmp_path / "a" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights" * 1000)
+    moved = tmp_path / "b" / "model.safetensors"
+    moved.parent.mkdir()
+    moved.write_bytes(weights.read_bytes())
+    changed = tmp_path / "c" / "model.safetensors"
+    changed.parent.mkdir()
+    changed.write_bytes(b"WEIGHTS" * 1000)
+    assert (
+        SigLIP2TeacherConfig(checkpoint=weights).fingerprint()
+        == SigLIP2TeacherConfig(checkpoint=moved).fingerprint()
+    )
+    assert (
+        SigLIP2TeacherConfig(checkpoint=weights).fingerprint()
+        != SigLIP2TeacherConfig(checkpoint=changed).fingerprint()
+    )
+    assert (
+        SigLIP2TeacherConfig(checkpoint=moved.parent).fingerprint()
+        == SigLIP2TeacherConfig(checkpoint=weights.parent).fingerprint()
+    )
+
+
+def test_a_renamed_teacher_reuses_its_cached_features(tmp_path):
+    images = _images(4)
+    first = CountingTeacherConfig().setup()
+    _extract(first, images, tmp_path)
+    assert first.encoded == 4
+    renamed = CountingTeacherConfig(name="counter").setup()
+    _extract(renamed, images, tmp_path)
+    assert renamed.encoded == 0  # every image's features came from the cache
+    wider = CountingTeacherConfig(name="counter", input_size=64).setup()
+    _extract(wider, images, tmp_path)
+    assert wider.encoded == 4

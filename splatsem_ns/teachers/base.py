@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Type
+from typing import ClassVar, Optional, Sequence, Tuple, Type
 
 import torch
 from jaxtyping import Float
@@ -45,14 +45,42 @@ class TeacherConfig(InstantiateConfig):
     input_size: int = 448
     """Length in pixels of the longer image side fed to the network (rounded to the patch size)."""
 
+    NOT_IN_FEATURES: ClassVar[Tuple[str, ...]] = ("name",)
+    """Fields that do not change the image features (the name is only a key; subclasses add text-side options):
+    the feature cache's key leaves them out, so changing them reuses cached features."""
+
     def fingerprint(self) -> str:
-        """Stable hash of everything that changes this teacher's features (model, weights, resolution)."""
-        payload = {k: str(v) for k, v in sorted(asdict(self).items()) if not k.startswith("_")}
+        """Stable hash of what changes this teacher's image features: its class, model, weights (the checkpoint's
+        content, wherever it lies), resolution and other feature settings; not ``NOT_IN_FEATURES``."""
+        left_out = set(self.NOT_IN_FEATURES) | {"checkpoint"}
+        payload = {
+            k: str(v) for k, v in sorted(asdict(self).items()) if not k.startswith("_") and k not in left_out
+        }
         payload["class"] = type(self).__qualname__
-        if self.checkpoint is not None and Path(self.checkpoint).is_file():
-            stat = Path(self.checkpoint).stat()
-            payload["checkpoint_stat"] = f"{stat.st_size}:{int(stat.st_mtime)}"
+        if self.checkpoint is not None:
+            payload["checkpoint"] = weights_identity(Path(self.checkpoint))
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_identity(path: Path, sample: int = 1 << 20) -> str:
+    """What identifies a checkpoint's content cheaply: per file (a folder's files in order, e.g. a hub snapshot),
+    its size and a hash of its first and last ``sample`` bytes. A moved or copied checkpoint keeps its identity; a
+    different one of the same size almost surely does not. A missing path is identified by its name (loading it
+    fails with its own message)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        return f"missing:{path.name}"
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{size}".encode())
+        with open(file, "rb") as stream:
+            digest.update(stream.read(sample))
+            if size > 2 * sample:
+                stream.seek(size - sample)
+                digest.update(stream.read(sample))
+    return digest.hexdigest()
 
 
 @dataclass

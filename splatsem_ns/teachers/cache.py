@@ -157,6 +157,11 @@ class TeacherFeatureCache:
         self.fingerprint = teacher_fingerprint
         self.root = Path(root)
         self.folder = self.root / f"format-{FORMAT_VERSION}" / f"{teacher_name}-{teacher_fingerprint}"
+        if not self.folder.is_dir():
+            # The fingerprint leaves the teacher's name out: a renamed teacher reuses its features.
+            same = sorted(self.folder.parent.glob(f"*-{teacher_fingerprint}"))
+            if same:
+                self.folder = same[0]
         # Keys checked (or written) by this object: each file is hashed at most once per run.
         self._verified: set[str] = set()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Type
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ class SigLIP2TeacherConfig(TeacherConfig):
     """Where the tokenizer comes from: a hub id or a folder. Empty: the checkpoint folder if one is given,
     else ``model_name``; with ``random_weights``, the byte stand-in. ``"bytes"``: always the byte stand-in
     (``ByteTokenizer``, for architectures that have no real tokenizer)."""
+
+    NOT_IN_FEATURES: ClassVar[Tuple[str, ...]] = ("name", "lowercase_text", "tokenizer")
+    """Text-side options: they change the text embeddings, never the image features the cache holds."""
 
 
 class ByteTokenizer:

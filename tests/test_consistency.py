@@ -232,3 +232,34 @@ def test_start_up_says_which_step_runs_in_a_redirected_log(tmp_path, capsys):
     positions = [out.find(step) for step in steps]
     assert all(p >= 0 for p in positions), [s for s, p in zip(steps, positions, strict=True) if p < 0]
     assert positions == sorted(positions)
+
+
+def test_large_captures_check_each_view_against_its_nearest_cameras_only(monkeypatch):
+    """Past ``all_pairs_up_to`` views, each view is projected into its ``nearest_views`` nearest cameras looking the
+    same way, not into every other view; below it, into all of them."""
+    import splatsem_ns.teachers.consistency as consistency
+    from splatsem_ns.teachers.consistency import checked_pairs
+
+    offsets = [0.01 * i for i in range(12)]
+    views = _views(offsets)
+    turned = views[11].camera_to_world.copy()
+    turned[:, :3] = np.diag([-1.0, 1.0, -1.0])  # the last camera looks the other way (+z)
+    views[11].camera_to_world = turned
+    few = ConsistencyConfig(all_pairs_up_to=20, nearest_views=3)
+    assert checked_pairs(views, few)[0] == list(range(1, 12))
+    many = ConsistencyConfig(all_pairs_up_to=5, nearest_views=3)
+    pairs = checked_pairs(views, many)
+    assert pairs[0] == [1, 2, 3]
+    assert set(pairs[5][:2]) == {4, 6} and pairs[5][2] in (3, 7)  # 0.01 away, then one 0.02 away
+    assert all(11 not in p for p in pairs[:10])  # it looks away: last in everyone's order
+
+    projected = []
+    original = consistency.visible_cells
+
+    def counting(points, other, *args):
+        projected.append(id(other))
+        return original(points, other, *args)
+
+    monkeypatch.setattr(consistency, "visible_cells", counting)
+    consistency_weights([_wall_features(v) for v in views], views, many, depth_tolerance=0.05)
+    assert len(projected) == 12 * 3

@@ -61,6 +61,13 @@ class ConsistencyConfig:
     depth-sensor captures)."""
     kmeans_iterations: int = 20
     """Iterations of the per-view k-means."""
+    all_pairs_up_to: int = 200
+    """Up to this many training views every view is checked against every other; past it, against its
+    ``nearest_views`` only. Each pair costs a projection of the view's cells, so the pairs grow with the square of
+    the views: a 1000-view capture would make about a million."""
+    nearest_views: int = 64
+    """Past ``all_pairs_up_to`` views: the other views each view is checked against, the nearest camera centres
+    among those looking the same way (forward directions less than 90 degrees apart), then the nearest others."""
 
 
 def segment_view(
@@ -110,6 +117,24 @@ def _cell_points(view: ViewLabels) -> tuple[Float[np.ndarray, "M 3"], Int[np.nda
     return world.numpy(), np.nonzero(valid)[0]
 
 
+def checked_pairs(views: Sequence[ViewLabels], config: ConsistencyConfig) -> List[List[int]]:
+    """For each view, the other views it is checked against (see ``ConsistencyConfig.all_pairs_up_to``)."""
+    n = len(views)
+    if n <= config.all_pairs_up_to or config.nearest_views >= n - 1:
+        return [[j for j in range(n) if j != i] for i in range(n)]
+    poses = torch.stack(
+        [torch.as_tensor(np.asarray(v.camera_to_world), dtype=torch.float64)[:3] for v in views]
+    )
+    centres = poses[:, :, 3]
+    forward = -poses[:, :, 2]  # OpenGL cameras look down -z
+    distance = torch.cdist(centres, centres)
+    # Views looking away come after every view looking the same way; the view itself comes last of all.
+    facing = (forward @ forward.T) > 0
+    distance = distance + (~facing).double() * (distance.max() + 1.0)
+    distance.fill_diagonal_(float("inf"))
+    return distance.topk(config.nearest_views, dim=1, largest=False).indices.tolist()
+
+
 def consistency_weights(
     features: Sequence[Float[Tensor, "h w C"]],
     views: Sequence[ViewLabels],
@@ -148,6 +173,7 @@ def consistency_weights(
                 depth=view.depth,
             )
         )
+    partners = checked_pairs(views, config)
     weights = []
     for i, view in enumerate(logged_progress(segmented, progress, unit="views") if progress else segmented):
         points, cells = _cell_points(view)
@@ -155,8 +181,9 @@ def consistency_weights(
         k = centroids[i].shape[0]
         agree = torch.zeros(k, dtype=torch.float64)
         checks = torch.zeros(k, dtype=torch.float64)
-        for j, other in enumerate(segmented):
-            if j == i or len(points) == 0:
+        for j in partners[i]:
+            other = segmented[j]
+            if len(points) == 0:
                 continue
             idx, row, col = visible_cells(points, other, depth_tolerance, None)
             if len(idx) == 0:

@@ -215,6 +215,35 @@ def test_panel_controls_install_in_reading_order():
         )
 
 
+def test_using_the_panel_switches_the_viewers_output_to_its_result():
+    """Typing a query (or choosing a display) selects the panel's output in the viewer's "Output type", adding
+    it to the choices if no render has returned it yet, and asks for a re-render; without a viewer nothing
+    happens."""
+    from types import SimpleNamespace
+
+    from nerfstudio.viewer.viewer_elements import ViewerDropdown
+
+    from splatsem_ns.teachers.registry import make_teacher_config
+    from splatsem_ns.viewer.query_panel import QUERY_OUTPUT
+
+    panel = SemanticQueryPanel(
+        [make_teacher_config("labels")], build_teacher=lambda cfg: cfg.setup(), get_model=lambda: None
+    )
+    assert panel.show_query_output() is False  # no viewer (scripts, ns-eval)
+    output = ViewerDropdown("Output type", "rgb", ["rgb", "depth"])
+    rerenders = []
+    panel.viewer_control.viewer = SimpleNamespace(
+        control_panel=SimpleNamespace(_output_render=output), _trigger_rerender=lambda: rerenders.append(1)
+    )
+    _set(panel, positives="")
+    assert output.value == "rgb" and not rerenders  # nothing asked yet: the viewer keeps its output
+    _set(panel, positives="sofa")
+    assert output.value == QUERY_OUTPUT and output.options == ["rgb", "depth", QUERY_OUTPUT]
+    assert rerenders == [1]
+    _set(panel, positives="sofa, lamp")
+    assert rerenders == [1] and output.options.count(QUERY_OUTPUT) == 1  # already showing it
+
+
 # ---------------------------------------------------------------------------------------------- trained scene
 CLASS_IDS = {"wall": 1, "floor": 2, "ceiling": 3, "table": 4, "chair": 5, "sofa": 6}
 

@@ -418,6 +418,8 @@ class SemanticQueryPanel(nn.Module):
         # teacher is built and the texts embedded before the re-render that the viewer triggers next.
         self._touched = True
         snapshot = self.snapshot()
+        if snapshot.has_input:
+            self.show_query_output()
         if not (snapshot.needs_text and snapshot.has_input):
             return
         texts = snapshot.positives + snapshot.negatives if snapshot.mode == "relevancy" else snapshot.classes
@@ -427,6 +429,23 @@ class SemanticQueryPanel(nn.Module):
             self._say(f"{type(err).__name__}: {err}")
             return
         self._say("")
+
+    def show_query_output(self) -> bool:
+        """Switch the viewer's "Output type" to the panel's output, so using the panel shows its result without
+        anyone choosing that output by hand. Returns whether a viewer was there to switch."""
+        viewer = getattr(self.viewer_control, "viewer", None)
+        # nerfstudio's ControlPanel has no public setter of the output; its dropdown is the element to set.
+        dropdown = getattr(getattr(viewer, "control_panel", None), "_output_render", None)
+        if dropdown is None:
+            return False
+        if QUERY_OUTPUT not in dropdown.options:  # the viewer adds outputs only after a render returns them
+            dropdown.set_options([*dropdown.options, QUERY_OUTPUT])
+        if dropdown.value != QUERY_OUTPUT:
+            dropdown.value = QUERY_OUTPUT
+            trigger = getattr(viewer, "_trigger_rerender", None)
+            if trigger is not None:
+                trigger()
+        return True
 
     # ------------------------------------------------------------------ 3D selection
     def text_selection(self, snapshot: Optional[QuerySnapshot] = None) -> Selection:

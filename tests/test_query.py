@@ -328,6 +328,22 @@ def test_text_query_is_relevant_on_the_sofa(trained, panel, text):
         assert changed[sofa].float().mean() > 0.8
 
 
+def test_the_viewers_folded_relevancy_matches_the_decoded_features(trained, panel):
+    """The panel folds the texts into the head (no feature map); its map is LERF's on the decoded features."""
+    from splatsem_ns.models.heads import resize_feature_map
+
+    _set(panel, positives="sofa, table")
+    outputs = _render(trained, _views_with(trained, "sofa")[0])
+    model = trained["pipeline"].model
+    features = model.decode_features(outputs["semantic_latent"], "labels")
+    texts = panel.embed(
+        "labels", ("sofa", "table") + split_phrases(panel.negatives.value), device=features.device
+    )
+    decoded = lerf_relevancy(features, texts[:2], texts[2:])
+    expected = resize_feature_map(decoded, tuple(outputs["rgb"].shape[:2]))
+    assert torch.allclose(panel.last_result.relevancy, expected, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_several_positives_at_once(trained, panel):
     _set(panel, positives="sofa, table")

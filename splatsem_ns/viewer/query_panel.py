@@ -44,6 +44,7 @@ from nerfstudio.viewer.viewer_elements import (
 from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException
 from torch import Tensor, nn
 
+from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.models.relevancy import (
     DEFAULT_NEGATIVES,
@@ -51,7 +52,6 @@ from splatsem_ns.models.relevancy import (
     blend_labels,
     cosine_similarity,
     fit_pca,
-    lerf_relevancy,
     overlay_heatmap,
     overlay_queries,
     segmentation_palette,
@@ -341,6 +341,13 @@ class SemanticQueryPanel(nn.Module):
         rgb: Tensor = outputs["rgb"]
         alpha: Tensor = outputs["accumulation"]
         size = tuple(rgb.shape[:2])
+        if snapshot.mode == "relevancy":
+            # The texts folded into the head: the [h, w, C] feature map is never built (models/folded_query.py).
+            positives = self.embed(snapshot.teacher, snapshot.positives, device=rgb.device)
+            negatives = self.embed(snapshot.teacher, snapshot.negatives, device=rgb.device)
+            folded = FoldedQuery(model.projector_heads[snapshot.teacher], positives, negatives)
+            relevancy = resize_feature_map(folded(outputs["semantic_latent"]), size)
+            return self._relevancy_result(snapshot, rgb, alpha, relevancy)
         features = model.decode_features(outputs["semantic_latent"], snapshot.teacher)  # [h, w, C]
         if snapshot.mode == "pca":
             colours = resize_feature_map(self._pca_projection(model, snapshot.teacher)(features), size)
@@ -351,9 +358,12 @@ class SemanticQueryPanel(nn.Module):
             labels = scores.argmax(dim=-1)
             palette = segmentation_palette(len(snapshot.classes), device=rgb.device)
             return QueryResult(snapshot, blend_labels(rgb, labels, palette, 0.6 * alpha), segmentation=labels)
-        positives = self.embed(snapshot.teacher, snapshot.positives, device=features.device)
-        negatives = self.embed(snapshot.teacher, snapshot.negatives, device=features.device)
-        relevancy = resize_feature_map(lerf_relevancy(features, positives, negatives), size)
+        raise QueryError(f"unknown display '{snapshot.mode}'")
+
+    def _relevancy_result(
+        self, snapshot: QuerySnapshot, rgb: Tensor, alpha: Tensor, relevancy: Tensor
+    ) -> QueryResult:
+        """The relevancy maps ([H, W, P]) drawn over the render: a heat map for one query, colours for several."""
         if len(snapshot.positives) == 1:
             lut = self._colormap(snapshot.colormap, rgb.device)
             image = overlay_heatmap(rgb, relevancy[..., 0], lut, snapshot.threshold, opacity=0.7 * alpha)

@@ -328,6 +328,26 @@ def test_text_query_is_relevant_on_the_sofa(trained, panel, text):
         assert changed[sofa].float().mean() > 0.8
 
 
+def test_queries_render_the_latent_at_full_resolution_and_evaluation_does_not(trained, panel):
+    """While the panel is in use, the latent is rendered at the view's resolution (relevancy is not upsampled
+    from a coarse grid); unticked, or inside evaluation, at training's semantic scale."""
+    model = trained["pipeline"].model
+    index = _views_with(trained, "sofa")[0]
+    original = model._semantic_scale
+    model._semantic_scale = 0.5  # a coarse training scale, whatever this run was trained with
+    try:
+        _set(panel, positives="sofa", full_resolution=True)
+        outputs = _render(trained, index)
+        assert outputs["semantic_latent"].shape[:2] == outputs["rgb"].shape[:2]
+        with panel.suspended():
+            assert _render(trained, index)["semantic_latent"].shape[0] == outputs["rgb"].shape[0] // 2
+        _set(panel, full_resolution=False)
+        assert _render(trained, index)["semantic_latent"].shape[0] == outputs["rgb"].shape[0] // 2
+    finally:
+        model._semantic_scale = original
+        _set(panel, full_resolution=True)
+
+
 def test_the_viewers_folded_relevancy_matches_the_decoded_features(trained, panel):
     """The panel folds the texts into the head (no feature map); its map is LERF's on the decoded features."""
     from splatsem_ns.models.heads import resize_feature_map

@@ -216,6 +216,9 @@ class ChorusSplatModel(SplatfactoModel):
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
         self.hidden_mask: Optional[Tensor] = None
         self.highlight_mask: Optional[Tensor] = None
+        # viewer_semantic_scale: resolution of the semantic render in eval-mode renders while the query panel is in
+        # use (1.0: full resolution, so relevancy is not upsampled from a coarse grid); None: training's.
+        self.viewer_semantic_scale: Optional[float] = None
         self.highlight_color: Tuple[float, float, float] = (1.0, 0.85, 0.0)
 
     def _initial_semantic_scale(self, specs: Mapping[str, TeacherSpec]) -> float:
@@ -365,7 +368,9 @@ class ChorusSplatModel(SplatfactoModel):
                 full_K,
                 full_W,
                 full_H,
-                self._semantic_scale,
+                self._semantic_scale
+                if self.training or self.viewer_semantic_scale is None
+                else self.viewer_semantic_scale,
                 pool,
             )
         if not self.training:  # viewer outputs (semantic queries) computed from this render

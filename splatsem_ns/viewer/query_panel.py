@@ -229,6 +229,12 @@ class SemanticQueryPanel(nn.Module):
         self.classes = ViewerText(
             "Classes", ", ".join(class_names), cb_hook=on_query, hint="Comma-separated classes to segment."
         )
+        self.full_resolution = ViewerCheckbox(
+            "Full resolution",
+            True,
+            cb_hook=lambda _: self._push_semantic_scale(self._get_model()),
+            hint="Render the latent at the view's resolution for the panel's outputs, not at training's.",
+        )
         self.click_select = ViewerCheckbox(
             "Click to segment",
             False,
@@ -257,6 +263,7 @@ class SemanticQueryPanel(nn.Module):
             self.threshold,
             self.colormap,
             self.classes,
+            self.full_resolution,
             self.click_select,
             self.click_teacher,
             self.click_similarity,
@@ -427,6 +434,7 @@ class SemanticQueryPanel(nn.Module):
         # Runs in the viewer's callback thread (not the render's), so slow first-time work happens here: the
         # teacher is built and the texts embedded before the re-render that the viewer triggers next.
         self._touched = True
+        self._push_semantic_scale(self._get_model())
         snapshot = self.snapshot()
         if snapshot.has_input:
             self.show_query_output()
@@ -519,6 +527,7 @@ class SemanticQueryPanel(nn.Module):
 
     def _refresh_display(self, model: nn.Module, force: bool = False) -> None:
         """Push the display state into the model's masks (re-evaluating selections after densification)."""
+        self._push_semantic_scale(model)
         if self._suspended:
             model.hidden_mask = model.highlight_mask = None
             return
@@ -535,6 +544,13 @@ class SemanticQueryPanel(nn.Module):
             hidden = mask if hidden is None else hidden | mask
         model.hidden_mask = hidden
         model.highlight_mask = self._highlighted.mask(model) if self._highlighted is not None else None
+
+    def _push_semantic_scale(self, model: Optional[nn.Module]) -> None:
+        """While the panel is in use (and not suspended), renders give the latent at full resolution."""
+        if model is None or not hasattr(model, "viewer_semantic_scale"):
+            return
+        wanted = self.full_resolution.value and self._touched and not self._suspended
+        model.viewer_semantic_scale = 1.0 if wanted else None
 
     @contextmanager
     def suspended(self) -> Iterator[None]:

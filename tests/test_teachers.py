@@ -240,7 +240,9 @@ def test_fingerprint_changes_with_model_resolution_and_weights_only(tmp_path: Pa
     assert with_ckpt.fingerprint() != base.fingerprint()
     assert with_ckpt.fingerprint() == make_teacher_config("tiny-dinov2", checkpoint=weights).fingerprint()
     other = tmp_path / "other.pt"
-    other.write_bytes(b"x" * 10)
+    other.write_bytes(b"x" * 10)  # the same weights elsewhere: the same features, the same key
+    assert make_teacher_config("tiny-dinov2", checkpoint=other).fingerprint() == with_ckpt.fingerprint()
+    other.write_bytes(b"z" * 10)  # other weights of the same size
     assert make_teacher_config("tiny-dinov2", checkpoint=other).fingerprint() != with_ckpt.fingerprint()
     before = with_ckpt.fingerprint()
     weights.write_bytes(b"y" * 20)  # new weights in the same file

@@ -621,11 +621,18 @@ class SemanticQueryPanel(nn.Module):
             raise QueryError(f"the model has no head for click teacher '{teacher}'.")
         # A full eval-mode render (this panel's outputs off), so hidden or cropped Gaussians cannot be picked.
         was_training, self._clicking = model.training, True
+        # At training's semantic scale, as the click similarity was tuned: the full-resolution render's single
+        # pixel is a noisier sample of its object than the pooled one (recall fell from 0.57 to 0.30).
+        scale = getattr(model, "viewer_semantic_scale", None)
         model.eval()
         try:
+            if scale is not None:
+                model.viewer_semantic_scale = None
             outputs = model.get_outputs_for_camera(camera.to(model.device))
         finally:
             self._clicking = False
+            if scale is not None:
+                model.viewer_semantic_scale = scale
             model.train(was_training)
         latent, alpha = outputs.get("semantic_latent"), outputs["accumulation"]
         if latent is None:

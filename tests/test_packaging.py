@@ -76,14 +76,15 @@ def test_splatsem_viewer_defaults_to_loopback_and_ns_viewer_is_warned_about():
 
 
 def test_readme_decode_examples_name_a_teacher():
-    """``SemanticScene.decode`` takes a teacher's name (its head's key), not a text: the README's examples must
-    show that."""
+    """``SemanticScene.decode`` takes a teacher's name (its head's key), not a text: the examples of the README and
+    of docs/ must show that."""
     import re
 
     from splatsem_ns.teachers.registry import available_teachers, make_teacher_config
 
     names = {make_teacher_config(preset).name for preset in available_teachers()}
-    calls = re.findall(r"\.decode\(\"([^\"]+)\"\)", (ROOT / "README.md").read_text())
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    calls = re.findall(r"\.decode\(\"([^\"]+)\"\)", "\n".join(page.read_text() for page in pages))
     assert calls, "the README shows decode"
     assert set(calls) <= names, (
         f"decode takes a teacher name ({sorted(names)}), not {sorted(set(calls) - names)}"

@@ -4,7 +4,8 @@ Training is semantic-splat's loop (``SemanticSplatPipeline``: multi-scene batche
 per-rank sample streams under ``--machine.num-devices N``); only the model and the scoring differ. ``ns-eval``
 scores the held-out scenes' samples, one each: per teacher the mean cosine between the decoded rendered latent and
 the teacher's features, and, where the scenes have labels and a teacher has a text encoder, 2D mIoU at the target
-views with the confusion-matrix protocol of chorus-splat, beside the teacher run on those views.
+views with semantic-splat's segmentation protocol (the same query teacher and classes), beside the teacher run on
+those views.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import numpy as np
 import torch
 
 from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
-from splatsem_ns.evaluation.metrics import ConfusionMatrix
-from splatsem_ns.evaluation.protocol import accumulate_2d, class_queries, classify_map, score
 from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
-from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.pipelines.semantic_splat_pipeline import (
     SemanticSplatPipeline,
     SemanticSplatPipelineConfig,
+    _Segmentation,
     _to_batch,
 )
 
@@ -57,14 +56,7 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
         dataset, count = self.scenes_to_score()
         model = self.model
         self.eval()
-        teacher_name = next((n for n, s in model.teacher_specs.items() if s.has_text_encoder), None)
-        classes = self.datamanager.collection.classes
-        segment = teacher_name is not None and bool(classes)
-        if segment:
-            ids, names = class_queries(classes)
-            teacher = model.teacher_specs[teacher_name].config.setup().to(model.device).eval()
-            text = teacher.encode_text(names).float().to(model.device)
-            matrices = {key: ConfusionMatrix(len(ids)) for key in ("target", "teacher_target")}
+        segmentation = _Segmentation(self, ("target", "teacher_target")) if self._can_segment() else None
         per_scene: List[Dict[str, Any]] = []
         for sample_id in range(count):  # sample i of epoch 0 is scene i of the eval order: every scene once
             sample = dataset[sample_id]
@@ -73,24 +65,13 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
             scores: Dict[str, Any] = {"scene": sample["scene"], **model.cosine_scores(outputs, batch)}
             scores["num_gaussians"] = int(len(batch["gaussians"]["means"]))
             per_scene.append(scores)
-            target = batch["target"]
-            if segment and bool(target["has_labels"].all()):
-                size = tuple(target["images"].shape[2:4])
-                head = model.projector_heads[teacher_name]
-                for v in range(target["images"].shape[1]):
-                    truth = target["labels"][0, v].long()
-                    decoded = head(outputs["target"]["rendered"][0, v])
-                    accumulate_2d(matrices["target"], classify_map(decoded, text, ids), truth, ids)
-                    own = resize_feature_map(target["teacher_features"][teacher_name][0, v].float(), size)
-                    accumulate_2d(matrices["teacher_target"], classify_map(own, text, ids), truth, ids)
+            if segmentation is not None and bool(batch["target"]["has_labels"].all()):
+                segmentation.add_targets(batch["target"], outputs["target"]["rendered"][0])
         self.train()
         numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, (int, float))})
         result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene])) for k in numeric}
         result["num_scenes"] = len(per_scene)
         result["per_scene"] = per_scene
-        if segment:
-            result["semantic_query_teacher"] = teacher_name
-            for key, matrix in matrices.items():
-                if matrix.matrix.sum() > 0:
-                    result[f"semantic_2d_{key}"] = score(matrix, names, self.config.semantic_eval)
+        if segmentation is not None:
+            result.update(segmentation.scores())
         return result

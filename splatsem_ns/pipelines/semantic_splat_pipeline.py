@@ -145,13 +145,13 @@ class SemanticSplatPipeline(Pipeline):
             prediction_view.show_prediction(self, view)
 
     # ------------------------------------------------------------------ one scene
-    @torch.no_grad()
-    def predict_scene(
+    def context_views(
         self, scene: Optional[str] = None, context: Optional[Sequence[int]] = None
-    ) -> Tuple[PredictedGaussians, str, List[int]]:
-        """The prediction for one scene of the collection from chosen context views: (Gaussians, scene name,
-        context view indices). ``scene``: a scene name (default: the first of the eval split, else of the training
-        split); ``context``: view indices (default: the datamanager's choice, seeded by the scene)."""
+    ) -> Tuple[Dict[str, Any], str, List[int], Path]:
+        """The served context views of one scene of the collection: (views as the datamanager serves them, scene
+        name, context view indices, the scene's folder). ``scene``: a scene name (default: the first of the eval
+        split, else of the training split); ``context``: view indices (default: the datamanager's choice, seeded by
+        the scene)."""
         dm = self.datamanager
         datasets = [d for d in (dm.eval_dataset, dm.train_dataset) if d is not None]
         found = [(d, i) for d in datasets for i, e in enumerate(d.scenes) if scene is None or e.name == scene]
@@ -163,10 +163,22 @@ class SemanticSplatPipeline(Pipeline):
             rng = np.random.default_rng([dm.config.seed, index])
             chosen, _ = choose_views(dataset.overlap(index), dm.config.views, rng)
             context = [int(i) for i in chosen]
+        entry = dataset.scenes[index]
+        return dataset.views(index, list(context)), entry.name, list(context), dm.collection.scene_path(entry)
+
+    @torch.no_grad()
+    def predict_views(self, views: Mapping[str, Any]) -> PredictedGaussians:
+        """The prediction from served context views (``context_views``)."""
         self.eval()
-        batch = _to_batch({"context": dataset.views(index, list(context))}, self.model.device)
-        gaussians = self.model.predict(batch["context"])
-        return gaussians, dataset.scenes[index].name, list(context)
+        return self.model.predict(_to_batch({"context": views}, self.model.device)["context"])
+
+    def predict_scene(
+        self, scene: Optional[str] = None, context: Optional[Sequence[int]] = None
+    ) -> Tuple[PredictedGaussians, str, List[int]]:
+        """The prediction for one scene of the collection from chosen context views: (Gaussians, scene name,
+        context view indices); see ``context_views``."""
+        views, name, context, _ = self.context_views(scene, context)
+        return self.predict_views(views), name, context
 
     # ------------------------------------------------------------------ evaluation
     def scenes_to_score(self) -> Tuple[Any, int]:
@@ -225,7 +237,11 @@ class _Segmentation:
     """The 2D segmentation protocol over held-out samples: the model at target (and source) views, the teacher on
     the target view itself, and the teacher's context features carried to the target by the predicted Gaussians."""
 
-    def __init__(self, pipeline: SemanticSplatPipeline) -> None:
+    def __init__(
+        self,
+        pipeline: SemanticSplatPipeline,
+        keys: Tuple[str, ...] = ("target", "source", "teacher_target", "teacher_warped_target"),
+    ) -> None:
         self.pipeline = pipeline
         model = pipeline.model
         cfg = pipeline.config.semantic_eval
@@ -243,48 +259,39 @@ class _Segmentation:
         self.text = teacher.encode_text(self.names).float().to(model.device)
         self.cfg = cfg
         k = len(self.ids)
-        self.matrices = {
-            key: ConfusionMatrix(k) for key in ("target", "source", "teacher_target", "teacher_warped_target")
-        }
+        self.matrices = {key: ConfusionMatrix(k) for key in keys}
         CONSOLE.log(f"Segmentation with teacher '{self.teacher_name}' over {k} classes.")
+
+    def add_view(self, key: str, features: torch.Tensor, truth: torch.Tensor) -> None:
+        """One view's ``[H, W, C]`` features (in the query teacher's space) classified against its labels, into the
+        ``key`` confusion matrix."""
+        accumulate_2d(self.matrices[key], classify_map(features, self.text, self.ids), truth.long(), self.ids)
+
+    def add_targets(self, target: Mapping[str, Any], latents: torch.Tensor) -> None:
+        """The target views of a batch of one: the model's rendered ``[T, H, W, D]`` latents decoded by the query
+        teacher's head ("target"), and the teacher's own features of those views ("teacher_target")."""
+        head = self.pipeline.model.projector_heads[self.teacher_name]
+        size = tuple(target["images"].shape[2:4])
+        for v in range(target["images"].shape[1]):
+            truth = target["labels"][0, v]
+            self.add_view("target", head(latents[v]), truth)
+            own = target["teacher_features"][self.teacher_name][0, v].float()
+            self.add_view("teacher_target", resize_feature_map(own, size), truth)
 
     def add(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         model = self.pipeline.model
-        head = model.projector_heads[self.teacher_name]
         target = batch["target"]
-        height, width = target["images"].shape[2:4]
-        rendered = outputs["rendered"]
         gaussians: PredictedGaussians = outputs["gaussians"]
-        for v in range(target["images"].shape[1]):
-            truth = target["labels"][0, v].long()
-            features = head(rendered.latent[0, v])
-            accumulate_2d(
-                self.matrices["target"], classify_map(features, self.text, self.ids), truth, self.ids
-            )
-            teacher = resize_feature_map(
-                target["teacher_features"][self.teacher_name][0, v].float(), (height, width)
-            )
-            accumulate_2d(
-                self.matrices["teacher_target"], classify_map(teacher, self.text, self.ids), truth, self.ids
-            )
-        warped = self._warped_teacher(gaussians, batch, (height, width))
+        self.add_targets(target, outputs["rendered"].latent[0])
+        warped = self._warped_teacher(gaussians, batch, tuple(target["images"].shape[2:4]))
         for v in range(warped.shape[0]):
-            accumulate_2d(
-                self.matrices["teacher_warped_target"],
-                classify_map(warped[v], self.text, self.ids),
-                target["labels"][0, v].long(),
-                self.ids,
-            )
+            self.add_view("teacher_warped_target", warped[v], target["labels"][0, v])
         if self.pipeline.config.eval_views == "both":
             context = batch["context"]
             source = model.render(gaussians, context)
+            head = model.projector_heads[self.teacher_name]
             for v in range(context["images"].shape[1]):
-                accumulate_2d(
-                    self.matrices["source"],
-                    classify_map(head(source.latent[0, v]), self.text, self.ids),
-                    context["labels"][0, v].long(),
-                    self.ids,
-                )
+                self.add_view("source", head(source.latent[0, v]), context["labels"][0, v])
 
     def _warped_teacher(self, gaussians: PredictedGaussians, batch: Mapping[str, Any], size) -> torch.Tensor:
         """The context views' teacher features carried to the target views by the predicted geometry: each
@@ -301,13 +308,7 @@ class _Segmentation:
     def scores(self) -> Dict[str, Any]:
         names = self.names
         out: Dict[str, Any] = {"semantic_query_teacher": self.teacher_name, "semantic_classes": names}
-        keys = {
-            "target": "semantic_2d_target",
-            "source": "semantic_2d_source",
-            "teacher_target": "semantic_2d_teacher_target",
-            "teacher_warped_target": "semantic_2d_teacher_warped_target",
-        }
-        for key, name in keys.items():
-            if self.matrices[key].matrix.sum() > 0:
-                out[name] = score(self.matrices[key], names, self.cfg)
+        for key, matrix in self.matrices.items():
+            if matrix.matrix.sum() > 0:
+                out[f"semantic_2d_{key}"] = score(matrix, names, self.cfg)
         return out

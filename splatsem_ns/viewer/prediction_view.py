@@ -164,16 +164,13 @@ def show_prediction(pipeline: Any, view: PredictionViewConfig) -> Tuple[str, Lis
     from splatsem_ns.viewer.query_panel import SemanticQueryPanel
 
     network_model, datamanager = pipeline.model, pipeline.datamanager
-    context = list(view.context_views) or None
-    gaussians, scene, context = pipeline.predict_scene(view.scene, context)
-    datasets = [d for d in (datamanager.eval_dataset, datamanager.train_dataset) if d is not None]
-    dataset, index = next((d, i) for d in datasets for i, e in enumerate(d.scenes) if e.name == scene)
-    served = dataset.views(index, context)
+    served, scene, context, folder = pipeline.context_views(view.scene, list(view.context_views) or None)
+    gaussians = pipeline.predict_views(served)
     height, width = served["images"].shape[1:3]
     cameras = context_cameras(served["intrinsics"], served["camera_to_world"], int(height), int(width))
     specs = network_model.teacher_specs
     shown = PredictionViewDataManager(
-        datamanager.collection.scene_path(dataset.scenes[index]),
+        folder,
         ContextViews(served["images"], cameras),
         [spec.config for spec in specs.values() if spec.config is not None],
         datamanager.collection.classes,

@@ -125,6 +125,13 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
     return label, method, overrides
 
 
+def write_markdown(path: Path, lines: Sequence[str]) -> None:
+    """Write a report's markdown table (one string per line) and print it."""
+    text = "\n".join(lines)
+    Path(path).write_text(text + "\n")
+    print(text, flush=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name  # noqa: E402
+from common import device_name, write_markdown  # noqa: E402
 
 
 def scene_views(count: int, size, root: Path, seed: int):
@@ -133,8 +133,7 @@ def write(report: Dict[str, Any], out: Path) -> None:
         lines.append(
             f"| {r['views']} | {r['rule']} | {r['seconds']} | {r['projections']} | {100 * r['dropped']:.1f}% |"
         )
-    (out / "consistency_startup.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_markdown(out / "consistency_startup.md", lines)
 
 
 if __name__ == "__main__":

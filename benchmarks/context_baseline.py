@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_trainer, device_name, seed_everything, trainer_config  # noqa: E402
+from common import build_trainer, device_name, seed_everything, trainer_config, write_markdown  # noqa: E402
 
 LINKED = ("images", "depth", "labels", "instances", "classes.json")
 """What a capture of a collection scene borrows from the scene's folder (symbolic links)."""
@@ -137,8 +137,7 @@ def write(report: Dict[str, Any], out: Path) -> None:
     ]
     if report.get("compare"):
         lines += network_rows(report, Path(report["compare"]))
-    (out / "context_baseline.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_markdown(out / "context_baseline.md", lines)
 
 
 def main() -> None:

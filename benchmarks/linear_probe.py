@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name  # noqa: E402
+from common import device_name, write_markdown  # noqa: E402
 
 
 def scene_points(scene: Path, classes: Dict[int, str], max_points: int, rng) -> Tuple[np.ndarray, np.ndarray]:
@@ -49,7 +49,8 @@ def scene_points(scene: Path, classes: Dict[int, str], max_points: int, rng) -> 
 
 def features_of_split(model, collection, split: str, args, rng) -> Dict[str, List[torch.Tensor]]:
     """Per feature kind, the points' features, and their labels, over the split's scenes."""
-    from splatsem_ns.data.scene_gaussians import SH_C0, load_scene_gaussians
+    from splatsem_ns.data.scene_gaussians import load_scene_gaussians
+    from splatsem_ns.encoders.inputs import sh_dc_to_rgb
     from splatsem_ns.evaluation.linear_probe import nearest_gaussian_features
 
     out: Dict[str, List[torch.Tensor]] = {"encoder": [], "raw": [], "labels": []}
@@ -67,7 +68,7 @@ def features_of_split(model, collection, split: str, args, rng) -> Dict[str, Lis
         means = gaussians["means"].numpy()
         centre = (means.min(axis=0) + means.max(axis=0)) / 2
         raw = torch.cat(
-            [SH_C0 * gaussians["features_dc"] + 0.5, gaussians["means"] - torch.as_tensor(centre)], dim=1
+            [sh_dc_to_rgb(gaussians["features_dc"]), gaussians["means"] - torch.as_tensor(centre)], dim=1
         )
         xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
         out["encoder"].append(nearest_gaussian_features(xyz, means, latent))
@@ -141,8 +142,7 @@ def main() -> None:
     for kind, rows in report["results"].items():
         cells = [f"{100 * r['miou']:.1f} / {100 * r['macc']:.1f}" for r in rows.values()]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    (args.out / "linear_probe.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_markdown(args.out / "linear_probe.md", lines)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, peak_memory_gib, seed_everything, sync  # noqa: E402
+from common import device_name, peak_memory_gib, seed_everything, sync, write_markdown  # noqa: E402
 
 
 def build_model(
@@ -197,8 +197,7 @@ def main() -> None:
         "|---|---|---|",
         *[f"| {k} | {v['ms']} | {v['fps']} |" for k, v in rows.items()],
     ]
-    (args.out / "query_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out / "query_speed.md", lines)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name  # noqa: E402
+from common import device_name, write_markdown  # noqa: E402
 
 
 def rss_gib() -> Dict[str, float]:
@@ -217,8 +217,7 @@ def write(report: Dict[str, Any], out: Path) -> None:
                 f"{s.get('colour_mean')} | {s.get('colour_std')} | {s.get('saturation_mean')} | "
                 f"{s.get('gradient_mean')} | {vpp} | {s.get('points_unseen')} | {classes} |"
             )
-    (out / "scene_collections.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_markdown(out / "scene_collections.md", lines)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name  # noqa: E402
+from common import device_name, write_markdown  # noqa: E402
 
 
 def headline(scores: Dict[str, Any]) -> Dict[str, Any]:
@@ -93,8 +93,7 @@ def main() -> None:
         lines.append(
             f"| {label} | {pct(row.get('3d_fg_miou'))} | {pct(row.get('3d_miou'))} | {pct(row.get('2d_miou'))} | {seconds} |"
         )
-    (args.out / "scene_tokens.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_markdown(args.out / "scene_tokens.md", lines)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, peak_memory_gib, seed_everything, sync  # noqa: E402
+from common import device_name, peak_memory_gib, seed_everything, sync, write_markdown  # noqa: E402
 
 
 def forward_ms(
@@ -227,8 +227,7 @@ def write(report: Dict[str, Any], out: Path) -> None:
         )
     for note in report.get("notes", []):
         lines.append(f"\n- note: {note}")
-    (out / "semantic_splat.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_markdown(out / "semantic_splat.md", lines)
 
 
 def main() -> None:

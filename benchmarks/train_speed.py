@@ -35,6 +35,7 @@ from common import (
     seed_everything,
     sync,
     trainer_config,
+    write_markdown,
 )  # noqa: E402
 
 
@@ -221,8 +222,7 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
                 if not name.startswith("splatfacto")
             ],
         ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out / f"{stem}.md", lines)
 
 
 if __name__ == "__main__":

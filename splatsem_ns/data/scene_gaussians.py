@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from jaxtyping import Float
+from nerfstudio.models.splatfacto import RGB2SH
 from torch import Tensor
 from torch.utils.data import default_collate
 
@@ -31,7 +32,6 @@ from splatsem_ns.export.semantic_ply import read_semantic_ply
 GaussianSource = Literal["off", "auto", "ply", "points"]
 GAUSSIAN_KEYS = ("means", "features_dc", "opacities", "scales", "quats")
 """What a served scene's Gaussians hold (splatfacto's parameters: opacity logits, log-scales, wxyz quaternions)."""
-SH_C0 = 0.28209479177387814
 
 
 class SceneGaussiansError(ValueError):
@@ -67,7 +67,7 @@ def points_as_gaussians(
     )
     return {
         "means": points,
-        "features_dc": (colours - 0.5) / SH_C0,
+        "features_dc": RGB2SH(colours),
         "opacities": torch.full((n, 1), float(np.log(opacity / (1.0 - opacity)))),
         "scales": torch.log(spacing)[:, None].expand(n, 3).contiguous(),
         "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).contiguous(),

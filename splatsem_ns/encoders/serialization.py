@@ -12,7 +12,7 @@ A serialisation code is ``batch << (3 * depth) | curve_index``: sorting by it gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from jaxtyping import Int
@@ -69,6 +69,20 @@ def z_order_decode(codes: Int[Tensor, " N"]) -> Int[Tensor, "N 3"]:
     return torch.stack(_deinterleave(codes), dim=1)
 
 
+def _invert_or_exchange(x: List[Tensor], q: int, axes: Sequence[int]) -> None:
+    """One bit level of Skilling's transform, in place on the three coordinate columns ``x``: for each axis in
+    ``axes``, where its bit ``q`` is set, invert the lower bits of axis 0; elsewhere exchange those bits between
+    axis 0 and it. The encoding walks the axes forwards, the decoding backwards."""
+    p = q - 1
+    for i in axes:
+        bit = (x[i] & q) != 0
+        if i == 0:
+            x[0] = torch.where(bit, x[0] ^ p, x[0])
+            continue
+        t = (x[0] ^ x[i]) & p
+        x[0], x[i] = torch.where(bit, x[0] ^ p, x[0] ^ t), torch.where(bit, x[i], x[i] ^ t)
+
+
 def hilbert_encode(coords: Int[Tensor, "N 3"], depth: int) -> Int[Tensor, " N"]:
     """Index along the 3D Hilbert curve of order ``depth`` (coordinates in ``[0, 2^depth)``).
 
@@ -79,14 +93,7 @@ def hilbert_encode(coords: Int[Tensor, "N 3"], depth: int) -> Int[Tensor, " N"]:
     x = [coords[:, i].long() for i in range(3)]
     q = 1 << (depth - 1)
     while q > 1:
-        p = q - 1
-        for i in range(3):
-            bit = (x[i] & q) != 0
-            if i == 0:
-                x[0] = torch.where(bit, x[0] ^ p, x[0])
-                continue
-            t = (x[0] ^ x[i]) & p
-            x[0], x[i] = torch.where(bit, x[0] ^ p, x[0] ^ t), torch.where(bit, x[i], x[i] ^ t)
+        _invert_or_exchange(x, q, (0, 1, 2))
         q >>= 1
     x[1] = x[1] ^ x[0]
     x[2] = x[2] ^ x[1]
@@ -107,14 +114,7 @@ def hilbert_decode(codes: Int[Tensor, " N"], depth: int) -> Int[Tensor, "N 3"]:
     x[0] = x[0] ^ t
     q = 2
     while q != (2 << (depth - 1)):
-        p = q - 1
-        for i in (2, 1, 0):
-            bit = (x[i] & q) != 0
-            if i == 0:
-                x[0] = torch.where(bit, x[0] ^ p, x[0])
-                continue
-            t = (x[0] ^ x[i]) & p
-            x[0], x[i] = torch.where(bit, x[0] ^ p, x[0] ^ t), torch.where(bit, x[i], x[i] ^ t)
+        _invert_or_exchange(x, q, (2, 1, 0))
         q <<= 1
     return torch.stack(x, dim=1)
 

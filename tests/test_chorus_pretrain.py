@@ -219,3 +219,32 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
     assert set(encoder) == set(start)
     changed = [k for k in start if not torch.equal(encoder[k], start[k])]
     assert changed, "the encoder was not fine-tuned"
+
+
+def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients(pretrained, collection):
+    """The viewer renders every frame without gradients: the encoder runs again only when the Gaussians or its
+    weights change; a training step always runs it (it needs the graph)."""
+    from torch import nn
+
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+
+    source = LearnedLatentSourceConfig(kind="encoder", encoder_checkpoint=pretrained / "config.yml").setup()
+    points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")
+    params = nn.ParameterDict({k: nn.Parameter(v) for k, v in points.items()})
+    calls = []
+    encode = source._encode
+    source._encode = lambda p: calls.append(1) or encode(p)  # type: ignore[method-assign]
+    source.eval()
+    with torch.no_grad():
+        first = source(params)
+        assert torch.equal(source(params), first) and len(calls) == 1
+        params["means"].add_(0.01)  # the Gaussians moved
+        moved = source(params)
+        assert len(calls) == 2 and not torch.equal(moved, first)
+        next(source.encoder.parameters()).mul_(1.5)  # the encoder was fine-tuned
+        source(params)
+        assert len(calls) == 3
+    source.train()
+    source(params)
+    source(params)
+    assert len(calls) == 5

@@ -103,6 +103,7 @@ class EncoderLatentSource(SemanticSource):
 
     config: LearnedLatentSourceConfig
     OPTIMIZER = "semantic_encoder"
+    INPUTS = ("means", "features_dc", "opacities", "scales", "quats")
 
     def __init__(self, config: LearnedLatentSourceConfig, metres_per_unit: float = 1.0) -> None:
         super().__init__(config)
@@ -121,6 +122,7 @@ class EncoderLatentSource(SemanticSource):
         # A plain dict: the heads are copied into the model's own, not held twice in its state.
         self._heads = dict(pretrained.projector_heads.items())
         self.metres_per_unit = float(metres_per_unit)
+        self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
 
     @property
     def latent_dim(self) -> int:
@@ -135,6 +137,17 @@ class EncoderLatentSource(SemanticSource):
         return dict(self._heads)
 
     def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
+        if self.training or torch.is_grad_enabled():  # a training step needs the graph
+            return self._encode(gauss_params)
+        # Renders without gradients (the viewer, evaluation) reuse the latents while neither the Gaussians nor the
+        # encoder changed: one encoder pass over a million Gaussians costs far more than the render itself.
+        tensors = [gauss_params[k] for k in self.INPUTS] + list(self.encoder.parameters())
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._encode(gauss_params))
+        return self._cached[1]
+
+    def _encode(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         unit = self.metres_per_unit
         return self.encoder(
             gauss_params["means"].detach() * unit,

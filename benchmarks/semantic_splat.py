@@ -145,6 +145,8 @@ def train(args, out: Path, report: Dict[str, Any]):
         return loss, loss_dict, metrics
 
     trainer.train_iteration = train_iteration  # type: ignore[method-assign]
+    if args.profile_at > 0:
+        profile_training(trainer, args, out)
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
     trainer.train()
     if args.save_checkpoint:  # for ns-eval, the viewer, export and the README picture
@@ -161,6 +163,23 @@ def train(args, out: Path, report: Dict[str, Any]):
         "loss_curve": losses,
     }
     return trainer
+
+
+def profile_training(trainer, args, out: Path) -> None:
+    """Time the step by region, profile it and count its syncs (step_regions.py) from ``--profile-at`` on; the
+    report is written as soon as its windows are over, and training goes on."""
+    from step_regions import ProfileWindows, StepRegions, network_regions, wrap_callbacks
+
+    regions = StepRegions()
+    regions.wrap_all(network_regions(trainer))
+    wrap_callbacks(regions, trainer.callbacks)
+
+    def write_profile(windows: ProfileWindows) -> None:
+        title = f"# semantic-splat: {args.profile_steps} profiled steps after {args.profile_at} (batch {args.batch_size})"
+        (out / "profile_semantic_splat.txt").write_text(windows.report(title))
+        print(f"wrote {out / 'profile_semantic_splat.txt'}", flush=True)
+
+    ProfileWindows(trainer, args.profile_at, args.profile_steps, 5, regions, write_profile)
 
 
 def evaluate(pipeline, collection: Optional[Path], label: str, report: Dict[str, Any], args) -> None:
@@ -256,6 +275,13 @@ def main() -> None:
         "--decay-steps", type=int, help="end the learning-rate decay at this step (default: the method's)"
     )
     parser.add_argument("--save-checkpoint", action="store_true", help="keep the trained run's checkpoint")
+    parser.add_argument(
+        "--profile-at",
+        type=int,
+        default=0,
+        help="profile the training step (step_regions.py) from this step on; write OUT/profile_semantic_splat.txt",
+    )
+    parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument(
         "--figure", type=Path, help="write the README's prediction picture (assets/make_assets.py) here"
     )

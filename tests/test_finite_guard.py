@@ -86,3 +86,17 @@ def test_recording_never_reads_the_device():
         torch.Tensor.item = original  # type: ignore[method-assign]
     assert calls == []
     assert watch.problems() == [(3, "loss", "b", -1)]
+
+
+def test_each_images_inputs_are_watched_once():
+    model = tiny_chorus_model(num_downscales=0)
+    recorded = []
+    original = model.finite_watch.record
+    model.finite_watch.record = lambda group, tensors, step, image=-1: (
+        recorded.append((group, step)),
+        original(group, tensors, step, image),
+    )
+    for step, image in enumerate([0, 1, 0, 1, 2]):
+        _training_step(model, _features(), step=step, image_idx=image)
+    assert [s for g, s in recorded if g == "batch input"] == [0, 1, 4]  # images 0, 1, 2 the first time
+    assert [s for g, s in recorded if g == "loss"] == [0, 1, 2, 3, 4]  # losses every step

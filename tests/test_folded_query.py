@@ -27,3 +27,47 @@ def test_folded_relevancy_matches_the_decoded_one(layers, positives, negatives):
 def test_the_fold_needs_a_positive_query():
     with pytest.raises(ValueError, match="at least one positive"):
         FoldedQuery(ProjectorHead(4, 8, 8, 2), torch.zeros(0, 8), torch.zeros(2, 8))
+
+
+def test_a_bfloat16_fold_stays_close_to_the_float32_relevancy():
+    # The viewer folds in bfloat16 on the GPU; relevancy is a display value in [0, 1].
+    torch.manual_seed(3)
+    head = ProjectorHead(32, 768, 256, 2)
+    latent = torch.randn(48, 64, 32)
+    texts = torch.nn.functional.normalize(torch.randn(5, 768), dim=-1)
+    expected = lerf_relevancy(head(latent), texts[:1], texts[1:])
+    folded = FoldedQuery(head, texts[:1], texts[1:], compute_dtype=torch.bfloat16)
+    result = folded(latent)
+    assert result.dtype == torch.float32
+    assert (result - expected).abs().max() < 0.005  # measured: 0.0016
+    assert not torch.equal(result, expected)  # the bfloat16 path did run
+
+
+def test_the_compiled_fold_gives_the_eager_numbers():
+    torch.manual_seed(4)
+    head = ProjectorHead(8, 32, 16, 2)
+    texts = torch.randn(3, 32)
+    latent = torch.randn(10, 12, 8)
+    eager = FoldedQuery(head, texts[:1], texts[1:])(latent)
+    compiled = FoldedQuery(head, texts[:1], texts[1:], compiled=True)
+    assert torch.allclose(compiled(latent), eager, atol=1e-6)
+    assert torch.allclose(compiled(latent[:3]), eager[:3], atol=1e-6)  # another pixel count: same function
+
+
+def test_a_fold_that_cannot_compile_runs_eagerly(monkeypatch):
+    import splatsem_ns.models.folded_query as folded_query
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(folded_query, "_compiled_relevancy", broken)
+    monkeypatch.setattr(folded_query, "_COMPILE_FAILED", False)
+    head = ProjectorHead(8, 32, 16, 2)
+    texts = torch.randn(3, 32)
+    latent = torch.randn(5, 8)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        result = FoldedQuery(head, texts[:1], texts[1:], compiled=True)(latent)
+    assert torch.allclose(result, FoldedQuery(head, texts[:1], texts[1:])(latent))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import torch
 from support import tiny_camera, tiny_chorus_model
 
@@ -187,3 +190,56 @@ def test_area_weighting_weighs_pixels_by_the_surface_they_show() -> None:
     model.train()
     model.optimizers = {}
     assert model.get_outputs(tiny_camera())["depth"] is not None
+
+
+def test_semantic_every_runs_the_semantic_half_on_every_kth_step_only() -> None:
+    model = tiny_chorus_model(semantic_every=3, semantic_smoothness_weight=1.0)
+    model.train()
+    model.optimizers = {}
+    targets = {"lang": torch.randn(4, 5, 24), "sam": torch.randn(8, 8, 16)}
+    batch = {"image": torch.rand(48, 64, 3), "teacher_features": targets}
+    seen = {}
+    for step in range(7):
+        model.step = step
+        outputs = model.get_outputs(tiny_camera())
+        losses = model.get_loss_dict(
+            outputs, batch if model.is_semantic_step(step) else {"image": batch["image"]}
+        )
+        seen[step] = (
+            "semantic_latent" in outputs,
+            sorted(k for k in losses if "distill" in k or "smooth" in k),
+        )
+    semantic = ["distill_lang", "distill_sam", "semantic_smoothness"]
+    assert seen == {s: (True, semantic) if s % 3 == 0 else (False, []) for s in range(7)}
+    model.eval()  # renders for the viewer and ns-eval always carry the latent
+    assert "semantic_latent" in model.get_outputs(tiny_camera())
+
+
+def test_the_datamanager_serves_teacher_features_on_semantic_steps_only() -> None:
+    from splatsem_ns.data.datamanager import ChorusDataManager
+
+    served = []
+    manager = ChorusDataManager.__new__(ChorusDataManager)
+    manager._features = {"lang": [np.zeros((4, 5, 24), np.float16)]}
+    manager._weights = {}
+    manager._depths = []
+    manager.device = "cpu"
+    manager.serves_teachers_at = lambda step: step % 2 == 0
+    camera = types.SimpleNamespace(metadata={"cam_idx": torch.tensor(0)})
+    parent = ChorusDataManager.__mro__[1]
+    original = parent.next_train
+    parent.next_train = lambda self, step: (camera, {"image": torch.zeros(1)})
+    try:
+        for step in range(4):
+            served.append("teacher_features" in manager.next_train(step)[1])
+    finally:
+        parent.next_train = original
+    assert served == [True, False, True, False]
+
+
+def test_full_frame_semantic_renders_use_full_frame_tiles() -> None:
+    from splatsem_ns.models.chorus_splat import semantic_tile_size
+
+    assert semantic_tile_size(4, 256 * 192) == 4  # training's pass at the teachers' resolution (ScanNet)
+    assert semantic_tile_size(4, 1280 * 720) == 16  # the viewer's full-resolution query
+    assert semantic_tile_size(32, 1280 * 720) == 32

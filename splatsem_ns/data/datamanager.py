@@ -13,7 +13,7 @@ import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -68,6 +68,11 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``."""
     extraction_batch_size: int = 4
     """Images per teacher forward pass during extraction."""
+    pinned_features_gib: float = 2.0
+    """On CUDA, hold the training views' teacher features in pinned host memory when they fit in this many GiB
+    (ScanNet's 50 frames with three full-size teachers: about 0.25), so a step copies them to the GPU directly
+    instead of first reading the cache's files into a staging buffer. Larger captures read the files every
+    step. 0: always read the files."""
     teacher_consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     """Before training, each teacher's regions that the other training views contradict get weight 0 in the
     distillation loss (needs a depth image for every training view; splatsem_ns.teachers.consistency)."""
@@ -105,6 +110,8 @@ class ChorusDataManager(FullImageDatamanager):
         self._features: Dict[str, List[np.memmap]] = {}
         self._depths: List[torch.Tensor] = []
         self._weights: Dict[str, List[np.ndarray]] = {}
+        self.serves_teachers_at: Optional[Callable[[int], bool]] = None
+        """Set by the pipeline: whether a training step needs the teachers' features (None: every step)."""
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
             startup_step(f"teacher features ({', '.join(config.teachers)})")
             self._prepare_teacher_features()
@@ -115,6 +122,7 @@ class ChorusDataManager(FullImageDatamanager):
                 CONSOLE.log("Not every training view has a depth image: training without the depth loss.")
             self.train_dataset.metadata[DEPTH_SERVED_KEY] = bool(self._depths)
             self._weights = self._consistency_weights()
+            self._pin_features()
             CONSOLE.log(f"Start-up: data ready in {time.perf_counter() - start:.1f} s.")
         # Lets the model express settings in the dataset's own units (metres for depth-sensor captures).
         self.train_dataset.metadata[DATAPARSER_SCALE_KEY] = float(
@@ -282,7 +290,20 @@ class ChorusDataManager(FullImageDatamanager):
         """``{teacher: [h, w] float16}`` cross-view consistency weights of one training image (empty when off)."""
         return {name: self._to_device(maps[image_idx]) for name, maps in self._weights.items()}
 
-    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+    def _pin_features(self) -> None:
+        """Teacher features into pinned host memory when they fit ``pinned_features_gib`` (CUDA only)."""
+        total = sum(int(m.nbytes) for maps in self._features.values() for m in maps)
+        if (
+            torch.device(self.device).type != "cuda"
+            or not 0 < total <= self.config.pinned_features_gib * 2**30
+        ):
+            return
+        self._features = {
+            name: [torch.from_numpy(np.array(m)).pin_memory() for m in maps]
+            for name, maps in self._features.items()
+        }
+
+    def _to_device(self, host) -> torch.Tensor:
         """A copy of a host array (a read-only memory map, say) on the training device.
 
         On CUDA the array is read once into pinned host memory and copied to the GPU asynchronously: a copy from
@@ -290,6 +311,8 @@ class ChorusDataManager(FullImageDatamanager):
         pinned-memory allocator keeps a block out of reuse until the copy that reads it has finished, so the
         staging buffers need no bookkeeping here.
         """
+        if isinstance(host, torch.Tensor):  # already pinned (_pin_features), and never written again
+            return host.to(self.device, non_blocking=True)
         if torch.device(self.device).type != "cuda":
             return torch.from_numpy(np.array(host)).to(self.device)  # copy: the array may be read-only
         dtype = torch.from_numpy(np.empty(0, dtype=host.dtype)).dtype
@@ -303,9 +326,11 @@ class ChorusDataManager(FullImageDatamanager):
 
     def next_train(self, step: int):
         camera, data = super().next_train(step)
-        if self._features:
+        if self.serves_teachers_at is not None and not self.serves_teachers_at(step):
+            pass  # the model skips its semantic half this step (ChorusSplatModelConfig.semantic_every)
+        elif self._features:
             data["teacher_features"] = self.teacher_features(int(camera.metadata["cam_idx"]))
-        if self._weights:
+        if self._weights and "teacher_features" in data:
             data["teacher_weights"] = self.teacher_weights(int(camera.metadata["cam_idx"]))
         if self._depths:
             data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])].numpy())

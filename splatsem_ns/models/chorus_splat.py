@@ -106,7 +106,8 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     semantic_tile_size: int = 4
     """Tile edge (pixels) of the semantic pass. That pass renders few pixels, so gsplat's default 16-pixel
     tiles leave most of a large GPU idle; smaller tiles give it more blocks to run in parallel (measured:
-    benchmarks/results/train_speed_h200.md)."""
+    benchmarks/results/train_speed_h200.md). Renders of more than ``SMALL_RENDER_PIXELS`` (the viewer's
+    full-resolution queries) use 16-pixel tiles whatever this says."""
     depth_loss_weight: Optional[float] = None
     """Weight of an L1 loss between the rendered expected depth and the scene's sensor depth (pixels with a
     measurement only). It constrains geometry, which sparse captures (few views of a large room) otherwise leave
@@ -132,6 +133,15 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     """On CUDA, run the heads and distillation losses through ``torch.compile``: their many small element-wise
     kernels fuse into a few, which matters because a splatting step is bound by kernel launches on the host.
     The first training step pays the compilation (tens of seconds). Eager on CPU."""
+    compile_mode: Optional[str] = None
+    """``torch.compile`` mode of ``compile_distillation``: None (inductor's default: fused kernels, launched from
+    Python every step) or "reduce-overhead" (the same kernels replayed as a CUDA graph, which removes most of their
+    host-side launch cost; the render's size must then stay fixed, as it does without coarse-to-fine)."""
+    semantic_every: int = 1
+    """Run the semantic half of a training step (the latent render, the distillation losses, the voxel prior, and
+    serving the teachers' features) on every this many steps; the RGB pass, its losses and the depth loss run every
+    step. A splatting step is bound by the host's kernel launches, so this divides the semantic half's cost. 1:
+    every step."""
     finite_check_every: int = 10
     """Every this many training steps, stop with an error naming the source if a NaN or inf appeared: in a batch
     input (teacher features, depth), a loss, or the Gaussians' parameters (splatsem_ns.models.finite_guard).
@@ -211,6 +221,7 @@ class ChorusSplatModel(SplatfactoModel):
         # hidden_mask: bool [N], Gaussians left out like splatfacto's crop; highlight_mask: bool [N], tinted.
         self.output_hooks: list = []
         self.finite_watch = NonFiniteWatch()
+        self._checked_inputs: set = set()  # (training image, input names) whose inputs the watch has seen
         self.training_image_names: List[str] = []  # set by the pipeline, to name an image in errors
         self._compiled_distillation = None  # built on the first CUDA training step (compile_distillation)
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
@@ -289,10 +300,13 @@ class ChorusSplatModel(SplatfactoModel):
         full_W, full_H = int(camera.width.item()), int(camera.height.item())
         # Same rounding as splatfacto's, so renders match its downscaled ground truth pixel for pixel.
         scale = self._get_downscale_factor()
-        camera.rescale_output_resolution(1 / scale)
-        K = camera.get_intrinsics_matrices().to(self.device)
-        W, H = int(camera.width.item()), int(camera.height.item())
-        camera.rescale_output_resolution(scale)
+        if scale == 1:  # past coarse-to-fine (or without it): the full camera, without reading it twice
+            K, W, H = full_K, full_W, full_H
+        else:
+            camera.rescale_output_resolution(1 / scale)
+            K = camera.get_intrinsics_matrices().to(self.device)
+            W, H = int(camera.width.item()), int(camera.height.item())
+            camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
 
         wants_depth = (
@@ -355,7 +369,7 @@ class ChorusSplatModel(SplatfactoModel):
             "accumulation": alpha.squeeze(0),
             "background": background,
         }
-        if self.projector_heads:
+        if self.projector_heads and (not self.training or self.is_semantic_step(self.step)):
             # Distilled at the render's resolution, training keeps the supersampled render whole.
             pool = not (self.training and self.config.distill_at == "render")
             outputs["semantic_latent"] = self._render_semantic_latent(
@@ -377,6 +391,10 @@ class ChorusSplatModel(SplatfactoModel):
             for hook in self.output_hooks:
                 outputs.update(hook(self, camera, outputs))
         return outputs
+
+    def is_semantic_step(self, step: int) -> bool:
+        """Whether training step ``step`` runs the semantic half (see ``semantic_every``)."""
+        return step % max(1, self.config.semantic_every) == 0
 
     def _display_mask(self, mask: Optional[Tensor]) -> Optional[Tensor]:
         """A viewer mask that applies to this render: eval mode only, and only while it still matches the
@@ -426,7 +444,7 @@ class ChorusSplatModel(SplatfactoModel):
             height=k * h,
             rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
             backend=self.config.rasterizer_backend,
-            tile_size=self.config.semantic_tile_size,
+            tile_size=semantic_tile_size(self.config.semantic_tile_size, k * w * k * h),
         )
         if k > 1 and pool:
             rendered, alpha = (
@@ -498,7 +516,8 @@ class ChorusSplatModel(SplatfactoModel):
             loss_dict["depth"] = self.depth_loss_weight * depth_l1_loss(
                 outputs["depth"], batch["depth_image"]
             )
-        if self.config.semantic_smoothness_weight > 0 and self.training:
+        semantic_step = self.training and "semantic_latent" in outputs
+        if self.config.semantic_smoothness_weight > 0 and semantic_step:
             voxel = self.config.semantic_smoothness_voxel * self.scene_scale
             loss_dict["semantic_smoothness"] = self.config.semantic_smoothness_weight * voxel_consensus_loss(
                 self.semantic_source(self.gauss_params),
@@ -515,7 +534,12 @@ class ChorusSplatModel(SplatfactoModel):
             if "depth_image" in batch:
                 inputs["depth image"] = batch["depth_image"]
             image = int(batch.get("image_idx", -1))
-            self.finite_watch.record("batch input", inputs, self.step, image)
+            # A training image's inputs (cached teacher features, depth) are the same every time it is served:
+            # checking them once per image and set of inputs is enough, and saves the host a record per step.
+            seen = (image, tuple(inputs))
+            if image < 0 or seen not in self._checked_inputs:
+                self.finite_watch.record("batch input", inputs, self.step, image)
+                self._checked_inputs.add(seen)
             self.finite_watch.record("loss", loss_dict, self.step, image)
         return loss_dict
 
@@ -613,7 +637,9 @@ class ChorusSplatModel(SplatfactoModel):
         if not (self.config.compile_distillation and latent.is_cuda):
             return self.distillation_losses
         if self._compiled_distillation is None:
-            self._compiled_distillation = torch.compile(self.distillation_losses)
+            self._compiled_distillation = torch.compile(
+                self.distillation_losses, mode=self.config.compile_mode
+            )
         return self._compiled_distillation
 
     def get_image_metrics_and_images(self, outputs, batch):
@@ -700,6 +726,20 @@ def render_resolution_pairs(
         align_corners=False,
     )
     return flat[pixels], sampled[0, :, 0].T
+
+
+FULL_FRAME_TILE_SIZE = 16
+"""Tile edge of semantic renders larger than ``SMALL_RENDER_PIXELS`` (gsplat's default, as the RGB pass)."""
+SMALL_RENDER_PIXELS = 1 << 17
+"""Renders up to this many pixels count as small: the training pass at the teachers' resolution is well under it,
+a full-resolution viewer frame (1280 x 720: 921,600 pixels) well over it."""
+
+
+def semantic_tile_size(configured: int, pixels: int) -> int:
+    """Tile edge for a semantic render of ``pixels`` pixels. ``semantic_tile_size``'s small tiles give a small
+    render more blocks to run in parallel; over a full frame they multiply the tile-Gaussian intersections to
+    sort (each Gaussian covers 16 times as many 4-pixel tiles as 16-pixel ones) for no gain in parallelism."""
+    return configured if pixels <= SMALL_RENDER_PIXELS else max(configured, FULL_FRAME_TILE_SIZE)
 
 
 def _scaled_size(size: int, factor: float) -> int:

@@ -11,6 +11,9 @@ which is what makes full-resolution queries fast. ``FoldedQuery`` gives the same
 
 from __future__ import annotations
 
+import warnings
+from typing import List, Optional
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -21,7 +24,13 @@ from splatsem_ns.models.relevancy import LERF_TEMPERATURE
 
 
 class FoldedQuery(nn.Module):
-    """Relevancy of ``positives`` against ``negatives`` (text embeddings of the head's teacher) for latents."""
+    """Relevancy of ``positives`` against ``negatives`` (text embeddings of the head's teacher) for latents.
+
+    ``compute_dtype`` runs the head's hidden layers and the folded product in another precision (bfloat16 on a
+    GPU halves the memory traffic of a full frame's hidden activations); the cosine's division and the sigmoid
+    stay in (at least) float32. None: the head's own dtype. ``compiled`` runs the whole map through one
+    ``torch.compile``-d function shared by every query (compiled once per dtype and head depth, not per text),
+    so its element-wise tail fuses into the products instead of writing ``[pixels, hidden]`` intermediates."""
 
     def __init__(
         self,
@@ -29,33 +38,94 @@ class FoldedQuery(nn.Module):
         positives: Float[Tensor, "P C"],
         negatives: Float[Tensor, "M C"],
         temperature: float = LERF_TEMPERATURE,
+        compute_dtype: Optional[torch.dtype] = None,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         if positives.ndim != 2 or positives.shape[0] == 0:
             raise ValueError(
                 f"Need at least one positive query embedding [P, C], got {tuple(positives.shape)}."
             )
-        layers = list(head.net)
-        last = layers[-1]
-        assert isinstance(last, nn.Linear)
-        self.front = nn.Sequential(*layers[:-1])  # latent -> last hidden activations (empty for one layer)
+        linears = [layer for layer in head.net if isinstance(layer, nn.Linear)]
+        if any(not isinstance(layer, (nn.Linear, nn.ReLU)) for layer in head.net):
+            raise TypeError("FoldedQuery folds heads of Linear layers with ReLU between them.")
+        last = linears[-1]
         weight, bias = last.weight.detach(), last.bias.detach()  # [C, H], [C], in the head's dtype
-        queries = F.normalize(torch.cat([positives, negatives]).to(weight), dim=-1)  # [P+M, C]
+        queries = F.normalize(torch.cat([positives, negatives]).to(weight), dim=-1)  # [Q = P+M, C]
         self.num_positives = positives.shape[0]
+        self.num_queries = queries.shape[0]
         self.temperature = temperature
-        self.register_buffer("query_weight", queries @ weight)  # [P+M, H]
-        self.register_buffer("query_bias", queries @ bias)  # [P+M]
-        self.register_buffer("gram", weight.T @ weight)  # [H, H]
-        self.register_buffer("gram_bias", weight.T @ bias)  # [H]
-        self.register_buffer("bias_norm", bias @ bias)
+        self.compiled = compiled
+        dtype = compute_dtype or weight.dtype
+        # latent -> last hidden activations: the head's other layers (ReLU after each), transposed for x @ W.
+        self.front_weights = [layer.weight.detach().T.to(dtype).contiguous() for layer in linears[:-1]]
+        self.front_biases = [layer.bias.detach().to(dtype) for layer in linears[:-1]]
+        # One product gives every term that depends on the pixel: [f.q (Q) | G h (H) | (W^T b).h (1)], G = W^T W.
+        fold = torch.cat([(queries @ weight).T, weight.T @ weight, (weight.T @ bias)[:, None]], dim=1)
+        self.fold = fold.to(dtype)  # [H, Q + H + 1]
+        # The cosine's tail in at least float32, whatever the product's precision.
+        tail = torch.promote_types(weight.dtype, torch.float32)
+        self.query_bias = (queries @ bias).to(tail)  # [Q]
+        self.bias_norm = (bias @ bias).to(tail)
 
     def forward(self, latent: Float[Tensor, "*batch D"]) -> Float[Tensor, "*batch P"]:
-        hidden = self.front(latent.to(self.gram.dtype))
-        dots = hidden @ self.query_weight.T + self.query_bias  # f . q  [*, P+M]
-        norm2 = ((hidden @ self.gram) * hidden).sum(-1) + 2 * hidden @ self.gram_bias + self.bias_norm
-        cosine = dots / norm2.clamp_min(0).sqrt().clamp_min(1e-12)[..., None]  # as F.normalize's eps
-        positive = cosine[..., : self.num_positives]
-        if cosine.shape[-1] == self.num_positives:
-            return torch.sigmoid(self.temperature * positive)
-        hardest = cosine[..., self.num_positives :].amax(dim=-1, keepdim=True)
-        return torch.sigmoid(self.temperature * (positive - hardest))
+        args = (
+            latent,
+            self.front_weights,
+            self.front_biases,
+            self.fold,
+            self.query_bias,
+            self.bias_norm,
+            self.num_positives,
+            self.temperature,
+        )
+        global _COMPILE_FAILED
+        if self.compiled and not _COMPILE_FAILED:
+            try:
+                return _compiled_relevancy()(*args)
+            except Exception as err:  # noqa: BLE001 (no compiler toolchain, say: the eager path gives the same map)
+                _COMPILE_FAILED = True
+                warnings.warn(
+                    f"Compiling the folded query failed ({type(err).__name__}: {err}); running it eagerly.",
+                    stacklevel=2,
+                )
+        return folded_relevancy(*args)
+
+
+def folded_relevancy(
+    latent: Float[Tensor, "*batch D"],
+    front_weights: List[Tensor],
+    front_biases: List[Tensor],
+    fold: Float[Tensor, "H K"],
+    query_bias: Float[Tensor, " Q"],
+    bias_norm: Float[Tensor, ""],
+    num_positives: int,
+    temperature: float,
+) -> Float[Tensor, "*batch P"]:
+    """LERF relevancy of each latent from the folded terms (see ``FoldedQuery``)."""
+    hidden = latent.to(fold.dtype)
+    for weight, bias in zip(front_weights, front_biases, strict=True):
+        hidden = torch.relu(hidden @ weight + bias)
+    product = hidden @ fold  # [*, Q + H + 1]
+    q = query_bias.shape[0]
+    tail = query_bias.dtype
+    dots = product[..., :q].to(tail) + query_bias  # f . q
+    # |f|^2 = h^T G h + 2 (W^T b) . h + |b|^2
+    norm2 = (product[..., q:-1] * hidden).to(tail).sum(-1) + 2 * product[..., -1].to(tail) + bias_norm
+    cosine = dots / norm2.clamp_min(0).sqrt().clamp_min(1e-12)[..., None]  # as F.normalize's eps
+    positive = cosine[..., :num_positives]
+    if q == num_positives:
+        return torch.sigmoid(temperature * positive)
+    hardest = cosine[..., num_positives:].amax(dim=-1, keepdim=True)
+    return torch.sigmoid(temperature * (positive - hardest))
+
+
+_COMPILED = None
+_COMPILE_FAILED = False
+
+
+def _compiled_relevancy():
+    global _COMPILED
+    if _COMPILED is None:  # dynamic: any pixel count (viewer resolution) without recompiling
+        _COMPILED = torch.compile(folded_relevancy, dynamic=True)
+    return _COMPILED

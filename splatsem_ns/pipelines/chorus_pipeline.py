@@ -87,6 +87,8 @@ class ChorusPipeline(VanillaPipeline):
         # (in ns-viewer and while training); its hook adds the query outputs to eval-mode renders.
         if config.feedforward_init is not None and test_mode == "val":
             self._seed_from_feedforward(Path(config.feedforward_init))
+        if hasattr(self.datamanager, "serves_teachers_at") and hasattr(self.model, "is_semantic_step"):
+            self.datamanager.serves_teachers_at = self.model.is_semantic_step  # semantic_every
         if hasattr(self.model, "training_image_names") and self.datamanager.train_dataset is not None:
             self.model.training_image_names = [str(p) for p in self.datamanager.train_dataset.image_filenames]
         self.semantic_query = SemanticQueryPanel.for_pipeline(self)

@@ -82,3 +82,50 @@ def test_score_clicks_on_a_tiny_scene():
     assert missed["empty_clicks"] == 1 and missed["per_click"][0]["feature_selected"] == 0
     with pytest.raises(ValueError, match="one instance and one class map"):
         score_clicks(model, "sam", tiny_camera(), [], [], points, point_instances, set(), ClickEvalConfig())
+
+
+def test_region_growing_keeps_the_clicked_object_of_two_alike():
+    from splatsem_ns.models.relevancy import click_seed, grow_region
+
+    generator = torch.Generator().manual_seed(0)
+    chair_a = torch.rand(40, 3, generator=generator) * 0.2  # a 20 cm blob at the origin
+    chair_b = chair_a + torch.tensor([1.0, 0.0, 0.0])  # the same chair a metre away
+    table = torch.rand(30, 3, generator=generator) * 0.2 + torch.tensor([0.0, 0.5, 0.0])
+    means = torch.cat([chair_a, chair_b, table])
+    selected = torch.zeros(len(means), dtype=torch.bool)
+    selected[:80] = True  # both chairs match the clicked feature; the table does not
+    region = grow_region(means, selected, 5, radius=0.15)
+    assert region[:40].all() and not region[40:].any()
+    region = grow_region(means, selected, 45, radius=0.15)
+    assert region[40:80].all() and not region[:40].any()
+    assert grow_region(means, selected, 5, radius=2.0)[:80].all()  # a link distance spanning both
+    assert not grow_region(means, selected, 85, radius=0.15).any()  # a seed outside the selection
+
+    # The seed: the selected Gaussian that weighs most in the clicked pixel ...
+    weights = torch.zeros(len(means))
+    weights[[3, 50, 90]] = torch.tensor([0.2, 0.5, 0.9])
+    assert click_seed(means, selected, weights) == 50
+    # ... else the selected one nearest the pixel's most visible Gaussian.
+    weights = torch.zeros(len(means))
+    weights[45] = 1.0
+    only_a = torch.zeros_like(selected)
+    only_a[:40] = True
+    assert click_seed(means, only_a, weights) == int((means[:40] - means[45]).norm(dim=-1).argmin())
+    assert click_seed(means, torch.zeros_like(selected), weights) is None
+
+
+def test_the_region_rule_is_scored_beside_the_feature_rule():
+    model = tiny_chorus_model(semantic_supersample=1)
+    model.eval()
+    points = model.means.detach().numpy()
+    point_instances = np.ones(len(points), dtype=np.int64)
+    instances = torch.ones(48, 64, dtype=torch.long)
+    classes = torch.full((48, 64), 4)
+    args = (model, "sam", tiny_camera(), [instances], [classes], points, point_instances, set())
+    wide = score_clicks(*args, ClickEvalConfig(similarity=-1.01, region_radius=10.0), knn=5)
+    record = wide["per_click"][0]
+    assert record["region_selected"] == record["feature_selected"] == model.num_points  # one connected blob
+    assert wide["region"] == wide["feature"]
+    narrow = score_clicks(*args, ClickEvalConfig(similarity=-1.01, region_radius=1e-4), knn=5)
+    assert narrow["per_click"][0]["region_selected"] == 1  # no neighbour that close: the seed alone
+    assert "region" not in score_clicks(*args, ClickEvalConfig(similarity=-1.01, region_radius=None), knn=5)

@@ -5,6 +5,11 @@ click: at the pixel of the object farthest from its boundary. The click selects 
 teacher's space as the viewer's click does (cosine with the clicked pixel's decoded feature above a
 threshold; key "feature").
 
+With ``region_radius`` set, the same click is also scored with a spatial limit (key "region"): of the feature
+selection, only the Gaussians connected to the clicked one (the selected Gaussian that weighs most in the clicked
+pixel), through chains of centres at most that far apart
+(``models.relevancy.grow_region``), so that a second object of the same kind elsewhere is left out.
+
 The baseline is the 2D teacher itself ("teacher_per_view"): on the clicked view's own image, the pixels
 whose teacher feature has a cosine above the same threshold with the clicked pixel's (scored in 2D only).
 
@@ -26,10 +31,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from splatsem_ns.evaluation.protocol import upsample_labels
-from splatsem_ns.models.relevancy import select_by_click
+from splatsem_ns.models.relevancy import click_seed, grow_region, select_by_click
 
 MODEL = "feature"
 """Key of the field's click: Gaussians selected by feature similarity."""
+REGION = "region"
+"""Key of the spatially limited click: the connected part of the feature selection around the clicked Gaussian
+(``ClickEvalConfig.region_radius``)."""
 BASELINE = "teacher_per_view"
 """Key of the 2D teacher's own click, scored in 2D (see the module docstring)."""
 
@@ -44,6 +52,10 @@ class ClickEvalConfig:
     """Objects covering less than this fraction of a held-out view are not clicked there."""
     min_alpha: float = 0.5
     """A click on a pixel whose accumulated opacity is below this hits nothing (as in the viewer)."""
+    region_radius: Optional[float] = 0.05
+    """Also score the spatially limited click ("region"): the selected Gaussians connected to the clicked one
+    through chains of centres at most this far apart, in the units of the dataset's original frame (metres for
+    depth-sensor captures). None: only the feature rule."""
 
 
 class Click(NamedTuple):
@@ -133,6 +145,9 @@ def score_clicks(
         raise ValueError(f"Need the teacher's features of every clicked view ({len(cameras)}).")
     means = model.means.detach()
     features = model.gaussian_features(teacher)
+    region_radius = (
+        None if cfg.region_radius is None else cfg.region_radius * float(getattr(model, "scene_scale", 1.0))
+    )
     # Which Gaussians vote for each labelled point: found once, every click reuses it.
     _, neighbours = cKDTree(means.cpu().numpy()).query(np.asarray(points), k=min(knn, len(means)))
     neighbours = torch.as_tensor(neighbours.reshape(len(points), -1), device=means.device)
@@ -161,12 +176,21 @@ def score_clicks(
             if not record["empty"]:
                 pixel_feature = model.decode_features(latent[row, col], teacher)
                 selected = select_by_click(features, pixel_feature, cfg.similarity)
-            shown = model.render_features(camera, selected[:, None].float(), render_scale, normalize=True)
-            mask_2d = _upsampled(shown[..., 0] > 0.5, instances.shape)
-            voted = (selected[neighbours].float().mean(dim=1) > 0.5).cpu().numpy()
-            record[f"{MODEL}_iou_2d"] = mask_iou(mask_2d[valid], target_2d)
-            record[f"{MODEL}_iou_3d"] = mask_iou(voted[labelled], target_3d)
-            record[f"{MODEL}_selected"] = int(selected.sum())
+            selections = {MODEL: selected}
+            if region_radius is not None:
+                seed = click_seed(means, selected, model.pixel_weights(camera, row, col, render_scale))
+                selections[REGION] = (
+                    torch.zeros_like(selected)
+                    if seed is None
+                    else grow_region(means, selected, seed, region_radius)
+                )
+            for rule, chosen in selections.items():
+                shown = model.render_features(camera, chosen[:, None].float(), render_scale, normalize=True)
+                mask_2d = _upsampled(shown[..., 0] > 0.5, instances.shape)
+                voted = (chosen[neighbours].float().mean(dim=1) > 0.5).cpu().numpy()
+                record[f"{rule}_iou_2d"] = mask_iou(mask_2d[valid], target_2d)
+                record[f"{rule}_iou_3d"] = mask_iou(voted[labelled], target_3d)
+                record[f"{rule}_selected"] = int(chosen.sum())
             if teacher_features is not None:
                 record[f"{BASELINE}_iou_2d"] = mask_iou(
                     _teacher_click(teacher_features[j], click, instances.shape, cfg.similarity)[valid],
@@ -180,7 +204,7 @@ def summarise_clicks(records: List[Dict]) -> Dict:
     """Means over clicks of the field's and the teacher's IoUs, and the fraction of clicks with IoU >= 0.5
     ("success"); the teacher's only when every click has it."""
     out: Dict = {"clicks": len(records), "empty_clicks": sum(r["empty"] for r in records)}
-    for rule in (MODEL, BASELINE):
+    for rule in (MODEL, REGION, BASELINE):
         scores = {}
         for dim in ("2d", "3d"):
             key = f"{rule}_iou_{dim}"

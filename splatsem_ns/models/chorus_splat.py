@@ -497,6 +497,17 @@ class ChorusSplatModel(SplatfactoModel):
             normalize=normalize,
         )
 
+    def pixel_weights(
+        self, camera: Cameras, row: int, col: int, scale: Optional[float] = None
+    ) -> Float[Tensor, " N"]:
+        """Each Gaussian's compositing weight at pixel (``row``, ``col``) of the semantic render at ``scale`` (default:
+        training's): which Gaussians a click there hits, front ones first. The gradient of that pixel of the render
+        of a constant one-channel feature, so every backend gives it."""
+        ones = torch.ones(self.num_points, 1, device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            self.render_features(camera, ones, scale, normalize=False)[row, col, 0].backward()
+        return ones.grad[:, 0] if ones.grad is not None else torch.zeros(self.num_points, device=self.device)
+
     @torch.no_grad()
     def gaussian_features(self, teacher: str, chunk: int = 1 << 16) -> Float[Tensor, "N C"]:
         """Every Gaussian's latent decoded into one teacher's space (the 3D semantic field)."""

@@ -15,6 +15,7 @@ import colorsys
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -169,6 +170,51 @@ def select_by_click(
             f"The clicked pixel's feature must be one vector [C], got shape {tuple(pixel_feature.shape)}."
         )
     return cosine_similarity(gaussian_features, pixel_feature[None])[:, 0] > threshold
+
+
+def grow_region(
+    means: Float[Tensor, "N 3"],
+    selected: Bool[Tensor, " N"],
+    seed: int,
+    radius: float,
+) -> Bool[Tensor, " N"]:
+    """The connected part of a click's selection around the clicked Gaussian: of the ``selected`` Gaussians, those
+    reachable from ``seed`` (an index; see ``ChorusSplatModel.pixel_weights``) through chains of selected Gaussians
+    whose centres are at most ``radius`` apart. Two chairs of the same kind match the clicked one's feature alike;
+    only the clicked chair is connected to the click. A seed outside the selection selects nothing."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    region = torch.zeros_like(selected)
+    if not bool(selected[seed]):
+        return region
+    indices = torch.nonzero(selected).squeeze(1)
+    centres = means.detach()[indices].cpu().numpy().astype(np.float64)
+    pairs = cKDTree(centres).query_pairs(float(radius), output_type="ndarray")  # [E, 2]
+    graph = coo_matrix(
+        (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(centres),) * 2
+    )
+    _, component = connected_components(graph, directed=False)
+    at_seed = component[int(torch.searchsorted(indices, torch.tensor(seed, device=indices.device)))]
+    region[indices[torch.as_tensor(component == at_seed, device=indices.device)]] = True
+    return region
+
+
+def click_seed(
+    means: Float[Tensor, "N 3"], selected: Bool[Tensor, " N"], weights: Float[Tensor, " N"]
+) -> Optional[int]:
+    """The selected Gaussian a click's region grows from: the one with the largest compositing weight at the clicked
+    pixel (``weights``), else, when no selected Gaussian shows there, the selected one nearest the pixel's most
+    visible Gaussian. None when nothing is selected."""
+    if not bool(selected.any()):
+        return None
+    visible = torch.where(selected, weights, torch.zeros_like(weights))
+    if float(visible.max()) > 0:
+        return int(visible.argmax())
+    front = means.detach()[int(weights.argmax())]
+    distance = (means.detach() - front).square().sum(-1)
+    return int(torch.where(selected, distance, torch.full_like(distance, float("inf"))).argmin())
 
 
 def _level_above(relevancy: Tensor, threshold: float) -> Tensor:

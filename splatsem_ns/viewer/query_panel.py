@@ -50,8 +50,10 @@ from splatsem_ns.models.relevancy import (
     DEFAULT_NEGATIVES,
     PCAProjection,
     blend_labels,
+    click_seed,
     cosine_similarity,
     fit_pca,
+    grow_region,
     overlay_heatmap,
     overlay_queries,
     segmentation_palette,
@@ -133,6 +135,12 @@ class Selection:
     positives: Optional[Float[Tensor, "P C"]] = None
     negatives: Optional[Float[Tensor, "M C"]] = None
     pixel_feature: Optional[Float[Tensor, " C"]] = None
+    surface_point: Optional[Float[Tensor, "3"]] = None
+    """Where a click hit the scene (the centre of the Gaussian that weighs most in the clicked pixel), for
+    ``region_radius``; a point, not an index, so the rule survives densification."""
+    region_radius: Optional[float] = None
+    """A click's spatial limit, in scene units: only the matching Gaussians connected to the one nearest
+    ``surface_point`` (``models.relevancy.grow_region``). None: every matching Gaussian."""
     _cache: Dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def mask(self, model: nn.Module) -> Bool[Tensor, " N"]:
@@ -143,6 +151,16 @@ class Selection:
         features = model.gaussian_features(self.teacher)
         if self.pixel_feature is not None:
             mask = select_by_click(features, self.pixel_feature.to(features), self.threshold)
+            if self.region_radius is not None and self.surface_point is not None:
+                closeness = 1.0 / (
+                    1.0 + (model.means.detach() - self.surface_point.to(model.means)).norm(dim=-1)
+                )
+                seed = click_seed(model.means, mask, closeness)
+                mask = (
+                    torch.zeros_like(mask)
+                    if seed is None
+                    else grow_region(model.means, mask, seed, self.region_radius)
+                )
         else:
             assert self.positives is not None and self.negatives is not None
             mask = select_by_text(features, self.positives, self.negatives, self.threshold)
@@ -245,6 +263,15 @@ class SemanticQueryPanel(nn.Module):
             "Click teacher", click_teacher, names, hint="Object-aware features group a clicked object."
         )
         self.click_similarity = ViewerSlider("Click similarity", 0.8, 0.0, 1.0, 0.01)
+        self.click_region = ViewerCheckbox(
+            "Click: connected region only",
+            False,
+            hint="Keep only the matching Gaussians connected to the clicked surface (leaves out a second object "
+            "of the same kind elsewhere).",
+        )
+        self.click_region_radius = ViewerSlider(
+            "Region link distance", 0.05, 0.005, 0.5, 0.005, hint="Largest gap inside a region, in metres."
+        )
         self.highlight_button = ViewerButton("Highlight matches", cb_hook=lambda _: self.highlight_matches())
         self.hide_button = ViewerButton("Hide matches", cb_hook=lambda _: self.hide_matches())
         self.isolate_button = ViewerButton("Show only matches", cb_hook=lambda _: self.show_only_matches())
@@ -267,6 +294,8 @@ class SemanticQueryPanel(nn.Module):
             self.click_select,
             self.click_teacher,
             self.click_similarity,
+            self.click_region,
+            self.click_region_radius,
             self.highlight_button,
             self.hide_button,
             self.isolate_button,
@@ -651,7 +680,11 @@ class SemanticQueryPanel(nn.Module):
         if float(alpha[min(int(y * height), height - 1), min(int(x * width), width - 1)]) < 0.5:
             raise QueryError("nothing there: the clicked pixel shows empty space.")
         h, w = latent.shape[:2]
-        pixel_feature = model.decode_features(latent[min(int(y * h), h - 1), min(int(x * w), w - 1)], teacher)
+        cell = (min(int(y * h), h - 1), min(int(x * w), w - 1))
+        pixel_feature = model.decode_features(latent[cell], teacher)
+        weights = None
+        if self.click_region.value:  # each Gaussian's weight in the clicked pixel of the latent's render
+            weights = model.pixel_weights(camera.to(model.device), *cell)
         with self._lock:
             selection = Selection(
                 description="clicked object",
@@ -660,6 +693,16 @@ class SemanticQueryPanel(nn.Module):
                 pixel_feature=pixel_feature,
             )
             mask = selection.mask(model)
+            seed = None if weights is None else click_seed(model.means, mask, weights)
+            if seed is not None:
+                # Grown from the matching Gaussian that weighs most in the clicked pixel, kept as its centre.
+                selection.description = "clicked object (connected region)"
+                selection.surface_point = model.means.detach()[seed].clone()
+                selection.region_radius = float(self.click_region_radius.value) * float(
+                    getattr(model, "scene_scale", 1.0)
+                )
+                selection._cache.clear()
+                mask = selection.mask(model)
             self._selection = self._highlighted = selection
             self._refresh_display(model, force=True)
         self._say(f"Clicked object: {int(mask.sum())} of {mask.shape[0]} Gaussians selected.")

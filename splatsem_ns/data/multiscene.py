@@ -483,8 +483,9 @@ class MultiSceneDataManager(DataManager):
         if self._train_iterator is None:  # first call, or a resumed run: continue the stream at this step
             self._train_iterator = self._loader(self.train_dataset, step * self.config.batch_size)
         self.train_count += 1
-        batch = to_device(next(self._train_iterator), self.device)
-        self.served_sample_ids.extend(int(i) for i in batch["sample_id"])
+        host = next(self._train_iterator)
+        self.served_sample_ids.extend(int(i) for i in host["sample_id"])  # read on the host, before the copy
+        batch = to_device(host, self.device)
         return batch["context"], batch
 
     def next_eval(self, step: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:

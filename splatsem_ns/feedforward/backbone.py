@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from splatsem_ns.feedforward.constants import device_constant
 from splatsem_ns.feedforward.unet import ResidualBlock, group_norm
 
 FEATURE_STRIDE = 4
@@ -119,6 +121,25 @@ def window_merge(
     return x.reshape(*batch, height, width, channels)
 
 
+@lru_cache(maxsize=64)
+def attention_mask(
+    height: int,
+    width: int,
+    padded: Tuple[int, int],
+    window: Tuple[int, int],
+    shift: Tuple[int, int],
+    device: str,
+) -> Optional[Bool[Tensor, "n T T"]]:
+    """Which tokens of each window may attend to each other (``window_region_ids``), None where all may. It depends
+    on the grid's shape only, so it is built on the host once per shape and device: testing it for "all" on the
+    device would make the host wait for the GPU at every layer of every step."""
+    ids = window_partition(window_region_ids(height, width, padded, window, shift, "cpu")[..., None], window)[
+        ..., 0
+    ]  # [n, T]
+    mask = ids[:, :, None] == ids[:, None, :]
+    return None if bool(mask.all()) else mask.to(device)
+
+
 def window_region_ids(
     height: int, width: int, padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], device
 ) -> Int[Tensor, "Hp Wp"]:
@@ -194,8 +215,10 @@ class CrossViewTransformerLayer(nn.Module):
         if num_views > 1:
             h = self.norm_cross(tokens)
             # Keys of view v: the same window in every other view, concatenated along the token axis.
-            others = torch.tensor(
-                [[u for u in range(num_views) if u != v] for v in range(num_views)], device=tokens.device
+            others = device_constant(
+                tuple(tuple(u for u in range(num_views) if u != v) for v in range(num_views)),
+                tokens.device,
+                torch.long,
             )
             keys = h[:, others]  # [B, V, V-1, n, T, C]
             keys = keys.transpose(2, 3).flatten(3, 4)  # [B, V, n, (V-1)T, C]
@@ -228,11 +251,7 @@ class CrossViewTransformer(nn.Module):
             # Shifting only helps where there is more than one window along an axis (as in Swin).
             shifted = index % 2 == 1
             shift = tuple(w // 2 if shifted and p > w else 0 for w, p in zip(window, padded, strict=True))
-            ids = window_partition(
-                window_region_ids(height, width, padded, window, shift, x.device)[..., None], window
-            )[..., 0]  # [n, T]
-            mask = ids[:, :, None] == ids[:, None, :]
-            mask = None if bool(mask.all()) else mask
+            mask = attention_mask(height, width, padded, window, shift, str(x.device))
             if any(shift):
                 x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(2, 3))
             x = window_merge(layer(window_partition(x, window), mask), padded[0], padded[1], window)

@@ -18,13 +18,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from splatsem_ns.feedforward.constants import device_constant
+
 OPENGL_TO_OPENCV = (1.0, -1.0, -1.0)
 """Per-axis sign flip between the camera frames: OpenCV's y and z axes are OpenGL's negated."""
 
 
 def opengl_to_opencv(camera_to_world: Float[Tensor, "*batch 4 4"]) -> Float[Tensor, "*batch 4 4"]:
     """The same camera pose with an OpenCV camera frame: its rotation's y and z columns negated."""
-    flip = camera_to_world.new_tensor([*OPENGL_TO_OPENCV, 1.0])
+    flip = device_constant((*OPENGL_TO_OPENCV, 1.0), camera_to_world.device, camera_to_world.dtype)
     return camera_to_world * flip
 
 
@@ -50,8 +52,10 @@ def scale_intrinsics(
 ) -> Float[Tensor, "*batch 3 3"]:
     """Intrinsics of the same camera on a grid resized by (``scale_x``, ``scale_y``). With pixel centres at +0.5,
     continuous pixel coordinates scale linearly, so the focal lengths and the principal point simply scale."""
-    scale = intrinsics.new_tensor([[scale_x, scale_x, scale_x], [scale_y, scale_y, scale_y], [1.0, 1.0, 1.0]])
-    return intrinsics * scale
+    scaled = intrinsics.clone()  # scaled by Python numbers: no small tensor to copy to the device
+    scaled[..., 0, :] *= scale_x
+    scaled[..., 1, :] *= scale_y
+    return scaled
 
 
 def pixel_centres(

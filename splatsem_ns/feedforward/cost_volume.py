@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from splatsem_ns.feedforward.cameras import opengl_to_opencv, pixel_centres, rigid_inverse, scale_intrinsics
+from splatsem_ns.feedforward.constants import device_constant
 from splatsem_ns.feedforward.unet import UNet2d
 
 MIN_SOURCE_DEPTH = 1e-4
@@ -100,7 +101,9 @@ def source_pixel_coordinates(
     reference_to_source = rigid_inverse(source_pose) @ reference_pose
     k_source = source_intrinsics.to(dtype)
     homography = (
-        k_source @ reference_to_source[..., :3, :3] @ torch.linalg.inv(reference_intrinsics.to(dtype))
+        k_source
+        @ reference_to_source[..., :3, :3]
+        @ torch.linalg.inv_ex(reference_intrinsics.to(dtype)).inverse
     )
     offset = (k_source @ reference_to_source[..., :3, 3:4])[..., 0]  # [..., 3]
     uv = pixel_centres(height, width, depths.device, dtype)
@@ -140,7 +143,7 @@ def warp_features(
     )
     # grid_sample with align_corners=False puts -1 and +1 at the outer edges of the border pixels, i.e. at pixel
     # coordinates 0 and W: exactly the +0.5 pixel-centre convention.
-    scale = coordinates.new_tensor([2.0 / width, 2.0 / height])
+    scale = device_constant((2.0 / width, 2.0 / height), coordinates.device, coordinates.dtype)
     grid = torch.where(in_front[..., None], coordinates * scale - 1.0, torch.full_like(coordinates, -2.0))
     # Sampled in at least float32: half-precision coordinates would be off by a sizeable part of a pixel.
     sample_dtype = torch.promote_types(source_features.dtype, torch.float32)
@@ -172,8 +175,8 @@ def plane_sweep_correlation(
     if views < 2:
         raise ValueError(f"A plane-sweep cost volume needs at least 2 views, got {views}.")
     pairs = [(v, u) for v in range(views) for u in range(views) if u != v]
-    reference = torch.tensor([v for v, _ in pairs], device=features.device)
-    source = torch.tensor([u for _, u in pairs], device=features.device)
+    reference = device_constant(tuple(v for v, _ in pairs), features.device, torch.long)
+    source = device_constant(tuple(u for _, u in pairs), features.device, torch.long)
     num_pairs = len(pairs)
 
     def per_pair(x: Tensor, index: Tensor) -> Tensor:  # [B, V, ...] -> [B * P, ...]

@@ -27,6 +27,7 @@ from splatsem_ns.feedforward.cameras import (
     rotation_to_quaternion,
     unproject_depth,
 )
+from splatsem_ns.feedforward.constants import device_constant
 
 SH_C0 = 0.28209479177387814
 """The degree-0 SH basis constant: colour = SH_C0 * dc + 0.5 (gsplat's and splatfacto's RGB2SH convention)."""
@@ -156,7 +157,10 @@ class GaussianHead(nn.Module):
 
         # Rotation: camera-relative (OpenCV camera frame), identity-biased, then composed with the camera's rotation.
         camera_rotation = opengl_to_opencv(camera_to_world)[..., :3, :3]
-        local = F.normalize(raw_rotation + raw_rotation.new_tensor([1.0, 0.0, 0.0, 0.0]), dim=-1)
+        local = F.normalize(
+            raw_rotation + device_constant((1.0, 0.0, 0.0, 0.0), raw_rotation.device, raw_rotation.dtype),
+            dim=-1,
+        )
         camera_quaternion = rotation_to_quaternion(camera_rotation)[:, :, None, None].expand_as(local)
         quats = quaternion_multiply(camera_quaternion, local)
 

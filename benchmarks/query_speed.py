@@ -8,6 +8,7 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``query@full``: the same with the latent rendered at full resolution;
 - ``query@full, folded``: the viewer's full-resolution path: the latent rendered at full resolution and the text
   folded into the head (``models/folded_query.py``), in float32 and in bfloat16; no upsampling anywhere;
+- ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``);
 - ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on;
 - ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``;
 - with ``--supersample 1 4``, the teacher-grid paths again with the semantic pass supersampled 4 x 4.
@@ -104,6 +105,7 @@ def time_it(fn, frames: int, warmup: int) -> float:
 
 def main() -> None:
     from splatsem_ns.models.folded_query import FoldedQuery
+    from splatsem_ns.models.fused_query import fused_available
     from splatsem_ns.models.relevancy import lerf_relevancy
 
     parser = argparse.ArgumentParser(
@@ -162,6 +164,10 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16)
         for compiled in (False, True)
     }
+    # The one-kernel Triton fold (models/fused_query.py), float16 with float32 sums.
+    folded[torch.bfloat16, "fused"] = FoldedQuery(
+        head, text[:1], text[1:], compute_dtype=torch.bfloat16, fused=True
+    )
 
     def query_full_folded(dtype, compiled=False):
         # The viewer's path: every pixel rendered, the text folded into the head (no [H, W, C] map).
@@ -207,6 +213,14 @@ def main() -> None:
         ("render latent@full only", render_full, 1),
         ("fold only, bfloat16", fold_only(torch.bfloat16, False), 1),
         ("fold only, bfloat16 compiled", fold_only(torch.bfloat16, True), 1),
+        *(
+            [
+                ("query@full, fused kernel", query_full_folded(torch.bfloat16, "fused"), 1),
+                ("fold only, fused kernel", fold_only(torch.bfloat16, "fused"), 1),
+            ]
+            if fused_available(latent_full, folded[torch.bfloat16, "fused"].front_weights)
+            else []  # no Triton or no GPU: the flag would fall back and time the unfused fold
+        ),
         ("frame+query@full, folded bfloat16", frame_and_query_full, 1),
     ]
     # Supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig.semantic_supersample).

@@ -53,16 +53,22 @@ def test_summary_means_and_success_rates():
     assert summarise_clicks([])["clicks"] == 0
 
 
-def test_score_clicks_on_a_tiny_scene():
-    """Every Gaussian belongs to one object: a threshold below any cosine selects it all (3D IoU 1), one above
-    any selects nothing (IoU 0), and a view that sees nothing has only empty clicks."""
+def _one_object_scene():
+    """``score_clicks``'s leading arguments for the tiny model where every Gaussian and pixel is one object."""
     model = tiny_chorus_model(semantic_supersample=1)
     model.eval()
     points = model.means.detach().numpy()
     point_instances = np.ones(len(points), dtype=np.int64)
     instances = torch.ones(48, 64, dtype=torch.long)
     classes = torch.full((48, 64), 4)
-    args = (model, "sam", tiny_camera(), [instances], [classes], points, point_instances, set())
+    return (model, "sam", tiny_camera(), [instances], [classes], points, point_instances, set())
+
+
+def test_score_clicks_on_a_tiny_scene():
+    """Every Gaussian belongs to one object: a threshold below any cosine selects it all (3D IoU 1), one above
+    any selects nothing (IoU 0), and a view that sees nothing has only empty clicks."""
+    args = _one_object_scene()
+    model, points, point_instances, instances, classes = args[0], args[5], args[6], args[3][0], args[4][0]
     teacher_grid = torch.ones(8, 8, 16)  # one feature everywhere: the teacher's click takes the whole view
     everything = score_clicks(
         *args, ClickEvalConfig(similarity=-1.01), knn=5, teacher_features=[teacher_grid]
@@ -115,13 +121,8 @@ def test_region_growing_keeps_the_clicked_object_of_two_alike():
 
 
 def test_the_region_rule_is_scored_beside_the_feature_rule():
-    model = tiny_chorus_model(semantic_supersample=1)
-    model.eval()
-    points = model.means.detach().numpy()
-    point_instances = np.ones(len(points), dtype=np.int64)
-    instances = torch.ones(48, 64, dtype=torch.long)
-    classes = torch.full((48, 64), 4)
-    args = (model, "sam", tiny_camera(), [instances], [classes], points, point_instances, set())
+    args = _one_object_scene()
+    model = args[0]
     wide = score_clicks(*args, ClickEvalConfig(similarity=-1.01, region_radius=10.0), knn=5)
     record = wide["per_click"][0]
     assert record["region_selected"] == record["feature_selected"] == model.num_points  # one connected blob

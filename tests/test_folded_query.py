@@ -71,3 +71,49 @@ def test_a_fold_that_cannot_compile_runs_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         result = FoldedQuery(head, texts[:1], texts[1:], compiled=True)(latent)
     assert torch.allclose(result, FoldedQuery(head, texts[:1], texts[1:])(latent))
+
+
+_FUSED_CHECK = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU interpreter: the kernel's arithmetic, without a GPU
+import torch
+from splatsem_ns.models.folded_query import FoldedQuery
+from splatsem_ns.models.fused_query import fused_available
+from splatsem_ns.models.heads import ProjectorHead
+from splatsem_ns.models.relevancy import lerf_relevancy
+torch.manual_seed(0)
+head = ProjectorHead(32, 96, 128, 2)
+texts = torch.nn.functional.normalize(torch.randn(6, 96), dim=-1)
+latent = torch.randn(7, 19, 32)  # 133 pixels: a partial last block of 64
+errors = []
+for positives, negatives, dtype in [(1, 4, torch.float32), (2, 4, torch.float32), (2, 0, torch.float32),
+                                    (1, 4, torch.bfloat16)]:
+    fold = FoldedQuery(head, texts[:positives], texts[positives:positives + negatives], compute_dtype=dtype,
+                       fused=True)
+    assert fused_available(latent, fold.front_weights)
+    expected = lerf_relevancy(head(latent), texts[:positives], texts[positives:positives + negatives])
+    got = fold(latent)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    errors.append(float((got - expected).abs().max()))
+print(errors)
+assert max(errors[:3]) < 1e-5 and errors[3] < 5e-3, errors
+"""
+
+
+@pytest.mark.slow
+def test_the_fused_kernel_gives_the_folded_numbers():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", _FUSED_CHECK], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def test_the_fused_path_is_skipped_where_it_cannot_run():
+    # On a CPU without Triton's interpreter the fused flag falls back to the fold, with the same numbers.
+    head = ProjectorHead(32, 40, 64, 2)
+    texts = torch.randn(3, 40)
+    latent = torch.randn(5, 32)
+    fused = FoldedQuery(head, texts[:1], texts[1:], fused=True)(latent)
+    assert torch.equal(fused, FoldedQuery(head, texts[:1], texts[1:])(latent))

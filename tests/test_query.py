@@ -401,16 +401,21 @@ def test_pca_display_uses_one_projection_for_every_frame(trained, panel):
     assert first.std(dim=(0, 1)).min() > 0.02  # colours vary with the content
 
 
-@pytest.mark.slow
-def test_click_on_a_chair_selects_that_chair(trained, panel):
-    from nerfstudio.viewer.viewer_elements import ViewerClick
-
+def _chair_pixel(trained):
+    """The first view showing a chair: its index, labels, instances, the chair's central pixel and its instance."""
     i = _views_with(trained, "chair", 60)[0]
     labels, instances = trained["labels"][i], trained["instances"][i]
     rows, cols = np.nonzero(labels == CLASS_IDS["chair"])
     centre = np.argmin((rows - np.median(rows)) ** 2 + (cols - np.median(cols)) ** 2)
     row, col = rows[centre], cols[centre]
-    chair = instances[row, col]
+    return i, labels, instances, row, col, instances[row, col]
+
+
+@pytest.mark.slow
+def test_click_on_a_chair_selects_that_chair(trained, panel):
+    from nerfstudio.viewer.viewer_elements import ViewerClick
+
+    i, labels, instances, row, col, chair = _chair_pixel(trained)
     _render(trained, i)  # the click falls back to the last rendered view when no browser is connected
     assert panel.click_teacher.value == "instances"
     _set(panel, click_select=True, click_similarity=0.8)
@@ -446,12 +451,7 @@ def test_a_click_limited_to_the_connected_region_keeps_to_the_clicked_chair(trai
     from nerfstudio.viewer.viewer_elements import ViewerClick
 
     panel.show_all()
-    i = _views_with(trained, "chair", 60)[0]
-    labels, instances = trained["labels"][i], trained["instances"][i]
-    rows, cols = np.nonzero(labels == CLASS_IDS["chair"])
-    centre = np.argmin((rows - np.median(rows)) ** 2 + (cols - np.median(cols)) ** 2)
-    row, col = rows[centre], cols[centre]
-    chair = instances[row, col]
+    i, labels, instances, row, col, chair = _chair_pixel(trained)
     _render(trained, i)
     height, width = labels.shape
     click = ViewerClick((0, 0, 0), (0, 0, 1), ((col + 0.5) / width, (row + 0.5) / height))

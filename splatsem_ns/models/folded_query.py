@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from splatsem_ns.models.fused_query import fused_available, fused_relevancy
 from splatsem_ns.models.heads import ProjectorHead
 from splatsem_ns.models.relevancy import LERF_TEMPERATURE
 
@@ -30,7 +31,9 @@ class FoldedQuery(nn.Module):
     GPU halves the memory traffic of a full frame's hidden activations); the cosine's division and the sigmoid
     stay in (at least) float32. None: the head's own dtype. ``compiled`` runs the whole map through one
     ``torch.compile``-d function shared by every query (compiled once per dtype and head depth, not per text),
-    so its element-wise tail fuses into the products instead of writing ``[pixels, hidden]`` intermediates."""
+    so its element-wise tail fuses into the products instead of writing ``[pixels, hidden]`` intermediates.
+    ``fused`` runs heads with one hidden layer through one Triton kernel (``models/fused_query.py``) on CUDA, in
+    float16 with float32 sums when ``compute_dtype`` is a 16-bit type; otherwise, or if it fails, the others."""
 
     def __init__(
         self,
@@ -40,6 +43,7 @@ class FoldedQuery(nn.Module):
         temperature: float = LERF_TEMPERATURE,
         compute_dtype: Optional[torch.dtype] = None,
         compiled: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if positives.ndim != 2 or positives.shape[0] == 0:
@@ -56,6 +60,7 @@ class FoldedQuery(nn.Module):
         self.num_queries = queries.shape[0]
         self.temperature = temperature
         self.compiled = compiled
+        self.fused = fused
         dtype = compute_dtype or weight.dtype
         # latent -> last hidden activations: the head's other layers (ReLU after each), transposed for x @ W.
         self.front_weights = [layer.weight.detach().T.to(dtype).contiguous() for layer in linears[:-1]]
@@ -79,7 +84,25 @@ class FoldedQuery(nn.Module):
             self.num_positives,
             self.temperature,
         )
-        global _COMPILE_FAILED
+        global _COMPILE_FAILED, _FUSED_FAILED
+        if self.fused and not _FUSED_FAILED and fused_available(latent, self.front_weights):
+            try:
+                return fused_relevancy(
+                    latent,
+                    self.front_weights[0],
+                    self.front_biases[0],
+                    self.fold,
+                    self.query_bias,
+                    self.bias_norm,
+                    self.num_positives,
+                    self.temperature,
+                )
+            except Exception as err:  # noqa: BLE001 (a Triton that cannot build it: the other paths agree)
+                _FUSED_FAILED = True
+                warnings.warn(
+                    f"The fused query kernel failed ({type(err).__name__}: {err}); using the unfused fold.",
+                    stacklevel=2,
+                )
         if self.compiled and not _COMPILE_FAILED:
             try:
                 return _compiled_relevancy()(*args)
@@ -122,6 +145,7 @@ def folded_relevancy(
 
 _COMPILED = None
 _COMPILE_FAILED = False
+_FUSED_FAILED = False
 
 
 def _compiled_relevancy():

@@ -7,9 +7,12 @@ and scored on the held-out split's, at 1, 5, 20 and 100% of the training points,
 - ``encoder``: the pretrained encoder's latent of each point's nearest Gaussian (each scene's Gaussians as
   chorus-pretrain is served them: its fitted gaussians.ply, else its seed points);
 - ``raw``: that Gaussian's colour and position relative to the scene's centre (the probe's floor).
-Class ids are the collection's (scenes with their own class table are mapped by name). The JSON
-(``"benchmark": "linear_probe"``) and markdown are written at the end; per-scene chorus-splat latents are not a
-row yet (they need a chorus-splat run per scene).
+- ``chorus-splat``: per-scene chorus-splat latents, decoded into one teacher's space (``--chorus-teacher``, a
+  space every scene shares) by each scene's own head: read from the scenes' gaussians.ply where
+  ``splatsem-fit-collection --method chorus-splat`` wrote them with their heads; the row is left out unless every
+  scene has them.
+Without ``--checkpoint`` the encoder row is left out. Class ids are the collection's (scenes with their own class
+table are mapped by name). The JSON (``"benchmark": "linear_probe"``) and markdown are written at the end.
 """
 
 from __future__ import annotations
@@ -52,26 +55,34 @@ def features_of_split(model, collection, split: str, args, rng) -> Dict[str, Lis
     from splatsem_ns.data.scene_gaussians import load_scene_gaussians
     from splatsem_ns.encoders.inputs import sh_dc_to_rgb
     from splatsem_ns.evaluation.linear_probe import nearest_gaussian_features
+    from splatsem_ns.export.loader import load_semantic_scene
 
-    out: Dict[str, List[torch.Tensor]] = {"encoder": [], "raw": [], "labels": []}
+    out: Dict[str, List[torch.Tensor]] = {"encoder": [], "raw": [], "chorus-splat": [], "labels": []}
     scenes = collection.split(split)[: args.max_scenes]
     for entry in scenes:
         path = collection.scene_path(entry)
         gaussians = load_scene_gaussians(path, "auto", "gaussians.ply")
-        with torch.no_grad():
-            latent = model.encoder(
-                *(
-                    gaussians[k].to(args.device)
-                    for k in ("means", "features_dc", "opacities", "scales", "quats")
-                )
-            ).cpu()
         means = gaussians["means"].numpy()
+        xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
+        if model is not None:
+            with torch.no_grad():
+                latent = model.encoder(
+                    *(
+                        gaussians[k].to(args.device)
+                        for k in ("means", "features_dc", "opacities", "scales", "quats")
+                    )
+                ).cpu()
+            out["encoder"].append(nearest_gaussian_features(xyz, means, latent))
+        fitted = path / "gaussians.ply"
+        if fitted.is_file():
+            scene = load_semantic_scene(fitted)
+            if scene.latent is not None and args.chorus_teacher in scene.heads:
+                decoded = scene.decode(args.chorus_teacher).float()
+                out["chorus-splat"].append(nearest_gaussian_features(xyz, scene.means.numpy(), decoded))
         centre = (means.min(axis=0) + means.max(axis=0)) / 2
         raw = torch.cat(
             [sh_dc_to_rgb(gaussians["features_dc"]), gaussians["means"] - torch.as_tensor(centre)], dim=1
         )
-        xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
-        out["encoder"].append(nearest_gaussian_features(xyz, means, latent))
         out["raw"].append(nearest_gaussian_features(xyz, means, raw))
         out["labels"].append(torch.as_tensor(labels))
     return out
@@ -82,7 +93,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--collection", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="the chorus-pretrain run's config.yml")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="the chorus-pretrain run's config.yml (no encoder row without)"
+    )
+    parser.add_argument(
+        "--chorus-teacher", default="labels", help="teacher space of the per-scene chorus-splat row"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--test-split", default="test")
@@ -98,7 +114,11 @@ def main() -> None:
 
     start = time.perf_counter()
     collection = SceneCollection.load(args.collection)
-    model = restore_network_model(args.checkpoint, "ns-train chorus-pretrain", args.device)
+    model = (
+        None
+        if args.checkpoint is None
+        else restore_network_model(args.checkpoint, "ns-train chorus-pretrain", args.device)
+    )
     rng = np.random.default_rng(0)
     train = features_of_split(model, collection, args.train_split, args, rng)
     test = features_of_split(model, collection, args.test_split, args, rng)
@@ -114,12 +134,22 @@ def main() -> None:
         "benchmark": "linear_probe",
         "device": device_name(),
         "collection": str(args.collection),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "train_points": int(sum(len(t) for t in train["labels"])),
         "test_points": int(sum(len(t) for t in test["labels"])),
         "results": {},
     }
-    for kind in ("encoder", "raw"):
+    report["notes"] = []
+    kinds = []
+    for kind in ("encoder", "chorus-splat", "raw"):
+        complete = len(train[kind]) == len(train["labels"]) and len(test[kind]) == len(test["labels"])
+        if kind == "chorus-splat" and not complete and (train[kind] or test[kind]):
+            report["notes"].append(
+                "chorus-splat row left out: not every scene has fitted latents with the head"
+            )
+        if complete:
+            kinds.append(kind)
+    for kind in kinds:
         scores = linear_probe(
             torch.cat(train[kind]), as_index(train["labels"]), torch.cat(test[kind]), as_index(test["labels"]),
             names, config,
@@ -133,7 +163,9 @@ def main() -> None:
     lines = [
         "# Linear probe on frozen per-Gaussian features",
         "",
-        f"- device: {report['device']}; collection `{report['collection']}`; encoder `{report['checkpoint']}`",
+        f"- device: {report['device']}; collection `{report['collection']}`; encoder `{report['checkpoint']}`; "
+        f"chorus-splat row decoded to `{args.chorus_teacher}`",
+        *[f"- note: {n}" for n in report["notes"]],
         f"- {report['train_points']} training points, {report['test_points']} held-out points",
         "",
         header,

@@ -48,6 +48,27 @@ def test_fitting_a_collection_writes_each_scene_and_resumes(tmp_path, capsys):
         inside = ((served["means"] > low - 0.5) & (served["means"] < high + 0.5)).all(dim=1)
         assert inside.float().mean() > 0.9
         assert float(np.ptp(served["means"].numpy(), axis=0).max()) > 1.5  # a room spans metres
+    # chorus-splat fits keep their latents and heads, decodable like any export.
+    from splatsem_ns.export.loader import load_semantic_scene
+
+    scene = load_semantic_scene(tmp_path / "room_0" / "gaussians.ply")
+    assert scene.latent is not None and len(scene.latent) == summary["room_0"]["gaussians"]
+    assert set(scene.heads) == {"labels"}
+    assert scene.decode("labels").shape == (len(scene.latent), scene.heads["labels"].feature_dim)
+    # The linear probe reads them as its per-scene chorus-splat row (no encoder: that row is left out).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_probe.py"
+    probe = subprocess.run(
+        [sys.executable, str(script), "--collection", str(collection), "--out", str(tmp_path / "probe"),
+         "--max-points", "300", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    report = json.loads((tmp_path / "probe" / "linear_probe.json").read_text())
+    assert set(report["results"]) == {"chorus-splat", "raw"} and report["test_points"] > 0
     recorded = json.loads((tmp_path / "fit_collection.json").read_text())
     assert recorded.keys() == summary.keys()
     before = (tmp_path / "room_0" / "gaussians.ply").stat().st_mtime_ns

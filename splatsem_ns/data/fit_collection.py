@@ -9,7 +9,9 @@ The Chorus encoder trains on scenes' Gaussians (``ns-train chorus-pretrain``, wi
 ``--pipeline.datamanager.gaussians ply`` or ``auto``). This tool makes them: for each scene of the collection (or
 of ``--splits``) it trains ``--method`` (splatfacto by default; it needs CUDA) for ``--steps`` steps in this
 process, and writes the Gaussians to ``<scene>/gaussians.ply`` in the scene's own frame (the frame of its
-transforms.json, so the encoder's voxels are in the capture's units), as any 3DGS PLY.
+transforms.json, so the encoder's voxels are in the capture's units), as any 3DGS PLY; chorus-splat fits also keep
+their latents and heads (``sem_*`` columns and a ``gaussians.semantic.pt`` sidecar), which the linear probe reads as
+its per-scene baseline.
 
 Nothing is lost on interruption: every scene's file is written under a temporary name and renamed into place
 once complete, and scenes that already have one are skipped unless ``--overwrite``. A scene that fails (a broken
@@ -107,7 +109,7 @@ class FitCollection:
             outputs = trainer.pipeline.datamanager.train_dataparser_outputs
             count = write_scene_gaussians(
                 folder / self.output_name,
-                model.gauss_params,
+                model,
                 outputs.dataparser_transform,
                 float(outputs.dataparser_scale),
             )
@@ -170,33 +172,37 @@ def to_scene_frame(
 
 
 @torch.no_grad()
-def write_scene_gaussians(path: Path, params, transform: Float[Tensor, "3 4"], scale: float) -> int:
-    """Write a trained model's ``gauss_params`` (dataparser frame) to ``path`` in the scene's own frame, atomically;
-    returns how many were written."""
-    from splatsem_ns.export.semantic_ply import write_semantic_ply
+def write_scene_gaussians(path: Path, model, transform: Float[Tensor, "3 4"], scale: float) -> int:
+    """Write a trained model's Gaussians (dataparser frame) to ``path`` in the scene's own frame; returns how many
+    were written. A chorus-splat model's latents and heads come along (``sem_*`` columns and the
+    ``.semantic.pt`` sidecar, as ``splatsem-export`` writes them), so the probe can read its features; the pair is
+    written atomically (``SemanticScene.save``)."""
+    from dataclasses import replace
 
+    from splatsem_ns.export.loader import SemanticScene
+
+    scene = SemanticScene.from_model(model)
     means, log_scales, quats = to_scene_frame(
-        params["means"].detach().float().cpu(),
-        params["scales"].detach().float().cpu(),
-        torch.nn.functional.normalize(params["quats"].detach().float().cpu(), dim=-1),
+        scene.means.float().cpu(),
+        scene.scales.float().cpu(),
+        torch.nn.functional.normalize(scene.quats.float().cpu(), dim=-1),
         torch.as_tensor(transform).float(),
         scale,
     )
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    written = write_semantic_ply(
-        partial,
-        means.numpy(),
-        log_scales.numpy(),
-        quats.numpy(),
-        params["opacities"].detach().float().cpu().numpy(),
-        params["features_dc"].detach().float().cpu().numpy(),
+    moved = replace(
+        scene,
+        means=means,
+        scales=log_scales,
+        quats=quats,
+        opacities=scene.opacities.float().cpu(),
+        features_dc=scene.features_dc.float().cpu(),
         # Higher SH bands are left out: rotating them into the scene's frame is not needed by the encoder, which
         # reads colour from the DC term only.
-        params["features_rest"].detach().float().cpu().numpy()[:, :0],
+        features_rest=scene.features_rest.float().cpu()[:, :0],
+        latent=None if scene.latent is None else scene.latent.float().cpu(),
+        sh_degree=0,
     )
-    os.replace(partial, path)
-    return int(written.num_written)
+    return int(moved.save(Path(path)).num_written)
 
 
 def _write_json(path: Path, record: Dict) -> None:

@@ -78,7 +78,7 @@ def fused_relevancy(
         gram,
         gram_bias,
         query_bias.float().contiguous(),
-        float(bias_norm),
+        bias_norm.float().reshape(1),  # a pointer, not a Python number: reading it would wait for the GPU
         out,
         rows,
         float(temperature),
@@ -104,7 +104,7 @@ if triton is not None:
         gram_ptr,  # [HIDDEN, HIDDEN] compute dtype (W^T W)
         gram_bias_ptr,  # [HIDDEN] float32 (W^T b)
         query_bias_ptr,  # [QUERIES] float32 (q . b)
-        bias_norm,  # |b|^2
+        bias_norm_ptr,  # [1] float32: |b|^2
         out_ptr,  # [M, POSITIVES] float32
         rows,
         temperature,
@@ -147,7 +147,7 @@ if triton is not None:
                 block = tl.load(gram_ptr + unit[:, None] * HIDDEN + out_unit[None, :])
                 g += tl.dot(h.to(weight_ptr.dtype.element_ty), block)
             norm2 += tl.sum(g * h_out, axis=1)
-        norm2 += bias_norm
+        norm2 += tl.load(bias_norm_ptr)
         inverse = 1.0 / tl.maximum(tl.sqrt(tl.maximum(norm2, 0.0)), 1e-12)
         query_bias = tl.load(query_bias_ptr + column, mask=column < QUERIES, other=0.0)
         cosine = (dots + query_bias[None, :]) * inverse[:, None]

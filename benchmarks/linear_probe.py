@@ -52,18 +52,32 @@ def scene_points(scene: Path, classes: Dict[int, str], max_points: int, rng) -> 
 
 def features_of_split(model, collection, split: str, args, rng) -> Dict[str, List[torch.Tensor]]:
     """Per feature kind, the points' features, and their labels, over the split's scenes."""
+    from scipy.spatial import cKDTree
+
     from splatsem_ns.data.scene_gaussians import load_scene_gaussians
     from splatsem_ns.encoders.inputs import sh_dc_to_rgb
     from splatsem_ns.evaluation.linear_probe import nearest_gaussian_features
     from splatsem_ns.export.loader import load_semantic_scene
 
-    out: Dict[str, List[torch.Tensor]] = {"encoder": [], "raw": [], "chorus-splat": [], "labels": []}
+    out: Dict[str, List[torch.Tensor]] = {
+        "encoder": [],
+        "raw": [],
+        "chorus-splat": [],
+        "labels": [],
+        "dropped_far": [],
+    }
     scenes = collection.split(split)[: args.max_scenes]
     for entry in scenes:
         path = collection.scene_path(entry)
         gaussians = load_scene_gaussians(path, "auto", "gaussians.ply")
         means = gaussians["means"].numpy()
         xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
+        # Only points the Gaussians reach: a capture's labelled cloud covers the whole room, its views (and so its
+        # Gaussians) often not, and a point metres from any Gaussian would be probed on a stranger's features.
+        distance, _ = cKDTree(means).query(xyz)
+        near = distance <= args.max_distance
+        out["dropped_far"].append(torch.tensor([int((~near).sum()), len(near)]))
+        xyz, labels = xyz[near], labels[near]
         if model is not None:
             with torch.no_grad():
                 latent = model.encoder(
@@ -104,7 +118,16 @@ def main() -> None:
     parser.add_argument("--test-split", default="test")
     parser.add_argument("--max-scenes", type=int, default=50, help="scenes per split")
     parser.add_argument("--max-points", type=int, default=20000, help="labelled points per scene")
+    parser.add_argument(
+        "--max-distance",
+        type=float,
+        default=0.1,
+        help="probe only labelled points this close to a Gaussian (scene units: metres for depth captures)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--note", action="append", default=[], help="a line on how the run was made (repeatable)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -137,9 +160,14 @@ def main() -> None:
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "train_points": int(sum(len(t) for t in train["labels"])),
         "test_points": int(sum(len(t) for t in test["labels"])),
+        "points_dropped_beyond_max_distance": {
+            split: f"{int(sum(d[0] for d in part['dropped_far']))} of {int(sum(d[1] for d in part['dropped_far']))}"
+            for split, part in (("train", train), ("test", test))
+        },
+        "max_distance": args.max_distance,
         "results": {},
     }
-    report["notes"] = []
+    report["notes"] = list(args.note)
     kinds = []
     for kind in ("encoder", "chorus-splat", "raw"):
         complete = len(train[kind]) == len(train["labels"]) and len(test[kind]) == len(test["labels"])
@@ -166,7 +194,9 @@ def main() -> None:
         f"- device: {report['device']}; collection `{report['collection']}`; encoder `{report['checkpoint']}`; "
         f"chorus-splat row decoded to `{args.chorus_teacher}`",
         *[f"- note: {n}" for n in report["notes"]],
-        f"- {report['train_points']} training points, {report['test_points']} held-out points",
+        f"- {report['train_points']} training points, {report['test_points']} held-out points; labelled points "
+        f"farther than {args.max_distance} from every Gaussian left out (train, test): "
+        f"{report['points_dropped_beyond_max_distance']}",
         "",
         header,
         "|---|" + "---|" * len(config.fractions),

@@ -63,7 +63,7 @@ def test_fitting_a_collection_writes_each_scene_and_resumes(tmp_path, capsys):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_probe.py"
     probe = subprocess.run(
         [sys.executable, str(script), "--collection", str(collection), "--out", str(tmp_path / "probe"),
-         "--max-points", "300", "--device", "cpu"],
+         "--max-points", "300", "--max-distance", "10", "--device", "cpu"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr[-3000:]

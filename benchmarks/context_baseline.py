@@ -108,10 +108,19 @@ def network_rows(report: Dict[str, Any], network_report: Path) -> List[str]:
             continue
         psnr = np.mean([scored[n]["psnr"] for n in scenes])
         rel = np.mean([scored[n]["target_depth_abs_rel"] for n in scenes])
-        miou = evaluation.get("semantic_2d_target", {}).get("miou")
-        miou_text = (
-            f"{100 * miou:.1f} (all {evaluation.get('num_scenes')} scenes)" if miou is not None else "-"
-        )
+        counts = [scored[n].get("target_confusion") for n in scenes]
+        if all(c is not None for c in counts):  # the network's own counts on exactly these scenes
+            from splatsem_ns.evaluation.metrics import ConfusionMatrix
+
+            pooled = ConfusionMatrix.from_counts(counts[0])
+            for c in counts[1:]:
+                pooled.merge(ConfusionMatrix.from_counts(c))
+            miou_text = f"{100 * pooled.miou():.1f}"
+        else:  # reports from before per-scene counts were kept: only the mIoU over every scored scene
+            miou = evaluation.get("semantic_2d_target", {}).get("miou")
+            miou_text = (
+                f"{100 * miou:.1f} (all {evaluation.get('num_scenes')} scenes)" if miou is not None else "-"
+            )
         rows.append(
             f"| semantic-splat network, {label} ({network_report.name}) | {len(scenes)} | {psnr:.2f} | {rel:.3f} | "
             f"{miou_text} | one forward |"

@@ -173,3 +173,17 @@ def test_remap_labels() -> None:
     np.testing.assert_array_equal(remap_labels(torch.tensor([7, 3]), [3, 7], ignore_index=255), [1, 0])
     with pytest.raises(ValueError, match="distinct"):
         remap_labels(raw, [1, 1])
+
+
+def test_confusion_counts_round_trip_and_merge():
+    from splatsem_ns.evaluation.metrics import ConfusionMatrix
+
+    a = ConfusionMatrix(3).update(np.array([0, 1, 2, -1]), np.array([0, 1, 1, 2]))
+    b = ConfusionMatrix(3).update(np.array([2, 2]), np.array([2, 0]))
+    back = ConfusionMatrix.from_counts(a.counts())
+    assert np.array_equal(back.matrix, a.matrix) and np.array_equal(back.missed, a.missed)
+    pooled = ConfusionMatrix.from_counts(a.counts()).merge(ConfusionMatrix.from_counts(b.counts()))
+    both = ConfusionMatrix(3).update(np.array([0, 1, 2, -1, 2, 2]), np.array([0, 1, 1, 2, 2, 0]))
+    assert np.array_equal(pooled.matrix, both.matrix) and pooled.miou() == both.miou()
+    with pytest.raises(ValueError, match="K \\+ 1"):
+        ConfusionMatrix.from_counts([[1, 2], [3, 4]])

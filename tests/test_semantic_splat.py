@@ -67,6 +67,11 @@ def test_ns_train_eval_resume_and_export(collection, trained, tmp_path):
         "semantic_2d_teacher_warped_target",
     ):
         assert 0.0 <= results[key]["miou"] <= 1.0, key
+    # Each scene's own target counts are kept; with one scene they are the whole matrix.
+    from splatsem_ns.evaluation.metrics import ConfusionMatrix
+
+    own = ConfusionMatrix.from_counts(results["per_scene"][0]["target_confusion"])
+    assert abs(own.miou() - results["semantic_2d_target"]["miou"]) < 1e-9
     # The teacher on the held-out view is the degraded labels proxy: far above chance over the room's classes.
     assert results["semantic_2d_teacher_target"]["overall_acc"] > 0.5
 

@@ -110,6 +110,20 @@ class ConfusionMatrix:
         self._counts += other._counts
         return self
 
+    def counts(self) -> list:
+        """The counts as nested lists (JSON-ready), the "no prediction" column last; ``from_counts`` reads them."""
+        return self._counts.tolist()
+
+    @classmethod
+    def from_counts(cls, counts, ignore_index: int = -1) -> ConfusionMatrix:
+        """A matrix from ``counts()`` (e.g. one scene's, read back from a report)."""
+        array = np.asarray(counts, dtype=np.int64)
+        if array.ndim != 2 or array.shape[1] != array.shape[0] + 1:
+            raise ValueError(f"confusion counts must be [K, K + 1], got {array.shape}")
+        matrix = cls(array.shape[0], ignore_index)
+        matrix._counts = array.copy()
+        return matrix
+
     def reset(self) -> None:
         """Sets every count to zero."""
         self._counts[:] = 0

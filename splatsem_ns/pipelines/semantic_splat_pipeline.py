@@ -208,7 +208,11 @@ class SemanticSplatPipeline(Pipeline):
             scores["scene"] = sample["scene"]  # type: ignore[assignment]
             per_scene.append(scores)
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
+                segmentation.begin_scene()
                 segmentation.add(batch, outputs)
+                # This scene's own counts, so a report can score any subset of scenes exactly (the per-scene
+                # baseline of benchmarks/context_baseline.py pools the same scenes).
+                scores["target_confusion"] = segmentation.scene_matrix.counts()  # type: ignore[union-attr]
         self.train()
         numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, float)})
         result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene if k in s])) for k in numeric}
@@ -260,12 +264,21 @@ class _Segmentation:
         self.cfg = cfg
         k = len(self.ids)
         self.matrices = {key: ConfusionMatrix(k) for key in keys}
+        self.scene_matrix: Optional[ConfusionMatrix] = None
+        """The "target" counts of the current scene alone (``begin_scene``)."""
         CONSOLE.log(f"Segmentation with teacher '{self.teacher_name}' over {k} classes.")
+
+    def begin_scene(self) -> None:
+        """Start counting the next scene's "target" views on their own as well (``scene_matrix``)."""
+        self.scene_matrix = ConfusionMatrix(len(self.ids))
 
     def add_view(self, key: str, features: torch.Tensor, truth: torch.Tensor) -> None:
         """One view's ``[H, W, C]`` features (in the query teacher's space) classified against its labels, into the
-        ``key`` confusion matrix."""
-        accumulate_2d(self.matrices[key], classify_map(features, self.text, self.ids), truth.long(), self.ids)
+        ``key`` confusion matrix (and, for "target", the current scene's)."""
+        predicted = classify_map(features, self.text, self.ids)
+        accumulate_2d(self.matrices[key], predicted, truth.long(), self.ids)
+        if key == "target" and self.scene_matrix is not None:
+            accumulate_2d(self.scene_matrix, predicted, truth.long(), self.ids)
 
     def add_targets(self, target: Mapping[str, Any], latents: torch.Tensor) -> None:
         """The target views of a batch of one: the model's rendered ``[T, H, W, D]`` latents decoded by the query

@@ -57,14 +57,11 @@ def test_the_compiled_fold_gives_the_eager_numbers():
 def test_a_fold_that_cannot_compile_runs_eagerly(monkeypatch):
     import splatsem_ns.models.folded_query as folded_query
 
-    def broken():
-        def fail(*args):
-            raise RuntimeError("no C++ compiler")
-
-        return fail
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(folded_query, "_compiled_relevancy", broken)
-    monkeypatch.setattr(folded_query, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(folded_query, "_FAILED", set())
     head = ProjectorHead(8, 32, 16, 2)
     texts = torch.randn(3, 32)
     latent = torch.randn(5, 8)

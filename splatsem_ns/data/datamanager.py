@@ -326,11 +326,11 @@ class ChorusDataManager(FullImageDatamanager):
 
     def next_train(self, step: int):
         camera, data = super().next_train(step)
-        if self.serves_teachers_at is not None and not self.serves_teachers_at(step):
-            pass  # the model skips its semantic half this step (ChorusSplatModelConfig.semantic_every)
-        elif self._features:
+        # Not on the steps where the model skips its semantic half (ChorusSplatModelConfig.semantic_every).
+        teachers = self.serves_teachers_at is None or self.serves_teachers_at(step)
+        if teachers and self._features:
             data["teacher_features"] = self.teacher_features(int(camera.metadata["cam_idx"]))
-        if self._weights and "teacher_features" in data:
+        if teachers and self._weights:
             data["teacher_weights"] = self.teacher_weights(int(camera.metadata["cam_idx"]))
         if self._depths:
             data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])].numpy())

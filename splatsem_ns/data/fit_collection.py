@@ -145,9 +145,8 @@ def _trainer(method: str, scene: Path, out: Path, steps: int, teachers: Tuple[st
     if hasattr(config, "save_every_minutes"):
         config.save_every_minutes = 0.0  # the scene's file is the result; no run checkpoints
     trainer = Trainer(config, local_rank=0, world_size=1)
-    with (
-        optional_lpips()
-    ):  # stock splatfacto downloads LPIPS weights when built, which offline machines cannot
+    # Stock splatfacto downloads LPIPS weights when built, which offline machines cannot.
+    with optional_lpips():
         trainer.setup()
     return trainer
 

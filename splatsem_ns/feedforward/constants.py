@@ -15,8 +15,6 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-Number = Union[int, float, bool]
-
 
 def device_constant(
     values: Sequence, device: Union[str, torch.device], dtype: torch.dtype = torch.float32

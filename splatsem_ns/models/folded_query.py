@@ -84,34 +84,21 @@ class FoldedQuery(nn.Module):
             self.num_positives,
             self.temperature,
         )
-        global _COMPILE_FAILED, _FUSED_FAILED
-        if self.fused and not _FUSED_FAILED and fused_available(latent, self.front_weights):
+        # The fastest path that can run here; one that fails (no Triton build, no compiler) is not tried again
+        # in this process, and every path gives the same map.
+        paths = []
+        if self.fused and fused_available(latent, self.front_weights):
+            paths.append(("fused", fused_relevancy, "the fused query kernel failed"))
+        if self.compiled:
+            paths.append(("compiled", _compiled_relevancy, "compiling the folded query failed"))
+        for name, function, failure in paths:
+            if name in _FAILED:
+                continue
             try:
-                return fused_relevancy(
-                    latent,
-                    self.front_weights[0],
-                    self.front_biases[0],
-                    self.fold,
-                    self.query_bias,
-                    self.bias_norm,
-                    self.num_positives,
-                    self.temperature,
-                )
-            except Exception as err:  # noqa: BLE001 (a Triton that cannot build it: the other paths agree)
-                _FUSED_FAILED = True
-                warnings.warn(
-                    f"The fused query kernel failed ({type(err).__name__}: {err}); using the unfused fold.",
-                    stacklevel=2,
-                )
-        if self.compiled and not _COMPILE_FAILED:
-            try:
-                return _compiled_relevancy()(*args)
-            except Exception as err:  # noqa: BLE001 (no compiler toolchain, say: the eager path gives the same map)
-                _COMPILE_FAILED = True
-                warnings.warn(
-                    f"Compiling the folded query failed ({type(err).__name__}: {err}); running it eagerly.",
-                    stacklevel=2,
-                )
+                return function(*args)
+            except Exception as err:  # noqa: BLE001 (see above)
+                _FAILED.add(name)
+                warnings.warn(f"{failure} ({type(err).__name__}: {err}); using the next path.", stacklevel=2)
         return folded_relevancy(*args)
 
 
@@ -144,12 +131,13 @@ def folded_relevancy(
 
 
 _COMPILED = None
-_COMPILE_FAILED = False
-_FUSED_FAILED = False
+_FAILED: set = set()
+"""Paths ("fused", "compiled") that failed in this process."""
 
 
-def _compiled_relevancy():
+def _compiled_relevancy(*args) -> Tensor:
+    """``folded_relevancy`` through one ``torch.compile``-d function, shared by every query."""
     global _COMPILED
     if _COMPILED is None:  # dynamic: any pixel count (viewer resolution) without recompiling
         _COMPILED = torch.compile(folded_relevancy, dynamic=True)
-    return _COMPILED
+    return _COMPILED(*args)

@@ -37,16 +37,17 @@ def fused_available(latent: Tensor, front_weights: List[Tensor]) -> bool:
 
 def fused_relevancy(
     latent: Float[Tensor, "*batch D"],
-    front_weight: Float[Tensor, "D H"],
-    front_bias: Float[Tensor, " H"],
+    front_weights: List[Tensor],
+    front_biases: List[Tensor],
     fold: Float[Tensor, "H K"],
     query_bias: Float[Tensor, " Q"],
     bias_norm: Float[Tensor, ""],
     num_positives: int,
     temperature: float,
 ) -> Float[Tensor, "*batch P"]:
-    """LERF relevancy of every latent (the same numbers as ``folded_query.folded_relevancy`` for a head with one
-    hidden layer; ``fold`` is ``[W^T q | G | W^T b]`` as ``FoldedQuery`` builds it)."""
+    """LERF relevancy of every latent: ``folded_query.folded_relevancy``'s arguments and numbers, for a head with one
+    hidden layer (``front_weights`` holds its ``[D, H]`` weight; ``fold`` is ``[W^T q | G | W^T b]``)."""
+    (front_weight,), (front_bias,) = front_weights, front_biases
     batch_shape = latent.shape[:-1]
     flat = latent.reshape(-1, latent.shape[-1]).contiguous()
     rows, channels = flat.shape

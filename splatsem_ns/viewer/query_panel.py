@@ -144,28 +144,45 @@ class Selection:
     _cache: Dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def mask(self, model: nn.Module) -> Bool[Tensor, " N"]:
-        """The selected Gaussians of ``model`` as it is now."""
+        """The selected Gaussians of ``model`` as it is now: the matches, limited to the clicked region if set."""
         cached = self._cache.get("mask")
+        if cached is not None and cached.shape[0] == model.num_points:
+            return cached
+        mask = self.matches(model)
+        if (
+            self.pixel_feature is not None
+            and self.region_radius is not None
+            and self.surface_point is not None
+        ):
+            closeness = 1.0 / (1.0 + (model.means.detach() - self.surface_point.to(model.means)).norm(dim=-1))
+            seed = click_seed(model.means, mask, closeness)
+            mask = (
+                torch.zeros_like(mask)
+                if seed is None
+                else grow_region(model.means, mask, seed, self.region_radius)
+            )
+        self._cache["mask"] = mask
+        return mask
+
+    def matches(self, model: nn.Module) -> Bool[Tensor, " N"]:
+        """The Gaussians the rule matches (feature similarity to the click, or the text), before any region."""
+        cached = self._cache.get("matches")
         if cached is not None and cached.shape[0] == model.num_points:
             return cached
         features = model.gaussian_features(self.teacher)
         if self.pixel_feature is not None:
-            mask = select_by_click(features, self.pixel_feature.to(features), self.threshold)
-            if self.region_radius is not None and self.surface_point is not None:
-                closeness = 1.0 / (
-                    1.0 + (model.means.detach() - self.surface_point.to(model.means)).norm(dim=-1)
-                )
-                seed = click_seed(model.means, mask, closeness)
-                mask = (
-                    torch.zeros_like(mask)
-                    if seed is None
-                    else grow_region(model.means, mask, seed, self.region_radius)
-                )
+            matches = select_by_click(features, self.pixel_feature.to(features), self.threshold)
         else:
             assert self.positives is not None and self.negatives is not None
-            mask = select_by_text(features, self.positives, self.negatives, self.threshold)
-        self._cache["mask"] = mask
-        return mask
+            matches = select_by_text(features, self.positives, self.negatives, self.threshold)
+        self._cache["matches"] = matches
+        return matches
+
+    def limit_to_region(self, surface_point: Float[Tensor, "3"], radius: float) -> None:
+        """Keep only the matches connected to the one nearest ``surface_point`` (the matches stay cached)."""
+        self.description += " (connected region)"
+        self.surface_point, self.region_radius = surface_point, radius
+        self._cache.pop("mask", None)
 
 
 class SemanticQueryPanel(nn.Module):
@@ -696,12 +713,8 @@ class SemanticQueryPanel(nn.Module):
             seed = None if weights is None else click_seed(model.means, mask, weights)
             if seed is not None:
                 # Grown from the matching Gaussian that weighs most in the clicked pixel, kept as its centre.
-                selection.description = "clicked object (connected region)"
-                selection.surface_point = model.means.detach()[seed].clone()
-                selection.region_radius = float(self.click_region_radius.value) * float(
-                    getattr(model, "scene_scale", 1.0)
-                )
-                selection._cache.clear()
+                radius = float(self.click_region_radius.value) * float(getattr(model, "scene_scale", 1.0))
+                selection.limit_to_region(model.means.detach()[seed].clone(), radius)
                 mask = selection.mask(model)
             self._selection = self._highlighted = selection
             self._refresh_display(model, force=True)

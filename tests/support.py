@@ -136,3 +136,12 @@ def ns_train_on_collection(
         ],
         capture_output=True, text=True, env=offline_env(), timeout=900,
     )  # fmt: skip
+
+
+def trained_on_collection(
+    method: str, collection: Path, root: Path, steps: int, experiment: str, *extra: str
+) -> Path:
+    """``ns_train_on_collection`` that must succeed; returns the run folder (``root/out/EXPERIMENT/METHOD/run``)."""
+    trained = ns_train_on_collection(method, collection, root, steps, experiment, *extra)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
+    return root / "out" / experiment / method / "run"

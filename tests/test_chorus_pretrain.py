@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, ns_train_on_collection, offline_env, tiny_collection, train_synthetic
+from support import command, offline_env, tiny_collection, train_synthetic, trained_on_collection
 
 from splatsem_ns.data.scene_gaussians import (
     GAUSSIAN_KEYS,
@@ -95,19 +95,13 @@ def test_the_datamanager_serves_a_seeded_subset_of_each_scenes_gaussians(collect
     assert batch["gaussians"]["batch"].tolist() == [0] * 100 + [1] * 100
 
 
-def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    return ns_train_on_collection(
-        "chorus-pretrain", collection, root, steps, "pre", "--pipeline.model.tiny-encoder", "True", *extra
-    )
-
-
 @pytest.fixture(scope="module")
 def pretrained(collection, tmp_path_factory) -> Path:
     """A tiny chorus-pretrain run of 4 steps through the real ns-train; returns its run folder."""
     root = tmp_path_factory.mktemp("pretrain_run")
-    trained = _ns_train(collection, root, 4)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
-    return root / "out" / "pre" / "chorus-pretrain" / "run"
+    return trained_on_collection(
+        "chorus-pretrain", collection, root, 4, "pre", "--pipeline.model.tiny-encoder", "True"
+    )
 
 
 def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(collection, pretrained, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, ns_train_on_collection, offline_env, tiny_collection
+from support import command, ns_train_on_collection, offline_env, tiny_collection, trained_on_collection
 
 from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.models.semantic_splat import depth_metrics, sample_feature_maps
@@ -34,9 +34,9 @@ def _ns_train(collection: Path, root: Path, steps: int, *extra: str) -> subproce
 def trained(collection, tmp_path_factory) -> Path:
     """A tiny semantic-splat run of 6 steps through the real ns-train; returns its run folder."""
     root = tmp_path_factory.mktemp("ff_run")
-    trained = _ns_train(collection, root, 6)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
-    return root / "out" / "ff" / "semantic-splat" / "run"
+    return trained_on_collection(
+        "semantic-splat", collection, root, 6, "ff", "--pipeline.model.tiny-network", "True"
+    )
 
 
 @pytest.mark.slow

@@ -145,3 +145,16 @@ def trained_on_collection(
     trained = ns_train_on_collection(method, collection, root, steps, experiment, *extra)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-4000:]
     return root / "out" / experiment / method / "run"
+
+
+def ns_eval(run_dir: Path, out: Path, timeout: int = 900) -> dict:
+    """Run the real ``ns-eval`` on a run folder, offline; it must succeed. Returns the JSON's "results"."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [command("ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path", str(out)],
+        capture_output=True, text=True, env=offline_env(), timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"ns-eval failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(Path(out).read_text())["results"]

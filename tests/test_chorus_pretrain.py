@@ -3,14 +3,13 @@ multi-scene datamanager."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from support import command, offline_env, tiny_collection, train_synthetic, trained_on_collection
+from support import command, ns_eval, offline_env, tiny_collection, train_synthetic, trained_on_collection
 
 from splatsem_ns.data.scene_gaussians import (
     GAUSSIAN_KEYS,
@@ -116,12 +115,7 @@ def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(colle
         "instances",
     }
 
-    evaluated = subprocess.run(
-        [command("ns-eval"), "--load-config", str(run / "config.yml"), "--output-path", str(tmp_path / "eval.json")],
-        capture_output=True, text=True, env=offline_env(), timeout=900,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
-    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    results = ns_eval(run, tmp_path / "eval.json")
     assert results["num_scenes"] == 1 and results["per_scene"][0]["scene"] == "room_3"
     assert results["num_gaussians"] == 300
     assert -1.0 <= results["cosine_labels"] <= 1.0 and -1.0 <= results["cosine_instances"] <= 1.0

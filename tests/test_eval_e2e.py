@@ -9,11 +9,8 @@ Random predictions over the 10 classes score about 0.05.
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
-from support import command, offline_env
+from support import ns_eval
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +20,7 @@ def results(labels_run):
     run_dir = labels_run
     root = run_dir.parents[3]
     out = root / "eval.json"
-    proc = subprocess.run(
-        [command("ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path", str(out)],
-        capture_output=True, text=True, env=offline_env(), timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())["results"]
+    return ns_eval(run_dir, out, timeout=600)
 
 
 def test_segmentation_metrics_in_ns_eval_json(results):

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, ns_train_on_collection, offline_env, tiny_collection, trained_on_collection
+from support import (
+    command,
+    ns_eval,
+    ns_train_on_collection,
+    offline_env,
+    tiny_collection,
+    trained_on_collection,
+)
 
 from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.models.semantic_splat import depth_metrics, sample_feature_maps
@@ -51,12 +58,7 @@ def test_ns_train_eval_resume_and_export(collection, trained, tmp_path):
     for loss in ("rgb", "depth", "distill_labels", "distill_instances"):
         assert f"Train Loss Dict/{loss}" in tags, sorted(tags)
 
-    evaluated = subprocess.run(
-        [command("ns-eval"), "--load-config", str(run / "config.yml"), "--output-path", str(tmp_path / "eval.json")],
-        capture_output=True, text=True, env=offline_env(), timeout=900,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
-    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    results = ns_eval(run, tmp_path / "eval.json")
     assert results["num_scenes"] == 1 and results["per_scene"][0]["scene"] == "room_4"
     assert 5.0 < results["psnr"] < 40.0
     assert results["target_depth_abs_rel"] >= 0.0 and 0.0 <= results["context_depth_delta1"] <= 1.0

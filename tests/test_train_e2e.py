@@ -4,14 +4,13 @@ every family, then ``ns-eval`` on the checkpoint it wrote (which also proves it 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from support import command, offline_env
+from support import command, ns_eval, offline_env
 
 from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints
 from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
@@ -90,15 +89,7 @@ def test_checkpoint_written_and_reloads_with_weights_only(trained):
 def test_ns_eval_restores_model_without_teachers(trained):
     root, run_dir, _ = trained
     out = root / "eval.json"
-    proc = subprocess.run(
-        [command("ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path", str(out)],
-        capture_output=True,
-        text=True,
-        env=offline_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"ns-eval failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    results = json.loads(out.read_text())["results"]
+    results = ns_eval(run_dir, out, timeout=600)
     assert results["psnr"] > 12.0, results  # a synthetic room after 300 CPU steps; a broken render is ~5-8 dB
 
 

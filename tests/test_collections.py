@@ -255,3 +255,41 @@ def test_extraction_in_several_processes_gives_the_same_cache(collection, tmp_pa
     out = " ".join(capsys.readouterr().out.split())
     assert "Teacher features (collection): 96 images done in" in out  # one display over both processes
     assert json.loads((collection).read_text())["format"] == "splatsem_ns.scene_collection"
+
+
+def test_a_scene_without_label_images_is_scored_on_its_projected_labelled_points(scenes, tmp_path):
+    """A capture with labelled points but no label images (ScanNet as distributed) gets the label proxy's clean
+    class maps in its samples, close to what label images would have said."""
+    import shutil
+
+    root = tmp_path / "scenes"
+    for name in ("room_0", "room_1"):
+        shutil.copytree(scenes / name, root / name)
+    transforms = root / "room_1" / "transforms.json"
+    meta = json.loads(transforms.read_text())
+    for frame in meta["frames"]:
+        frame.pop("semantic_file_path")
+    transforms.write_text(json.dumps(meta))
+    assert (root / "room_1" / "points_labeled.ply").is_file()
+    out = tmp_path / "collection.json"
+    BuildCollection(
+        scenes=(root,), out=out, val_fraction=0.0, test_fraction=0.0, test_scenes=("room_1",)
+    ).main()
+    manager = _manager(out, tmp_path, teachers=("labels",), eval_split="test")
+    sample = manager.eval_dataset[0]
+    assert sample["scene"] == "room_1"
+    projected = sample["target"]["labels"]
+    assert bool(sample["target"]["has_labels"]) and int((projected > 0).sum()) > 0.5 * projected.numel()
+    frames = SceneFrames.load(scenes / "room_1")
+    truth = torch.stack(
+        [torch.from_numpy(frames.load_view(int(i), (48, 64)).labels) for i in sample["target"]["view_indices"]]
+    )
+    both = (projected > 0) & (truth > 0)
+    agree = float((projected[both] == truth[both]).float().mean())
+    # 79% in these 64x48 rooms (sparse points, boundaries); a map in the wrong frame agrees about as often as
+    # "every pixel is wall" would, under 50%.
+    assert agree > 0.7, f"projected labels agree with the label images on {agree:.0%} of pixels"
+    # Scenes with label images keep them, and nothing is served as labelled without a label proxy.
+    assert bool(manager.train_dataset[0]["target"]["has_labels"])
+    no_proxy = _manager(out, tmp_path, teachers=("tiny-dinov2",), eval_split="test")
+    assert not bool(no_proxy.eval_dataset[0]["target"]["has_labels"])

@@ -62,6 +62,7 @@ from splatsem_ns.teachers.cache import (
     default_cache_root,
     image_key,
 )
+from splatsem_ns.teachers.labels_teacher import LabelsTeacher, LabelsTeacherConfig
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, check_teacher_names, configured_teachers
 
 OVERLAP_VERSION = 1
@@ -118,7 +119,8 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
     gaussians: GaussianSource = "off"
     """Also serve each scene's 3D Gaussians (the encoder's input; ``scene_gaussians.py``): "ply" a fitted 3DGS file
     in the scene folder, "points" the seed point cloud as small Gaussians, "auto" the file where there is one, else
-    the points; "off": views only."""
+    the points, "labeled_points" the labelled point cloud as small Gaussians (denser; captures without seed points);
+    "off": views only."""
     gaussians_file: str = "gaussians.ply"
     """File name of a scene's fitted Gaussians, in its folder (scene frame)."""
     max_gaussians: int = 200_000
@@ -168,8 +170,10 @@ class SceneSampleDataset(Dataset):
         feature_root: Path,
         overlap_root: Path,
         epoch_length: int,
+        label_teacher: Optional[str] = None,
     ) -> None:
         self.collection = collection
+        self.label_teacher = label_teacher
         self.scenes = list(scenes)
         self.config = config
         self.fingerprints = fingerprints
@@ -233,6 +237,9 @@ class SceneSampleDataset(Dataset):
         frames = self.frames(scene)
         size = tuple(self.config.image_size)
         loaded = [frames.load_view(int(i), size) for i in indices]
+        has_labels = frames.has_labels
+        if not has_labels and self.label_teacher in self.fingerprints:
+            has_labels = self._projected_labels(self.scenes[scene].name, loaded)
         lookup = frames.label_lookup(self.collection.classes) if self.collection.classes else None
         if lookup is not None:  # the scene's own class ids -> the collection's, by name
             for view in loaded:
@@ -255,7 +262,7 @@ class SceneSampleDataset(Dataset):
                 np.stack([zeros_i if v.instances is None else v.instances.astype(np.int32) for v in loaded])
             ),
             "has_depth": frames.has_depth,
-            "has_labels": frames.has_labels,
+            "has_labels": has_labels,
         }
         if self.fingerprints:
             scene_name = self.scenes[scene].name
@@ -271,6 +278,19 @@ class SceneSampleDataset(Dataset):
                 for name in self.fingerprints
             }
         return out
+
+    def _projected_labels(self, scene: str, loaded: Sequence[Any]) -> bool:
+        """Give views of a scene without label images the class maps its labelled points project to, where the set-up
+        pass cached them (``cache_label_maps``); whether every view got one."""
+        fingerprint = self.fingerprints[self.label_teacher][scene]  # type: ignore[index]
+        folder = TeacherFeatureCache(self.feature_root, self.label_teacher, fingerprint).folder  # type: ignore[arg-type]
+        paths = [label_map_path(folder, image_key(torch.from_numpy(v.image), fingerprint)) for v in loaded]
+        if not all(p.is_file() for p in paths):
+            return False
+        for view, path in zip(loaded, paths, strict=True):
+            with np.load(path) as stored:
+                view.labels = stored["labels"].astype(np.int64)
+        return True
 
     def _features(
         self, name: str, scene: str, image: np.ndarray, frames: SceneFrames, index: int
@@ -340,6 +360,11 @@ class MultiSceneDataManager(DataManager):
         self.teacher_configs = configured_teachers(
             config.teachers, config.teacher_checkpoints, config.teacher_random_weights
         )
+        self.label_teacher = next(
+            (c.name for c in self.teacher_configs if isinstance(c, LabelsTeacherConfig) and c.variant == "semantic"),
+            None,
+        )
+        """The semantic label proxy, whose clean maps of labelled points stand in for missing label images."""
         self.train_scenes = self._usable(config.train_split)
         self.eval_scenes = self._usable(config.eval_split)
         if not self.train_scenes and test_mode == "val":
@@ -396,6 +421,7 @@ class MultiSceneDataManager(DataManager):
             self.feature_root,
             self.overlap_root,
             epoch_length,
+            self.label_teacher,
         )
 
     # ------------------------------------------------------------------ teacher features
@@ -658,7 +684,35 @@ def _extract_shard(
                         show_progress=False,
                     )
                     fingerprints[teacher.name][name] = cache.fingerprint
+                    if frames.label_paths is None and LABELED_POINTS_KEY in metadata:
+                        cache_label_maps(teacher, cache.folder, view_keys)
     return fingerprints
+
+
+LABEL_MAP_SUFFIX = ".labels.npz"
+"""Beside a label proxy's cached features: the clean class map of the same image (``.npz``, so that the feature
+folder's ``*.npy`` stay features alone)."""
+
+
+def label_map_path(folder: Path, key: str) -> Path:
+    return Path(folder) / f"{key}{LABEL_MAP_SUFFIX}"
+
+
+def cache_label_maps(teacher: Teacher, folder: Path, keys: Sequence[str]) -> None:
+    """Cache the clean class maps of a prepared semantic label proxy (the labelled points projected into each view,
+    ``LabelsTeacher.label_maps``) for a scene without label images: its held-out views are then scored in 2D like
+    those of a scene with label images. Resumable: maps already cached are kept."""
+    if not isinstance(teacher, LabelsTeacher) or teacher.config.variant != "semantic":
+        return
+    todo = [i for i, key in enumerate(keys) if not label_map_path(folder, key).is_file()]
+    if not todo:
+        return
+    for i, labels in zip(todo, teacher.label_maps(positions=todo), strict=True):
+        array = labels.numpy()
+        array = array.astype(np.uint16 if array.size == 0 or int(array.max()) < 2**16 else np.int32)
+        write_atomically(
+            label_map_path(folder, keys[i]), lambda f, a=array: np.savez_compressed(f, labels=a), durable=False
+        )
 
 
 def _labeled_points(scene_dir: Path) -> Optional[Path]:

@@ -86,6 +86,28 @@ class SceneFrames:
             lookup[int(i)] = by_name.get(name.strip().lower(), 0)
         return lookup
 
+    def labelled_points(
+        self, classes: Mapping[int, str]
+    ) -> Optional[Tuple[Float[np.ndarray, "P 3"], Int[np.ndarray, " P"]]]:
+        """The scene's labelled points (transforms.json's ``labeled_ply_file_path``, else ``points_labeled.ply``) in
+        its own frame and their labels as ``classes``' ids (``label_lookup``), unlabelled points left out; None when
+        the scene has no labelled cloud."""
+        from splatsem_ns.data.ply_io import read_point_cloud
+
+        meta = json.loads((self.root / "transforms.json").read_text())
+        path = self.root / meta.get("labeled_ply_file_path", "points_labeled.ply")
+        if not path.is_file():
+            return None
+        cloud = read_point_cloud(path)
+        if cloud.labels is None:
+            raise SceneFramesError(f"{path}: its labelled points have no labels")
+        labels = np.asarray(cloud.labels, dtype=np.int64)
+        lookup = self.label_lookup(classes)
+        if lookup is not None:
+            labels = lookup[np.clip(labels, 0, len(lookup) - 1)]
+        keep = labels > 0
+        return np.asarray(cloud.xyz, dtype=np.float32)[keep], labels[keep]
+
     def __len__(self) -> int:
         return len(self.image_paths)
 

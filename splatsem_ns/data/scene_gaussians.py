@@ -6,7 +6,10 @@ Where a scene's Gaussians come from (``MultiSceneDataManagerConfig.gaussians``):
 - "points": the scene's seed point cloud (transforms.json's ``ply_file_path``) as small isotropic Gaussians, each
   as wide as the mean distance to its nearest neighbours, nearly opaque, coloured by its point: what a scene
   without a fit still offers (Chorus also trains a point-cloud variant);
-- "auto": the fitted file where a scene has one, else its points.
+- "auto": the fitted file where a scene has one, else its points;
+- "labeled_points": the scene's labelled point cloud (transforms.json's ``labeled_ply_file_path``, else
+  ``points_labeled.ply``) the same way, its labels unused: a denser surface sample than the seed points (ScanNet's
+  mesh vertices, a generated scene's surface samples), and the only cloud of a capture without seed points.
 
 Each sample carries at most ``max_gaussians`` of them (a seeded random subset, so one large scene cannot blow up a
 batch). Batches join the scenes' Gaussians along the first axis with a ``batch`` index per Gaussian (Pointcept's
@@ -29,7 +32,7 @@ from torch.utils.data import default_collate
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.export.semantic_ply import read_semantic_ply
 
-GaussianSource = Literal["off", "auto", "ply", "points"]
+GaussianSource = Literal["off", "auto", "ply", "points", "labeled_points"]
 GAUSSIAN_KEYS = ("means", "features_dc", "opacities", "scales", "quats")
 """What a served scene's Gaussians hold (splatfacto's parameters: opacity logits, log-scales, wxyz quaternions)."""
 
@@ -43,20 +46,24 @@ def points_as_gaussians(
     rgb: Optional[np.ndarray],
     neighbours: int = 4,
     opacity: float = 0.9,
-    chunk: int = 4096,
 ) -> Dict[str, Tensor]:
     """Points as isotropic Gaussians: log-scale = log(mean distance to the ``neighbours`` nearest points), opacity
     ``opacity``, identity rotation, colour from ``rgb`` (uint8; grey when None)."""
-    points = torch.as_tensor(np.asarray(xyz, dtype=np.float32))
+    from scipy.spatial import cKDTree
+
+    coordinates = np.asarray(xyz, dtype=np.float32)
+    points = torch.as_tensor(coordinates)
     n = len(points)
     if n == 0:
         raise SceneGaussiansError("the point cloud is empty")
-    k = min(neighbours, max(n - 1, 1))
-    spacing = torch.empty(n)
-    for start in range(0, n, chunk):  # chunked: an N x N distance matrix does not fit for large clouds
-        distances = torch.cdist(points[start : start + chunk], points)
-        nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:] if n > 1 else distances
-        spacing[start : start + chunk] = nearest.mean(dim=1)
+    if n == 1:
+        spacing = torch.zeros(1)
+    else:
+        # A k-d tree, not all pairwise distances: this runs in the loader's workers for every sample, and a
+        # 28k-point cloud took seconds per sample that way (O(N^2)), which starved the GPU.
+        k = min(neighbours, n - 1)
+        distances, _ = cKDTree(coordinates).query(coordinates, k=k + 1)  # the first is the point itself
+        spacing = torch.as_tensor(distances[:, 1:].mean(axis=1), dtype=torch.float32)
     spacing = spacing.clamp_min(
         float(spacing[spacing > 0].median()) * 0.1 if bool((spacing > 0).any()) else 1e-3
     )
@@ -87,12 +94,18 @@ def load_scene_gaussians(scene: Path, source: GaussianSource, gaussians_file: st
         arrays = read_semantic_ply(fitted)
         return {k: getattr(arrays, k).float().contiguous() for k in GAUSSIAN_KEYS}
     meta = json.loads((scene / "transforms.json").read_text())
-    ply = meta.get("ply_file_path")
-    if not ply or not (scene / ply).is_file():
-        raise SceneGaussiansError(
-            f"{scene} has neither fitted Gaussians ({gaussians_file}) nor a seed point cloud (transforms.json's "
-            "ply_file_path)"
-        )
+    if source == "labeled_points":
+        ply = meta.get("labeled_ply_file_path", "points_labeled.ply")
+        if not (scene / ply).is_file():
+            raise SceneGaussiansError(f"{scene} has no labelled point cloud ({ply})")
+    else:
+        ply = meta.get("ply_file_path")
+        if not ply or not (scene / ply).is_file():
+            raise SceneGaussiansError(
+                f"{scene} has neither fitted Gaussians ({gaussians_file}) nor a seed point cloud (transforms.json's "
+                "ply_file_path); a scene with labelled points can serve those (--pipeline.datamanager.gaussians "
+                "labeled_points)"
+            )
     cloud = read_point_cloud(scene / ply)
     return points_as_gaussians(cloud.xyz, cloud.rgb)
 

@@ -282,7 +282,10 @@ def test_a_scene_without_label_images_is_scored_on_its_projected_labelled_points
     assert bool(sample["target"]["has_labels"]) and int((projected > 0).sum()) > 0.5 * projected.numel()
     frames = SceneFrames.load(scenes / "room_1")
     truth = torch.stack(
-        [torch.from_numpy(frames.load_view(int(i), (48, 64)).labels) for i in sample["target"]["view_indices"]]
+        [
+            torch.from_numpy(frames.load_view(int(i), (48, 64)).labels)
+            for i in sample["target"]["view_indices"]
+        ]
     )
     both = (projected > 0) & (truth > 0)
     agree = float((projected[both] == truth[both]).float().mean())

@@ -361,7 +361,11 @@ class MultiSceneDataManager(DataManager):
             config.teachers, config.teacher_checkpoints, config.teacher_random_weights
         )
         self.label_teacher = next(
-            (c.name for c in self.teacher_configs if isinstance(c, LabelsTeacherConfig) and c.variant == "semantic"),
+            (
+                c.name
+                for c in self.teacher_configs
+                if isinstance(c, LabelsTeacherConfig) and c.variant == "semantic"
+            ),
             None,
         )
         """The semantic label proxy, whose clean maps of labelled points stand in for missing label images."""
@@ -711,7 +715,9 @@ def cache_label_maps(teacher: Teacher, folder: Path, keys: Sequence[str]) -> Non
         array = labels.numpy()
         array = array.astype(np.uint16 if array.size == 0 or int(array.max()) < 2**16 else np.int32)
         write_atomically(
-            label_map_path(folder, keys[i]), lambda f, a=array: np.savez_compressed(f, labels=a), durable=False
+            label_map_path(folder, keys[i]),
+            lambda f, a=array: np.savez_compressed(f, labels=a),
+            durable=False,
         )
 
 

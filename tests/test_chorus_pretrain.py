@@ -3,6 +3,7 @@ multi-scene datamanager."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -61,6 +62,22 @@ def test_a_scene_serves_its_fitted_gaussians_or_its_points(collection, tmp_path)
     )
     served = load_scene_gaussians(fitted, "auto", "gaussians.ply")
     assert len(served["means"]) == 10 and torch.allclose(served["means"], points["means"][:10])
+    # The labelled cloud: denser than the seed points, the only cloud of a capture without them.
+    from splatsem_ns.data.ply_io import read_point_cloud
+
+    labelled = read_point_cloud(scene / "points_labeled.ply")
+    dense = load_scene_gaussians(scene, "labeled_points", "gaussians.ply")
+    assert len(dense["means"]) == len(labelled.xyz) > 300
+    assert torch.allclose(dense["means"], torch.as_tensor(labelled.xyz, dtype=torch.float32))
+    with pytest.raises(SceneGaussiansError, match="labeled_points"):
+        load_scene_gaussians(_without_seed_points(fitted), "points", "gaussians.ply")
+
+
+def _without_seed_points(folder: Path) -> Path:
+    meta = json.loads((folder / "transforms.json").read_text())
+    meta.pop("ply_file_path", None)
+    (folder / "transforms.json").write_text(json.dumps(meta))
+    return folder
 
 
 def test_batches_join_the_scenes_gaussians_with_their_index():
@@ -236,3 +253,46 @@ def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients
     source(params)
     source(params)
     assert len(calls) == 5
+
+
+def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection):
+    """``semantic_3d`` of chorus-pretrain's ns-eval: Gaussians at the labelled points whose decoded features are
+    their own class's text embedding score 100% mIoU with one voter (25, the protocol's, blur class boundaries); the
+    same features shuffled score far less."""
+    from types import SimpleNamespace
+
+    from splatsem_ns.data.collection import SceneCollection
+    from splatsem_ns.data.scene_frames import SceneFrames
+    from splatsem_ns.evaluation.protocol import SemanticEvalConfig, class_queries
+    from splatsem_ns.pipelines.chorus_pretrain_pipeline import _PointVote
+
+    loaded = SceneCollection.load(collection)
+    ids, names = class_queries(loaded.classes)
+    xyz, labels = SceneFrames.load(collection.parent / "room_3").labelled_points(loaded.classes)
+    one_hot = torch.eye(len(ids))[[ids.index(int(c)) for c in labels]]  # decoded feature = class embedding
+    segmentation = SimpleNamespace(
+        teacher_name="labels", text=torch.eye(len(ids)), ids=ids, names=names, cfg=SemanticEvalConfig(knn=1)
+    )
+    pipeline = SimpleNamespace(
+        datamanager=SimpleNamespace(collection=loaded),
+        model=SimpleNamespace(projector_heads={"labels": torch.nn.Identity()}),
+    )
+    exact = _PointVote(pipeline, segmentation)
+    exact.add("room_3", torch.as_tensor(xyz), one_hot)
+    scores = exact.scores()["semantic_3d"]
+    assert scores["scenes"] == 1 and scores["miou"] == pytest.approx(1.0)
+    shuffled = _PointVote(pipeline, segmentation)
+    shuffled.add("room_3", torch.as_tensor(xyz), one_hot[torch.randperm(len(one_hot))])
+    assert shuffled.scores()["semantic_3d"]["miou"] < 0.5
+
+
+def test_point_spacing_matches_all_pairwise_distances():
+    """The k-d tree's spacing equals the brute-force mean distance to the nearest neighbours."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 2, size=(700, 3)).astype(np.float32)
+    gaussians = points_as_gaussians(xyz, None, neighbours=4)
+    distances = torch.cdist(torch.as_tensor(xyz), torch.as_tensor(xyz))
+    brute = distances.topk(5, dim=1, largest=False).values[:, 1:].mean(dim=1)
+    assert torch.allclose(torch.exp(gaussians["scales"][:, 0]), brute, rtol=1e-4)
+    single = points_as_gaussians(xyz[:1], None)
+    assert bool(torch.isfinite(single["scales"]).all())

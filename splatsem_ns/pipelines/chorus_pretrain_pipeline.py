@@ -5,7 +5,8 @@ per-rank sample streams under ``--machine.num-devices N``); only the model and t
 scores the held-out scenes' samples, one each: per teacher the mean cosine between the decoded rendered latent and
 the teacher's features, and, where the scenes have labels and a teacher has a text encoder, 2D mIoU at the target
 views with semantic-splat's segmentation protocol (the same query teacher and classes), beside the teacher run on
-those views.
+those views, and in 3D: every labelled point takes the class of its nearest served Gaussians' decoded latents
+(chorus-splat's 25-NN vote; ``semantic_3d``), the encoder's zero-shot score.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from typing import Any, Dict, List, Optional, Type
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+from splatsem_ns.data.scene_frames import SceneFrames
+from splatsem_ns.evaluation.metrics import ConfusionMatrix, remap_labels
+from splatsem_ns.evaluation.protocol import score, vote_points_from_gaussians
+from splatsem_ns.evaluation.voting import classify_by_text
 from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
 from splatsem_ns.pipelines.semantic_splat_pipeline import (
     SemanticSplatPipeline,
@@ -57,6 +63,7 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
         model = self.model
         self.eval()
         segmentation = _Segmentation(self, ("target", "teacher_target")) if self._can_segment() else None
+        points3d = _PointVote(self, segmentation) if segmentation is not None else None
         per_scene: List[Dict[str, Any]] = []
         for sample_id in range(count):  # sample i of epoch 0 is scene i of the eval order: every scene once
             sample = dataset[sample_id]
@@ -67,6 +74,8 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
             per_scene.append(scores)
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
                 segmentation.add_targets(batch["target"], outputs["target"]["rendered"][0])
+            if segmentation is not None:
+                points3d.add(sample["scene"], batch["gaussians"]["means"], outputs["latent"])
         self.train()
         numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, (int, float))})
         result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene])) for k in numeric}
@@ -74,4 +83,38 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
         result["per_scene"] = per_scene
         if segmentation is not None:
             result.update(segmentation.scores())
+            result.update(points3d.scores())  # type: ignore[union-attr]
         return result
+
+
+class _PointVote:
+    """The 3D protocol of chorus-splat's ns-eval on the encoder's zero-shot features: each served Gaussian's latent
+    decoded by the query teacher's head and classified by text, then every labelled point of the scene takes the
+    vote of its ``knn`` nearest Gaussians (``semantic_3d``: mIoU and fg-mIoU over all held-out scenes' points)."""
+
+    def __init__(self, pipeline: ChorusPretrainPipeline, segmentation: _Segmentation) -> None:
+        self.pipeline = pipeline
+        self.segmentation = segmentation
+        self.matrix = ConfusionMatrix(len(segmentation.ids), ignore_index=-1)
+        self.scenes = 0
+
+    def add(self, scene: str, means: Tensor, latent: Tensor) -> None:
+        collection = self.pipeline.datamanager.collection
+        entry = next(e for e in collection.scenes if e.name == scene)
+        found = SceneFrames.load(collection.scene_path(entry)).labelled_points(collection.classes)
+        if found is None or len(found[1]) == 0 or len(means) == 0:
+            return
+        seg = self.segmentation
+        head = self.pipeline.model.projector_heads[seg.teacher_name]
+        classes = classify_by_text(head(latent), seg.text, seg.ids)
+        xyz, labels = found
+        voted = vote_points_from_gaussians(means, classes, xyz, k=seg.cfg.knn)
+        ids = list(seg.ids)
+        self.matrix.update(remap_labels(voted, ids), remap_labels(labels, ids))
+        self.scenes += 1
+
+    def scores(self) -> Dict[str, Any]:
+        if not self.scenes:
+            return {}
+        scores = score(self.matrix, self.segmentation.names, self.segmentation.cfg)
+        return {"semantic_3d": {**scores, "scenes": self.scenes}}

@@ -388,6 +388,10 @@ def test_render_puts_a_gaussian_where_its_camera_projects_it():
     torch.testing.assert_close(
         viewmat @ pose, torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])), atol=1e-6, rtol=0
     )
+    # At half resolution the latent lands in the half-size pixel that holds the full-size one, the RGB pass stays.
+    half = render_predicted(gaussians, K[None, None], pose[None, None], WIDTH, HEIGHT, latent_scale=0.5)
+    assert half.rgb.shape[2:4] == (HEIGHT, WIDTH) and half.latent.shape[2:4] == (HEIGHT // 2, WIDTH // 2)
+    assert divmod(int(half.latent[0, 0, ..., 0].argmax()), WIDTH // 2) == (row // 2, column // 2)
 
 
 def test_freeze_stops_gradients():

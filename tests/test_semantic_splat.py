@@ -134,6 +134,22 @@ def _pipeline(collection: Path, cache: Path, **model):
     return config.setup(device="cpu", test_mode="val")
 
 
+def test_the_latent_renders_at_its_training_scale_and_evaluates_at_full_size(collection, tmp_path):
+    pipeline = _pipeline(collection, tmp_path / "cache", latent_render_scale=0.5)
+    model = pipeline.model
+    _, batch = pipeline.datamanager.next_train(0)
+    outputs = model(batch)
+    assert outputs["rendered"].latent.shape[2:4] == (24, 32) and outputs["latent_size"] == (24, 32)
+    assert int(outputs["pixels"].max()) < 24 * 32
+    losses = model.get_loss_dict(outputs, batch)
+    assert all(bool(torch.isfinite(v)) for v in losses.values()) and "distill_labels" in losses
+    sum(losses.values()).backward()
+    assert next(model.network.semantic_branch.parameters()).grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert model(batch)["rendered"].latent.shape[2:4] == (48, 64)
+
+
 def test_stages_distil_their_teachers_and_freeze_the_object_part(collection, tmp_path):
     import warnings
 

@@ -8,7 +8,7 @@ pass with plain features: the RGB pass evaluates SH colours, which the latent is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from jaxtyping import Float
@@ -48,6 +48,7 @@ def render_predicted(
     far_plane: float = 1e10,
     rasterize_mode: str = "classic",
     backend: Backend = "auto",
+    latent_scale: float = 1.0,
 ) -> RenderedViews:
     """Render each scene's predicted Gaussians into its target cameras.
 
@@ -65,6 +66,9 @@ def render_predicted(
         far_plane: Gaussians farther than this are culled.
         rasterize_mode: "classic" or "antialiased".
         backend: Rasterizer backend (see ``rasterize_gaussians``).
+        latent_scale: Resolution of the latent render relative to ``height`` x ``width`` (the intrinsics scaled
+            alike, pixel centres kept): its 32-channel backward pass is the costliest part of a training step, and
+            the teachers it is distilled from are far coarser than the image.
     """
     degree = gaussians.sh_degree if sh_degree is None else sh_degree
     if degree > gaussians.sh_degree:
@@ -98,6 +102,8 @@ def render_predicted(
         depth.append(render[..., 3])
         alpha.append(accumulated[..., 0])
         if render_latent:
+            if latent_scale != 1.0:
+                common.update(latent_camera(Ks[b], width, height, latent_scale))
             latent.append(rasterize_gaussians(colors=gaussians.latent[b], render_mode="RGB", **common)[0])
     return RenderedViews(
         rgb=torch.stack(rgb),
@@ -105,3 +111,11 @@ def render_predicted(
         alpha=torch.stack(alpha),
         latent=torch.stack(latent) if render_latent else None,
     )
+
+
+def latent_camera(Ks: Float[Tensor, "T 3 3"], width: int, height: int, scale: float) -> Dict[str, Any]:
+    """Intrinsics and size of a render at ``scale`` of ``width`` x ``height`` (at least one pixel): focal lengths
+    and principal point scale with the image, which keeps every pixel centre where it was in the full image."""
+    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    factors = torch.tensor([new_width / width, new_height / height, 1.0], dtype=Ks.dtype, device=Ks.device)
+    return {"Ks": Ks * factors[None, :, None], "width": new_width, "height": new_height}

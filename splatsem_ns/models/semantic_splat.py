@@ -73,6 +73,12 @@ class SemanticSplatModelConfig(ModelConfig):
     """Per-teacher weights replacing ``distill_weight``."""
     distill_pixels: int = 4096
     """Random pixels per target view where the heads decode the rendered latent; 0: all."""
+    latent_render_scale: float = 1.0
+    """Resolution of the target views' latent render in training, relative to the image (evaluation renders at
+    full resolution). The 32-channel rasterizer backward of that render was the largest cost of a step once the
+    predicted Gaussians had grown (34 ms per scene at step 1000 of a run, against 10 ms for the RGB pass;
+    benchmarks/results/profile_semantic_splat_h200_step1000.txt); 0.5 renders a quarter of the pixels, still finer
+    than any teacher's grid."""
     context_distill_weight: float = 1.0
     """Weight of the distillation at the context views, on the latent of the Gaussian each context pixel becomes
     (no rendering), relative to the target views' (``distill_pixels`` pixels per view). While the predicted depth
@@ -197,9 +203,14 @@ class SemanticSplatModel(Model):
         return predicted
 
     def render(
-        self, gaussians: PredictedGaussians, views: Mapping[str, Any], latent: bool = True
+        self,
+        gaussians: PredictedGaussians,
+        views: Mapping[str, Any],
+        latent: bool = True,
+        latent_scale: float = 1.0,
     ) -> RenderedViews:
-        """Renders of ``gaussians`` into ``views`` (a batch's "target" or "context" views) at their size."""
+        """Renders of ``gaussians`` into ``views`` (a batch's "target" or "context" views) at their size (the latent
+        at ``latent_scale`` of it)."""
         height, width = views["images"].shape[2:4]
         return render_predicted(
             gaussians,
@@ -209,6 +220,7 @@ class SemanticSplatModel(Model):
             int(height),
             background=device_constant(tuple(self.config.background_color), gaussians.means.device),
             render_latent=latent and bool(self.projector_heads),
+            latent_scale=latent_scale,
         )
 
     def forward(self, batch: Mapping[str, Any]) -> Dict[str, Any]:  # type: ignore[override]
@@ -219,7 +231,8 @@ class SemanticSplatModel(Model):
         """``gaussians`` (the prediction), ``rendered`` (the target views), and, for the distillation losses,
         ``decoded`` ({teacher: [B, T, n, C]}) at ``pixels`` ([B, T, n] flat indices into the target images)."""
         gaussians = self.predict(batch["context"])
-        rendered = self.render(gaussians, batch["target"])
+        scale = self.config.latent_render_scale if self.training else 1.0
+        rendered = self.render(gaussians, batch["target"], latent_scale=scale)
         outputs: Dict[str, Any] = {"gaussians": gaussians, "rendered": rendered}
         if rendered.latent is not None and self.distilled_teachers():
             latent = rendered.latent.flatten(2, 3)  # [B, T, H*W, D]
@@ -228,6 +241,7 @@ class SemanticSplatModel(Model):
             pixels = random_pixels(latent.shape[0], latent.shape[1], count, n, latent.device)
             picked = torch.gather(latent, 2, pixels[..., None].expand(-1, -1, -1, latent.shape[-1]))
             outputs["pixels"] = pixels
+            outputs["latent_size"] = tuple(rendered.latent.shape[2:4])  # where ``pixels`` index
             outputs["decoded"] = {
                 name: self.projector_heads[name](picked) for name in self.distilled_teachers()
             }
@@ -270,7 +284,7 @@ class SemanticSplatModel(Model):
             losses["depth"] = self.config.depth_loss_weight * depth
         for name, decoded in (outputs.get("decoded") or {}).items():
             features = target["teacher_features"][name]  # [B, T, h, w, C]
-            wanted = sample_feature_maps(features, outputs["pixels"], tuple(real.shape[2:4]))
+            wanted = sample_feature_maps(features, outputs["pixels"], outputs["latent_size"])
             weight = self.config.teacher_loss_weights.get(name, self.config.distill_weight)
             losses[f"distill_{name}"] = weight * cosine_distillation_loss(decoded, wanted)
             if name in outputs.get("context_decoded", {}):

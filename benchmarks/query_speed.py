@@ -230,6 +230,14 @@ def main() -> None:
             (f"query@teacher{suffix}", query_teacher, k),
             (f"frame+query@teacher{suffix}", frame_and_query, k),
         ]
+    # How far each fast fold's map is from the float32 fold's, on the same rendered latent (relevancy in [0, 1]).
+    with torch.no_grad():
+        reference = folded[torch.float32, False](latent_full).float()
+        agreement = {
+            str(key): float((folded[key](latent_full).float() - reference).abs().max())
+            for key in [(torch.bfloat16, False), (torch.bfloat16, True), (torch.bfloat16, "fused")]
+        }
+    print("max |relevancy - float32 fold|:", agreement, flush=True)
     for name, fn, k in paths:
         model.config.semantic_supersample = k
         ms = time_it(fn, args.frames, args.warmup)
@@ -238,6 +246,7 @@ def main() -> None:
     report = {
         "benchmark": "query_speed",
         "device": device_name(),
+        "max_abs_difference_to_float32_fold": agreement,
         "torch": torch.__version__,
         "gaussians": args.gaussians,
         "resolution": [W, H],

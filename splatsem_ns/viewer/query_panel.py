@@ -398,15 +398,17 @@ class SemanticQueryPanel(nn.Module):
             # The texts folded into the head: the [h, w, C] feature map is never built (models/folded_query.py).
             positives = self.embed(snapshot.teacher, snapshot.positives, device=rgb.device)
             negatives = self.embed(snapshot.teacher, snapshot.negatives, device=rgb.device)
-            # On the GPU, bfloat16 (within 0.002 of float32's relevancy) through one compiled function: at 1280 x 720
-            # from 1M Gaussians the map takes 2.3 ms instead of 3.8 ms eager (benchmarks/results/
-            # query_speed_h200_folded.md). The first query pays the compilation once per session.
+            # On the GPU, bfloat16 inputs through the one-kernel Triton fold (models/fused_query.py): at 1280 x 720
+            # from 1M Gaussians the map takes 1.0 ms after the render, against 2.4 ms for the compiled fold and
+            # 3.8 ms eager (benchmarks/results/query_speed_h200_fused.md). Where Triton cannot run, the compiled
+            # fold (compiled once per session), else the eager one: every path gives the same map.
             folded = FoldedQuery(
                 model.projector_heads[snapshot.teacher],
                 positives,
                 negatives,
                 compute_dtype=torch.bfloat16 if rgb.is_cuda else None,
                 compiled=rgb.is_cuda,
+                fused=rgb.is_cuda,
             )
             relevancy = resize_feature_map(folded(outputs["semantic_latent"]), size)
             return self._relevancy_result(snapshot, rgb, alpha, relevancy)

@@ -72,7 +72,7 @@ def trainer_config(
             target = roots[parents.pop(0)]
         for parent in parents:
             target = getattr(target, parent)
-        setattr(target, leaf, _parse_field(target, leaf, value))
+        setattr(target, leaf, parse_field(target, leaf, value))
     if teachers is not None and hasattr(cfg.pipeline.datamanager, "teachers"):
         dm = cfg.pipeline.datamanager
         dm.teachers = tuple(teachers)
@@ -81,7 +81,7 @@ def trainer_config(
     return cfg
 
 
-def _parse_field(config, name: str, value: str):
+def parse_field(config, name: str, value: str):
     """``value`` (a string from the command line) converted to the declared type of ``config.name``: bools take
     true/false, Optional fields also take "none", Literal fields keep their (string) choices."""
     try:
@@ -102,7 +102,9 @@ def _parse_field(config, name: str, value: str):
         if str(value).lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {value!r}")
         return str(value).lower() in ("true", "1")
-    return hint(value) if hint in (int, float, str) else type(getattr(config, name))(value)
+    if hint in (int, float, str, Path):
+        return hint(value)
+    return type(getattr(config, name))(value)
 
 
 def build_trainer(cfg):

@@ -5,7 +5,7 @@
 The probe (``splatsem_ns.evaluation.linear_probe``) is fitted on the labelled points of the training split's scenes
 and scored on the held-out split's, at 1, 5, 20 and 100% of the training points, for each kind of feature:
 - ``encoder``: the pretrained encoder's latent of each point's nearest Gaussian (each scene's Gaussians as
-  chorus-pretrain is served them: its fitted gaussians.ply, else its seed points);
+  chorus-pretrain is served them, ``--gaussians``: by default its fitted gaussians.ply, else its seed points);
 - ``raw``: that Gaussian's colour and position relative to the scene's centre (the probe's floor).
 - ``chorus-splat``: per-scene chorus-splat latents, decoded into one teacher's space (``--chorus-teacher``, a
   space every scene shares) by each scene's own head: read from the scenes' gaussians.ply where
@@ -33,21 +33,16 @@ from common import device_name, write_markdown  # noqa: E402
 
 def scene_points(scene: Path, classes: Dict[int, str], max_points: int, rng) -> Tuple[np.ndarray, np.ndarray]:
     """A scene's labelled points (at most ``max_points``) and their labels as collection class ids."""
-    from splatsem_ns.data.ply_io import read_point_cloud
     from splatsem_ns.data.scene_frames import SceneFrames
 
-    meta = json.loads((scene / "transforms.json").read_text())
-    cloud = read_point_cloud(scene / meta.get("labeled_ply_file_path", "points_labeled.ply"))
-    if cloud.labels is None:
-        raise ValueError(f"{scene}: its labelled points have no labels")
-    labels = np.asarray(cloud.labels, dtype=np.int64)
-    lookup = SceneFrames.load(scene).label_lookup(classes)
-    if lookup is not None:
-        labels = lookup[np.clip(labels, 0, len(lookup) - 1)]
-    keep = np.flatnonzero(labels > 0)
-    if len(keep) > max_points:
-        keep = np.sort(rng.choice(keep, size=max_points, replace=False))
-    return cloud.xyz[keep], labels[keep]
+    found = SceneFrames.load(scene).labelled_points(classes)
+    if found is None:
+        raise ValueError(f"{scene} has no labelled points")
+    xyz, labels = found
+    if len(labels) > max_points:
+        keep = np.sort(rng.choice(len(labels), size=max_points, replace=False))
+        xyz, labels = xyz[keep], labels[keep]
+    return xyz, labels
 
 
 def features_of_split(model, collection, split: str, args, rng) -> Dict[str, List[torch.Tensor]]:
@@ -69,7 +64,7 @@ def features_of_split(model, collection, split: str, args, rng) -> Dict[str, Lis
     scenes = collection.split(split)[: args.max_scenes]
     for entry in scenes:
         path = collection.scene_path(entry)
-        gaussians = load_scene_gaussians(path, "auto", "gaussians.ply")
+        gaussians = load_scene_gaussians(path, args.gaussians, "gaussians.ply")
         means = gaussians["means"].numpy()
         xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
         # Only points the Gaussians reach: a capture's labelled cloud covers the whole room, its views (and so its
@@ -124,24 +119,41 @@ def main() -> None:
         default=0.1,
         help="probe only labelled points this close to a Gaussian (scene units: metres for depth captures)",
     )
+    parser.add_argument(
+        "--gaussians",
+        default="auto",
+        choices=("auto", "ply", "points", "labeled_points"),
+        help="each scene's Gaussians, as chorus-pretrain was served them (--pipeline.datamanager.gaussians)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--note", action="append", default=[], help="a line on how the run was made (repeatable)"
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-
-    from splatsem_ns.data.collection import SceneCollection
-    from splatsem_ns.evaluation.linear_probe import LinearProbeConfig, linear_probe
     from splatsem_ns.models.semantic_splat import restore_network_model
 
-    start = time.perf_counter()
-    collection = SceneCollection.load(args.collection)
     model = (
         None
         if args.checkpoint is None
         else restore_network_model(args.checkpoint, "ns-train chorus-pretrain", args.device)
     )
+    report = probe_report(model, args)
+    (args.out / "linear_probe.json").write_text(json.dumps(report, indent=1))
+    write_markdown(
+        args.out / "linear_probe.md",
+        ["# Linear probe on frozen per-Gaussian features", ""] + probe_lines(report),
+    )
+
+
+def probe_report(model, args) -> dict:
+    """The probe of every kind of feature the scenes offer (the module docstring), on ``args.collection``'s train
+    and test splits; ``model``: a chorus-pretrain model (its ``encoder``), or None for no encoder row."""
+    from splatsem_ns.data.collection import SceneCollection
+    from splatsem_ns.evaluation.linear_probe import LinearProbeConfig, linear_probe
+
+    start = time.perf_counter()
+    collection = SceneCollection.load(args.collection)
     rng = np.random.default_rng(0)
     train = features_of_split(model, collection, args.train_split, args, rng)
     test = features_of_split(model, collection, args.test_split, args, rng)
@@ -158,6 +170,9 @@ def main() -> None:
         "device": device_name(),
         "collection": str(args.collection),
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "gaussians": args.gaussians,
+        "chorus_teacher": args.chorus_teacher,
+        "fractions": list(config.fractions),
         "train_points": int(sum(len(t) for t in train["labels"])),
         "test_points": int(sum(len(t) for t in test["labels"])),
         "points_dropped_beyond_max_distance": {
@@ -186,25 +201,27 @@ def main() -> None:
             str(f): {k: s[k] for k in ("train_points", "miou", "macc")} for f, s in scores.items()
         }
     report["seconds"] = round(time.perf_counter() - start, 1)
-    (args.out / "linear_probe.json").write_text(json.dumps(report, indent=1))
-    header = "| features | " + " | ".join(f"{100 * f:g}% mIoU / mAcc" for f in config.fractions) + " |"
+    return report
+
+
+def probe_lines(report: dict) -> List[str]:
+    """The probe's markdown: settings, then one row per kind of feature and a column per data fraction."""
+    fractions = report["fractions"]
     lines = [
-        "# Linear probe on frozen per-Gaussian features",
-        "",
         f"- device: {report['device']}; collection `{report['collection']}`; encoder `{report['checkpoint']}`; "
-        f"chorus-splat row decoded to `{args.chorus_teacher}`",
+        f"Gaussians `{report['gaussians']}`; chorus-splat row decoded to `{report['chorus_teacher']}`",
         *[f"- note: {n}" for n in report["notes"]],
         f"- {report['train_points']} training points, {report['test_points']} held-out points; labelled points "
-        f"farther than {args.max_distance} from every Gaussian left out (train, test): "
+        f"farther than {report['max_distance']} from every Gaussian left out (train, test): "
         f"{report['points_dropped_beyond_max_distance']}",
         "",
-        header,
-        "|---|" + "---|" * len(config.fractions),
+        "| features | " + " | ".join(f"{100 * f:g}% mIoU / mAcc" for f in fractions) + " |",
+        "|---|" + "---|" * len(fractions),
     ]
     for kind, rows in report["results"].items():
         cells = [f"{100 * r['miou']:.1f} / {100 * r['macc']:.1f}" for r in rows.values()]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    write_markdown(args.out / "linear_probe.md", lines)
+    return lines
 
 
 if __name__ == "__main__":

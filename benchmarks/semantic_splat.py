@@ -19,19 +19,19 @@ is rewritten after each stage, so a cut run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, peak_memory_gib, seed_everything, sync, write_markdown  # noqa: E402
+from common import device_name, sync, write_markdown  # noqa: E402
+from feedforward_training import add_training_arguments, evaluate, train  # noqa: E402
 
 
 def forward_ms(
@@ -77,129 +77,6 @@ def forward_ms(
         "parameters": parameters,
         "dtype": "bf16 autocast" if device == "cuda" else "float32",
     }
-
-
-def train_config(args, out: Path):
-    from splatsem_ns.method_configs.semantic_splat import semantic_splat
-
-    config = copy.deepcopy(semantic_splat.config)
-    dm = config.pipeline.datamanager
-    dm.data = Path(args.collection)
-    dm.teachers = tuple(args.teachers)
-    dm.teacher_random_weights = args.random_weights
-    dm.image_size = tuple(args.size)
-    dm.batch_size = args.batch_size
-    dm.num_workers = args.loader_workers
-    dm.eval_split = "test"
-    dm.extraction_workers = args.extraction_workers
-    dm.feature_cache_dir = out / "feature_cache"
-    dm.max_scenes = args.max_scenes
-    config.pipeline.model.tiny_network = args.tiny
-    config.max_num_iterations = args.steps
-    if args.decay_steps:  # let the cosine decay finish within a short run
-        for group in config.optimizers.values():
-            group["scheduler"].max_steps = args.decay_steps
-    config.steps_per_save = 10**9
-    config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 10**9
-    config.save_every_minutes = 0
-    config.output_dir = out / "runs"
-    config.timestamp = "bench"
-    config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    config.vis = "tensorboard"
-    return config
-
-
-def train(args, out: Path, report: Dict[str, Any]):
-    """Train within the time budget; returns the trainer (its pipeline is evaluated next)."""
-    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-
-    from splatsem_ns.engine.trainer import ChorusTrainer
-
-    seed_everything(args.seed)
-    config = train_config(args, out)
-    start = time.perf_counter()
-    trainer = ChorusTrainer(config, local_rank=0, world_size=1)
-    trainer.setup()
-    report["setup_s"] = round(time.perf_counter() - start, 1)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    stamps: List[float] = []
-    losses: List[Dict[str, float]] = []
-    deadline = time.perf_counter() + 60 * args.minutes
-
-    def record(step: int) -> None:
-        sync()
-        stamps.append(time.perf_counter())
-        if step % 50 == 0:
-            scalars = getattr(trainer, "_last_loss_dict", None)
-            if scalars is not None:
-                losses.append({"step": step, **{k: round(float(v), 5) for k, v in scalars.items()}})
-        if time.perf_counter() > deadline:
-            trainer.stop_training = True
-
-    original = trainer.train_iteration
-
-    def train_iteration(step: int):
-        loss, loss_dict, metrics = original(step)
-        trainer._last_loss_dict = loss_dict
-        return loss, loss_dict, metrics
-
-    trainer.train_iteration = train_iteration  # type: ignore[method-assign]
-    if args.profile_at > 0:
-        profile_training(trainer, args, out)
-    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
-    trainer.train()
-    if args.save_checkpoint:  # for ns-eval, the viewer, export and the README picture
-        trainer.save_checkpoint(trainer.step)
-        report["run_config"] = str(trainer.base_dir / "config.yml")
-    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)][20:]
-    batch = args.batch_size
-    report["training"] = {
-        "steps": len(stamps),
-        "batch_size": batch,
-        "ms_per_step_median": round(1000 * statistics.median(deltas), 1) if deltas else None,
-        "scenes_per_s": round(batch / statistics.median(deltas), 2) if deltas else None,
-        "peak_gpu_memory_gib": peak_memory_gib(),
-        "loss_curve": losses,
-    }
-    return trainer
-
-
-def profile_training(trainer, args, out: Path) -> None:
-    """Time the step by region, profile it and count its syncs (step_regions.py) from ``--profile-at`` on; the
-    report is written as soon as its windows are over, and training goes on."""
-    from step_regions import ProfileWindows, StepRegions, network_regions, wrap_callbacks
-
-    regions = StepRegions()
-    regions.wrap_all(network_regions(trainer))
-    wrap_callbacks(regions, trainer.callbacks)
-
-    def write_profile(windows: ProfileWindows) -> None:
-        title = f"# semantic-splat: {args.profile_steps} profiled steps after {args.profile_at} (batch {args.batch_size})"
-        (out / "profile_semantic_splat.txt").write_text(windows.report(title))
-        print(f"wrote {out / 'profile_semantic_splat.txt'}", flush=True)
-
-    ProfileWindows(trainer, args.profile_at, args.profile_steps, 5, regions, write_profile)
-
-
-def evaluate(pipeline, collection: Optional[Path], label: str, report: Dict[str, Any], args) -> None:
-    """ns-eval's protocol on ``collection``'s test split (or the pipeline's own held-out scenes)."""
-    if collection is not None:
-        from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
-
-        dm_config = copy.deepcopy(pipeline.datamanager.config)
-        assert isinstance(dm_config, MultiSceneDataManagerConfig)
-        dm_config.data = collection
-        dm_config.num_workers = 0
-        manager = dm_config.setup(device=pipeline.model.device, test_mode="test")
-        original, pipeline.datamanager = pipeline.datamanager, manager
-    try:
-        results = pipeline.get_average_eval_image_metrics(get_std=True)
-    finally:
-        if collection is not None:
-            pipeline.datamanager = original
-    keep = {k: v for k, v in results.items() if k not in ("semantic_classes",)}
-    report["evaluation"][label] = keep
 
 
 def write(report: Dict[str, Any], out: Path) -> None:
@@ -253,35 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--collection", type=Path, required=True)
-    parser.add_argument(
-        "--real-collection", type=Path, action="append", default=[], help="evaluated separately"
-    )
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--teachers", nargs="+", default=["labels", "labels-instance"])
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--size", type=int, nargs=2, default=(240, 320), help="4:3, as ScanNet's frames")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=100000)
-    parser.add_argument("--minutes", type=float, default=5.0)
-    parser.add_argument("--loader-workers", type=int, default=8)
-    parser.add_argument("--extraction-workers", type=int, default=1)
-    parser.add_argument("--max-scenes", type=int, help="use only the first N scenes of each split")
-    parser.add_argument("--seed", type=int, default=42)
+    add_training_arguments(parser)
     parser.add_argument("--skip-training", action="store_true", help="forward time only")
-    parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")
     parser.add_argument("--forward-repeats", type=int, default=50)
-    parser.add_argument(
-        "--decay-steps", type=int, help="end the learning-rate decay at this step (default: the method's)"
-    )
-    parser.add_argument("--save-checkpoint", action="store_true", help="keep the trained run's checkpoint")
-    parser.add_argument(
-        "--profile-at",
-        type=int,
-        default=0,
-        help="profile the training step (step_regions.py) from this step on; write OUT/profile_semantic_splat.txt",
-    )
-    parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument(
         "--figure", type=Path, help="write the README's prediction picture (assets/make_assets.py) here"
     )
@@ -306,13 +157,13 @@ def main() -> None:
     write(report, args.out)
     if args.skip_training:
         return
-    trainer = train(args, args.out, report)
+    trainer = train(args, args.out, report, "semantic-splat")
     write(report, args.out)
     for label, collection in [("procedural (never seen)", None)] + [
         (f"real: {Path(c).parent.name}", Path(c)) for c in args.real_collection
     ]:
         try:
-            evaluate(trainer.pipeline, collection, label, report, args)
+            evaluate(trainer.pipeline, collection, label, report)
         except Exception as err:  # one failed evaluation must not lose the others
             traceback.print_exc()
             report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")

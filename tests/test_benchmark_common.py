@@ -30,6 +30,11 @@ def test_run_spec_overrides_reach_model_dataparser_and_pipeline(tmp_path: Path) 
     assert cfg.pipeline.model.depth_loss_weight == 0.3
     cfg = trainer_config(method, tmp_path, tmp_path / "out", 10, overrides={"semantic_render_scale": "none"})
     assert cfg.pipeline.model.semantic_render_scale is None
+    # Optional paths (None by default), e.g. the feed-forward seed of chorus-splat.
+    cfg = trainer_config(
+        method, tmp_path, tmp_path / "out", 10, overrides={"pipeline.feedforward_init": "run/config.yml"}
+    )
+    assert cfg.pipeline.feedforward_init == Path("run/config.yml")
     with pytest.raises(ValueError, match="choose one of"):
         trainer_config(method, tmp_path, tmp_path / "out", 10, overrides={"distill_at": "pixels"})
     with pytest.raises(ValueError, match="true or false"):

@@ -1,0 +1,141 @@
+"""The Chorus encoder on the GPU: one chorus-pretrain run within a time budget, its zero-shot scores on scenes it
+never saw, and the linear probe of its frozen features.
+
+    python benchmarks/chorus_encoder.py --collection COLL/collection.json --out DIR --minutes 5 \\
+        [--real-collection REAL/collection.json] [--gaussians labeled_points]
+
+1. Training: ``ns-train chorus-pretrain``'s configuration on the collection's training split, for ``--minutes`` of
+   wall time or ``--steps``; scenes per second and peak memory.
+2. Zero-shot: chorus-pretrain's ns-eval on the collection's held-out (test) scenes and separately on each real
+   collection: per-teacher cosine, target-view 2D mIoU beside the teacher on those views, and 3D mIoU / fg-mIoU
+   of the 25-NN vote of the decoded Gaussians onto the labelled points.
+3. The linear probe (``linear_probe.py``) on the same collection: the trained encoder's frozen features against
+   raw colour and position, at 1, 5, 20 and 100% of the training points.
+
+The encoder's speed on 1M Gaussians is ``encoder_speed.py``'s report. With the labels proxy teachers the scores say
+how well the encoder lifts such a teacher, not how a real CLIP or SigLIP2 would do. The JSON
+(``"benchmark": "chorus_encoder"``) and markdown are rewritten after each stage, so a cut run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, write_markdown  # noqa: E402
+from feedforward_training import add_training_arguments, evaluate, train  # noqa: E402
+from linear_probe import probe_lines, probe_report  # noqa: E402
+
+
+def write(report: Dict[str, Any], out: Path) -> None:
+    (out / "chorus_encoder.json").write_text(json.dumps(report, indent=1, default=str))
+    lines = [
+        "# Chorus encoder: pretraining, zero-shot scores and linear probe",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}; teachers: {', '.join(report['teachers'])}"
+        + (
+            " (labels proxy: scores say how the encoder lifts that teacher, not how a real CLIP would do)"
+            if "labels" in report["teachers"]
+            else ""
+        ),
+        f"- collection: `{report['collection']}`; each scene's Gaussians: `{report['gaussians']}`",
+    ]
+    if "training" in report:
+        t = report["training"]
+        lines.append(
+            f"- training: {t['steps']} steps of {t['batch_size']} samples, {t['ms_per_step_median']} ms per step, "
+            f"{t['scenes_per_s']} scenes/s, peak GPU memory {t['peak_gpu_memory_gib']} GiB (set-up {report.get('setup_s')} s)"
+        )
+    lines += [
+        "",
+        "| zero-shot on | scenes | cosine (query teacher) | target 2D mIoU | teacher on the target | 3D mIoU | 3D fg-mIoU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(r: Dict[str, Any], key: str, field: str = "miou") -> str:
+        value = (r.get(key) or {}).get(field)
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    teacher = report["teachers"][0]
+    for label, r in report.get("evaluation", {}).items():
+        cosine = r.get(f"cosine_{teacher}")
+        lines.append(
+            f"| {label} | {r.get('num_scenes')} | {'-' if cosine is None else f'{cosine:.3f}'} | "
+            f"{pct(r, 'semantic_2d_target')} | {pct(r, 'semantic_2d_teacher_target')} | "
+            f"{pct(r, 'semantic_3d')} | {pct(r, 'semantic_3d', 'fg_miou')} |"
+        )
+    if "probe" in report:
+        lines += ["", "## Linear probe", ""] + probe_lines(report["probe"])
+    for note in report.get("notes", []):
+        lines.append(f"\n- note: {note}")
+    write_markdown(out / "chorus_encoder.md", lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_training_arguments(parser)
+    parser.add_argument(
+        "--gaussians",
+        default="labeled_points",
+        choices=("auto", "ply", "points", "labeled_points"),
+        help="each scene's Gaussians (--pipeline.datamanager.gaussians); the labelled cloud is the densest a "
+        "generated scene offers without a fit",
+    )
+    parser.add_argument("--probe-max-scenes", type=int, default=50, help="scenes per split in the probe")
+    parser.add_argument("--probe-max-points", type=int, default=20000, help="labelled points per scene")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, Any] = {
+        "benchmark": "chorus_encoder",
+        "device": device_name(),
+        "torch": torch.__version__,
+        "collection": str(args.collection),
+        "teachers": list(args.teachers),
+        "gaussians": args.gaussians,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "evaluation": {},
+        "notes": [],
+    }
+    trainer = train(args, args.out, report, "chorus-pretrain")
+    write(report, args.out)
+    for label, collection in [("procedural (never seen)", None)] + [
+        (f"real: {Path(c).parent.name}", Path(c)) for c in args.real_collection
+    ]:
+        try:
+            evaluate(trainer.pipeline, collection, label, report)
+        except Exception as err:  # one failed evaluation must not lose the others
+            traceback.print_exc()
+            report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")
+        write(report, args.out)
+    probe_args = argparse.Namespace(
+        collection=args.collection,
+        checkpoint=report.get("run_config"),
+        chorus_teacher=args.teachers[0],
+        train_split="train",
+        test_split="test",
+        max_scenes=args.probe_max_scenes,
+        max_points=args.probe_max_points,
+        max_distance=0.1,
+        gaussians=args.gaussians,
+        device=str(trainer.pipeline.model.device),
+        note=["the encoder of this run, frozen"],
+    )
+    try:
+        report["probe"] = probe_report(trainer.pipeline.model.eval(), probe_args)
+    except Exception as err:
+        traceback.print_exc()
+        report["notes"].append(f"linear probe failed: {type(err).__name__}: {err}")
+    write(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""What the feed-forward benchmarks share: one run of a feed-forward method (semantic-splat, chorus-pretrain) with
+its ``ns-train`` configuration within a time budget, an optional profile of its step, and ns-eval's protocol on
+held-out scenes."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from common import parse_field, peak_memory_gib, seed_everything, sync
+
+
+def _semantic_splat():
+    from splatsem_ns.method_configs.semantic_splat import semantic_splat
+
+    return semantic_splat
+
+
+def _chorus_pretrain():
+    from splatsem_ns.method_configs.chorus_pretrain import chorus_pretrain
+
+    return chorus_pretrain
+
+
+METHODS = {"semantic-splat": _semantic_splat, "chorus-pretrain": _chorus_pretrain}
+"""The feed-forward methods, imported when used (their method configs import nerfstudio)."""
+TINY = {"semantic-splat": "tiny_network", "chorus-pretrain": "tiny_encoder"}
+"""Each method's model flag for its few-channel CPU variant (``--tiny``)."""
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of one training run (collection, teachers, loader, budget, profile)."""
+    parser.add_argument("--collection", type=Path, required=True)
+    parser.add_argument(
+        "--real-collection", type=Path, action="append", default=[], help="evaluated separately"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--teachers", nargs="+", default=["labels", "labels-instance"])
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--size", type=int, nargs=2, default=(240, 320), help="4:3, as ScanNet's frames")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=100000)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--loader-workers", type=int, default=8)
+    parser.add_argument("--extraction-workers", type=int, default=1)
+    parser.add_argument("--max-scenes", type=int, help="use only the first N scenes of each split")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")
+    parser.add_argument(
+        "--decay-steps", type=int, help="end the learning-rate decay at this step (default: the method's)"
+    )
+    parser.add_argument("--save-checkpoint", action="store_true", help="keep the trained run's checkpoint")
+    parser.add_argument(
+        "--profile-at",
+        type=int,
+        default=0,
+        help="profile the training step (step_regions.py) from this step on; write OUT/profile_METHOD.txt",
+    )
+    parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a model config field (repeatable), e.g. latent_render_scale=0.5",
+    )
+
+
+def train_config(args, out: Path, method: str):
+    """``ns-train METHOD``'s configuration for a benchmark run: the collection, teachers and loader of ``args``, no
+    periodic eval or saving, the learning-rate decay ending at ``--decay-steps`` where given."""
+    config = copy.deepcopy(METHODS[method]().config)
+    dm = config.pipeline.datamanager
+    dm.data = Path(args.collection)
+    dm.teachers = tuple(args.teachers)
+    dm.teacher_random_weights = args.random_weights
+    dm.image_size = tuple(args.size)
+    dm.batch_size = args.batch_size
+    dm.num_workers = args.loader_workers
+    dm.eval_split = "test"
+    dm.extraction_workers = args.extraction_workers
+    dm.feature_cache_dir = out / "feature_cache"
+    dm.max_scenes = args.max_scenes
+    setattr(config.pipeline.model, TINY[method], args.tiny)
+    for item in getattr(args, "model_set", []):
+        key, _, value = item.partition("=")
+        setattr(config.pipeline.model, key, parse_field(config.pipeline.model, key, value))
+    if getattr(args, "gaussians", None):
+        dm.gaussians = args.gaussians
+    config.max_num_iterations = args.steps
+    if args.decay_steps:  # let the cosine decay finish within a short run
+        for group in config.optimizers.values():
+            group["scheduler"].max_steps = args.decay_steps
+    config.steps_per_save = 10**9
+    config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 10**9
+    config.save_every_minutes = 0
+    config.output_dir = out / "runs"
+    config.timestamp = "bench"
+    config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    config.vis = "tensorboard"
+    return config
+
+
+def train(args, out: Path, report: Dict[str, Any], method: str):
+    """Train ``method`` within the time budget; returns the trainer (its pipeline is evaluated next)."""
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+    from splatsem_ns.engine.trainer import ChorusTrainer
+
+    seed_everything(args.seed)
+    config = train_config(args, out, method)
+    start = time.perf_counter()
+    trainer = ChorusTrainer(config, local_rank=0, world_size=1)
+    trainer.setup()
+    if args.save_checkpoint:  # ns-train writes the run's config.yml; the checkpoint is useless without it
+        config.save_config()
+    report["setup_s"] = round(time.perf_counter() - start, 1)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    stamps: List[float] = []
+    losses: List[Dict[str, float]] = []
+    deadline = time.perf_counter() + 60 * args.minutes
+
+    def record(step: int) -> None:
+        sync()
+        stamps.append(time.perf_counter())
+        if step % 50 == 0:
+            scalars = getattr(trainer, "_last_loss_dict", None)
+            if scalars is not None:
+                losses.append({"step": step, **{k: round(float(v), 5) for k, v in scalars.items()}})
+        if time.perf_counter() > deadline:
+            trainer.stop_training = True
+
+    original = trainer.train_iteration
+
+    def train_iteration(step: int):
+        loss, loss_dict, metrics = original(step)
+        trainer._last_loss_dict = loss_dict
+        return loss, loss_dict, metrics
+
+    trainer.train_iteration = train_iteration  # type: ignore[method-assign]
+    if args.profile_at > 0:
+        profile_training(trainer, args, out, method)
+    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
+    trainer.train()
+    if args.save_checkpoint:  # for ns-eval, the viewer, export and the README picture
+        trainer.save_checkpoint(trainer.step)
+        report["run_config"] = str(trainer.base_dir / "config.yml")
+    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    deltas = deltas[20:] if len(deltas) > 40 else deltas[1:]  # past the warm-up, where there is one
+    batch = args.batch_size
+    report["training"] = {
+        "steps": len(stamps),
+        "batch_size": batch,
+        "ms_per_step_median": round(1000 * statistics.median(deltas), 1) if deltas else None,
+        "scenes_per_s": round(batch / statistics.median(deltas), 2) if deltas else None,
+        "peak_gpu_memory_gib": peak_memory_gib(),
+        "loss_curve": losses,
+    }
+    return trainer
+
+
+def profile_training(trainer, args, out: Path, method: str) -> None:
+    """Time the step by region, profile it and count its syncs (step_regions.py) from ``--profile-at`` on; the
+    report is written as soon as its windows are over, and training goes on."""
+    from step_regions import ProfileWindows, StepRegions, network_regions, wrap_callbacks
+
+    regions = StepRegions()
+    regions.wrap_all(network_regions(trainer))
+    wrap_callbacks(regions, trainer.callbacks)
+
+    def write_profile(windows: ProfileWindows) -> None:
+        title = f"# {method}: {args.profile_steps} profiled steps after {args.profile_at} (batch {args.batch_size})"
+        path = out / f"profile_{method.replace('-', '_')}.txt"
+        path.write_text(windows.report(title))
+        print(f"wrote {path}", flush=True)
+
+    ProfileWindows(trainer, args.profile_at, args.profile_steps, 5, regions, write_profile)
+
+
+def evaluate(pipeline, collection: Optional[Path], label: str, report: Dict[str, Any]) -> None:
+    """ns-eval's protocol on ``collection``'s test split (or the pipeline's own held-out scenes)."""
+    if collection is not None:
+        from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
+
+        dm_config = copy.deepcopy(pipeline.datamanager.config)
+        assert isinstance(dm_config, MultiSceneDataManagerConfig)
+        dm_config.data = collection
+        dm_config.num_workers = 0
+        manager = dm_config.setup(device=pipeline.model.device, test_mode="test")
+        original, pipeline.datamanager = pipeline.datamanager, manager
+    try:
+        results = pipeline.get_average_eval_image_metrics(get_std=True)
+    finally:
+        if collection is not None:
+            pipeline.datamanager = original
+    keep = {k: v for k, v in results.items() if k not in ("semantic_classes",)}
+    report["evaluation"][label] = keep

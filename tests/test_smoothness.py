@@ -8,7 +8,7 @@ import pytest
 import torch
 from support import tiny_camera, tiny_chorus_model
 
-from splatsem_ns.models.smoothness import voxel_consensus_loss, voxel_keys
+from splatsem_ns.models.smoothness import voxel_consensus_loss, voxel_index, voxel_keys
 
 
 def test_voxel_keys_are_equal_exactly_for_equal_cells() -> None:
@@ -97,3 +97,12 @@ def test_voxels_are_sized_in_the_datasets_own_units(labels_run):
     pipeline = eval_setup(labels_run / "config.yml", test_mode="test")[1]
     scale = float(pipeline.datamanager.train_dataparser_outputs.dataparser_scale)
     assert scale != 1.0 and pipeline.model.scene_scale == pytest.approx(scale)
+
+
+def test_voxel_ids_are_those_of_torch_unique() -> None:
+    """The sync-free voxel ids (sort and count on the device) equal torch.unique's inverse."""
+    generator = torch.Generator().manual_seed(0)
+    keys = voxel_keys(torch.randint(-40, 40, (5000, 3), generator=generator))
+    _, inverse = torch.unique(keys, return_inverse=True)
+    assert torch.equal(voxel_index(keys), inverse)
+    assert voxel_index(keys[:0]).numel() == 0 and voxel_index(keys[:1]).tolist() == [0]

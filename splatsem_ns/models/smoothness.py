@@ -30,6 +30,19 @@ def voxel_keys(cells: "torch.LongTensor") -> "torch.LongTensor":
     return (shifted[:, 0] << (2 * _AXIS_BITS)) | (shifted[:, 1] << _AXIS_BITS) | shifted[:, 2]
 
 
+def voxel_index(keys: "torch.LongTensor") -> "torch.LongTensor":
+    """Dense voxel ids ``[N]`` in 0..V-1 (V distinct ``keys``), in ascending key order like ``torch.unique``'s
+    inverse, computed on the keys' device without reading V back: sort, mark where the key changes, count."""
+    if keys.numel() == 0:
+        return keys.clone()
+    order = torch.argsort(keys)
+    sorted_keys = keys[order]
+    starts = torch.ones_like(sorted_keys)
+    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
+    ids = torch.cumsum(starts, dim=0) - 1
+    return torch.empty_like(ids).scatter_(0, order, ids)
+
+
 def voxel_consensus_loss(
     latent: Float[Tensor, "N D"],
     means: Float[Tensor, "N 3"],
@@ -41,12 +54,17 @@ def voxel_consensus_loss(
     ``m_v`` is the ``weights``-weighted mean latent of voxel v (a fixed target: no gradient flows through it).
     Voxels have edge ``voxel`` and their grid is shifted by ``offset`` (same units as ``means``)."""
     cells = torch.floor((means.detach() - offset) / voxel).long()
-    _, inverse, counts = torch.unique(voxel_keys(cells), return_inverse=True, return_counts=True)
+    inverse = voxel_index(voxel_keys(cells))
     weights = weights.detach().to(latent.dtype)
-    num_voxels = counts.shape[0]
-    sums = torch.zeros(num_voxels, latent.shape[1], dtype=latent.dtype, device=latent.device)
+    # One row per Gaussian, not per voxel: the voxel count is only known on the device, and reading it back (as
+    # torch.unique's outputs need) would make the host wait for the GPU in every training step.
+    rows = len(inverse)
+    sums = torch.zeros(rows, latent.shape[1], dtype=latent.dtype, device=latent.device)
     sums.index_add_(0, inverse, latent.detach() * weights[:, None])
-    totals = torch.zeros(num_voxels, dtype=latent.dtype, device=latent.device).index_add_(0, inverse, weights)
+    totals = torch.zeros(rows, dtype=latent.dtype, device=latent.device).index_add_(0, inverse, weights)
+    counts = torch.zeros(rows, dtype=torch.int64, device=latent.device).index_add_(
+        0, inverse, torch.ones_like(inverse)
+    )
     target = sums[inverse] / totals[inverse].clamp(min=1e-12)[:, None]
     shared = (counts[inverse] > 1).to(latent.dtype)
     cosine = torch.nn.functional.cosine_similarity(latent, target, dim=-1, eps=1e-8)

@@ -26,33 +26,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_markdown  # noqa: E402
-from feedforward_training import add_training_arguments, evaluate, train  # noqa: E402
+from common import write_markdown  # noqa: E402
+from feedforward_training import add_training_arguments, evaluate_all, header_lines, new_report, train  # noqa: E402
 from linear_probe import probe_lines, probe_report  # noqa: E402
 
 
 def write(report: Dict[str, Any], out: Path) -> None:
     (out / "chorus_encoder.json").write_text(json.dumps(report, indent=1, default=str))
-    lines = [
-        "# Chorus encoder: pretraining, zero-shot scores and linear probe",
-        "",
-        f"- device: {report['device']}; torch {report['torch']}; teachers: {', '.join(report['teachers'])}"
-        + (
-            " (labels proxy: scores say how the encoder lifts that teacher, not how a real CLIP would do)"
-            if "labels" in report["teachers"]
-            else ""
-        ),
-        f"- collection: `{report['collection']}`; each scene's Gaussians: `{report['gaussians']}`",
-    ]
-    if "training" in report:
-        t = report["training"]
-        lines.append(
-            f"- training: {t['steps']} steps of {t['batch_size']} samples, {t['ms_per_step_median']} ms per step, "
-            f"{t['scenes_per_s']} scenes/s, peak GPU memory {t['peak_gpu_memory_gib']} GiB (set-up {report.get('setup_s')} s)"
-        )
+    lines = header_lines(report, "Chorus encoder: pretraining, zero-shot scores and linear probe", "encoder")
     lines += [
         "",
         "| zero-shot on | scenes | cosine (query teacher) | target 2D mIoU | teacher on the target | 3D mIoU | 3D fg-mIoU |",
@@ -94,28 +76,11 @@ def main() -> None:
     parser.add_argument("--probe-max-points", type=int, default=20000, help="labelled points per scene")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report: Dict[str, Any] = {
-        "benchmark": "chorus_encoder",
-        "device": device_name(),
-        "torch": torch.__version__,
-        "collection": str(args.collection),
-        "teachers": list(args.teachers),
-        "gaussians": args.gaussians,
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "evaluation": {},
-        "notes": [],
-    }
+    report = new_report("chorus_encoder", args)
+    report["gaussians"] = args.gaussians
     trainer = train(args, args.out, report, "chorus-pretrain")
     write(report, args.out)
-    for label, collection in [("procedural (never seen)", None)] + [
-        (f"real: {Path(c).parent.name}", Path(c)) for c in args.real_collection
-    ]:
-        try:
-            evaluate(trainer.pipeline, collection, label, report)
-        except Exception as err:  # one failed evaluation must not lose the others
-            traceback.print_exc()
-            report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")
-        write(report, args.out)
+    evaluate_all(trainer.pipeline, args, report, lambda: write(report, args.out))
     probe_args = argparse.Namespace(
         collection=args.collection,
         checkpoint=report.get("run_config"),

@@ -8,11 +8,12 @@ import argparse
 import copy
 import statistics
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from common import parse_field, peak_memory_gib, seed_everything, sync
+from common import device_name, parse_field, peak_memory_gib, seed_everything, sync
 
 
 def _semantic_splat():
@@ -201,3 +202,56 @@ def evaluate(pipeline, collection: Optional[Path], label: str, report: Dict[str,
             pipeline.datamanager = original
     keep = {k: v for k, v in results.items() if k not in ("semantic_classes",)}
     report["evaluation"][label] = keep
+
+
+def new_report(benchmark: str, args) -> Dict[str, Any]:
+    """The fields every feed-forward report starts with."""
+    return {
+        "benchmark": benchmark,
+        "device": device_name(),
+        "torch": torch.__version__,
+        "collection": str(args.collection),
+        "teachers": list(args.teachers),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "evaluation": {},
+        "notes": [],
+    }
+
+
+def evaluate_all(pipeline, args, report: Dict[str, Any], write: Callable[[], None]) -> None:
+    """ns-eval's protocol on the training collection's held-out scenes, then on each ``--real-collection``; the
+    report is written after each, and one that fails is noted without losing the others."""
+    for label, collection in [("procedural (never seen)", None)] + [
+        (f"real: {Path(c).parent.name}", Path(c)) for c in args.real_collection
+    ]:
+        try:
+            evaluate(pipeline, collection, label, report)
+        except Exception as err:  # one failed evaluation must not lose the others
+            traceback.print_exc()
+            report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")
+        write()
+
+
+def header_lines(report: Dict[str, Any], title: str, what: str) -> List[str]:
+    """A report's title, device, teachers (with the proxy's caveat) and training summary; ``what`` names the
+    trained model in the caveat ("network", "encoder")."""
+    lines = [
+        f"# {title}",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}; teachers: {', '.join(report['teachers'])}"
+        + (
+            f" (labels proxy: scores say how the {what} lifts that teacher, not how a real CLIP would do)"
+            if "labels" in report["teachers"]
+            else ""
+        ),
+        f"- collection: `{report['collection']}`"
+        + (f"; each scene's Gaussians: `{report['gaussians']}`" if "gaussians" in report else ""),
+    ]
+    if "training" in report:
+        t = report["training"]
+        lines.append(
+            f"- training: {t['steps']} steps of {t['batch_size']} samples, {t['ms_per_step_median']} ms per step, "
+            f"{t['scenes_per_s']} scenes/s, peak GPU memory {t['peak_gpu_memory_gib']} GiB "
+            f"(set-up {report.get('setup_s')} s)"
+        )
+    return lines

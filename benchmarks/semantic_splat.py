@@ -23,15 +23,14 @@ import json
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, sync, write_markdown  # noqa: E402
-from feedforward_training import add_training_arguments, evaluate, train  # noqa: E402
+from common import sync, write_markdown  # noqa: E402
+from feedforward_training import add_training_arguments, evaluate_all, header_lines, new_report, train  # noqa: E402
 
 
 def forward_ms(
@@ -81,29 +80,13 @@ def forward_ms(
 
 def write(report: Dict[str, Any], out: Path) -> None:
     (out / "semantic_splat.json").write_text(json.dumps(report, indent=1, default=str))
-    lines = [
-        "# semantic-splat: forward time, training and held-out evaluation",
-        "",
-        f"- device: {report['device']}; torch {report['torch']}; teachers: {', '.join(report['teachers'])}"
-        + (
-            " (labels proxy: scores say how the network lifts that teacher, not how a real CLIP would do)"
-            if "labels" in report["teachers"]
-            else ""
-        ),
-        f"- collection: `{report['collection']}`",
-    ]
+    lines = header_lines(report, "semantic-splat: forward time, training and held-out evaluation", "network")
     if "forward" in report:
         f = report["forward"]
         lines.append(
             f"- forward of {f['views']} context views at {f['size'][0]}x{f['size'][1]} ({f['dtype']}, "
             f"{f['parameters'] / 1e6:.2f}M parameters): **{f['forward_ms']} ms** median (p90 {f['forward_ms_p90']} ms); "
             "target <= 50 ms; LSM 108 ms, Uni3R about 150 ms"
-        )
-    if "training" in report:
-        t = report["training"]
-        lines.append(
-            f"- training: {t['steps']} steps of {t['batch_size']} samples, {t['ms_per_step_median']} ms per step, "
-            f"{t['scenes_per_s']} scenes/s, peak GPU memory {t['peak_gpu_memory_gib']} GiB (set-up {report.get('setup_s')} s)"
         )
     lines += [
         "",
@@ -138,36 +121,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report: Dict[str, Any] = {
-        "benchmark": "semantic_splat",
-        "device": device_name(),
-        "torch": torch.__version__,
-        "collection": str(args.collection),
-        "teachers": list(args.teachers),
-        "evaluation": {},
-        "notes": [],
-    }
+    report = new_report("semantic_splat", args)
     channels = (
         {"labels": 384, "instances": 384}
         if "labels" in args.teachers
         else {"siglip2": 768, "dinov2": 384, "sam": 256}
     )
-    report["settings"] = {k: str(v) for k, v in vars(args).items()}
     report["forward"] = forward_ms(tuple(args.size), 2, args.forward_repeats, channels, args.tiny)
     write(report, args.out)
     if args.skip_training:
         return
     trainer = train(args, args.out, report, "semantic-splat")
     write(report, args.out)
-    for label, collection in [("procedural (never seen)", None)] + [
-        (f"real: {Path(c).parent.name}", Path(c)) for c in args.real_collection
-    ]:
-        try:
-            evaluate(trainer.pipeline, collection, label, report)
-        except Exception as err:  # one failed evaluation must not lose the others
-            traceback.print_exc()
-            report["notes"].append(f"evaluation '{label}' failed: {type(err).__name__}: {err}")
-        write(report, args.out)
+    evaluate_all(trainer.pipeline, args, report, lambda: write(report, args.out))
     if args.figure is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "assets"))
         from make_assets import make_prediction

@@ -83,3 +83,34 @@ def test_the_context_baseline_trains_on_the_context_views_alone(tmp_path):
     assert [p.name for p in held_out.image_filenames] == ["0003.png", "0004.png", "0007.png"]
     seeds = train.metadata["points3D_xyz"]
     assert len(seeds) > 0 and not (capture / "points3D.ply").exists()
+
+
+@pytest.mark.parametrize("script", ["semantic_splat.py", "chorus_encoder.py"])
+def test_the_feed_forward_benchmarks_run_end_to_end(script: str, tmp_path: Path) -> None:
+    """Each feed-forward benchmark trains, scores the held-out scene and keeps a checkpoint that can be restored
+    from the run's own config.yml (what feed-forward init and ns-eval need), on a tiny collection."""
+    import json
+    import subprocess
+
+    from support import offline_env, tiny_collection
+
+    from splatsem_ns.models.semantic_splat import restore_network_model
+
+    collection = tiny_collection(tmp_path / "scenes", rooms=3, test_room=2, seed_points=100)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / script),
+         "--collection", str(collection), "--out", str(out), "--steps", "2", "--minutes", "5", "--tiny",
+         "--size", "48", "64", "--batch-size", "1", "--loader-workers", "0", "--save-checkpoint",
+         *(["--forward-repeats", "1"] if script == "semantic_splat.py" else ["--probe-max-points", "200"])],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / script.replace(".py", ".json")).read_text())
+    assert report["training"]["steps"] == 2 and not report["notes"], report["notes"]
+    assert report["evaluation"]["procedural (never seen)"]["num_scenes"] == 1
+    model = restore_network_model(Path(report["run_config"]), script, "cpu")
+    assert len(model.projector_heads) == 2
+    if script == "chorus_encoder.py":
+        assert set(report["probe"]["results"]) == {"encoder", "raw"}
+        assert "semantic_3d" in report["evaluation"]["procedural (never seen)"]

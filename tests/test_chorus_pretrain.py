@@ -168,6 +168,16 @@ def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(colle
     assert torch.allclose(scene.latent, expected, atol=1e-5)
     relevancy = scene.query("sofa")
     assert relevancy.shape == (300,) and bool(torch.isfinite(relevancy).all())
+    # splatsem-tokens with the run: tokens of the encoder's coarsest stage, decodable by the scene's heads.
+    from splatsem_ns.export.tokens import ExportTokens, load_scene_tokens
+
+    written = ExportTokens(
+        scene=tmp_path / "enc" / "scene.ply", tokens=16, checkpoint=run / "config.yml", device="cpu",
+        teachers=("labels",),
+    ).main()  # fmt: skip
+    tokens = load_scene_tokens(written)
+    assert tokens.encoder_features is not None and len(tokens.encoder_features) == tokens.num_tokens <= 16
+    assert tokens.features["labels"].shape == (tokens.num_tokens, scene.heads["labels"].feature_dim)
 
 
 def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):

@@ -3,6 +3,8 @@ that still answers text queries."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from splatsem_ns.export.semantic_ply import TeacherInfo
 from splatsem_ns.export.tokens import (
     ExportTokens,
     decoded_scene,
+    encoder_tokens,
     farthest_points,
     load_scene_tokens,
     scene_tokens,
@@ -77,3 +80,33 @@ def test_a_scene_decoded_from_512_tokens_still_answers_queries(tmp_path):
     full, via_tokens = scene.query("chair"), compressed.query("chair")
     assert via_tokens.shape == full.shape
     assert torch.corrcoef(torch.stack([full, via_tokens]))[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("backbone", ["SpUNet-v1", "PTv3-lite-v1"])
+def test_encoder_tokens_come_from_the_coarsest_stage(backbone, tmp_path):
+    """Every Gaussian lies in its coarsest-stage site; tokens are the most opaque sites, carry that stage's
+    features, pool the encoder's latents (decodable back), and survive a round trip through a file."""
+    from splatsem_ns.encoders import GaussianEncoder, GaussianEncoderConfig
+
+    torch.manual_seed(0)
+    encoder = GaussianEncoder(
+        GaussianEncoderConfig(backbone=backbone, backbone_preset="tiny", voxel_size=0.05, latent_dim=8)
+    ).eval()
+    scene = _blob_scene(200)
+    with torch.no_grad():
+        stage = encoder.coarsest_stage(
+            scene.means, scene.features_dc, scene.opacities, scene.scales, scene.quats
+        )
+        latent = encoder(scene.means, scene.features_dc, scene.opacities, scene.scales, scene.quats)
+    edge = 0.05 * encoder.backbone.coarsest_stride
+    assert encoder.backbone.coarsest is None  # kept only while tokens are made
+    assert float((scene.means - stage.centres[stage.site]).abs().max()) <= edge / 2 + 1e-5
+    assert torch.allclose(stage.latent, latent, atol=1e-5)
+    assert stage.features.shape[0] == len(stage.centres) > 8
+    tokens = encoder_tokens(replace(scene, latent=latent), encoder, num_tokens=8, teachers=("labels",))
+    assert tokens.num_tokens == 8 and tokens.encoder_features.shape == (8, stage.features.shape[1])
+    mass = torch.zeros(len(stage.centres)).index_add_(0, stage.site, torch.ones(len(stage.site)))
+    assert sorted(tokens.counts.tolist()) == sorted(mass.topk(8).values.long().tolist())
+    loaded = load_scene_tokens(tokens.save(tmp_path / "scene.tokens.npz"))
+    assert torch.equal(loaded.encoder_features, tokens.encoder_features)
+    assert tokens.decode_latent(scene.means).shape == latent.shape

@@ -27,6 +27,7 @@ from splatsem_ns.encoders.inputs import (
     sh_dc_to_rgb,
 )
 from splatsem_ns.encoders.registry import BackboneConfig, build_backbone
+from splatsem_ns.encoders.sparse_tensor import coordinate_keys
 from splatsem_ns.encoders.voxelize import Voxelization, scene_origins, voxelize
 
 
@@ -56,6 +57,20 @@ class GaussianEncoderConfig:
     """Width of the MLP on each Gaussian's own inputs."""
     normal_neighbours: int = 16
     """Neighbours for PCA normals in the "point" variant when no normals are given."""
+
+
+@dataclass
+class CoarsestStage:
+    """An encoded scene's latents and the encoder's coarsest stage (``GaussianEncoder.coarsest_stage``)."""
+
+    latent: Float[Tensor, "N D"]
+    """Every Gaussian's latent (the encoder's output)."""
+    features: Float[Tensor, "M C"]
+    """The coarsest stage's features, one row per site (a voxel ``coarsest_stride`` times the input's)."""
+    centres: Float[Tensor, "M 3"]
+    """Each site's centre, in the Gaussians' frame."""
+    site: Int[Tensor, " N"]
+    """The site of each Gaussian."""
 
 
 class GaussianEncoder(nn.Module):
@@ -153,6 +168,41 @@ class GaussianEncoder(nn.Module):
         features = self.backbone(voxels.sparse_tensor(voxels.pool(inputs))).features
         per_gaussian = voxels.unpool(self.voxel_proj(features))
         return self.head(torch.cat([per_gaussian, self.point_mlp(inputs)], dim=1))
+
+    @torch.no_grad()
+    def coarsest_stage(
+        self,
+        means: Float[Tensor, "N 3"],
+        features_dc: Optional[Float[Tensor, "N ..."]] = None,
+        opacities: Optional[Float[Tensor, "N ..."]] = None,
+        scales: Optional[Float[Tensor, "N 3"]] = None,
+        quats: Optional[Float[Tensor, "N 4"]] = None,
+    ) -> CoarsestStage:
+        """One scene's latents together with the backbone's coarsest stage: its features, each site's centre and
+        the site of every Gaussian (what scene tokens are pooled from)."""
+        backbone = self.backbone
+        backbone.keep_coarsest = True
+        try:
+            latent = self(means, features_dc, opacities, scales, quats)
+            coarse = backbone.coarsest
+        finally:
+            backbone.keep_coarsest, backbone.coarsest = False, None
+        assert coarse is not None
+        voxels = voxelize(means.detach(), self.config.voxel_size)
+        stride = backbone.coarsest_stride
+        fine = voxels.coords.index_select(0, voxels.point_to_voxel).long()  # [N, 4] (batch, x, y, z)
+        wanted = torch.cat([fine[:, :1], torch.div(fine[:, 1:], stride, rounding_mode="floor")], dim=1)
+        keys = coordinate_keys(coarse.coords)
+        order = torch.argsort(keys)
+        found = torch.searchsorted(keys[order], coordinate_keys(wanted)).clamp_max(len(keys) - 1)
+        site = order[found]
+        if not torch.equal(coarse.coords[site].long(), wanted):
+            raise RuntimeError(
+                "a Gaussian's voxel has no coarsest-stage site: the backbone's stride is not as declared"
+            )
+        corner = voxels.origins[coarse.coords[:, 0].long()]
+        centres = corner + (coarse.coords[:, 1:].to(corner.dtype) + 0.5) * (self.config.voxel_size * stride)
+        return CoarsestStage(latent=latent, features=coarse.features, centres=centres, site=site)
 
     def forward_gauss_params(
         self, gauss_params: Mapping[str, Tensor], batch: Optional[Int[Tensor, " N"]] = None

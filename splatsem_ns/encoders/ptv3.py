@@ -334,6 +334,10 @@ class PTv3Lite(SparseBackbone):
             x = block(x, layouts[orders[i % len(orders)]])
         return x
 
+    @property
+    def coarsest_stride(self) -> int:
+        return 2 ** len(self.pooling)  # one stride-2 grid pooling per stage after the first
+
     def forward(self, x: SparseTensor) -> SparseTensor:
         orders = self._block_orders()
         x = self.embedding(x)
@@ -345,7 +349,8 @@ class PTv3Lite(SparseBackbone):
             x = self._run_blocks(x, self.encoder[s], orders)
             skips.append(x)
             parents.append(parent)
-        skips.pop()
+        deepest = skips.pop()  # the coarsest stage: the decoder starts from it, not from a skip
+        self.coarsest = deepest if self.keep_coarsest else None
         for s in reversed(range(len(self.decoder))):
             x = self.unpooling[s](x, skips.pop(), parents.pop())
             x = self._run_blocks(x, self.decoder[s], orders)

@@ -87,6 +87,16 @@ class SparseBackbone(nn.Module):
     in_channels: int
     out_channels: int
 
+    coarsest: Optional[SparseTensor] = None
+    """The deepest encoder stage's features of the last ``forward`` (set while ``keep_coarsest``; else None)."""
+    keep_coarsest: bool = False
+    """Keep the coarsest stage of each forward in ``coarsest`` (scene tokens read it)."""
+
+    @property
+    def coarsest_stride(self) -> int:
+        """Voxels of the input grid per coarsest-stage voxel, along each axis."""
+        raise NotImplementedError
+
     def forward(self, x: SparseTensor) -> SparseTensor:
         raise NotImplementedError
 

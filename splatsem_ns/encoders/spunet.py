@@ -143,6 +143,10 @@ class SpUNet(SparseBackbone):
             )
             self.decoder.append(_blocks(width + widths[s], width, config.decoder_depths[s], norm, backend))
 
+    @property
+    def coarsest_stride(self) -> int:
+        return 2 ** len(self.config.encoder_channels)  # one kernel-2, stride-2 conv per stage
+
     def forward(self, x: SparseTensor) -> SparseTensor:
         x = self.stem(x)
         skips = [x]
@@ -152,6 +156,7 @@ class SpUNet(SparseBackbone):
                 x = block(x)
             skips.append(x)
         x = skips.pop()
+        self.coarsest = x if self.keep_coarsest else None
         for s in reversed(range(len(self.up))):
             skip = skips.pop()
             x = self.up[s](x, skip)

@@ -9,6 +9,10 @@ the scene's latent space, so the scene's projector heads decode them (``--teache
 decoded feature per token), and per-Gaussian latents can be decoded back from them (inverse-distance weights of the
 nearest tokens), which keeps a token-compressed scene queryable.
 
+With ``--checkpoint`` (a chorus-pretrain run) the tokens come from the encoder's coarsest stage instead: one per
+coarsest-stage site, the sites holding the most opacity, each with that stage's feature beside its pooled latent
+(``encoder_tokens``).
+
 Any semantic scene works: a chorus-splat export, a semantic-splat prediction, or a scene encoded by the Chorus
 encoder (``splatsem-encode``). Tokens are written as .npz or .safetensors.
 """
@@ -45,6 +49,9 @@ class SceneTokens:
     """Gaussians pooled into each token."""
     features: Dict[str, Float[Tensor, "K C"]] = field(default_factory=dict)
     """Decoded teacher features per token, by teacher (only those asked for)."""
+    encoder_features: Optional[Float[Tensor, "K E"]] = None
+    """With tokens of the Chorus encoder's coarsest stage (``encoder_tokens``): that stage's feature of the site
+    each token stands for (the encoder's most global description of that part of the scene)."""
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +72,8 @@ class SceneTokens:
         path = Path(path)
         arrays = {"positions": self.positions, "latent": self.latent, "counts": self.counts}
         arrays.update({f"feature.{name}": value for name, value in self.features.items()})
+        if self.encoder_features is not None:
+            arrays["encoder_features"] = self.encoder_features
         arrays = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         if path.suffix == ".safetensors":
@@ -115,6 +124,7 @@ def load_scene_tokens(path: Union[str, Path]) -> SceneTokens:
         latent=arrays["latent"],
         counts=arrays["counts"],
         features={k[len("feature.") :]: v for k, v in arrays.items() if k.startswith("feature.")},
+        encoder_features=arrays.get("encoder_features"),
     )
 
 
@@ -173,6 +183,61 @@ def scene_tokens(
     return SceneTokens(positions=positions, latent=pooled, counts=counts, features=features)
 
 
+def encoder_tokens(
+    scene: SemanticScene,
+    encoder,
+    num_tokens: int = 512,
+    min_opacity: float = 0.05,
+    teachers: Sequence[str] = (),
+) -> SceneTokens:
+    """Tokens from the Chorus encoder's coarsest stage: one token per coarsest-stage site (a voxel 16 times the
+    encoder's for SpUNet-v1, 8 times for PTv3-lite-v1: 32 or 16 cm at the default 2 cm), the ``num_tokens`` sites that hold the most opacity. Each carries that
+    stage's feature (``encoder_features``), and, like ``scene_tokens``' tokens, the opacity-weighted mean centre and
+    latent of its Gaussians, so the scene's heads still decode it and per-Gaussian latents decode back from the
+    tokens (Gaussians of the sites left out take their nearest tokens'). ``encoder``: a ``GaussianEncoder`` whose
+    latents the scene's heads decode (the chorus-pretrain run ``splatsem-encode`` used)."""
+    opacity = torch.sigmoid(scene.opacities.float().reshape(-1))
+    visible = torch.nonzero(opacity >= min_opacity).flatten()
+    if len(visible) == 0:
+        raise ValueError(f"no Gaussian of {scene.source or 'the scene'} is above opacity {min_opacity}")
+    device = next(encoder.parameters()).device
+    stage = encoder.coarsest_stage(
+        *(getattr(scene, k).float()[visible].to(device) for k in ("means", "features_dc", "opacities")),
+        scene.scales.float()[visible].to(device),
+        scene.quats.float()[visible].to(device),
+    )
+    weight = opacity[visible].to(device)
+    sites = len(stage.centres)
+    mass = torch.zeros(sites, device=device).index_add_(0, stage.site, weight)
+    keep = torch.argsort(mass, descending=True)[: min(num_tokens, sites)]
+    token_of_site = torch.full((sites,), -1, dtype=torch.long, device=device)
+    token_of_site[keep] = torch.arange(len(keep), device=device)
+    owner = token_of_site[stage.site]
+    mine = owner >= 0  # Gaussians of the kept sites
+    k, owner, weight = len(keep), owner[mine], weight[mine]
+    means, latent = scene.means.float()[visible].to(device)[mine], stage.latent[mine]
+    total = torch.zeros(k, device=device).index_add_(0, owner, weight).clamp_min(1e-12)
+    positions = (
+        torch.zeros(k, 3, device=device).index_add_(0, owner, means * weight[:, None]) / total[:, None]
+    )
+    pooled = torch.zeros(k, latent.shape[1], device=device).index_add_(0, owner, latent * weight[:, None])
+    pooled = pooled / total[:, None]
+    counts = torch.zeros(k, dtype=torch.long, device=device).index_add_(0, owner, torch.ones_like(owner))
+    features = {}
+    for name in teachers:
+        if name not in scene.heads:
+            raise ValueError(f"the scene has no head for teacher '{name}' (heads: {sorted(scene.heads)})")
+        with torch.no_grad():
+            features[name] = scene.heads[name].to(device)(pooled).cpu()
+    return SceneTokens(
+        positions=positions.cpu(),
+        latent=pooled.cpu(),
+        counts=counts.cpu(),
+        features=features,
+        encoder_features=stage.features[keep].cpu(),
+    )
+
+
 def decoded_scene(scene: SemanticScene, tokens: SceneTokens, neighbours: int = 3) -> SemanticScene:
     """``scene`` with every Gaussian's latent decoded from ``tokens`` (queryable like the original)."""
     latent = tokens.decode_latent(scene.means.float().cpu(), neighbours)
@@ -195,10 +260,23 @@ class ExportTokens:
     """Also store each of these teachers' decoded feature per token."""
     min_opacity: float = 0.05
     """Gaussians below this opacity are left out."""
+    checkpoint: Optional[Path] = None
+    """A chorus-pretrain run's config.yml: tokens from its encoder's coarsest stage (``encoder_tokens``; the scene
+    should be one that encoder's heads decode, e.g. written by ``splatsem-encode`` with the same run). Without it,
+    tokens are placed by farthest-point sampling (``scene_tokens``)."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Where the encoder runs."""
 
     def main(self) -> Path:
         scene = load_semantic_scene(self.scene)
-        tokens = scene_tokens(scene, self.tokens, self.min_opacity, teachers=self.teachers)
+        if self.checkpoint is not None:
+            from splatsem_ns.models.semantic_splat import restore_network_model
+
+            model = restore_network_model(self.checkpoint, "ns-train chorus-pretrain", self.device)
+            with torch.no_grad():
+                tokens = encoder_tokens(scene, model.encoder, self.tokens, self.min_opacity, self.teachers)
+        else:
+            tokens = scene_tokens(scene, self.tokens, self.min_opacity, teachers=self.teachers)
         output = self.output or self.scene.with_name(f"{self.scene.stem}.tokens.npz")
         tokens.save(output)
         print(f"Wrote {tokens.num_tokens} tokens of {scene.num_gaussians} Gaussians to {output}.")

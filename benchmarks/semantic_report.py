@@ -58,8 +58,12 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer = build_trainer(cfg)
+    curve: list = []
+    paused = [0.0]  # seconds spent scoring the curve's points, left out of the training time
+    if args.eval_at and method == "chorus-splat":
+        _score_along_the_way(trainer, sorted(set(args.eval_at)), curve, start, paused)
     trainer.train()
-    train_s = time.perf_counter() - start
+    train_s = time.perf_counter() - start - paused[0]
     pipeline = trainer.pipeline
     pipeline.eval()
     if getattr(pipeline.model, "lpips", "absent") is None:
@@ -71,6 +75,7 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
         "model_overrides": overrides,
         "iterations": args.iterations,
         "train_wall_s": round(train_s, 1),
+        **({"curve": curve} if curve else {}),
         "peak_gpu_mem_gib": peak_memory_gib(),
         "num_gaussians": int(pipeline.model.num_points),
         "image_metrics": {
@@ -96,6 +101,35 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _score_along_the_way(trainer, steps: list, curve: list, start: float, paused: list) -> None:
+    """Score the segmentation protocol (2D and 3D, without clicks) before the given training steps: a learning or
+    adaptation curve in one run (``--eval-at``). Each point records the training wall time so far, scoring
+    excluded."""
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+    def score(step: int) -> None:
+        if step not in steps:
+            return
+        began = time.perf_counter()
+        pipeline = trainer.pipeline
+        pipeline.eval()
+        point = {"step": step, "train_wall_s": round(began - start - paused[0], 1)}
+        try:
+            scores = pipeline.semantic_metrics(clicks=False)
+            for key, field in (("semantic_2d", "miou"), ("semantic_3d", "fg_miou")):
+                point[f"{key}_{field}"] = (scores.get(key) or {}).get(field)
+        except Exception:  # a failed point must not stop the training run
+            point["error"] = traceback.format_exc()
+            print(point["error"], file=sys.stderr, flush=True)
+        finally:
+            pipeline.train()
+        curve.append(point)
+        paused[0] += time.perf_counter() - began
+        print(f"curve point {point}", flush=True)
+
+    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], score))
 
 
 _SUMMARY_KEYS = (("semantic_2d", "miou"), ("semantic_2d_train_views", "miou"), ("semantic_3d", "fg_miou"))
@@ -152,6 +186,7 @@ def markdown(report: dict) -> str:
         teacher = [_fmt(first.get(k, {}).get(m)) for k, m in _TEACHER_SUMMARY_KEYS]
         lines.append("| 2D teacher (per view; back-projected for 3D) | - | " + " | ".join(teacher) + " |")
     lines += click_lines(segmented)
+    lines += curve_lines(report["runs"])
     for run in (r for r in report["runs"] if "segmentation_error" in r):
         lines += [
             "",
@@ -222,6 +257,26 @@ def markdown(report: dict) -> str:
                 for cls, v in seg[key]["per_class"].items():
                     lines.append(f"| {cls} | {_fmt(v['iou'])} | {_fmt(v['acc'])} | {v['gt_count']} |")
     return "\n".join(lines) + "\n"
+
+
+def curve_lines(runs: list[dict]) -> list[str]:
+    """The segmentation scores along training (``--eval-at``) of the runs that have them."""
+    rows = [(r["method"], p) for r in runs for p in r.get("curve", [])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Along training (`--eval-at`: 2D held-out mIoU and 3D fg mIoU before the step; training time so far)",
+        "",
+        "| method | step | train time (s) | 2D mIoU | 3D fg mIoU |",
+        "|---|---|---|---|---|",
+    ]
+    for method, p in rows:
+        lines.append(
+            f"| {method} | {p['step']} | {p['train_wall_s']} | {_fmt(p.get('semantic_2d_miou'))} | "
+            f"{_fmt(p.get('semantic_3d_fg_miou'))} |"
+        )
+    return lines
 
 
 def click_lines(runs: list[dict]) -> list[str]:
@@ -345,6 +400,14 @@ def main() -> None:
         help="methods to train: METHOD or LABEL=METHOD:field=value,... (model overrides, e.g. "
         "chorus-depth=chorus-splat:depth_loss_weight=0.1); default chorus-splat, plus splatfacto per --baseline. "
         "A report is written after each run",
+    )
+    parser.add_argument(
+        "--eval-at",
+        nargs="*",
+        type=int,
+        default=[],
+        help="chorus-splat runs: also score 2D and 3D segmentation (no clicks) before these steps (0: the start), "
+        "e.g. an encoder's adaptation curve",
     )
     parser.add_argument(
         "--merge",

@@ -114,3 +114,30 @@ def test_the_feed_forward_benchmarks_run_end_to_end(script: str, tmp_path: Path)
     if script == "chorus_encoder.py":
         assert set(report["probe"]["results"]) == {"encoder", "raw"}
         assert "semantic_3d" in report["evaluation"]["procedural (never seen)"]
+
+
+def test_semantic_report_scores_along_training(tmp_path: Path) -> None:
+    """``--eval-at``: segmentation scored before the given steps of a chorus-splat run, times exclusive of it."""
+    import json
+    import subprocess
+
+    from support import offline_env
+
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    generate_synthetic_scene(
+        tmp_path / "room", SyntheticSceneConfig(seed=0, num_views=12, width=64, height=48)
+    )
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "semantic_report.py"),
+         "--data", str(tmp_path / "room"), "--out", str(tmp_path / "out"), "--iterations", "20",
+         "--eval-at", "0", "10", "--runs", "chorus-splat"],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((tmp_path / "out" / "semantic_report.json").read_text())["runs"][0]
+    curve = run["curve"]
+    assert [p["step"] for p in curve] == [0, 10] and not any("error" in p for p in curve)
+    assert all(0.0 <= p["semantic_2d_miou"] <= 1.0 for p in curve)
+    assert curve[0]["train_wall_s"] <= curve[1]["train_wall_s"] <= run["train_wall_s"]
+    assert "## Along training" in (tmp_path / "out" / "semantic_report.md").read_text()

@@ -158,8 +158,9 @@ class ChorusPipeline(VanillaPipeline):
         )
 
     @torch.no_grad()
-    def semantic_metrics(self) -> Dict:
-        """Scores of the protocol (see splatsem_ns.evaluation.protocol), keyed for ns-eval's JSON."""
+    def semantic_metrics(self, clicks: bool = True) -> Dict:
+        """Scores of the protocol (see splatsem_ns.evaluation.protocol), keyed for ns-eval's JSON; ``clicks``:
+        also click-to-segment (the slowest part)."""
         cfg = self.config.semantic_eval
         dm, model = self.datamanager, self.model
         metadata = dm.scene_metadata()
@@ -222,7 +223,13 @@ class ChorusPipeline(VanillaPipeline):
                 ids,
                 names,
             )
-        if reference is not None and cloud is not None and cloud.instance_ids is not None and picked["eval"]:
+        if (
+            clicks
+            and reference is not None
+            and cloud is not None
+            and cloud.instance_ids is not None
+            and picked["eval"]
+        ):
             skip = {i for i, name in class_names.items() if name.strip().lower() in cfg.background_names}
             _diagnostic(
                 out,

@@ -161,13 +161,19 @@ class GaussianEncoder(nn.Module):
             batch: scene index of each Gaussian, for several scenes in one call (default: one scene).
             batch_size: number of scenes (default ``batch.max() + 1``).
         """
+        return self._encode(means, features_dc, opacities, scales, quats, colors, normals, batch, batch_size)[
+            0
+        ]
+
+    def _encode(self, means, features_dc, opacities, scales, quats, colors, normals, batch, batch_size):
+        """``forward``'s latents and the voxelisation they were computed on."""
         voxels = voxelize(means.detach(), self.config.voxel_size, batch, batch_size)
         inputs = self.input_features(
             voxels, means, features_dc, opacities, scales, quats, colors, normals, batch
         )
         features = self.backbone(voxels.sparse_tensor(voxels.pool(inputs))).features
         per_gaussian = voxels.unpool(self.voxel_proj(features))
-        return self.head(torch.cat([per_gaussian, self.point_mlp(inputs)], dim=1))
+        return self.head(torch.cat([per_gaussian, self.point_mlp(inputs)], dim=1)), voxels
 
     @torch.no_grad()
     def coarsest_stage(
@@ -183,12 +189,13 @@ class GaussianEncoder(nn.Module):
         backbone = self.backbone
         backbone.keep_coarsest = True
         try:
-            latent = self(means, features_dc, opacities, scales, quats)
+            latent, voxels = self._encode(
+                means, features_dc, opacities, scales, quats, None, None, None, None
+            )
             coarse = backbone.coarsest
         finally:
             backbone.keep_coarsest, backbone.coarsest = False, None
         assert coarse is not None
-        voxels = voxelize(means.detach(), self.config.voxel_size)
         stride = backbone.coarsest_stride
         fine = voxels.coords.index_select(0, voxels.point_to_voxel).long()  # [N, 4] (batch, x, y, z)
         wanted = torch.cat([fine[:, :1], torch.div(fine[:, 1:], stride, rounding_mode="floor")], dim=1)

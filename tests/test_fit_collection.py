@@ -10,9 +10,9 @@ import pytest
 import torch
 from support import tiny_collection
 
-from splatsem_ns.data.fit_collection import FitCollection, to_scene_frame
+from splatsem_ns.data.fit_collection import FitCollection
+from splatsem_ns.data.frames import to_dataparser_frame, to_scene_frame
 from splatsem_ns.data.scene_gaussians import load_scene_gaussians
-from splatsem_ns.pipelines.feedforward_init import to_dataparser_frame
 
 
 def test_the_scene_frame_inverts_the_dataparser_frame():

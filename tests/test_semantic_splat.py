@@ -287,8 +287,8 @@ def test_chorus_splat_starts_from_a_feedforward_prediction(collection, trained, 
 
 
 def test_cameras_and_gaussians_move_between_the_metric_and_the_dataparser_frame():
+    from splatsem_ns.data.frames import to_dataparser_frame, to_metric_frame
     from splatsem_ns.feedforward.cameras import rotation_to_quaternion
-    from splatsem_ns.pipelines.feedforward_init import to_dataparser_frame, to_metric_frame
 
     torch.manual_seed(0)
     angle = 0.7

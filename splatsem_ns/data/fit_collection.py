@@ -37,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from splatsem_ns.data.collection import SPLITS, SceneCollection, SceneEntry
-from splatsem_ns.feedforward.cameras import quaternion_multiply, rotation_to_quaternion
+from splatsem_ns.data.frames import to_scene_frame
 from splatsem_ns.progress import logged_progress
 
 SUMMARY_FILE = "fit_collection.json"
@@ -151,25 +151,6 @@ def _trainer(method: str, scene: Path, out: Path, steps: int, teachers: Tuple[st
     return trainer
 
 
-def to_scene_frame(
-    means: Float[Tensor, "N 3"],
-    log_scales: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    transform: Float[Tensor, "3 4"],
-    scale: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gaussians of nerfstudio's dataparser frame (``p' = scale * (R p + t)``) back in the scene's own frame
-    (log scales, wxyz quaternions): the inverse of ``feedforward_init.to_dataparser_frame``."""
-    rotation, translation = transform[:, :3].to(means), transform[:, 3].to(means)
-    moved = (means / scale - translation) @ rotation  # R^T (p' / s - t)
-    back = rotation_to_quaternion(rotation.T)[None].expand_as(quats)
-    return (
-        moved,
-        log_scales - torch.log(torch.tensor(scale, dtype=means.dtype)),
-        quaternion_multiply(back, quats),
-    )
-
-
 @torch.no_grad()
 def write_scene_gaussians(path: Path, model, transform: Float[Tensor, "3 4"], scale: float) -> int:
     """Write a trained model's Gaussians (dataparser frame) to ``path`` in the scene's own frame; returns how many
@@ -219,4 +200,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__: List[str] = ["FitCollection", "to_scene_frame", "write_scene_gaussians"]
+__all__: List[str] = ["FitCollection", "write_scene_gaussians"]

@@ -24,9 +24,9 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 from torch.nn import Parameter
 
+from splatsem_ns.data.frames import to_dataparser_frame, to_metric_frame
 from splatsem_ns.data.scene_frames import fit_view
 from splatsem_ns.export.semantic_ply import GaussianColumns
-from splatsem_ns.feedforward.cameras import quaternion_multiply, rotation_to_quaternion
 from splatsem_ns.models.heads import copy_matching_heads
 from splatsem_ns.models.semantic_splat import restore_semantic_splat
 
@@ -43,32 +43,6 @@ class FeedforwardInitConfig:
     """Predicted Gaussians below this opacity are left out."""
     max_gaussians: int = 1_000_000
     """At most this many seeds (the most opaque are kept)."""
-
-
-def to_metric_frame(
-    camera_to_world: Float[Tensor, "N 3 4"], transform: Float[Tensor, "3 4"], scale: float
-) -> Float[Tensor, "N 4 4"]:
-    """Cameras of nerfstudio's dataparser frame (``p' = scale * (R p + t)``) back in the scene's own frame."""
-    rotation, translation = transform[:, :3].double(), transform[:, 3].double()
-    c2w = camera_to_world.double()
-    out = torch.eye(4, dtype=torch.float64).repeat(len(c2w), 1, 1)
-    out[:, :3, :3] = rotation.T @ c2w[:, :3, :3]
-    out[:, :3, 3] = (c2w[:, :3, 3] / scale - translation) @ rotation  # R^T (c / s - t)
-    return out.float()
-
-
-def to_dataparser_frame(
-    means: Float[Tensor, "N 3"],
-    scales: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    transform: Float[Tensor, "3 4"],
-    scale: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gaussians of the scene's frame (positive scales, wxyz quaternions) in the dataparser frame."""
-    rotation, translation = transform[:, :3].to(means), transform[:, 3].to(means)
-    moved = scale * (means @ rotation.T + translation)
-    turned = quaternion_multiply(rotation_to_quaternion(rotation)[None].expand_as(quats), quats)
-    return moved, scales * scale, turned
 
 
 @torch.no_grad()

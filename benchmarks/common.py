@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import typing
 from pathlib import Path
@@ -32,26 +31,13 @@ def trainer_config(
     (``dataparser.seed_points=depth``, ``pipeline.semantic_eval.render_scale=0.5``).
     The key ``optimizer`` ("fused" or "default") switches every Adam group's implementation.
     """
-    from nerfstudio.configs.method_configs import all_methods
+    from splatsem_ns.engine.one_scene import one_scene_config
 
-    from splatsem_ns.data.dataparser import SplatsemDataParserConfig
-
-    cfg = copy.deepcopy(all_methods[method])
-    cfg.pipeline.datamanager.data = Path(data)
-    cfg.pipeline.datamanager.dataparser = SplatsemDataParserConfig(load_3D_points=True)
-    if eval_mode is not None:
-        cfg.pipeline.datamanager.dataparser.eval_mode = eval_mode
+    cfg = one_scene_config(method, data, out, iterations, eval_mode=eval_mode)
     if full_resolution:
         cfg.pipeline.model.num_downscales = 0
-    cfg.max_num_iterations = iterations
-    cfg.steps_per_save = 10**9
-    cfg.steps_per_eval_image = cfg.steps_per_eval_batch = cfg.steps_per_eval_all_images = 10**9
-    cfg.vis = "tensorboard"
-    cfg.output_dir = out
     cfg.experiment_name = "bench"
     cfg.timestamp = method
-    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.viewer.quit_on_train_completion = True
     overrides = dict(overrides or {})
     optimizer = overrides.pop("optimizer", None)
     if optimizer is not None:  # "fused" or "default": the same Adam settings, another implementation
@@ -108,15 +94,10 @@ def parse_field(config, name: str, value: str):
 
 
 def build_trainer(cfg):
-    """A set-up Trainer; stock splatfacto downloads LPIPS weights when built, which offline machines cannot."""
-    from nerfstudio.engine.trainer import Trainer
+    """A set-up Trainer (``splatsem_ns.engine.one_scene.setup_trainer``)."""
+    from splatsem_ns.engine.one_scene import setup_trainer
 
-    from splatsem_ns.models.optional_lpips import optional_lpips
-
-    trainer = Trainer(cfg, local_rank=0, world_size=1)
-    with optional_lpips():
-        trainer.setup()
-    return trainer
+    return setup_trainer(cfg)
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:

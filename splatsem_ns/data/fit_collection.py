@@ -21,7 +21,6 @@ every scene (steps, Gaussians, seconds, error) is written to ``fit_collection.js
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -120,35 +119,14 @@ class FitCollection:
 
 
 def _trainer(method: str, scene: Path, out: Path, steps: int, teachers: Tuple[str, ...]):
-    """A set-up trainer of ``method`` on one scene: no viewer, no evaluation, no checkpoints."""
-    from nerfstudio.configs.method_configs import all_methods
-    from nerfstudio.engine.trainer import Trainer
+    """A set-up trainer of ``method`` on one scene, on all of its views: no viewer, no evaluation, no checkpoints."""
+    from splatsem_ns.engine.one_scene import one_scene_config, setup_trainer
 
-    from splatsem_ns.data.dataparser import SplatsemDataParserConfig
-    from splatsem_ns.models.optional_lpips import optional_lpips
-
-    if method not in all_methods:
-        raise SystemExit(f"splatsem-fit-collection: unknown method {method!r}")
-    config = copy.deepcopy(all_methods[method])
-    datamanager = config.pipeline.datamanager
-    datamanager.data = scene
-    # The project's dataparser for every method: it checks the scene and reads its seed points without open3d.
-    datamanager.dataparser = SplatsemDataParserConfig(load_3D_points=True, eval_mode="all")
-    if hasattr(datamanager, "teachers"):
-        datamanager.teachers = tuple(teachers)
-    config.max_num_iterations = steps
-    config.steps_per_save = 10**9
-    config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 10**9
-    config.vis = "tensorboard"
-    config.output_dir = out
-    config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if hasattr(config, "save_every_minutes"):
-        config.save_every_minutes = 0.0  # the scene's file is the result; no run checkpoints
-    trainer = Trainer(config, local_rank=0, world_size=1)
-    # Stock splatfacto downloads LPIPS weights when built, which offline machines cannot.
-    with optional_lpips():
-        trainer.setup()
-    return trainer
+    try:
+        config = one_scene_config(method, scene, out, steps, teachers, eval_mode="all")
+    except ValueError as err:
+        raise SystemExit(f"splatsem-fit-collection: {err}") from err
+    return setup_trainer(config)
 
 
 @torch.no_grad()

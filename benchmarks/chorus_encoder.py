@@ -20,20 +20,24 @@ how well the encoder lifts such a teacher, not how a real CLIP or SigLIP2 would 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_markdown  # noqa: E402
-from feedforward_training import add_training_arguments, evaluate_all, header_lines, new_report, train  # noqa: E402
+from feedforward_training import (  # noqa: E402
+    evaluate_all,
+    header_lines,
+    new_report,
+    train,
+    training_parser,
+    write_report,
+)
 from linear_probe import probe_lines, probe_report  # noqa: E402
 
 
 def write(report: Dict[str, Any], out: Path) -> None:
-    (out / "chorus_encoder.json").write_text(json.dumps(report, indent=1, default=str))
     lines = header_lines(report, "Chorus encoder: pretraining, zero-shot scores and linear probe", "encoder")
     lines += [
         "",
@@ -55,22 +59,22 @@ def write(report: Dict[str, Any], out: Path) -> None:
         )
     if "probe" in report:
         lines += ["", "## Linear probe", ""] + probe_lines(report["probe"])
-    for note in report.get("notes", []):
-        lines.append(f"\n- note: {note}")
-    write_markdown(out / "chorus_encoder.md", lines)
+    write_report(report, out, "chorus_encoder", lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_training_arguments(parser)
+    parser = training_parser(__doc__)
     parser.add_argument(
         "--gaussians",
         default="labeled_points",
         choices=("auto", "ply", "points", "labeled_points"),
         help="each scene's Gaussians (--pipeline.datamanager.gaussians); the labelled cloud is the densest a "
         "generated scene offers without a fit",
+    )
+    parser.add_argument(
+        "--max-gaussians",
+        type=int,
+        help="at most this many Gaussians per sample (default: the datamanager's)",
     )
     parser.add_argument("--probe-max-scenes", type=int, default=50, help="scenes per split in the probe")
     parser.add_argument("--probe-max-points", type=int, default=20000, help="labelled points per scene")

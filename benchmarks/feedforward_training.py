@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 import traceback
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from common import device_name, parse_field, peak_memory_gib, seed_everything, sync
+from common import device_name, parse_field, peak_memory_gib, seed_everything, sync, write_markdown
 
 
 def _semantic_splat():
@@ -32,6 +33,15 @@ METHODS = {"semantic-splat": _semantic_splat, "chorus-pretrain": _chorus_pretrai
 """The feed-forward methods, imported when used (their method configs import nerfstudio)."""
 TINY = {"semantic-splat": "tiny_network", "chorus-pretrain": "tiny_encoder"}
 """Each method's model flag for its few-channel CPU variant (``--tiny``)."""
+
+
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options of one training run (``add_training_arguments``)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_training_arguments(parser)
+    return parser
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +103,8 @@ def train_config(args, out: Path, method: str):
         setattr(config.pipeline.model, key, parse_field(config.pipeline.model, key, value))
     if getattr(args, "gaussians", None):
         dm.gaussians = args.gaussians
+    if getattr(args, "max_gaussians", None):
+        dm.max_gaussians = args.max_gaussians
     config.max_num_iterations = args.steps
     if args.decay_steps:  # let the cosine decay finish within a short run
         for group in config.optimizers.values():
@@ -255,3 +267,9 @@ def header_lines(report: Dict[str, Any], title: str, what: str) -> List[str]:
             f"(set-up {report.get('setup_s')} s)"
         )
     return lines
+
+
+def write_report(report: Dict[str, Any], out: Path, stem: str, lines: List[str]) -> None:
+    """``OUT/STEM.json`` and ``OUT/STEM.md`` (``lines`` then the report's notes)."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    write_markdown(out / f"{stem}.md", lines + [f"\n- note: {note}" for note in report.get("notes", [])])

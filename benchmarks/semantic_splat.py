@@ -18,8 +18,6 @@ is rewritten after each stage, so a cut run keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,8 +27,15 @@ from typing import Any, Dict
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import sync, write_markdown  # noqa: E402
-from feedforward_training import add_training_arguments, evaluate_all, header_lines, new_report, train  # noqa: E402
+from common import sync  # noqa: E402
+from feedforward_training import (  # noqa: E402
+    evaluate_all,
+    header_lines,
+    new_report,
+    train,
+    training_parser,
+    write_report,
+)
 
 
 def forward_ms(
@@ -79,7 +84,6 @@ def forward_ms(
 
 
 def write(report: Dict[str, Any], out: Path) -> None:
-    (out / "semantic_splat.json").write_text(json.dumps(report, indent=1, default=str))
     lines = header_lines(report, "semantic-splat: forward time, training and held-out evaluation", "network")
     if "forward" in report:
         f = report["forward"]
@@ -104,16 +108,11 @@ def write(report: Dict[str, Any], out: Path) -> None:
             f"{miou(r, 'semantic_2d_target')} | {miou(r, 'semantic_2d_teacher_target')} | "
             f"{miou(r, 'semantic_2d_teacher_warped_target')} | {miou(r, 'semantic_2d_source')} |"
         )
-    for note in report.get("notes", []):
-        lines.append(f"\n- note: {note}")
-    write_markdown(out / "semantic_splat.md", lines)
+    write_report(report, out, "semantic_splat", lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_training_arguments(parser)
+    parser = training_parser(__doc__)
     parser.add_argument("--skip-training", action="store_true", help="forward time only")
     parser.add_argument("--forward-repeats", type=int, default=50)
     parser.add_argument(

@@ -94,8 +94,8 @@ def write(report: Dict[str, Any], out: Path) -> None:
         )
     lines += [
         "",
-        "| held-out scenes | scenes | PSNR | depth AbsRel | depth δ<1.25 | target 2D mIoU | teacher on the target | teacher warped by predicted depth | source 2D mIoU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| held-out scenes | scenes | PSNR | depth AbsRel | depth δ<1.25 | covered pixels | AbsRel where covered | context-view AbsRel | target 2D mIoU | teacher on the target | teacher warped by predicted depth | source 2D mIoU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def miou(r: Dict[str, Any], key: str) -> str:
@@ -105,6 +105,8 @@ def write(report: Dict[str, Any], out: Path) -> None:
         lines.append(
             f"| {label} | {r.get('num_scenes')} | {r.get('psnr', float('nan')):.2f} | "
             f"{r.get('target_depth_abs_rel', float('nan')):.3f} | {r.get('target_depth_delta1', float('nan')):.3f} | "
+            f"{r.get('target_coverage', float('nan')):.3f} | {r.get('target_covered_depth_abs_rel', float('nan')):.3f} | "
+            f"{r.get('context_depth_abs_rel', float('nan')):.3f} | "
             f"{miou(r, 'semantic_2d_target')} | {miou(r, 'semantic_2d_teacher_target')} | "
             f"{miou(r, 'semantic_2d_teacher_warped_target')} | {miou(r, 'semantic_2d_source')} |"
         )

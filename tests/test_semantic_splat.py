@@ -20,7 +20,7 @@ from support import (
 )
 
 from splatsem_ns.models.heads import resize_feature_map
-from splatsem_ns.models.semantic_splat import depth_metrics, sample_feature_maps
+from splatsem_ns.models.semantic_splat import covered_depth_metrics, depth_metrics, sample_feature_maps
 
 TEACHERS = ("labels", "labels-instance")
 
@@ -117,6 +117,13 @@ def test_depth_metrics():
     assert scores["depth_abs_rel"] == pytest.approx((0.1 + 0.0 + 0.5) / 3)
     assert scores["depth_delta1"] == pytest.approx(2 / 3)
     assert depth_metrics(predicted, torch.zeros(2, 2)) == {}
+    # Only the pixels the prediction covers: the uncovered one (depth 7 against 0 measured) is left out anyway, and
+    # the one at 2.0 against 4.0 is outside.
+    alpha = torch.tensor([[0.9, 0.9], [0.9, 0.1]])
+    covered = covered_depth_metrics(predicted, alpha, sensor)
+    assert covered["target_coverage"] == pytest.approx(2 / 3)
+    assert covered["target_covered_depth_abs_rel"] == pytest.approx(0.05)
+    assert covered_depth_metrics(predicted, alpha, torch.zeros(2, 2)) == {}
 
 
 def _pipeline(collection: Path, cache: Path, **model):

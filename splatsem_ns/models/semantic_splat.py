@@ -329,6 +329,7 @@ class SemanticSplatModel(Model):
             ("context", outputs["gaussians"].depth, batch["context"]),
         ):
             metrics.update({f"{name}_{k}": v for k, v in depth_metrics(predicted, views["depth"]).items()})
+        metrics.update(covered_depth_metrics(rendered.depth, rendered.alpha, batch["target"]["depth"]))
         return metrics
 
     def get_image_metrics_and_images(self, outputs, batch):
@@ -356,6 +357,23 @@ def depth_metrics(predicted: Tensor, sensor: Tensor) -> Dict[str, float]:
         "depth_abs_rel": float(((d - gt).abs() / gt).mean()),
         "depth_delta1": float((ratio < 1.25).float().mean()),
     }
+
+
+def covered_depth_metrics(
+    predicted: Tensor, alpha: Tensor, sensor: Tensor, threshold: float = 0.5
+) -> Dict[str, float]:
+    """How much of the measured target pixels the prediction covers (accumulated opacity above ``threshold``:
+    ``target_coverage``), and the depth scores over those pixels alone (``target_covered_*``). A pixel no Gaussian
+    reaches renders depth 0, an AbsRel of 1 in ``depth_metrics``: these separate what the context views never saw
+    from how well the depth of what they saw is predicted."""
+    measured = sensor > 0
+    if not bool(measured.any()):
+        return {}
+    covered = alpha > threshold
+    scores = {"target_coverage": float((covered & measured).sum() / measured.sum())}
+    inside = depth_metrics(predicted, torch.where(covered, sensor, torch.zeros_like(sensor)))
+    scores.update({f"target_covered_{k}": v for k, v in inside.items()})
+    return scores
 
 
 def sample_feature_maps(

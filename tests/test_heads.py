@@ -81,3 +81,20 @@ def test_learned_latent_source_params_densify_with_gaussians():
     gauss = nn.ParameterDict(params)
     assert source(gauss) is gauss["semantic_latent"]
     assert source.param_groups() == {}
+
+
+def test_masked_distillation_averages_over_the_views_that_have_a_teacher():
+    from splatsem_ns.models.heads import cosine_distillation_loss, masked_cosine_distillation_loss
+
+    predicted = torch.randn(2, 3, 5, 4)
+    target = torch.randn(2, 3, 5, 4)
+    available = torch.tensor([[True, False, True], [False, False, False]])
+    masked = masked_cosine_distillation_loss(predicted, target, available)
+    kept = predicted[available], target[available]
+    assert torch.allclose(masked, cosine_distillation_loss(*kept))
+    assert (
+        float(masked_cosine_distillation_loss(predicted, target, torch.zeros(2, 3, dtype=torch.bool))) == 0.0
+    )
+    assert torch.equal(
+        masked_cosine_distillation_loss(predicted, target, None), cosine_distillation_loss(predicted, target)
+    )

@@ -126,7 +126,7 @@ def test_depth_metrics():
     assert covered_depth_metrics(predicted, alpha, torch.zeros(2, 2)) == {}
 
 
-def _pipeline(collection: Path, cache: Path, **model):
+def _pipeline(collection: Path, cache: Path, datamanager: dict | None = None, **model):
     from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
     from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig
     from splatsem_ns.pipelines.semantic_splat_pipeline import SemanticSplatPipelineConfig
@@ -134,7 +134,7 @@ def _pipeline(collection: Path, cache: Path, **model):
     config = SemanticSplatPipelineConfig(
         datamanager=MultiSceneDataManagerConfig(
             data=collection, image_size=(48, 64), teachers=TEACHERS, eval_split="test", num_workers=0,
-            feature_cache_dir=cache,
+            feature_cache_dir=cache, **(datamanager or {}),
         ),
         model=SemanticSplatModelConfig(tiny_network=True, **model),
     )  # fmt: skip
@@ -377,3 +377,47 @@ def test_the_viewer_shows_a_prediction_as_a_queryable_scene(trained, monkeypatch
     with torch.no_grad():
         queried = model.get_outputs_for_camera(camera)
     assert QUERY_OUTPUT in queried and queried[QUERY_OUTPUT].shape == (48, 64, 3), panel.last_message
+
+
+def test_unlabelled_scenes_train_geometry_only(collection, tmp_path):
+    """With ``unlabelled_scenes="geometry"`` a scene the label proxies cannot read is kept: its teacher features are
+    zeros marked absent, so its samples distil nothing and still train colour and depth; "drop" leaves it out."""
+    import shutil
+
+    from splatsem_ns.data.collection_cli import BuildCollection
+
+    root = tmp_path / "scenes"
+    for name in ("room_0", "room_1"):
+        shutil.copytree(collection.parent / name, root / name)
+    unlabelled = root / "room_1"
+    meta = json.loads((unlabelled / "transforms.json").read_text())
+    for frame in meta["frames"]:
+        frame.pop("semantic_file_path"), frame.pop("instance_file_path")
+    meta.pop("labeled_ply_file_path")
+    (unlabelled / "points_labeled.ply").unlink()
+    (unlabelled / "transforms.json").write_text(json.dumps(meta))
+    mixed = tmp_path / "collection.json"
+    BuildCollection(scenes=(root,), out=mixed, val_fraction=0.0, test_fraction=0.0).main()
+
+    dropped = _pipeline(mixed, tmp_path / "cache")
+    assert [s.name for s in dropped.datamanager.train_scenes] == ["room_0"]
+    pipeline = _pipeline(mixed, tmp_path / "cache", datamanager={"unlabelled_scenes": "geometry"})
+    manager = pipeline.datamanager
+    assert sorted(s.name for s in manager.train_scenes) == ["room_0", "room_1"]
+    samples = {}
+    for i in range(4):
+        sample = manager.train_dataset[i]
+        samples[sample["scene"]] = sample
+    absent = samples["room_1"]["target"]
+    assert not bool(absent["teacher_available"]["labels"].any()) and not bool(absent["has_labels"])
+    assert float(absent["teacher_features"]["labels"].abs().sum()) == 0.0
+    assert bool(samples["room_0"]["target"]["teacher_available"]["labels"].all())
+    from splatsem_ns.data.scene_gaussians import collate_samples
+
+    batch = collate_samples([samples["room_1"]])
+    model = pipeline.model
+    losses = model.get_loss_dict(model(batch), batch)
+    assert float(losses["distill_labels"]) == 0.0 and float(losses["distill_context_labels"]) == 0.0
+    assert float(losses["rgb"]) > 0.0
+    both = collate_samples([samples["room_0"], samples["room_1"]])
+    assert float(model.get_loss_dict(model(both), both)["distill_labels"]) > 0.0

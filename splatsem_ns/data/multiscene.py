@@ -103,6 +103,11 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
     """Teacher presets whose features are served (empty: none)."""
     teacher_checkpoints: Dict[str, Path] = field(default_factory=dict)
     """Local weights per teacher name."""
+    unlabelled_scenes: Literal["drop", "geometry"] = "drop"
+    """Scenes a label proxy teacher cannot read (no label images, no labelled points) when one is among the
+    teachers: "drop" leaves them out; "geometry" keeps them, with that teacher's features marked absent
+    (``teacher_available``), so they train geometry and appearance only (real captures without labels mixed into a
+    generated collection). Other teachers are served for them as for any scene."""
     teacher_random_weights: bool = False
     """Build every teacher with random weights (tests and speed benchmarks only)."""
     teacher_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -183,6 +188,7 @@ class SceneSampleDataset(Dataset):
         self._orders: Dict[int, np.ndarray] = {}
         self._frames: Dict[int, SceneFrames] = {}
         self._overlaps: Dict[int, np.ndarray] = {}
+        self._feature_shapes: Dict[str, Tuple[int, ...]] = {}
 
     def __len__(self) -> int:
         return self.epoch_length
@@ -238,7 +244,7 @@ class SceneSampleDataset(Dataset):
         size = tuple(self.config.image_size)
         loaded = [frames.load_view(int(i), size) for i in indices]
         has_labels = frames.has_labels
-        if not has_labels and self.label_teacher in self.fingerprints:
+        if not has_labels and self.scenes[scene].name in self.fingerprints.get(self.label_teacher, {}):
             has_labels = self._projected_labels(self.scenes[scene].name, loaded)
         lookup = frames.label_lookup(self.collection.classes) if self.collection.classes else None
         if lookup is not None:  # the scene's own class ids -> the collection's, by name
@@ -266,18 +272,37 @@ class SceneSampleDataset(Dataset):
         }
         if self.fingerprints:
             scene_name = self.scenes[scene].name
+            # A teacher with no features of this scene (a label proxy on an unlabelled one): zeros, marked absent.
+            available = {name: scene_name in found for name, found in self.fingerprints.items()}
             out["teacher_features"] = {
                 name: torch.from_numpy(
                     np.stack(
                         [
                             self._features(name, scene_name, v.image, frames, i)
+                            if available[name]
+                            else np.zeros(self._feature_shape(name), dtype=np.float16)
                             for v, i in zip(loaded, indices, strict=True)
                         ]
                     )
                 )
                 for name in self.fingerprints
             }
+            out["teacher_available"] = {
+                name: torch.full((len(loaded),), present, dtype=torch.bool)
+                for name, present in available.items()
+            }
         return out
+
+    def _feature_shape(self, name: str) -> Tuple[int, ...]:
+        """(h, w, C) of teacher ``name``'s cached features (read from one cached entry, once per worker)."""
+        if name not in self._feature_shapes:
+            fingerprint = next(iter(self.fingerprints[name].values()), None)
+            folder = TeacherFeatureCache(self.feature_root, name, fingerprint).folder if fingerprint else None
+            entry = next(folder.glob("*.npy"), None) if folder is not None else None
+            if entry is None:
+                raise RuntimeError(f"no cached features of teacher '{name}' to size its absent features from")
+            self._feature_shapes[name] = tuple(np.load(entry, mmap_mode="r").shape)
+        return self._feature_shapes[name]
 
     def _projected_labels(self, scene: str, loaded: Sequence[Any]) -> bool:
         """Give views of a scene without label images the class maps its labelled points project to, where the set-up
@@ -405,6 +430,12 @@ class MultiSceneDataManager(DataManager):
         proxies = [c.name for c in self.teacher_configs if reads_the_scene(c._target)]
         if proxies:  # a label proxy has nothing to say about an unlabelled scene
             labelled = [s for s in usable if s.has_labels or s.has_labeled_points]
+            if len(labelled) < len(usable) and self.config.unlabelled_scenes == "geometry":
+                CONSOLE.log(
+                    f"{len(usable) - len(labelled)} scene(s) of the '{split}' split have no labels for the label "
+                    f"proxy teacher(s) {proxies}: they train geometry and appearance only."
+                )
+                return usable
             if len(labelled) < len(usable):
                 CONSOLE.log(
                     f"[yellow]{len(usable) - len(labelled)} scene(s) of the '{split}' split have no labels for the "
@@ -671,8 +702,12 @@ def _extract_shard(
                 if show_progress
                 else all_frames.items()
             ):
+                points = _labeled_points(Path(labeled[name]))
+                if frames.label_paths is None and points is None:
+                    advance(len(frames) * len(per_scene))
+                    continue  # nothing for a label proxy to read: its features stay absent (unlabelled_scenes)
                 views = scene_views(frames, size)
-                metadata = scene_metadata(frames, _labeled_points(Path(labeled[name])), classes)
+                metadata = scene_metadata(frames, points, classes)
                 for teacher in per_scene:
                     teacher.prepare_scene(views, metadata)
                     cache = TeacherFeatureCache(cache_root, teacher.name, teacher.fingerprint())

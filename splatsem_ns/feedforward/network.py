@@ -205,7 +205,7 @@ def _parameters(modules: Iterable[nn.Module]) -> List[nn.Parameter]:
 def network_inputs(views: Mapping[str, object]) -> Dict[str, object]:
     """``SemanticSplatNetwork.forward`` keyword arguments from a view dict of ``MultiSceneDataManager``
     (``batch["context"]``): uint8 [B, V, H, W, 3] images -> float [B, V, 3, H, W] in [0, 1]; cameras as served;
-    teacher features (when served) as they are."""
+    teacher features (when served) as they are, and which of them are there (``teacher_available``)."""
     images = views["images"]
     assert isinstance(images, Tensor)
     if images.dtype == torch.uint8:
@@ -215,6 +215,7 @@ def network_inputs(views: Mapping[str, object]) -> Dict[str, object]:
         "intrinsics": views["intrinsics"],
         "camera_to_world": views["camera_to_world"],
         "teacher_features": views.get("teacher_features"),
+        "teacher_available": views.get("teacher_available"),
     }
 
 

@@ -24,7 +24,7 @@ from torch.nn import Parameter
 
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig
 from splatsem_ns.feedforward.cameras import world_to_camera_viewmat
-from splatsem_ns.models.heads import ProjectorHead, cosine_distillation_loss, heads_from_state_dict
+from splatsem_ns.models.heads import ProjectorHead, heads_from_state_dict, masked_cosine_distillation_loss
 from splatsem_ns.models.semantic_splat import random_pixels, sample_feature_maps
 from splatsem_ns.rendering import rasterize_gaussians
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
@@ -180,7 +180,8 @@ class ChorusPretrainModel(Model):
                 wanted = sample_feature_maps(
                     views["teacher_features"][name], out["pixels"], tuple(views["images"].shape[2:4])
                 )
-                per_part.append(cosine_distillation_loss(out["decoded"][name], wanted))
+                available = (views.get("teacher_available") or {}).get(name)
+                per_part.append(masked_cosine_distillation_loss(out["decoded"][name], wanted, available))
             terms[name] = torch.stack(per_part).mean()
         return terms
 

@@ -66,6 +66,20 @@ def cosine_distillation_loss(
     return (per_pixel if weights is None else per_pixel * weights.to(per_pixel.dtype)).mean()
 
 
+def masked_cosine_distillation_loss(
+    predicted: Float[Tensor, "B V n C"], target: Float[Tensor, "B V n C"], available: Optional[Tensor]
+) -> Float[Tensor, ""]:
+    """``cosine_distillation_loss`` over the views whose teacher features exist (``available``: [B, V] bool, or
+    None for all): the mean over those pixels alone, 0 when there are none, so a batch with a scene whose teacher
+    is absent neither dilutes nor pulls towards zero features."""
+    if available is None:
+        return cosine_distillation_loss(predicted, target)
+    weights = available.to(device=predicted.device, dtype=predicted.dtype)[..., None].expand(
+        predicted.shape[:-1]
+    )
+    return cosine_distillation_loss(predicted, target, weights / weights.mean().clamp_min(1e-12))
+
+
 def resize_feature_map(features: Float[Tensor, "h w C"], size: tuple[int, int]) -> Float[Tensor, "H2 W2 C"]:
     """Resample a feature map to another grid that covers the same image (area-style averaging when
     shrinking, bilinear when growing)."""

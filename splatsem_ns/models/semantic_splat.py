@@ -37,7 +37,7 @@ from splatsem_ns.feedforward.constants import device_constant
 from splatsem_ns.feedforward.gaussians import PredictedGaussians
 from splatsem_ns.feedforward.network import SemanticSplatNetworkConfig, network_inputs
 from splatsem_ns.feedforward.render import RenderedViews, render_predicted
-from splatsem_ns.models.heads import ProjectorHead, cosine_distillation_loss, heads_from_state_dict
+from splatsem_ns.models.heads import ProjectorHead, heads_from_state_dict, masked_cosine_distillation_loss
 from splatsem_ns.models.optional_lpips import optional_lpips
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
 
@@ -286,7 +286,10 @@ class SemanticSplatModel(Model):
             features = target["teacher_features"][name]  # [B, T, h, w, C]
             wanted = sample_feature_maps(features, outputs["pixels"], outputs["latent_size"])
             weight = self.config.teacher_loss_weights.get(name, self.config.distill_weight)
-            losses[f"distill_{name}"] = weight * cosine_distillation_loss(decoded, wanted)
+            available = (target.get("teacher_available") or {}).get(
+                name
+            )  # [B, T]; absent: an unlabelled scene
+            losses[f"distill_{name}"] = weight * masked_cosine_distillation_loss(decoded, wanted, available)
             if name in outputs.get("context_decoded", {}):
                 context = batch["context"]
                 wanted = sample_feature_maps(
@@ -294,10 +297,11 @@ class SemanticSplatModel(Model):
                     outputs["context_pixels"],
                     tuple(context["images"].shape[2:4]),
                 )
+                available = (context.get("teacher_available") or {}).get(name)
                 losses[f"distill_context_{name}"] = (
                     weight
                     * self.config.context_distill_weight
-                    * cosine_distillation_loss(outputs["context_decoded"][name], wanted)
+                    * masked_cosine_distillation_loss(outputs["context_decoded"][name], wanted, available)
                 )
         return losses
 

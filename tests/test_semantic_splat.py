@@ -234,21 +234,29 @@ def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path):
+@pytest.mark.parametrize("method", ["semantic-splat", "chorus-pretrain"])
+def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method):
     """Two processes on gloo, as ``--machine.num-devices 2`` starts them: each draws its own samples, DDP averages
-    the gradients, and both end with the same weights, which training changed."""
+    the gradients, both end with the same weights, which training changed, and the checkpoint they wrote loads in
+    one process on the CPU."""
     import copy
 
+    from splatsem_ns.method_configs.chorus_pretrain import chorus_pretrain
     from splatsem_ns.method_configs.semantic_splat import semantic_splat
+    from splatsem_ns.models.semantic_splat import restore_network_model
 
-    config = copy.deepcopy(semantic_splat.config)
+    spec = {"semantic-splat": semantic_splat, "chorus-pretrain": chorus_pretrain}[method]
+    config = copy.deepcopy(spec.config)
     config.pipeline.datamanager.data = collection
     config.pipeline.datamanager.image_size = (48, 64)
     config.pipeline.datamanager.teachers = TEACHERS
     config.pipeline.datamanager.num_workers = 0
     config.pipeline.datamanager.feature_cache_dir = tmp_path / "cache"
     config.pipeline.datamanager.eval_split = "test"
-    config.pipeline.model.tiny_network = True
+    if method == "semantic-splat":
+        config.pipeline.model.tiny_network = True
+    else:
+        config.pipeline.model.tiny_encoder = True
     config.machine.device_type = "cpu"
     config.machine.num_devices = 2
     config.max_num_iterations = 4
@@ -258,6 +266,7 @@ def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path):
     config.timestamp = "run"
     config.vis = "tensorboard"
     config.result_file = str(tmp_path / "result.json")  # type: ignore[attr-defined]
+    config.save_config()  # as ns-train does before it launches the ranks
     # nerfstudio's launcher asserts CUDA even for gloo, so the two CPU ranks are spawned here the way it spawns them.
     torch.multiprocessing.spawn(_gloo_rank, args=(2, f"tcp://127.0.0.1:{_free_port()}", config), nprocs=2)
     result = json.loads((tmp_path / "result.json").read_text())
@@ -265,6 +274,8 @@ def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path):
     assert result["moved"] > 0, "training did not change the weights"
     rank0, rank1 = (set(s) for s in result["samples"])
     assert rank0 and rank1 and not rank0 & rank1, "each rank draws its own samples"
+    restored = restore_network_model(config.get_base_dir() / "config.yml", f"ns-train {method}", "cpu")
+    assert set(restored.projector_heads) == {"labels", "instances"}
 
 
 @pytest.mark.slow

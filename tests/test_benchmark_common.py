@@ -141,3 +141,26 @@ def test_semantic_report_scores_along_training(tmp_path: Path) -> None:
     assert all(0.0 <= p["semantic_2d_miou"] <= 1.0 for p in curve)
     assert curve[0]["train_wall_s"] <= curve[1]["train_wall_s"] <= run["train_wall_s"]
     assert "## Along training" in (tmp_path / "out" / "semantic_report.md").read_text()
+
+
+def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -> None:
+    """ddp_scaling.py through nerfstudio's launcher: a row for one process (here on the CPU), a note for a count the
+    machine does not have."""
+    import json
+    import subprocess
+
+    from support import offline_env, tiny_collection
+
+    collection = tiny_collection(tmp_path / "scenes", rooms=3, test_room=2, seed_points=100)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_scaling.py"),
+         "--collection", str(collection), "--out", str(tmp_path / "out"), "--gpus", "1", "2", "--global-batch", "2",
+         "--steps", "3", "--warmup", "0", "--tiny", "--size", "48", "64", "--loader-workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "ddp_scaling.json").read_text())
+    assert report["benchmark"] == "ddp_scaling" and [r["gpus"] for r in report["rows"]] == [1]
+    row = report["rows"][0]
+    assert row["steps"] == 3 and row["scenes_per_s"] > 0 and row["speedup"] == 1.0 and row["loss_curve"]
+    assert report["notes"] == ["2 GPUs asked for, 1 here: not run"]

@@ -1,0 +1,183 @@
+"""Multi-GPU scaling of a feed-forward trainer: the same global batch and seed on 1, 2, 4 ... GPUs.
+
+    python benchmarks/ddp_scaling.py --collection COLL/collection.json --out DIR --gpus 1 2 4 \\
+        --global-batch 8 --steps 2000 [--method semantic-splat|chorus-pretrain]
+
+Each GPU count runs ``ns-train METHOD``'s configuration through nerfstudio's own launcher (``launch``, as
+``--machine.num-devices N`` does) with ``global-batch / N`` samples per rank, so every step sees the same number of
+scenes. Every rank records the wall time of each step and its peak GPU memory; rank 0 also records the loss. The
+report (``"benchmark": "ddp_scaling"``) has a row per GPU count: training scenes per second (global batch / median
+step time past the warm-up), the speed-up over the 1-GPU row, peak memory per GPU, and the loss curve, rewritten
+after each run. GPU counts above what the machine has are skipped with a note. With ``--device cpu`` it runs one
+process on the CPU (a check of the script, not a measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, sync, write_markdown  # noqa: E402
+from feedforward_training import train_config, training_parser  # noqa: E402
+
+
+def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0) -> None:
+    """One rank (nerfstudio's ``main_func``): train, recording each step's end time and, on rank 0, the loss;
+    writes ``config.rank_log_dir/rank{R}.json``."""
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+    from splatsem_ns.engine.trainer import ChorusTrainer
+
+    trainer = ChorusTrainer(config, local_rank=local_rank, world_size=world_size)
+    trainer.setup()
+    stamps: List[float] = []
+    losses: List[Dict[str, float]] = []
+    original = trainer.train_iteration
+
+    def train_iteration(step: int):
+        loss, loss_dict, metrics = original(step)
+        if step % 50 == 0 and global_rank == 0:
+            losses.append({"step": step, "loss": round(float(loss), 5)})
+        return loss, loss_dict, metrics
+
+    def record(step: int) -> None:
+        sync()
+        stamps.append(time.perf_counter())
+
+    trainer.train_iteration = train_iteration  # type: ignore[method-assign]
+    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    result = {
+        "rank": global_rank,
+        "steps": len(stamps),
+        "step_s": deltas,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if torch.cuda.is_available()
+        else None,
+        "loss_curve": losses,
+    }
+    folder = Path(config.rank_log_dir)  # type: ignore[attr-defined]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{global_rank}.json").write_text(json.dumps(result))
+
+
+def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
+    """One GPU count: train through nerfstudio's launcher and summarise the ranks' logs."""
+    from nerfstudio.scripts.train import launch
+
+    args.batch_size = args.global_batch // gpus
+    out = args.out / f"gpus{gpus}"
+    config = train_config(args, out, args.method)
+    config.machine.num_devices = gpus
+    config.machine.device_type = args.device
+    config.machine.seed = args.seed
+    config.rank_log_dir = str(out / "ranks")  # type: ignore[attr-defined]
+    config.save_config()
+    launch(timed_worker, gpus, 1, 0, "auto", config=config, device_type=args.device)
+    ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(gpus)]
+    # A step ends when its slowest rank's does; DDP keeps them in step, so rank 0's times stand for all.
+    steady = ranks[0]["step_s"][args.warmup :] or ranks[0]["step_s"]
+    median = statistics.median(steady) if steady else None
+    return {
+        "gpus": gpus,
+        "per_gpu_batch": args.batch_size,
+        "global_batch": args.global_batch,
+        "steps": ranks[0]["steps"],
+        "ms_per_step_median": None if median is None else round(1000 * median, 2),
+        "scenes_per_s": None if median is None else round(args.global_batch / median, 2),
+        "peak_gpu_memory_gib_per_rank": [r["peak_gpu_memory_gib"] for r in ranks],
+        "loss_curve": ranks[0]["loss_curve"],
+    }
+
+
+def write(report: Dict[str, Any], out: Path) -> None:
+    rows = report["rows"]
+    base = next((r for r in rows if r["gpus"] == 1 and r["scenes_per_s"]), None)
+    for r in rows:
+        r["speedup"] = (
+            round(r["scenes_per_s"] / base["scenes_per_s"], 2) if base and r["scenes_per_s"] else None
+        )
+    (out / "ddp_scaling.json").write_text(json.dumps(report, indent=1))
+    lines = [
+        f"# {report['method']}: DistributedDataParallel scaling",
+        "",
+        f"- device: {report['device']}; collection `{report['collection']}`; global batch {report['global_batch']}, "
+        f"seed {report['seed']}, {report['steps']} steps; step times past the first {report['warmup']}",
+        "- targets: at least 1.8x on 2 GPUs and 3.4x on 4, loss curves within seed noise of the 1-GPU run",
+        "",
+        "| GPUs | samples per GPU | ms / step (median) | scenes / s | speed-up | peak memory per GPU (GiB) | last logged loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        last = r["loss_curve"][-1]["loss"] if r["loss_curve"] else None
+        lines.append(
+            f"| {r['gpus']} | {r['per_gpu_batch']} | {r['ms_per_step_median']} | {r['scenes_per_s']} | "
+            f"{r['speedup'] if r['speedup'] is not None else '-'} | "
+            f"{', '.join(str(m) for m in r['peak_gpu_memory_gib_per_rank'])} | {last} |"
+        )
+    lines += [f"\n- note: {n}" for n in report["notes"]]
+    write_markdown(out / "ddp_scaling.md", lines)
+
+
+def main() -> None:
+    parser = training_parser(__doc__)
+    parser.add_argument("--method", default="semantic-splat", choices=("semantic-splat", "chorus-pretrain"))
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all GPUs")
+    parser.add_argument("--warmup", type=int, default=50, help="steps left out of the timing")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu")
+    )
+    parser.add_argument(
+        "--gaussians",
+        default="labeled_points",
+        help="chorus-pretrain: each scene's Gaussians (datamanager.gaussians)",
+    )
+    parser.set_defaults(steps=2000)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.method != "chorus-pretrain":
+        args.gaussians = None
+    available = torch.cuda.device_count() if args.device == "cuda" else 1
+    report: Dict[str, Any] = {
+        "benchmark": "ddp_scaling",
+        "method": args.method,
+        "device": device_name(),
+        "torch": torch.__version__,
+        "collection": str(args.collection),
+        "global_batch": args.global_batch,
+        "seed": args.seed,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rows": [],
+        "notes": [],
+    }
+    for gpus in args.gpus:
+        if gpus > available:
+            report["notes"].append(f"{gpus} GPUs asked for, {available} here: not run")
+            continue
+        if args.global_batch % gpus:
+            report["notes"].append(f"{gpus} GPUs do not divide the global batch {args.global_batch}: not run")
+            continue
+        try:
+            report["rows"].append(run(gpus, args, report))
+        except Exception as err:  # a failed count must not lose the others
+            traceback.print_exc()
+            report["notes"].append(f"{gpus} GPUs failed: {type(err).__name__}: {err}")
+        write(report, args.out)
+    write(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import time
 import traceback
@@ -271,5 +272,8 @@ def header_lines(report: Dict[str, Any], title: str, what: str) -> List[str]:
 
 def write_report(report: Dict[str, Any], out: Path, stem: str, lines: List[str]) -> None:
     """``OUT/STEM.json`` and ``OUT/STEM.md`` (``lines`` then the report's notes)."""
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    text = json.dumps(report, indent=1, default=str)
+    # Innermost lists of numbers (per-scene confusion counts) on one line each: readable, and a tenth of the size.
+    text = re.sub(r"\[\s+([-\d.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (out / f"{stem}.json").write_text(text)
     write_markdown(out / f"{stem}.md", lines + [f"\n- note: {note}" for note in report.get("notes", [])])

@@ -75,6 +75,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument(
+        "--unlabelled-scenes",
+        default="drop",
+        choices=("drop", "geometry"),
+        help="scenes the label proxies cannot read: left out, or trained on geometry and appearance only",
+    )
+    parser.add_argument(
         "--model-set",
         action="append",
         default=[],
@@ -104,6 +110,7 @@ def train_config(args, out: Path, method: str):
         setattr(config.pipeline.model, key, parse_field(config.pipeline.model, key, value))
     if getattr(args, "gaussians", None):
         dm.gaussians = args.gaussians
+    dm.unlabelled_scenes = getattr(args, "unlabelled_scenes", "drop")
     if getattr(args, "max_gaussians", None):
         dm.max_gaussians = args.max_gaussians
     config.max_num_iterations = args.steps

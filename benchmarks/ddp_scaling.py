@@ -5,11 +5,11 @@
 
 Each GPU count runs ``ns-train METHOD``'s configuration through nerfstudio's own launcher (``launch``, as
 ``--machine.num-devices N`` does) with ``global-batch / N`` samples per rank, so every step sees the same number of
-scenes. Every rank records the wall time of each step and its peak GPU memory; rank 0 also records the loss. The
-report (``"benchmark": "ddp_scaling"``) has a row per GPU count: training scenes per second (global batch / median
-step time past the warm-up), the speed-up over the 1-GPU row, peak memory per GPU, and the loss curve, rewritten
-after each run. GPU counts above what the machine has are skipped with a note. With ``--device cpu`` it runs one
-process on the CPU (a check of the script, not a measurement).
+scenes. Every rank records the wall time of each step, its peak GPU memory and the loss (rank 0's loss is
+reported). The report (``"benchmark": "ddp_scaling"``) has a row per GPU count: training scenes per second (global
+batch / median step time past the warm-up), the speed-up over the 1-GPU row, peak memory per GPU, and the loss
+curve, rewritten after each run. GPU counts above what the machine has are skipped with a note. With ``--device
+cpu`` it runs one process on the CPU (a check of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -17,55 +17,34 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, sync, write_markdown  # noqa: E402
-from feedforward_training import train_config, training_parser  # noqa: E402
+from common import device_name, peak_memory_gib, write_markdown  # noqa: E402
+from feedforward_training import StepClock, train_config, training_parser  # noqa: E402
 
 
 def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0) -> None:
-    """One rank (nerfstudio's ``main_func``): train, recording each step's end time and, on rank 0, the loss;
+    """One rank (nerfstudio's ``main_func``): train, recording each step's end time and every 50th step's loss;
     writes ``config.rank_log_dir/rank{R}.json``."""
-    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-
     from splatsem_ns.engine.trainer import ChorusTrainer
 
     trainer = ChorusTrainer(config, local_rank=local_rank, world_size=world_size)
     trainer.setup()
-    stamps: List[float] = []
-    losses: List[Dict[str, float]] = []
-    original = trainer.train_iteration
-
-    def train_iteration(step: int):
-        loss, loss_dict, metrics = original(step)
-        if step % 50 == 0 and global_rank == 0:
-            losses.append({"step": step, "loss": round(float(loss), 5)})
-        return loss, loss_dict, metrics
-
-    def record(step: int) -> None:
-        sync()
-        stamps.append(time.perf_counter())
-
-    trainer.train_iteration = train_iteration  # type: ignore[method-assign]
-    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
+    clock = StepClock(trainer, terms=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     result = {
         "rank": global_rank,
-        "steps": len(stamps),
-        "step_s": deltas,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if torch.cuda.is_available()
-        else None,
-        "loss_curve": losses,
+        "steps": len(clock.stamps),
+        "step_s": clock.step_seconds(),
+        "peak_gpu_memory_gib": peak_memory_gib(),
+        "loss_curve": clock.losses,
     }
     folder = Path(config.rank_log_dir)  # type: ignore[attr-defined]
     folder.mkdir(parents=True, exist_ok=True)

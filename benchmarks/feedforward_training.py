@@ -127,10 +127,49 @@ def train_config(args, out: Path, method: str):
     return config
 
 
+class StepClock:
+    """Attached to a set-up trainer: the end time of every training step (after a device sync) and, every
+    ``every`` steps, its losses (each term, or with ``terms=False`` their total); past ``deadline``
+    (``time.perf_counter()`` seconds) it stops the training."""
+
+    def __init__(
+        self, trainer, every: int = 50, deadline: Optional[float] = None, terms: bool = True
+    ) -> None:
+        from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+        self.trainer, self.every, self.deadline, self.terms = trainer, every, deadline, terms
+        self.stamps: List[float] = []
+        self.losses: List[Dict[str, float]] = []
+        self._last: Optional[tuple] = None
+        original = trainer.train_iteration
+
+        def train_iteration(step: int):
+            loss, loss_dict, metrics = original(step)
+            self._last = (loss, loss_dict)
+            return loss, loss_dict, metrics
+
+        trainer.train_iteration = train_iteration
+        trainer.callbacks.append(
+            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._record)
+        )
+
+    def _record(self, step: int) -> None:
+        sync()
+        self.stamps.append(time.perf_counter())
+        if step % self.every == 0 and self._last is not None:
+            loss, terms = self._last
+            values = terms.items() if self.terms else [("loss", loss)]
+            self.losses.append({"step": step, **{k: round(float(v), 5) for k, v in values}})
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.trainer.stop_training = True
+
+    def step_seconds(self) -> List[float]:
+        """Seconds between consecutive steps' ends."""
+        return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
+
+
 def train(args, out: Path, report: Dict[str, Any], method: str):
     """Train ``method`` within the time budget; returns the trainer (its pipeline is evaluated next)."""
-    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-
     from splatsem_ns.engine.trainer import ChorusTrainer
 
     seed_everything(args.seed)
@@ -143,45 +182,26 @@ def train(args, out: Path, report: Dict[str, Any], method: str):
     report["setup_s"] = round(time.perf_counter() - start, 1)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    stamps: List[float] = []
-    losses: List[Dict[str, float]] = []
     deadline = time.perf_counter() + 60 * args.minutes
-
-    def record(step: int) -> None:
-        sync()
-        stamps.append(time.perf_counter())
-        if step % 50 == 0:
-            scalars = getattr(trainer, "_last_loss_dict", None)
-            if scalars is not None:
-                losses.append({"step": step, **{k: round(float(v), 5) for k, v in scalars.items()}})
-        if time.perf_counter() > deadline:
-            trainer.stop_training = True
-
-    original = trainer.train_iteration
-
-    def train_iteration(step: int):
-        loss, loss_dict, metrics = original(step)
-        trainer._last_loss_dict = loss_dict
-        return loss, loss_dict, metrics
-
-    trainer.train_iteration = train_iteration  # type: ignore[method-assign]
     if args.profile_at > 0:
         profile_training(trainer, args, out, method)
-    trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], record))
+    clock = StepClock(
+        trainer, deadline=deadline
+    )  # after the profile's wrappers, so they do not time its sync
     trainer.train()
     if args.save_checkpoint:  # for ns-eval, the viewer, export and the README picture
         trainer.save_checkpoint(trainer.step)
         report["run_config"] = str(trainer.base_dir / "config.yml")
-    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    deltas = clock.step_seconds()
     deltas = deltas[20:] if len(deltas) > 40 else deltas[1:]  # past the warm-up, where there is one
     batch = args.batch_size
     report["training"] = {
-        "steps": len(stamps),
+        "steps": len(clock.stamps),
         "batch_size": batch,
         "ms_per_step_median": round(1000 * statistics.median(deltas), 1) if deltas else None,
         "scenes_per_s": round(batch / statistics.median(deltas), 2) if deltas else None,
         "peak_gpu_memory_gib": peak_memory_gib(),
-        "loss_curve": losses,
+        "loss_curve": clock.losses,
     }
     return trainer
 

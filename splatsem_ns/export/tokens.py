@@ -154,10 +154,7 @@ def scene_tokens(
     at most ``max_candidates`` Gaussians (a seeded subset) are candidates for the sampling."""
     if scene.latent is None:
         raise ValueError(f"{scene.source or 'the scene'} has no semantic latent to make tokens of")
-    opacity = torch.sigmoid(scene.opacities.float().reshape(-1))
-    visible = torch.nonzero(opacity >= min_opacity).flatten()
-    if len(visible) == 0:
-        raise ValueError(f"no Gaussian of {scene.source or 'the scene'} is above opacity {min_opacity}")
+    visible, weight = _visible(scene, min_opacity)
     means = scene.means.float()[visible].cpu()
     candidates = torch.arange(len(visible))
     if len(candidates) > max_candidates:
@@ -167,20 +164,8 @@ def scene_tokens(
     centres = means[candidates[farthest_points(means[candidates], num_tokens, seed)]]
     _, owner = cKDTree(centres.double().numpy()).query(means.double().numpy(), k=1)
     owner = torch.as_tensor(owner, dtype=torch.long)
-    weight = opacity[visible].cpu()
-    k = len(centres)
-    total = torch.zeros(k).index_add_(0, owner, weight).clamp_min(1e-12)
-    positions = torch.zeros(k, 3).index_add_(0, owner, means * weight[:, None]) / total[:, None]
     latent = scene.latent.float()[visible].cpu()
-    pooled = torch.zeros(k, latent.shape[1]).index_add_(0, owner, latent * weight[:, None]) / total[:, None]
-    counts = torch.zeros(k, dtype=torch.long).index_add_(0, owner, torch.ones_like(owner))
-    features = {}
-    for name in teachers:
-        if name not in scene.heads:
-            raise ValueError(f"the scene has no head for teacher '{name}' (heads: {sorted(scene.heads)})")
-        with torch.no_grad():
-            features[name] = scene.heads[name].cpu()(pooled)
-    return SceneTokens(positions=positions, latent=pooled, counts=counts, features=features)
+    return _pooled(scene, means, latent, weight, owner, len(centres), teachers)
 
 
 def encoder_tokens(
@@ -191,51 +176,65 @@ def encoder_tokens(
     teachers: Sequence[str] = (),
 ) -> SceneTokens:
     """Tokens from the Chorus encoder's coarsest stage: one token per coarsest-stage site (a voxel 16 times the
-    encoder's for SpUNet-v1, 8 times for PTv3-lite-v1: 32 or 16 cm at the default 2 cm), the ``num_tokens`` sites that hold the most opacity. Each carries that
-    stage's feature (``encoder_features``), and, like ``scene_tokens``' tokens, the opacity-weighted mean centre and
-    latent of its Gaussians, so the scene's heads still decode it and per-Gaussian latents decode back from the
-    tokens (Gaussians of the sites left out take their nearest tokens'). ``encoder``: a ``GaussianEncoder`` whose
-    latents the scene's heads decode (the chorus-pretrain run ``splatsem-encode`` used)."""
-    opacity = torch.sigmoid(scene.opacities.float().reshape(-1))
+    encoder's for SpUNet-v1, 8 times for PTv3-lite-v1: 32 or 16 cm at the default 2 cm), the ``num_tokens`` sites
+    that hold the most opacity. Each carries that stage's feature (``encoder_features``), and, like
+    ``scene_tokens``' tokens, the opacity-weighted mean centre and latent of its Gaussians, so the scene's heads still
+    decode it and per-Gaussian latents decode back from the tokens (Gaussians of the sites left out take their
+    nearest tokens'). ``encoder``: a ``GaussianEncoder`` whose latents the scene's heads decode (the chorus-pretrain
+    run ``splatsem-encode`` used)."""
+    visible, weight = _visible(scene, min_opacity)
+    device = next(encoder.parameters()).device
+    stage = encoder.coarsest_stage(
+        *(
+            getattr(scene, k).float()[visible].to(device)
+            for k in ("means", "features_dc", "opacities", "scales", "quats")
+        )
+    )
+    site = stage.site.cpu()
+    sites = len(stage.centres)
+    mass = torch.zeros(sites).index_add_(0, site, weight)
+    keep = torch.argsort(mass, descending=True)[: min(num_tokens, sites)]
+    token_of_site = torch.full((sites,), -1, dtype=torch.long)
+    token_of_site[keep] = torch.arange(len(keep))
+    owner = token_of_site[site]
+    mine = owner >= 0  # Gaussians of the kept sites
+    means = scene.means.float()[visible].cpu()[mine]
+    tokens = _pooled(scene, means, stage.latent.cpu()[mine], weight[mine], owner[mine], len(keep), teachers)
+    tokens.encoder_features = stage.features[keep.to(stage.features.device)].cpu()
+    return tokens
+
+
+def _visible(scene: SemanticScene, min_opacity: float) -> Tuple[Int[Tensor, " M"], Float[Tensor, " M"]]:
+    """Indices of the Gaussians at or above ``min_opacity``, and their opacities (CPU)."""
+    opacity = torch.sigmoid(scene.opacities.float().reshape(-1)).cpu()
     visible = torch.nonzero(opacity >= min_opacity).flatten()
     if len(visible) == 0:
         raise ValueError(f"no Gaussian of {scene.source or 'the scene'} is above opacity {min_opacity}")
-    device = next(encoder.parameters()).device
-    stage = encoder.coarsest_stage(
-        *(getattr(scene, k).float()[visible].to(device) for k in ("means", "features_dc", "opacities")),
-        scene.scales.float()[visible].to(device),
-        scene.quats.float()[visible].to(device),
-    )
-    weight = opacity[visible].to(device)
-    sites = len(stage.centres)
-    mass = torch.zeros(sites, device=device).index_add_(0, stage.site, weight)
-    keep = torch.argsort(mass, descending=True)[: min(num_tokens, sites)]
-    token_of_site = torch.full((sites,), -1, dtype=torch.long, device=device)
-    token_of_site[keep] = torch.arange(len(keep), device=device)
-    owner = token_of_site[stage.site]
-    mine = owner >= 0  # Gaussians of the kept sites
-    k, owner, weight = len(keep), owner[mine], weight[mine]
-    means, latent = scene.means.float()[visible].to(device)[mine], stage.latent[mine]
-    total = torch.zeros(k, device=device).index_add_(0, owner, weight).clamp_min(1e-12)
-    positions = (
-        torch.zeros(k, 3, device=device).index_add_(0, owner, means * weight[:, None]) / total[:, None]
-    )
-    pooled = torch.zeros(k, latent.shape[1], device=device).index_add_(0, owner, latent * weight[:, None])
-    pooled = pooled / total[:, None]
-    counts = torch.zeros(k, dtype=torch.long, device=device).index_add_(0, owner, torch.ones_like(owner))
+    return visible, opacity[visible]
+
+
+def _pooled(
+    scene: SemanticScene,
+    means: Float[Tensor, "M 3"],
+    latent: Float[Tensor, "M D"],
+    weight: Float[Tensor, " M"],
+    owner: Int[Tensor, " M"],
+    k: int,
+    teachers: Sequence[str],
+) -> SceneTokens:
+    """``k`` tokens, each the ``weight``-weighted mean centre and latent of the Gaussians ``owner`` gives it, with
+    the decoded features of ``teachers`` (by the scene's heads)."""
+    total = torch.zeros(k).index_add_(0, owner, weight).clamp_min(1e-12)
+    positions = torch.zeros(k, 3).index_add_(0, owner, means * weight[:, None]) / total[:, None]
+    pooled = torch.zeros(k, latent.shape[1]).index_add_(0, owner, latent * weight[:, None]) / total[:, None]
+    counts = torch.zeros(k, dtype=torch.long).index_add_(0, owner, torch.ones_like(owner))
     features = {}
     for name in teachers:
         if name not in scene.heads:
             raise ValueError(f"the scene has no head for teacher '{name}' (heads: {sorted(scene.heads)})")
         with torch.no_grad():
-            features[name] = scene.heads[name].to(device)(pooled).cpu()
-    return SceneTokens(
-        positions=positions.cpu(),
-        latent=pooled.cpu(),
-        counts=counts.cpu(),
-        features=features,
-        encoder_features=stage.features[keep].cpu(),
-    )
+            features[name] = scene.heads[name].cpu()(pooled)
+    return SceneTokens(positions=positions, latent=pooled, counts=counts, features=features)
 
 
 def decoded_scene(scene: SemanticScene, tokens: SceneTokens, neighbours: int = 3) -> SemanticScene:

@@ -179,11 +179,7 @@ def score_clicks(
             selections = {MODEL: selected}
             if region_radius is not None:
                 seed = click_seed(means, selected, model.pixel_weights(camera, row, col, render_scale))
-                selections[REGION] = (
-                    torch.zeros_like(selected)
-                    if seed is None
-                    else grow_region(means, selected, seed, region_radius)
-                )
+                selections[REGION] = grow_region(means, selected, seed, region_radius)
             for rule, chosen in selections.items():
                 shown = model.render_features(camera, chosen[:, None].float(), render_scale, normalize=True)
                 mask_2d = _upsampled(shown[..., 0] > 0.5, instances.shape)

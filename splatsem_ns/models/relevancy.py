@@ -175,19 +175,20 @@ def select_by_click(
 def grow_region(
     means: Float[Tensor, "N 3"],
     selected: Bool[Tensor, " N"],
-    seed: int,
+    seed: Optional[int],
     radius: float,
 ) -> Bool[Tensor, " N"]:
     """The connected part of a click's selection around the clicked Gaussian: of the ``selected`` Gaussians, those
     reachable from ``seed`` (an index; see ``ChorusSplatModel.pixel_weights``) through chains of selected Gaussians
     whose centres are at most ``radius`` apart. Two chairs of the same kind match the clicked one's feature alike;
-    only the clicked chair is connected to the click. A seed outside the selection selects nothing."""
+    only the clicked chair is connected to the click. A seed outside the selection, or none (``click_seed`` found
+    nothing selected), selects nothing."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
     region = torch.zeros_like(selected)
-    if not bool(selected[seed]):
+    if seed is None or not bool(selected[seed]):
         return region
     indices = torch.nonzero(selected).squeeze(1)
     centres = means.detach()[indices].cpu().numpy().astype(np.float64)

@@ -155,11 +155,8 @@ class Selection:
             and self.surface_point is not None
         ):
             closeness = 1.0 / (1.0 + (model.means.detach() - self.surface_point.to(model.means)).norm(dim=-1))
-            seed = click_seed(model.means, mask, closeness)
-            mask = (
-                torch.zeros_like(mask)
-                if seed is None
-                else grow_region(model.means, mask, seed, self.region_radius)
+            mask = grow_region(
+                model.means, mask, click_seed(model.means, mask, closeness), self.region_radius
             )
         self._cache["mask"] = mask
         return mask

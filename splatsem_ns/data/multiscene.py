@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -296,12 +296,10 @@ class SceneSampleDataset(Dataset):
     def _feature_shape(self, name: str) -> Tuple[int, ...]:
         """(h, w, C) of teacher ``name``'s cached features (read from one cached entry, once per worker)."""
         if name not in self._feature_shapes:
-            fingerprint = next(iter(self.fingerprints[name].values()), None)
-            folder = TeacherFeatureCache(self.feature_root, name, fingerprint).folder if fingerprint else None
-            entry = next(folder.glob("*.npy"), None) if folder is not None else None
-            if entry is None:
+            shape = cached_feature_shape(self.feature_root, name, self.fingerprints[name])
+            if shape is None:
                 raise RuntimeError(f"no cached features of teacher '{name}' to size its absent features from")
-            self._feature_shapes[name] = tuple(np.load(entry, mmap_mode="r").shape)
+            self._feature_shapes[name] = shape
         return self._feature_shapes[name]
 
     def _projected_labels(self, scene: str, loaded: Sequence[Any]) -> bool:
@@ -493,15 +491,10 @@ class MultiSceneDataManager(DataManager):
         cached entry), whether it embeds text, and its config."""
         specs = {}
         for cfg in self.teacher_configs:
-            fingerprint = next(iter((self.fingerprints.get(cfg.name) or {}).values()), None)
-            entry = None
-            if fingerprint is not None:
-                entry = next(
-                    TeacherFeatureCache(self.feature_root, cfg.name, fingerprint).folder.glob("*.npy"), None
-                )
-            if entry is None:
+            shape = cached_feature_shape(self.feature_root, cfg.name, self.fingerprints.get(cfg.name) or {})
+            if shape is None:
                 raise RuntimeError(f"no cached features of teacher '{cfg.name}' to size its head from")
-            h, w, channels = np.load(entry, mmap_mode="r").shape
+            h, w, channels = shape
             text = declared_text_encoder(cfg)
             if text is None:  # decided when built (the label proxies, by variant); cheap for those
                 text = bool(cfg.setup().has_text_encoder)
@@ -726,6 +719,18 @@ def _extract_shard(
                     if frames.label_paths is None and LABELED_POINTS_KEY in metadata:
                         cache_label_maps(teacher, cache.folder, view_keys)
     return fingerprints
+
+
+def cached_feature_shape(
+    feature_root: Path, name: str, fingerprints: Mapping[str, str]
+) -> Optional[Tuple[int, ...]]:
+    """(h, w, C) of teacher ``name``'s cached features, read from one entry of one of its scenes' cache folders
+    (``fingerprints``: scene -> fingerprint); None when nothing is cached."""
+    fingerprint = next(iter(fingerprints.values()), None)
+    if fingerprint is None:
+        return None
+    entry = next(TeacherFeatureCache(feature_root, name, fingerprint).folder.glob("*.npy"), None)
+    return None if entry is None else tuple(np.load(entry, mmap_mode="r").shape)
 
 
 LABEL_MAP_SUFFIX = ".labels.npz"

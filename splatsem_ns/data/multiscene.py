@@ -26,7 +26,6 @@ real, generated or both.
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import time
@@ -50,7 +49,7 @@ from splatsem_ns.data.dataparser import (
     DEPTH_SCALE_KEY,
     LABELED_POINTS_KEY,
 )
-from splatsem_ns.data.scene_frames import SceneFrames
+from splatsem_ns.data.scene_frames import SceneFrames, labelled_points_path
 from splatsem_ns.data.scene_gaussians import GaussianSource, collate_samples, load_scene_gaussians, subsample
 from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sample_overlap, view_overlap
 from splatsem_ns.files import write_atomically
@@ -695,7 +694,7 @@ def _extract_shard(
                 if show_progress
                 else all_frames.items()
             ):
-                points = _labeled_points(Path(labeled[name]))
+                points = labelled_points_path(Path(labeled[name]))
                 if frames.label_paths is None and points is None:
                     advance(len(frames) * len(per_scene))
                     continue  # nothing for a label proxy to read: its features stay absent (unlabelled_scenes)
@@ -716,7 +715,7 @@ def _extract_shard(
                         show_progress=False,
                     )
                     fingerprints[teacher.name][name] = cache.fingerprint
-                    if frames.label_paths is None and LABELED_POINTS_KEY in metadata:
+                    if frames.label_paths is None:  # then it has labelled points (see above)
                         cache_label_maps(teacher, cache.folder, view_keys)
     return fingerprints
 
@@ -759,13 +758,6 @@ def cache_label_maps(teacher: Teacher, folder: Path, keys: Sequence[str]) -> Non
             lambda f, a=array: np.savez_compressed(f, labels=a),
             durable=False,
         )
-
-
-def _labeled_points(scene_dir: Path) -> Optional[Path]:
-    """The labelled point cloud a scene's transforms.json names (or ``points_labeled.ply`` beside it)."""
-    meta = json.loads((scene_dir / "transforms.json").read_text())
-    path = scene_dir / meta.get("labeled_ply_file_path", "points_labeled.ply")
-    return path if path.is_file() else None
 
 
 def _extraction_worker(worker: int, args: tuple) -> None:

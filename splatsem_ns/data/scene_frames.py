@@ -53,6 +53,14 @@ class LoadedView:
     """Instance id per pixel (0: none)."""
 
 
+def labelled_points_path(scene: Path) -> Optional[Path]:
+    """The labelled point cloud of the scene in folder ``scene``: the file its transforms.json names
+    (``labeled_ply_file_path``), else ``points_labeled.ply`` beside it; None when there is none."""
+    meta = json.loads((Path(scene) / "transforms.json").read_text())
+    path = Path(scene) / meta.get("labeled_ply_file_path", "points_labeled.ply")
+    return path if path.is_file() else None
+
+
 @dataclass
 class SceneFrames:
     """The frames of one scene (see the module docstring)."""
@@ -94,9 +102,8 @@ class SceneFrames:
         the scene has no labelled cloud."""
         from splatsem_ns.data.ply_io import read_point_cloud
 
-        meta = json.loads((self.root / "transforms.json").read_text())
-        path = self.root / meta.get("labeled_ply_file_path", "points_labeled.ply")
-        if not path.is_file():
+        path = labelled_points_path(self.root)
+        if path is None:
             return None
         cloud = read_point_cloud(path)
         if cloud.labels is None:

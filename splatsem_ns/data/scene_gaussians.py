@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from splatsem_ns.data.ply_io import read_point_cloud
+from splatsem_ns.data.scene_frames import labelled_points_path
 from splatsem_ns.export.semantic_ply import read_semantic_ply
 
 GaussianSource = Literal["off", "auto", "ply", "points", "labeled_points"]
@@ -93,20 +94,22 @@ def load_scene_gaussians(scene: Path, source: GaussianSource, gaussians_file: st
             )
         arrays = read_semantic_ply(fitted)
         return {k: getattr(arrays, k).float().contiguous() for k in GAUSSIAN_KEYS}
-    meta = json.loads((scene / "transforms.json").read_text())
     if source == "labeled_points":
-        ply = meta.get("labeled_ply_file_path", "points_labeled.ply")
-        if not (scene / ply).is_file():
-            raise SceneGaussiansError(f"{scene} has no labelled point cloud ({ply})")
+        path = labelled_points_path(scene)
+        if path is None:
+            raise SceneGaussiansError(
+                f"{scene} has no labelled point cloud (transforms.json's labeled_ply_file_path, or points_labeled.ply)"
+            )
     else:
-        ply = meta.get("ply_file_path")
-        if not ply or not (scene / ply).is_file():
+        ply = json.loads((scene / "transforms.json").read_text()).get("ply_file_path")
+        path = scene / ply if ply else None
+        if path is None or not path.is_file():
             raise SceneGaussiansError(
                 f"{scene} has neither fitted Gaussians ({gaussians_file}) nor a seed point cloud (transforms.json's "
                 "ply_file_path); a scene with labelled points can serve those (--pipeline.datamanager.gaussians "
                 "labeled_points)"
             )
-    cloud = read_point_cloud(scene / ply)
+    cloud = read_point_cloud(path)
     return points_as_gaussians(cloud.xyz, cloud.rgb)
 
 

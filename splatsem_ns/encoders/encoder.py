@@ -161,9 +161,10 @@ class GaussianEncoder(nn.Module):
             batch: scene index of each Gaussian, for several scenes in one call (default: one scene).
             batch_size: number of scenes (default ``batch.max() + 1``).
         """
-        return self._encode(means, features_dc, opacities, scales, quats, colors, normals, batch, batch_size)[
-            0
-        ]
+        latent, _ = self._encode(
+            means, features_dc, opacities, scales, quats, colors, normals, batch, batch_size
+        )
+        return latent
 
     def _encode(self, means, features_dc, opacities, scales, quats, colors, normals, batch, batch_size):
         """``forward``'s latents and the voxelisation they were computed on."""

@@ -113,7 +113,14 @@ def backprojected_teacher_labels(
 def points_confusion(predicted: np.ndarray, ground_truth: np.ndarray, ids: Sequence[int]) -> ConfusionMatrix:
     """3D confusion over the labelled points whose class is queried (others, and unlabelled, are ignored)."""
     cm = ConfusionMatrix(len(ids), ignore_index=-1)
+    accumulate_points(cm, predicted, ground_truth, ids)
+    return cm
+
+
+def accumulate_points(
+    cm: ConfusionMatrix, predicted: np.ndarray, ground_truth: np.ndarray, ids: Sequence[int]
+) -> None:
+    """Add labelled points to ``cm`` (``points_confusion``'s rule: only queried classes count)."""
     cm.update(
         remap_labels(np.asarray(predicted), list(ids)), remap_labels(np.asarray(ground_truth), list(ids))
     )
-    return cm

@@ -286,9 +286,8 @@ class SemanticSplatModel(Model):
             features = target["teacher_features"][name]  # [B, T, h, w, C]
             wanted = sample_feature_maps(features, outputs["pixels"], outputs["latent_size"])
             weight = self.config.teacher_loss_weights.get(name, self.config.distill_weight)
-            available = (target.get("teacher_available") or {}).get(
-                name
-            )  # [B, T]; absent: an unlabelled scene
+            # [B, T]: False for the views of a scene this teacher cannot read (unlabelled_scenes="geometry").
+            available = (target.get("teacher_available") or {}).get(name)
             losses[f"distill_{name}"] = weight * masked_cosine_distillation_loss(decoded, wanted, available)
             if name in outputs.get("context_decoded", {}):
                 context = batch["context"]

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
 from splatsem_ns.data.scene_frames import SceneFrames
-from splatsem_ns.evaluation.metrics import ConfusionMatrix, remap_labels
-from splatsem_ns.evaluation.protocol import score, vote_points_from_gaussians
+from splatsem_ns.evaluation.metrics import ConfusionMatrix
+from splatsem_ns.evaluation.protocol import accumulate_points, score, vote_points_from_gaussians
 from splatsem_ns.evaluation.voting import classify_by_text
 from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
 from splatsem_ns.pipelines.semantic_splat_pipeline import (
@@ -109,8 +109,7 @@ class _PointVote:
         classes = classify_by_text(head(latent), seg.text, seg.ids)
         xyz, labels = found
         voted = vote_points_from_gaussians(means, classes, xyz, k=seg.cfg.knn)
-        ids = list(seg.ids)
-        self.matrix.update(remap_labels(voted, ids), remap_labels(labels, ids))
+        accumulate_points(self.matrix, voted, labels, seg.ids)
         self.scenes += 1
 
     def scores(self) -> Dict[str, Any]:

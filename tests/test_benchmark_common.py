@@ -164,3 +164,26 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     row = report["rows"][0]
     assert row["steps"] == 3 and row["scenes_per_s"] > 0 and row["speedup"] == 1.0 and row["loss_curve"]
     assert report["notes"] == ["2 GPUs asked for, 1 here: not run"]
+
+
+def test_the_training_budget_starts_after_the_first_step(monkeypatch) -> None:
+    """``--minutes`` counts from the first step's end: a slow first step (a CUDA compilation) does not use it up,
+    and training stops at the first step that ends past the budget."""
+    import types
+
+    import feedforward_training
+
+    now = [0.0]
+    monkeypatch.setattr(feedforward_training.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(feedforward_training, "sync", lambda: None)
+    trainer = types.SimpleNamespace(
+        train_iteration=lambda step: (0.0, {}, {}), callbacks=[], stop_training=False
+    )
+    clock = feedforward_training.StepClock(trainer, budget_s=10.0)
+    record = trainer.callbacks[-1].func
+    ends = [100.0, 104.0, 109.0, 111.0]  # the first step took 100 s
+    for step, end in enumerate(ends):
+        now[0] = end
+        record(step=step)
+        assert trainer.stop_training == (end > 110.0), (step, end)
+    assert clock.step_seconds() == [4.0, 5.0, 2.0]

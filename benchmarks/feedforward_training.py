@@ -141,7 +141,6 @@ class StepClock:
         from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
         self.trainer, self.every, self.budget_s, self.terms = trainer, every, budget_s, terms
-        self.deadline: Optional[float] = None
         self.stamps: List[float] = []
         self.losses: List[Dict[str, float]] = []
         self._last: Optional[tuple] = None
@@ -164,9 +163,7 @@ class StepClock:
             loss, terms = self._last
             values = terms.items() if self.terms else [("loss", loss)]
             self.losses.append({"step": step, **{k: round(float(v), 5) for k, v in values}})
-        if self.budget_s is not None and self.deadline is None:  # the first step: the budget starts now
-            self.deadline = self.stamps[0] + self.budget_s
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.budget_s is not None and time.perf_counter() > self.stamps[0] + self.budget_s:
             self.trainer.stop_training = True
 
     def step_seconds(self) -> List[float]:

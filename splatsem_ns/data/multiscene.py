@@ -33,7 +33,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -242,9 +255,17 @@ class SceneSampleDataset(Dataset):
         frames = self.frames(scene)
         size = tuple(self.config.image_size)
         loaded = [frames.load_view(int(i), size) for i in indices]
+        keys: Dict[Tuple[str, int], str] = {}
+
+        def key(fingerprint: str, position: int) -> str:
+            # One content hash per (teacher, view): the label proxy's features and its label map share it.
+            if (fingerprint, position) not in keys:
+                keys[fingerprint, position] = image_key(torch.from_numpy(loaded[position].image), fingerprint)
+            return keys[fingerprint, position]
+
         has_labels = frames.has_labels
         if not has_labels and self.scenes[scene].name in self.fingerprints.get(self.label_teacher, {}):
-            has_labels = self._projected_labels(self.scenes[scene].name, loaded)
+            has_labels = self._projected_labels(self.scenes[scene].name, loaded, key)
         lookup = frames.label_lookup(self.collection.classes) if self.collection.classes else None
         if lookup is not None:  # the scene's own class ids -> the collection's, by name
             for view in loaded:
@@ -277,10 +298,10 @@ class SceneSampleDataset(Dataset):
                 name: torch.from_numpy(
                     np.stack(
                         [
-                            self._features(name, scene_name, v.image, frames, i)
+                            self._features(name, scene_name, key, position, frames, i)
                             if available[name]
                             else np.zeros(self._feature_shape(name), dtype=np.float16)
-                            for v, i in zip(loaded, indices, strict=True)
+                            for position, i in enumerate(indices)
                         ]
                     )
                 )
@@ -301,12 +322,13 @@ class SceneSampleDataset(Dataset):
             self._feature_shapes[name] = shape
         return self._feature_shapes[name]
 
-    def _projected_labels(self, scene: str, loaded: Sequence[Any]) -> bool:
+    def _projected_labels(self, scene: str, loaded: Sequence[Any], key: Callable[[str, int], str]) -> bool:
         """Give views of a scene without label images the class maps its labelled points project to, where the set-up
-        pass cached them (``cache_label_maps``); whether every view got one."""
+        pass cached them (``cache_label_maps``); whether every view got one. ``key(fingerprint, position)``: the
+        cache key of ``loaded[position]``."""
         fingerprint = self.fingerprints[self.label_teacher][scene]  # type: ignore[index]
         folder = TeacherFeatureCache(self.feature_root, self.label_teacher, fingerprint).folder  # type: ignore[arg-type]
-        paths = [label_map_path(folder, image_key(torch.from_numpy(v.image), fingerprint)) for v in loaded]
+        paths = [label_map_path(folder, key(fingerprint, position)) for position in range(len(loaded))]
         if not all(p.is_file() for p in paths):
             return False
         for view, path in zip(loaded, paths, strict=True):
@@ -315,11 +337,18 @@ class SceneSampleDataset(Dataset):
         return True
 
     def _features(
-        self, name: str, scene: str, image: np.ndarray, frames: SceneFrames, index: int
+        self,
+        name: str,
+        scene: str,
+        key: Callable[[str, int], str],
+        position: int,
+        frames: SceneFrames,
+        index: int,
     ) -> np.ndarray:
+        """Teacher ``name``'s cached features of the view at ``position`` of the sample (frame ``index``)."""
         fingerprint = self.fingerprints[name][scene]
         folder = TeacherFeatureCache(self.feature_root, name, fingerprint).folder
-        path = folder / f"{image_key(torch.from_numpy(image), fingerprint)}.npy"
+        path = folder / f"{key(fingerprint, position)}.npy"
         try:
             # Verified (checksum) by the set-up pass of this run; a plain read here.
             return np.array(np.load(path, mmap_mode="r"))

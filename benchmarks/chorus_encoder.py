@@ -41,8 +41,9 @@ def write(report: Dict[str, Any], out: Path) -> None:
     lines = header_lines(report, "Chorus encoder: pretraining, zero-shot scores and linear probe", "encoder")
     lines += [
         "",
-        "| zero-shot on | scenes | cosine (query teacher) | target 2D mIoU | teacher on the target | 3D mIoU | 3D fg-mIoU |",
-        "|---|---|---|---|---|---|---|",
+        "| zero-shot on | scenes | cosine (query teacher) | best constant's cosine | target 2D mIoU "
+        "| teacher on the target | 3D mIoU | 3D fg-mIoU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(r: Dict[str, Any], key: str, field: str = "miou") -> str:
@@ -51,9 +52,10 @@ def write(report: Dict[str, Any], out: Path) -> None:
 
     teacher = report["teachers"][0]
     for label, r in report.get("evaluation", {}).items():
-        cosine = r.get(f"cosine_{teacher}")
+        cosine, constant = r.get(f"cosine_{teacher}"), r.get(f"constant_cosine_{teacher}")
         lines.append(
             f"| {label} | {r.get('num_scenes')} | {'-' if cosine is None else f'{cosine:.3f}'} | "
+            f"{'-' if constant is None else f'{constant:.3f}'} | "
             f"{pct(r, 'semantic_2d_target')} | {pct(r, 'semantic_2d_teacher_target')} | "
             f"{pct(r, 'semantic_3d')} | {pct(r, 'semantic_3d', 'fg_miou')} |"
         )

@@ -136,6 +136,9 @@ def test_ns_train_chorus_pretrain_trains_the_encoder_and_ns_eval_scores_it(colle
     assert results["num_scenes"] == 1 and results["per_scene"][0]["scene"] == "room_3"
     assert results["num_gaussians"] == 300
     assert -1.0 <= results["cosine_labels"] <= 1.0 and -1.0 <= results["cosine_instances"] <= 1.0
+    assert (
+        0.0 < results["constant_cosine_labels"] <= 1.0 and 0.0 < results["constant_cosine_instances"] <= 1.0
+    )
     assert 0.0 <= results["semantic_2d_target"]["miou"] <= 1.0
     # The labels proxy on the held-out views themselves: far above chance over the room's classes.
     assert results["semantic_2d_teacher_target"]["overall_acc"] > 0.5
@@ -306,3 +309,40 @@ def test_point_spacing_matches_all_pairwise_distances():
     assert torch.allclose(torch.exp(gaussians["scales"][:, 0]), brute, rtol=1e-4)
     single = points_as_gaussians(xyz[:1], None)
     assert bool(torch.isfinite(single["scales"]).all())
+
+
+def test_the_constant_reference_is_the_best_single_features_cosine_over_the_available_views():
+    from types import SimpleNamespace
+
+    from splatsem_ns.models.chorus_pretrain import ChorusPretrainModel
+
+    generator = torch.Generator().manual_seed(0)
+    # Teacher features with a shared direction, as real ones have: a constant already scores well.
+    features = {
+        part: torch.randn(1, 2, 4, 4, 8, generator=generator) + torch.linspace(1, 2, 8)
+        for part in ("context", "target")
+    }
+    pixels = torch.arange(16).expand(1, 2, 16)  # every pixel of a 4x4 image: the grid values themselves
+    batch = {
+        part: {"teacher_features": {"labels": features[part]}, "images": torch.zeros(1, 2, 4, 4, 3)}
+        for part in features
+    }
+    batch["target"]["teacher_available"] = {
+        "labels": torch.tensor([[True, False]])
+    }  # its second view has none
+    outputs = {part: {"pixels": pixels} for part in features}
+    model = SimpleNamespace(
+        projector_heads={"labels": None}, _sampled_targets=ChorusPretrainModel._sampled_targets
+    )
+
+    total, count = ChorusPretrainModel.target_direction_sums(model, outputs, batch)["labels"]
+    used = torch.cat([features["context"].reshape(-1, 8), features["target"][0, 0].reshape(-1, 8)])
+    unit = torch.nn.functional.normalize(used, dim=-1)
+    assert count == 3 * 16
+    constant = float(torch.linalg.vector_norm(total) / count)
+    best = total / torch.linalg.vector_norm(total)
+    assert constant == pytest.approx(float((unit @ best).mean()), abs=1e-5)
+    # No other constant does better: not the plain mean, not random directions.
+    others = torch.cat([used.mean(0, keepdim=True), torch.randn(64, 8, generator=generator)])
+    others = torch.nn.functional.normalize(others, dim=-1)
+    assert float((unit @ others.T).mean(0).max()) < constant

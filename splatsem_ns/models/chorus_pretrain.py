@@ -14,9 +14,10 @@ learned per-Gaussian latent on a new scene (zero-shot), or start it (adaptation)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.models.base_model import Model, ModelConfig
 from torch import Tensor, nn
@@ -176,14 +177,42 @@ class ChorusPretrainModel(Model):
         for name in self.projector_heads:
             per_part = []
             for part in VIEW_PARTS:
-                views, out = batch[part], outputs[part]
-                wanted = sample_feature_maps(
-                    views["teacher_features"][name], out["pixels"], tuple(views["images"].shape[2:4])
+                wanted, available = self._sampled_targets(outputs, batch, name, part)
+                per_part.append(
+                    masked_cosine_distillation_loss(outputs[part]["decoded"][name], wanted, available)
                 )
-                available = (views.get("teacher_available") or {}).get(name)
-                per_part.append(masked_cosine_distillation_loss(out["decoded"][name], wanted, available))
             terms[name] = torch.stack(per_part).mean()
         return terms
+
+    @staticmethod
+    def _sampled_targets(outputs, batch, name: str, part: str) -> Tuple[Tensor, Optional[Tensor]]:
+        """Teacher ``name``'s cached features at the pixels sampled for ``part`` ([B, V, n, C]), and which views
+        have them ([B, V] bool, None for all)."""
+        views = batch[part]
+        wanted = sample_feature_maps(
+            views["teacher_features"][name], outputs[part]["pixels"], tuple(views["images"].shape[2:4])
+        )
+        return wanted, (views.get("teacher_available") or {}).get(name)
+
+    @torch.no_grad()
+    def target_direction_sums(self, outputs, batch) -> Dict[str, Tuple[Tensor, int]]:
+        """Per teacher, the sum of the unit teacher features at the sampled pixels of the views that have them,
+        and their count. Over a set of scenes ``|sum| / count`` is the mean cosine of the best single constant
+        feature (the normalised sum): what a network that ignores its input reaches, the reference an encoder's
+        cosine has to beat."""
+        sums: Dict[str, Tuple[Tensor, int]] = {}
+        for name in self.projector_heads:
+            total, count = None, 0
+            for part in VIEW_PARTS:
+                wanted, available = self._sampled_targets(outputs, batch, name, part)
+                unit = F.normalize(wanted.float(), dim=-1)
+                if available is not None:
+                    unit = unit[available.to(unit.device)]
+                part_sum = unit.reshape(-1, unit.shape[-1]).sum(0)
+                total = part_sum if total is None else total + part_sum
+                count += int(unit.numel() // unit.shape[-1])
+            sums[name] = (total, count)
+        return sums
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         return {

@@ -3,7 +3,8 @@
 Training is semantic-splat's loop (``SemanticSplatPipeline``: multi-scene batches, DistributedDataParallel with
 per-rank sample streams under ``--machine.num-devices N``); only the model and the scoring differ. ``ns-eval``
 scores the held-out scenes' samples, one each: per teacher the mean cosine between the decoded rendered latent and
-the teacher's features, and, where the scenes have labels and a teacher has a text encoder, 2D mIoU at the target
+the teacher's features, beside the best mean cosine any single constant feature reaches on the same pixels
+(``constant_cosine_NAME``: teacher features share a common direction, so a high cosine alone says little), and, where the scenes have labels and a teacher has a text encoder, 2D mIoU at the target
 views with semantic-splat's segmentation protocol (the same query teacher and classes), beside the teacher run on
 those views, and in 3D: every labelled point takes the class of its nearest served Gaussians' decoded latents
 (chorus-splat's 25-NN vote; ``semantic_3d``), the encoder's zero-shot score.
@@ -65,6 +66,7 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
         segmentation = _Segmentation(self, ("target", "teacher_target")) if self._can_segment() else None
         points3d = _PointVote(self, segmentation) if segmentation is not None else None
         per_scene: List[Dict[str, Any]] = []
+        directions: Dict[str, List[Any]] = {}  # teacher -> [sum of unit teacher features, count]
         for sample_id in range(count):  # sample i of epoch 0 is scene i of the eval order: every scene once
             sample = dataset[sample_id]
             batch = _to_batch(sample, model.device)
@@ -72,6 +74,9 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
             scores: Dict[str, Any] = {"scene": sample["scene"], **model.cosine_scores(outputs, batch)}
             scores["num_gaussians"] = int(len(batch["gaussians"]["means"]))
             per_scene.append(scores)
+            for name, (total, n) in model.target_direction_sums(outputs, batch).items():
+                entry = directions.setdefault(name, [0.0, 0])
+                entry[0], entry[1] = entry[0] + total, entry[1] + n
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
                 segmentation.add_targets(batch["target"], outputs["target"]["rendered"][0])
             if segmentation is not None:
@@ -79,6 +84,9 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
         self.train()
         numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, (int, float))})
         result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene])) for k in numeric}
+        for name, (total, n) in directions.items():
+            if n:  # the best constant feature's mean cosine on these pixels: the reference for cosine_NAME
+                result[f"constant_cosine_{name}"] = float(torch.linalg.vector_norm(total) / n)
         result["num_scenes"] = len(per_scene)
         result["per_scene"] = per_scene
         if segmentation is not None:

@@ -58,7 +58,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=100000)
     parser.add_argument(
-        "--minutes", type=float, default=5.0, help="training wall time, counted from the end of the first step"
+        "--minutes",
+        type=float,
+        default=5.0,
+        help="training wall time, counted from the end of the first step",
     )
     parser.add_argument("--loader-workers", type=int, default=8)
     parser.add_argument("--extraction-workers", type=int, default=1)
@@ -66,7 +69,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")
     parser.add_argument(
-        "--decay-steps", type=int, help="end the learning-rate decay at this step (default: the method's)"
+        "--decay-steps",
+        type=int,
+        help="end the learning-rate decay at this step and warm up over at most its first tenth (default: the "
+        "method's schedule, whose 500-step warm-up takes all of a run of a few hundred steps)",
     )
     parser.add_argument("--save-checkpoint", action="store_true", help="keep the trained run's checkpoint")
     parser.add_argument(
@@ -116,9 +122,11 @@ def train_config(args, out: Path, method: str):
     if getattr(args, "max_gaussians", None):
         dm.max_gaussians = args.max_gaussians
     config.max_num_iterations = args.steps
-    if args.decay_steps:  # let the cosine decay finish within a short run
+    if args.decay_steps:  # let the schedule fit a short run: warm up over at most its first tenth, then decay
         for group in config.optimizers.values():
-            group["scheduler"].max_steps = args.decay_steps
+            scheduler = group["scheduler"]
+            scheduler.max_steps = args.decay_steps
+            scheduler.warm_up_end = min(scheduler.warm_up_end, max(1, args.decay_steps // 10))
     config.steps_per_save = 10**9
     config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 10**9
     config.save_every_minutes = 0

@@ -187,3 +187,18 @@ def test_the_training_budget_starts_after_the_first_step(monkeypatch) -> None:
         record(step=step)
         assert trainer.stop_training == (end > 110.0), (step, end)
     assert clock.step_seconds() == [4.0, 5.0, 2.0]
+
+
+@pytest.mark.parametrize("method", ["chorus-pretrain", "semantic-splat"])
+def test_a_short_decay_also_shortens_the_warm_up(method: str, tmp_path: Path) -> None:
+    """``--decay-steps N`` fits the whole schedule into N steps: the method's 500-step warm-up would otherwise
+    take all of a run of a few hundred steps."""
+    import feedforward_training
+
+    parser = feedforward_training.training_parser("test")
+    args = parser.parse_args(["--collection", "c.json", "--out", str(tmp_path), "--decay-steps", "300"])
+    for group in feedforward_training.train_config(args, tmp_path, method).optimizers.values():
+        assert (group["scheduler"].max_steps, group["scheduler"].warm_up_end) == (300, 30)
+    args = parser.parse_args(["--collection", "c.json", "--out", str(tmp_path)])
+    for group in feedforward_training.train_config(args, tmp_path, method).optimizers.values():
+        assert group["scheduler"].warm_up_end == 500  # the method's own schedule

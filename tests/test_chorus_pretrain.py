@@ -327,9 +327,8 @@ def test_the_constant_reference_is_the_best_single_features_cosine_over_the_avai
         part: {"teacher_features": {"labels": features[part]}, "images": torch.zeros(1, 2, 4, 4, 3)}
         for part in features
     }
-    batch["target"]["teacher_available"] = {
-        "labels": torch.tensor([[True, False]])
-    }  # its second view has none
+    # The target's second view has no features of this teacher.
+    batch["target"]["teacher_available"] = {"labels": torch.tensor([[True, False]])}
     outputs = {part: {"pixels": pixels} for part in features}
     model = SimpleNamespace(
         projector_heads={"labels": None}, _sampled_targets=ChorusPretrainModel._sampled_targets

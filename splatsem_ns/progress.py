@@ -72,10 +72,10 @@ class ProgressLog:
         if now - self._last >= self.every_seconds and self.done < self.total:
             self._last = now
             elapsed = now - self._start
-            left = elapsed / max(self.done, 1) * (self.total - self.done)
-            self._log(
-                f"{self.done}/{self.total} {self.unit}, {elapsed:.0f} s elapsed, about {left:.0f} s left"
-            )
+            line = f"{self.done}/{self.total} {self.unit}, {elapsed:.0f} s elapsed"
+            if self.done > 0:  # nothing done yet (a parallel pool still starting) gives no rate to extrapolate
+                line += f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
+            self._log(line)
 
     def __exit__(self, kind, value, traceback) -> None:
         if self._bar is not None:

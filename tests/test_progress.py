@@ -26,6 +26,17 @@ def test_redirected_progress_logs_start_periodic_lines_and_end():
     assert len(lines) == 5  # start, after 1, 2 and 3, end
 
 
+def test_no_time_left_is_guessed_before_anything_is_done():
+    # A pool of workers reports nothing for its first seconds; a guess from zero items done read "55391 s left".
+    console, text = _log_console()
+    with ProgressLog("Teacher features", 10, "images", every_seconds=0.0, console=console) as p:
+        p.advance(0)
+        p.advance(5)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    assert "0/10 images" in lines[1] and "s elapsed" in lines[1] and "left" not in lines[1]
+    assert "5/10 images" in lines[2] and "s left" in lines[2]
+
+
 def test_periodic_lines_are_rate_limited_and_items_pass_through():
     console, text = _log_console()
     items = list(logged_progress(range(50), "Teacher features: sam", unit="images", console=console))

@@ -78,12 +78,19 @@ def main() -> None:
         type=int,
         help="at most this many Gaussians per sample (default: the datamanager's)",
     )
+    parser.add_argument(
+        "--point-shape",
+        default="ball",
+        choices=("ball", "surfel"),
+        help="shape of the Gaussians made from a point cloud (--pipeline.datamanager.point-shape)",
+    )
     parser.add_argument("--probe-max-scenes", type=int, default=50, help="scenes per split in the probe")
     parser.add_argument("--probe-max-points", type=int, default=20000, help="labelled points per scene")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = new_report("chorus_encoder", args)
     report["gaussians"] = args.gaussians
+    report["point_shape"] = args.point_shape
     trainer = train(args, args.out, report, "chorus-pretrain")
     write(report, args.out)
     evaluate_all(trainer.pipeline, args, report, lambda: write(report, args.out))
@@ -97,6 +104,7 @@ def main() -> None:
         max_points=args.probe_max_points,
         max_distance=0.1,
         gaussians=args.gaussians,
+        point_shape=args.point_shape,
         device=str(trainer.pipeline.model.device),
         note=["the encoder of this run, frozen"],
     )

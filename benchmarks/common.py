@@ -52,19 +52,26 @@ def trainer_config(
         "pipeline": cfg.pipeline,
     }
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = cfg.pipeline.model
-        if parents and parents[0] in roots:
-            target = roots[parents.pop(0)]
-        for parent in parents:
-            target = getattr(target, parent)
-        setattr(target, leaf, parse_field(target, leaf, value))
+        first, _, rest = key.partition(".")
+        if rest and first in roots:
+            set_field(roots[first], rest, value)
+        else:
+            set_field(cfg.pipeline.model, key, value)
     if teachers is not None and hasattr(cfg.pipeline.datamanager, "teachers"):
         dm = cfg.pipeline.datamanager
         dm.teachers = tuple(teachers)
         dm.teacher_random_weights = random_weights
         dm.feature_cache_dir = out / "feature_cache"
     return cfg
+
+
+def set_field(config, key: str, value: str) -> None:
+    """Set ``config``'s field ``key`` (dotted for nested configs, e.g. ``encoder.input_variant``) from a
+    command-line string, converted by ``parse_field``."""
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        config = getattr(config, parent)
+    setattr(config, leaf, parse_field(config, leaf, value))
 
 
 def parse_field(config, name: str, value: str):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from common import device_name, parse_field, peak_memory_gib, seed_everything, sync, write_markdown
+from common import device_name, peak_memory_gib, seed_everything, set_field, sync, write_markdown
 
 
 def _semantic_splat():
@@ -93,7 +93,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="set a model config field (repeatable), e.g. latent_render_scale=0.5",
+        help="set a model config field (repeatable; dotted for nested ones), e.g. latent_render_scale=0.5 or "
+        "encoder.input_variant=point",
     )
 
 
@@ -115,10 +116,12 @@ def train_config(args, out: Path, method: str):
     setattr(config.pipeline.model, TINY[method], args.tiny)
     for item in getattr(args, "model_set", []):
         key, _, value = item.partition("=")
-        setattr(config.pipeline.model, key, parse_field(config.pipeline.model, key, value))
+        set_field(config.pipeline.model, key, value)
     if getattr(args, "gaussians", None):
         dm.gaussians = args.gaussians
     dm.unlabelled_scenes = getattr(args, "unlabelled_scenes", "drop")
+    if getattr(args, "point_shape", None):
+        dm.point_shape = args.point_shape
     if getattr(args, "max_gaussians", None):
         dm.max_gaussians = args.max_gaussians
     config.max_num_iterations = args.steps

@@ -64,7 +64,9 @@ def features_of_split(model, collection, split: str, args, rng) -> Dict[str, Lis
     scenes = collection.split(split)[: args.max_scenes]
     for entry in scenes:
         path = collection.scene_path(entry)
-        gaussians = load_scene_gaussians(path, args.gaussians, "gaussians.ply")
+        gaussians = load_scene_gaussians(
+            path, args.gaussians, "gaussians.ply", getattr(args, "point_shape", "ball")
+        )
         means = gaussians["means"].numpy()
         xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
         # Only points the Gaussians reach: a capture's labelled cloud covers the whole room, its views (and so its
@@ -124,6 +126,12 @@ def main() -> None:
         default="auto",
         choices=("auto", "ply", "points", "labeled_points"),
         help="each scene's Gaussians, as chorus-pretrain was served them (--pipeline.datamanager.gaussians)",
+    )
+    parser.add_argument(
+        "--point-shape",
+        default="ball",
+        choices=("ball", "surfel"),
+        help="shape of the Gaussians made from a point cloud, as chorus-pretrain was served them",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

@@ -208,3 +208,42 @@ def test_a_short_decay_also_shortens_the_warm_up(method: str, tmp_path: Path) ->
     args = parser.parse_args(["--collection", "c.json", "--out", str(tmp_path)])
     for group in feedforward_training.train_config(args, tmp_path, method).optimizers.values():
         assert group["scheduler"].warm_up_end == 500  # the method's own schedule
+
+
+def test_model_settings_reach_nested_configs_and_the_tiny_encoder_keeps_them(tmp_path: Path) -> None:
+    """``--model-set encoder.input_variant=point`` sets the encoder's own config, and ``--tiny`` shrinks the
+    encoder's sizes without undoing its inputs."""
+    import feedforward_training
+
+    from splatsem_ns.models.chorus_pretrain import ChorusPretrainModel
+
+    parser = feedforward_training.training_parser("test")
+    args = parser.parse_args(
+        ["--collection", "c.json", "--out", str(tmp_path), "--tiny"]
+        + ["--model-set", "encoder.input_variant=point", "--model-set", "encoder.position_reference=scene"]
+    )
+    model_config = feedforward_training.train_config(args, tmp_path, "chorus-pretrain").pipeline.model
+    assert (model_config.encoder.input_variant, model_config.encoder.position_reference) == ("point", "scene")
+    model = ChorusPretrainModel(model_config, scene_box=None, num_train_data=1, metadata={})
+    encoder = model.encoder.config
+    assert (encoder.input_variant, encoder.position_reference, encoder.backbone_preset) == (
+        "point",
+        "scene",
+        "tiny",
+    )
+    assert model.encoder.in_channels == 9
+    with pytest.raises(ValueError, match="choose one of"):
+        feedforward_training.train_config(
+            parser.parse_args(
+                [
+                    "--collection",
+                    "c.json",
+                    "--out",
+                    str(tmp_path),
+                    "--model-set",
+                    "encoder.input_variant=mesh",
+                ]
+            ),
+            tmp_path,
+            "chorus-pretrain",
+        )

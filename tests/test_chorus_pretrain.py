@@ -40,6 +40,41 @@ def test_points_become_gaussians_as_wide_as_their_spacing():
     assert torch.allclose(0.28209479177387814 * gaussians["features_dc"] + 0.5, torch.ones(25, 3))
 
 
+def test_surfels_lie_flat_on_their_surface_facing_the_room():
+    """A box room's samples as surfels: each disc's thin axis is its surface's normal, pointing into the room (a
+    floor faces up, a ceiling down), and its width is still the spacing."""
+    from scipy.spatial.transform import Rotation
+
+    from splatsem_ns.encoders.inputs import canonical_quaternions
+
+    u = np.arange(0.05, 2.0, 0.1)
+    a, b = (x.ravel() for x in np.meshgrid(u, u, indexing="ij"))
+    zero, two = np.zeros_like(a), np.full_like(a, 2.0)
+    faces = {  # samples of each face, and its normal facing the room's centre (1, 1, 1)
+        "floor": (np.stack([a, b, zero], 1), [0, 0, 1]),
+        "ceiling": (np.stack([a, b, two], 1), [0, 0, -1]),
+        "wall x=0": (np.stack([zero, a, b], 1), [1, 0, 0]),
+        "wall y=2": (np.stack([a, two, b], 1), [0, -1, 0]),
+    }
+    xyz = np.concatenate([points for points, _ in faces.values()])
+    gaussians = points_as_gaussians(xyz, None, neighbours=4, shape="surfel", flatness=0.1)
+    quats = gaussians["quats"]
+    assert torch.allclose(quats, canonical_quaternions(quats), atol=1e-6)  # unit, w >= 0: the encoder's form
+    x, y, z, w = quats.double().numpy()[:, [1, 2, 3, 0]].T
+    normals = torch.as_tensor(Rotation.from_quat(np.stack([x, y, z, w], 1)).as_matrix()[:, :, 2])  # local z
+    inner = torch.as_tensor((np.abs(a - 1.0) < 0.7) & (np.abs(b - 1.0) < 0.7))  # away from where faces meet
+    for i, (name, (_, normal)) in enumerate(faces.items()):
+        mine = normals[i * len(a) : (i + 1) * len(a)][inner]
+        assert float((mine @ torch.tensor(normal, dtype=torch.float64)).min()) > 0.99, name
+    widths = torch.exp(gaussians["scales"])
+    assert torch.allclose(widths[:, 2], 0.1 * widths[:, 0]) and torch.allclose(widths[:, 0], widths[:, 1])
+    assert float(widths[:, 0].median()) == pytest.approx(0.1, rel=1e-4)
+    ball = points_as_gaussians(xyz, None, neighbours=4)
+    assert torch.equal(ball["means"], gaussians["means"]) and torch.allclose(
+        ball["scales"][:, 0], gaussians["scales"][:, 0]
+    )
+
+
 def test_a_scene_serves_its_fitted_gaussians_or_its_points(collection, tmp_path):
     from splatsem_ns.export.semantic_ply import write_semantic_ply
 

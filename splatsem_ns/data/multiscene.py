@@ -63,7 +63,13 @@ from splatsem_ns.data.dataparser import (
     LABELED_POINTS_KEY,
 )
 from splatsem_ns.data.scene_frames import SceneFrames, labelled_points_path
-from splatsem_ns.data.scene_gaussians import GaussianSource, collate_samples, load_scene_gaussians, subsample
+from splatsem_ns.data.scene_gaussians import (
+    GaussianSource,
+    PointShape,
+    collate_samples,
+    load_scene_gaussians,
+    subsample,
+)
 from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sample_overlap, view_overlap
 from splatsem_ns.files import write_atomically
 from splatsem_ns.progress import ProgressLog, logged_progress
@@ -140,6 +146,9 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
     "off": views only."""
     gaussians_file: str = "gaussians.ply"
     """File name of a scene's fitted Gaussians, in its folder (scene frame)."""
+    point_shape: PointShape = "ball"
+    """Shape of the Gaussians made from a point cloud ("points", "labeled_points"): "ball" isotropic, "surfel" a
+    flat disc along the local surface, its normal facing the room (``points_as_gaussians``)."""
     max_gaussians: int = 200_000
     """At most this many Gaussians per sample (a seeded random subset of larger scenes)."""
 
@@ -246,6 +255,7 @@ class SceneSampleDataset(Dataset):
                 self.collection.scene_path(self.scenes[scene]),
                 self.config.gaussians,
                 self.config.gaussians_file,
+                self.config.point_shape,
             )
             sample["gaussians"] = subsample(gaussians, self.config.max_gaussians, rng)
         return sample

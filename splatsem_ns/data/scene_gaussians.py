@@ -34,6 +34,7 @@ from splatsem_ns.data.scene_frames import labelled_points_path
 from splatsem_ns.export.semantic_ply import read_semantic_ply
 
 GaussianSource = Literal["off", "auto", "ply", "points", "labeled_points"]
+PointShape = Literal["ball", "surfel"]
 GAUSSIAN_KEYS = ("means", "features_dc", "opacities", "scales", "quats")
 """What a served scene's Gaussians hold (splatfacto's parameters: opacity logits, log-scales, wxyz quaternions)."""
 
@@ -47,9 +48,19 @@ def points_as_gaussians(
     rgb: Optional[np.ndarray],
     neighbours: int = 4,
     opacity: float = 0.9,
+    shape: PointShape = "ball",
+    normal_neighbours: int = 16,
+    flatness: float = 0.1,
 ) -> Dict[str, Tensor]:
-    """Points as isotropic Gaussians: log-scale = log(mean distance to the ``neighbours`` nearest points), opacity
-    ``opacity``, identity rotation, colour from ``rgb`` (uint8; grey when None)."""
+    """Points as Gaussians as wide as the mean distance to their ``neighbours`` nearest points, opacity
+    ``opacity``, colour from ``rgb`` (uint8; grey when None).
+
+    ``shape`` "ball": isotropic, identity rotation. "surfel": a flat disc in the plane of the point's
+    ``normal_neighbours`` nearest points (PCA), ``flatness`` times as thick as it is wide, its normal (the local
+    z axis) facing the cloud's bounding-box centre: the orientation a fitted 3DGS has on a surface, which an
+    isotropic ball hides from an encoder that reads rotations and scales (a floor and a wall then differ only by
+    where their neighbours are; indoor scans are seen from inside, so a floor faces up and a ceiling down).
+    """
     from scipy.spatial import cKDTree
 
     coordinates = np.asarray(xyz, dtype=np.float32)
@@ -57,14 +68,23 @@ def points_as_gaussians(
     n = len(points)
     if n == 0:
         raise SceneGaussiansError("the point cloud is empty")
+    if shape not in ("ball", "surfel"):
+        raise ValueError(f"Unknown point shape '{shape}': use ball or surfel")
+    quats = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).contiguous()
+    thickness = torch.ones(n, 3)
     if n == 1:
         spacing = torch.zeros(1)
     else:
         # A k-d tree, not all pairwise distances: this runs in the loader's workers for every sample, and a
         # 28k-point cloud took seconds per sample that way (O(N^2)), which starved the GPU.
-        k = min(neighbours, n - 1)
-        distances, _ = cKDTree(coordinates).query(coordinates, k=k + 1)  # the first is the point itself
-        spacing = torch.as_tensor(distances[:, 1:].mean(axis=1), dtype=torch.float32)
+        k = min(max(neighbours, normal_neighbours if shape == "surfel" else 0), n - 1)
+        distances, nearest = cKDTree(coordinates).query(coordinates, k=k + 1)  # the first is the point itself
+        spacing = torch.as_tensor(
+            distances[:, 1 : min(neighbours, n - 1) + 1].mean(axis=1), dtype=torch.float32
+        )
+        if shape == "surfel" and n >= 3:
+            quats = torch.as_tensor(_surfel_rotations(coordinates, nearest), dtype=torch.float32)
+            thickness[:, 2] = flatness
     spacing = spacing.clamp_min(
         float(spacing[spacing > 0].median()) * 0.1 if bool((spacing > 0).any()) else 1e-3
     )
@@ -77,13 +97,33 @@ def points_as_gaussians(
         "means": points,
         "features_dc": RGB2SH(colours),
         "opacities": torch.full((n, 1), float(np.log(opacity / (1.0 - opacity)))),
-        "scales": torch.log(spacing)[:, None].expand(n, 3).contiguous(),
-        "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).contiguous(),
+        "scales": torch.log(spacing[:, None] * thickness),
+        "quats": quats,
     }
 
 
-def load_scene_gaussians(scene: Path, source: GaussianSource, gaussians_file: str) -> Dict[str, Tensor]:
-    """One scene's Gaussians (``GAUSSIAN_KEYS``, float32) from ``source`` (see the module docstring)."""
+def _surfel_rotations(points: Float[np.ndarray, "N 3"], nearest: np.ndarray) -> Float[np.ndarray, "N 4"]:
+    """Per point, the (w, x, y, z) rotation whose z axis is the PCA normal of its neighbourhood (``nearest``: [N, k]
+    indices, itself first) facing the bounding-box centre, and whose x axis is the neighbourhood's main direction."""
+    from scipy.spatial.transform import Rotation
+
+    local = points[nearest] - points[nearest].mean(axis=1, keepdims=True)  # [N, k, 3]
+    _, vectors = np.linalg.eigh(np.einsum("nki,nkj->nij", local, local))  # eigenvalues ascending
+    normal, tangent = vectors[:, :, 0], vectors[:, :, 2]
+    centre = (points.min(axis=0) + points.max(axis=0)) / 2
+    flip = np.einsum("ni,ni->n", normal, centre - points) < 0
+    normal[flip] = -normal[flip]
+    frame = np.stack([tangent, np.cross(normal, tangent), normal], axis=2)  # columns x, y, z: right-handed
+    x, y, z, w = Rotation.from_matrix(frame.astype(np.float64)).as_quat().T
+    quats = np.stack([w, x, y, z], axis=1)
+    return np.where(quats[:, :1] < 0, -quats, quats)  # one sign per rotation, w >= 0
+
+
+def load_scene_gaussians(
+    scene: Path, source: GaussianSource, gaussians_file: str, point_shape: PointShape = "ball"
+) -> Dict[str, Tensor]:
+    """One scene's Gaussians (``GAUSSIAN_KEYS``, float32) from ``source`` (see the module docstring); a point
+    cloud's Gaussians have ``point_shape`` (``points_as_gaussians``)."""
     scene = Path(scene)
     fitted = scene / gaussians_file
     if source == "ply" or (source == "auto" and fitted.is_file()):
@@ -110,7 +150,7 @@ def load_scene_gaussians(scene: Path, source: GaussianSource, gaussians_file: st
                 "labeled_points)"
             )
     cloud = read_point_cloud(path)
-    return points_as_gaussians(cloud.xyz, cloud.rgb)
+    return points_as_gaussians(cloud.xyz, cloud.rgb, shape=point_shape)
 
 
 def subsample(gaussians: Mapping[str, Tensor], limit: int, rng: np.random.Generator) -> Dict[str, Tensor]:

@@ -13,7 +13,7 @@ learned per-Gaussian latent on a new scene (zero-shot), or start it (adaptation)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
@@ -66,11 +66,11 @@ class ChorusPretrainModel(Model):
         self.teacher_specs = dict(specs)
         encoder_config = self.config.encoder
         if self.config.tiny_encoder:
-            encoder_config = GaussianEncoderConfig(
-                backbone=encoder_config.backbone,
+            # only the sizes shrink: inputs, voxel size and position reference stay as configured
+            encoder_config = replace(
+                encoder_config,
                 backbone_preset="tiny",
-                voxel_size=encoder_config.voxel_size,
-                input_variant=encoder_config.input_variant,
+                backbone_config=None,
                 out_channels=16,
                 latent_dim=8,
                 point_hidden_dim=8,

@@ -122,6 +122,13 @@ def main() -> None:
         help="METHOD or LABEL=METHOD:field=value,field=value (model config overrides), e.g. "
         "chorus-tile8=chorus-splat:semantic_tile_size=8",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of all methods, interleaved (A B A B ...): each round's ratios pair runs made minutes apart, "
+        "and the report gives their median and range (one run's ratio moves by 0.1-0.2 on a shared GPU machine)",
+    )
     parser.add_argument("--render", type=Path, help="only re-render the Markdown of a saved train_speed.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,28 +147,53 @@ def main() -> None:
         "teachers": list(args.teachers),
         "random_teacher_weights": args.random_weights,
         "settings": "num_downscales=0 (full resolution every step), same seed and dataparser for both",
+        "rounds": args.repeats,
         "results": results,
         "notes": failures,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.methods:
-            label, method, overrides = parse_method(spec)
-            try:
-                results.append(run_method(method, args, Path(tmp), label, overrides))
-            except Exception as err:  # one broken variant must not lose the others' measurements
-                traceback.print_exc()
-                failures.append(f"{label} failed: {type(err).__name__}: {err}")
-                continue
-            print(json.dumps(results[-1]), flush=True)
-            write_report(report, args.out)  # after every run: a cut-off benchmark keeps what it measured
+        for round_index in range(args.repeats):
+            for spec in args.methods:
+                label, method, overrides = parse_method(spec)
+                try:
+                    result = run_method(method, args, Path(tmp) / f"round{round_index}", label, overrides)
+                except Exception as err:  # one broken variant must not lose the others' measurements
+                    traceback.print_exc()
+                    failures.append(f"{label} (round {round_index}) failed: {type(err).__name__}: {err}")
+                    continue
+                results.append({**result, "round": round_index})
+                print(json.dumps(results[-1]), flush=True)
+                write_report(report, args.out)  # after every run: a cut-off benchmark keeps what it measured
     write_report(report, args.out)
 
 
 def ratios_over_baseline(results: list[dict], baseline: str = "splatfacto") -> dict:
-    """Per run: median ms/iter and peak training memory divided by the baseline's from the same run."""
-    base = next((r for r in results if r["method"] == baseline), None)
-    ratios = {}
+    """Per run label: median ms/iter and peak training memory divided by the baseline's from the same round.
+
+    With one round each value is that round's ratio. With several (``--repeats``) each is the median over the
+    rounds, and ``rounds`` holds the per-round ratios: a pair measured minutes apart shares the machine's state,
+    so the spread of the rounds says how far one ratio can be trusted."""
+    per_round: dict = {}
     for r in results:
+        per_round.setdefault(r.get("round", 0), []).append(r)
+    collected: dict = {}
+    for runs in per_round.values():
+        for label, values in _round_ratios(runs, baseline).items():
+            for key, value in values.items():
+                collected.setdefault(label, {}).setdefault(key, []).append(value)
+    ratios = {}
+    for label, values in collected.items():
+        ratios[label] = {key: round(statistics.median(v), 3) for key, v in values.items()}
+        if len(per_round) > 1:
+            ratios[label]["rounds"] = values
+    return ratios
+
+
+def _round_ratios(runs: list[dict], baseline: str) -> dict:
+    """One round's ratios of every run over the round's ``baseline`` run (none without one)."""
+    base = next((r for r in runs if r["method"] == baseline), None)
+    ratios = {}
+    for r in runs:
         if base is None or r is base:
             continue
         ratios[r["method"]] = {
@@ -182,9 +214,10 @@ def ratios_over_baseline(results: list[dict], baseline: str = "splatfacto") -> d
 
 def _other_baselines(results: list[dict]) -> list[str]:
     """Labels of further splatfacto runs (e.g. with another optimizer implementation) to compare against."""
-    return [
+    labels = [
         r["method"] for r in results if r["method"] != "splatfacto" and r["method"].startswith("splatfacto")
     ]
+    return list(dict.fromkeys(labels))
 
 
 def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
@@ -209,19 +242,44 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
         "| time / splatfacto (median) | time / splatfacto (mean) | memory / splatfacto |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    by_round: dict = {}
     for r in results:
-        ratio = ratios.get(r["method"], {})
+        by_round.setdefault(r.get("round", 0), []).append(r)
+    round_ratios = {k: _round_ratios(runs, "splatfacto") for k, runs in by_round.items()}
+
+    def name_of(r: dict) -> str:
+        return f"{r['method']} (round {r.get('round', 0)})" if len(by_round) > 1 else r["method"]
+
+    for r in results:
+        ratio = round_ratios[r.get("round", 0)].get(r["method"], {})  # the row's own round
         per_million = (
             round(1024 * r["peak_gpu_mem_gib_train"] / (r["num_gaussians_final"] / 1e6), 1)
             if r["peak_gpu_mem_gib_train"] and r["num_gaussians_final"]
             else "-"
         )
         lines.append(
-            f"| {r['method']} | {r.get('model_overrides') or '-'} | {r['ms_per_iter_median']} "
+            f"| {name_of(r)} | {r.get('model_overrides') or '-'} | {r['ms_per_iter_median']} "
             f"| {r.get('ms_per_iter_mean', '-')} | {r['ms_per_iter_p90']} | {r['peak_gpu_mem_gib_train']} "
             f"| {r['num_gaussians_final']} | {per_million} | {r['setup_s']} | {ratio.get('time_per_iter', '-')} "
             f"| {ratio.get('mean_time_per_iter', '-')} | {ratio.get('peak_gpu_memory', '-')} |"
         )
+    if len(by_round) > 1:
+        lines += [
+            "",
+            f"Over {len(by_round)} interleaved rounds (each ratio against the same round's splatfacto; median, then "
+            "the range):",
+            "",
+            "| run | time / splatfacto (median) | time / splatfacto (mean) | memory / splatfacto |",
+            "|---|---|---|---|",
+        ]
+        for label, ratio in ratios.items():
+            cells = [
+                f"{ratio[key]} ({min(ratio['rounds'][key])}-{max(ratio['rounds'][key])})"
+                if key in ratio
+                else "-"
+                for key in ("time_per_iter", "mean_time_per_iter", "peak_gpu_memory")
+            ]
+            lines.append(f"| {label} | {' | '.join(cells)} |")
     for baseline, other in others.items():
         lines += [
             "",

@@ -247,3 +247,63 @@ def test_model_settings_reach_nested_configs_and_the_tiny_encoder_keeps_them(tmp
             tmp_path,
             "chorus-pretrain",
         )
+
+
+def _speed_row(method: str, ms: float, gib: float, round_index=None) -> dict:
+    row = {
+        "method": method,
+        "model_overrides": {},
+        "ms_per_iter_median": ms,
+        "ms_per_iter_mean": ms,
+        "ms_per_iter_p90": ms,
+        "peak_gpu_mem_gib_train": gib,
+        "num_gaussians_final": 1000,
+        "setup_s": 1.0,
+    }
+    return row if round_index is None else {**row, "round": round_index}
+
+
+def test_repeated_speed_rounds_pair_each_run_with_its_own_rounds_baseline(tmp_path: Path) -> None:
+    """``train_speed.py --repeats``: every ratio divides by the splatfacto run of the same round (the machine drifted
+    between rounds here: both methods are 20% slower in round 1), and the report gives the median and range."""
+    import train_speed
+
+    results = [
+        _speed_row("splatfacto", 10.0, 2.0, 0),
+        _speed_row("chorus-splat", 15.0, 3.0, 0),
+        _speed_row("splatfacto", 12.0, 2.0, 1),
+        _speed_row("chorus-splat", 18.0, 3.0, 1),
+        _speed_row("splatfacto", 11.0, 2.0, 2),
+        _speed_row("chorus-splat", 15.4, 3.2, 2),
+    ]
+    ratios = train_speed.ratios_over_baseline(results)["chorus-splat"]
+    assert ratios["rounds"]["time_per_iter"] == [1.5, 1.5, 1.4]
+    assert ratios["time_per_iter"] == 1.5  # pooling the runs' medians instead would give 15.4 / 11 = 1.4
+    assert ratios["peak_gpu_memory"] == 1.5 and ratios["rounds"]["peak_gpu_memory"] == [1.5, 1.5, 1.6]
+    report = {
+        "data": "scene",
+        "device": "cpu",
+        "torch": "x",
+        "iterations": 10,
+        "warmup_excluded": 2,
+        "settings": "s",
+        "teachers": ["labels"],
+        "random_teacher_weights": True,
+        "results": results,
+    }
+    train_speed.write_report(report, tmp_path)
+    text = (tmp_path / "train_speed.md").read_text()
+    assert "Over 3 interleaved rounds" in text and "| chorus-splat | 1.5 (1.4-1.5) |" in text
+    assert (
+        "| chorus-splat (round 0) |" in text and "| 1.5 | 1.5 | 1.5 |" in text
+    )  # a row shows its round's ratio
+    # A single-round report (and one saved before rounds existed) reads as before: no round in the names.
+    single = {
+        **report,
+        "results": [_speed_row("splatfacto", 10.0, 2.0), _speed_row("chorus-splat", 13.0, 3.0)],
+    }
+    train_speed.write_report(single, tmp_path, stem="single")
+    assert train_speed.ratios_over_baseline(single["results"]) == {
+        "chorus-splat": {"time_per_iter": 1.3, "mean_time_per_iter": 1.3, "peak_gpu_memory": 1.5}
+    }
+    assert "round" not in (tmp_path / "single.md").read_text()

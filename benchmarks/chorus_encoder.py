@@ -42,13 +42,17 @@ def write(report: Dict[str, Any], out: Path) -> None:
     lines += [
         "",
         "| zero-shot on | scenes | cosine (query teacher) | best constant's cosine | target 2D mIoU "
-        "| teacher on the target | 3D mIoU | 3D fg-mIoU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| teacher on the target | 3D mIoU | 3D fg-mIoU | 3D fg-mIoU through tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(r: Dict[str, Any], key: str, field: str = "miou") -> str:
         value = (r.get(key) or {}).get(field)
         return "-" if value is None else f"{100 * value:.1f}"
+
+    def through_tokens(r: Dict[str, Any]) -> str:
+        counts = sorted(int(key.rsplit("_", 1)[1]) for key in r if key.startswith("semantic_3d_tokens_"))
+        return ", ".join(f"{pct(r, f'semantic_3d_tokens_{k}', 'fg_miou')} ({k})" for k in counts) or "-"
 
     teacher = report["teachers"][0]
     for label, r in report.get("evaluation", {}).items():
@@ -57,7 +61,7 @@ def write(report: Dict[str, Any], out: Path) -> None:
             f"| {label} | {r.get('num_scenes')} | {'-' if cosine is None else f'{cosine:.3f}'} | "
             f"{'-' if constant is None else f'{constant:.3f}'} | "
             f"{pct(r, 'semantic_2d_target')} | {pct(r, 'semantic_2d_teacher_target')} | "
-            f"{pct(r, 'semantic_3d')} | {pct(r, 'semantic_3d', 'fg_miou')} |"
+            f"{pct(r, 'semantic_3d')} | {pct(r, 'semantic_3d', 'fg_miou')} | {through_tokens(r)} |"
         )
     if "probe" in report:
         lines += ["", "## Linear probe", ""] + probe_lines(report["probe"])

@@ -119,7 +119,9 @@ def test_the_feed_forward_benchmarks_run_end_to_end(script: str, tmp_path: Path)
     assert len(model.projector_heads) == 2
     if script == "chorus_encoder.py":
         assert set(report["probe"]["results"]) == {"encoder", "raw"}
-        assert "semantic_3d" in report["evaluation"]["procedural (never seen)"]
+        held_out = report["evaluation"]["procedural (never seen)"]
+        assert "semantic_3d" in held_out and "semantic_3d_tokens_512" in held_out  # the compact tokens' score
+        assert "through tokens" in (out / "chorus_encoder.md").read_text()
 
 
 def test_semantic_report_scores_along_training(tmp_path: Path) -> None:

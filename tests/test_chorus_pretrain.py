@@ -306,11 +306,13 @@ def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients
 def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection):
     """``semantic_3d`` of chorus-pretrain's ns-eval: Gaussians at the labelled points whose decoded features are
     their own class's text embedding score 100% mIoU with one voter (25, the protocol's, blur class boundaries); the
-    same features shuffled score far less."""
+    same features shuffled score far less. Through tokens (``semantic_3d_tokens_K``): a token per Gaussian keeps
+    every latent, and one token for the whole room leaves a single class."""
     from types import SimpleNamespace
 
     from splatsem_ns.data.collection import SceneCollection
     from splatsem_ns.data.scene_frames import SceneFrames
+    from splatsem_ns.encoders.encoder import CoarsestStage
     from splatsem_ns.evaluation.protocol import SemanticEvalConfig, class_queries
     from splatsem_ns.pipelines.chorus_pretrain_pipeline import _PointVote
 
@@ -318,20 +320,33 @@ def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection
     ids, names = class_queries(loaded.classes)
     xyz, labels = SceneFrames.load(collection.parent / "room_3").labelled_points(loaded.classes)
     one_hot = torch.eye(len(ids))[[ids.index(int(c)) for c in labels]]  # decoded feature = class embedding
+    gaussians = points_as_gaussians(xyz, None)
     segmentation = SimpleNamespace(
         teacher_name="labels", text=torch.eye(len(ids)), ids=ids, names=names, cfg=SemanticEvalConfig(knn=1)
     )
+    # An encoder whose coarsest stage has a site per Gaussian and whose latents are the one-hot features above.
+    encoder = SimpleNamespace(
+        parameters=lambda: iter([torch.zeros(1)]),
+        coarsest_stage=lambda means, *rest: CoarsestStage(
+            latent=one_hot, features=torch.zeros(len(means), 1), centres=means, site=torch.arange(len(means))
+        ),
+    )
     pipeline = SimpleNamespace(
         datamanager=SimpleNamespace(collection=loaded),
-        model=SimpleNamespace(projector_heads={"labels": torch.nn.Identity()}),
+        model=SimpleNamespace(projector_heads={"labels": torch.nn.Identity()}, encoder=encoder),
+        config=SimpleNamespace(eval_tokens=(len(xyz), 1)),
     )
     exact = _PointVote(pipeline, segmentation)
-    exact.add("room_3", torch.as_tensor(xyz), one_hot)
-    scores = exact.scores()["semantic_3d"]
-    assert scores["scenes"] == 1 and scores["miou"] == pytest.approx(1.0)
+    exact.add("room_3", gaussians, one_hot)
+    scores = exact.scores()
+    assert scores["semantic_3d"]["scenes"] == 1 and scores["semantic_3d"]["miou"] == pytest.approx(1.0)
+    assert scores[f"semantic_3d_tokens_{len(xyz)}"]["miou"] == pytest.approx(1.0)
+    assert scores["semantic_3d_tokens_1"]["miou"] < 0.5
+    pipeline.config.eval_tokens = ()
     shuffled = _PointVote(pipeline, segmentation)
-    shuffled.add("room_3", torch.as_tensor(xyz), one_hot[torch.randperm(len(one_hot))])
+    shuffled.add("room_3", gaussians, one_hot[torch.randperm(len(one_hot))])
     assert shuffled.scores()["semantic_3d"]["miou"] < 0.5
+    assert not any(key.startswith("semantic_3d_tokens") for key in shuffled.scores())
 
 
 def test_point_spacing_matches_all_pairwise_distances():

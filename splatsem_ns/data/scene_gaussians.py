@@ -3,9 +3,9 @@
 Where a scene's Gaussians come from (``MultiSceneDataManagerConfig.gaussians``):
 - "ply": a fitted 3DGS file in the scene's folder (``gaussians_file``, e.g. a short splatfacto or chorus-splat fit
   exported there), in the scene's own frame, read with ``read_semantic_ply`` (any 3DGS PLY with SH colours);
-- "points": the scene's seed point cloud (transforms.json's ``ply_file_path``) as small isotropic Gaussians, each
-  as wide as the mean distance to its nearest neighbours, nearly opaque, coloured by its point: what a scene
-  without a fit still offers (Chorus also trains a point-cloud variant);
+- "points": the scene's seed point cloud (transforms.json's ``ply_file_path``) as small Gaussians, each as wide as
+  the mean distance to its nearest neighbours, nearly opaque, coloured by its point, isotropic or flat along the
+  surface (``point_shape``): what a scene without a fit still offers (Chorus also trains a point-cloud variant);
 - "auto": the fitted file where a scene has one, else its points;
 - "labeled_points": the scene's labelled point cloud (transforms.json's ``labeled_ply_file_path``, else
   ``points_labeled.ply``) the same way, its labels unused: a denser surface sample than the seed points (ScanNet's
@@ -107,7 +107,8 @@ def _surfel_rotations(points: Float[np.ndarray, "N 3"], nearest: np.ndarray) -> 
     indices, itself first) facing the bounding-box centre, and whose x axis is the neighbourhood's main direction."""
     from scipy.spatial.transform import Rotation
 
-    local = points[nearest] - points[nearest].mean(axis=1, keepdims=True)  # [N, k, 3]
+    neighbourhoods = points[nearest]  # [N, k, 3]
+    local = neighbourhoods - neighbourhoods.mean(axis=1, keepdims=True)
     _, vectors = np.linalg.eigh(np.einsum("nki,nkj->nij", local, local))  # eigenvalues ascending
     normal, tangent = vectors[:, :, 0], vectors[:, :, 2]
     centre = (points.min(axis=0) + points.max(axis=0)) / 2

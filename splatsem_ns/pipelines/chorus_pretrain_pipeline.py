@@ -7,14 +7,15 @@ the teacher's features, beside the best mean cosine any single constant feature 
 (``constant_cosine_NAME``: teacher features share a common direction, so a high cosine alone says little), and,
 where the scenes have labels and a teacher has a text encoder, 2D mIoU at the target views with semantic-splat's
 segmentation protocol (the same query teacher and classes), beside the teacher run on those views, and in 3D: every labelled point takes the class of its nearest served Gaussians' decoded latents
-(chorus-splat's 25-NN vote; ``semantic_3d``), the encoder's zero-shot score.
+(chorus-splat's 25-NN vote; ``semantic_3d``), the encoder's zero-shot score, and the same vote through the
+scene's compact tokens (``semantic_3d_tokens_K``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -45,6 +46,10 @@ class ChorusPretrainPipelineConfig(SemanticSplatPipelineConfig):
     """Samples of scene collections, with each scene's Gaussians (fitted where there are, else its points)."""
     model: ChorusPretrainModelConfig = field(default_factory=ChorusPretrainModelConfig)
     """The encoder, its heads and the render-and-distill loss."""
+    eval_tokens: Tuple[int, ...] = (512,)
+    """ns-eval also scores the 3D vote through this many scene tokens of each held-out scene (``splatsem-tokens``'
+    tokens of the encoder's coarsest stage, every Gaussian's latent decoded back from its nearest tokens):
+    ``semantic_3d_tokens_K``, what compact tokens lose against the per-Gaussian latents. Empty: not scored."""
 
 
 class ChorusPretrainPipeline(SemanticSplatPipeline):
@@ -80,7 +85,7 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
                 segmentation.add_targets(batch["target"], outputs["target"]["rendered"][0])
             if segmentation is not None:
-                points3d.add(sample["scene"], batch["gaussians"]["means"], outputs["latent"])
+                points3d.add(sample["scene"], batch["gaussians"], outputs["latent"])
         self.train()
         numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, (int, float))})
         result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene])) for k in numeric}
@@ -98,30 +103,59 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
 class _PointVote:
     """The 3D protocol of chorus-splat's ns-eval on the encoder's zero-shot features: each served Gaussian's latent
     decoded by the query teacher's head and classified by text, then every labelled point of the scene takes the
-    vote of its ``knn`` nearest Gaussians (``semantic_3d``: mIoU and fg-mIoU over all held-out scenes' points)."""
+    vote of its ``knn`` nearest Gaussians (``semantic_3d``: mIoU and fg-mIoU over all held-out scenes' points); the
+    same through each ``eval_tokens`` count of scene tokens (``semantic_3d_tokens_K``)."""
 
     def __init__(self, pipeline: ChorusPretrainPipeline, segmentation: _Segmentation) -> None:
         self.pipeline = pipeline
         self.segmentation = segmentation
-        self.matrix = ConfusionMatrix(len(segmentation.ids), ignore_index=-1)
+        classes = len(segmentation.ids)
+        self.matrix = ConfusionMatrix(classes, ignore_index=-1)
+        self.token_matrices = {
+            k: ConfusionMatrix(classes, ignore_index=-1) for k in pipeline.config.eval_tokens
+        }
         self.scenes = 0
 
-    def add(self, scene: str, means: Tensor, latent: Tensor) -> None:
+    def add(self, scene: str, gaussians: Dict[str, Tensor], latent: Tensor) -> None:
         collection = self.pipeline.datamanager.collection
         entry = next(e for e in collection.scenes if e.name == scene)
         found = SceneFrames.load(collection.scene_path(entry)).labelled_points(collection.classes)
+        means = gaussians["means"]
         if found is None or len(found[1]) == 0 or len(means) == 0:
             return
+        xyz, labels = found
+        self._vote(self.matrix, means, latent, xyz, labels)
+        for k, matrix in self.token_matrices.items():
+            self._vote(matrix, means, self._through_tokens(gaussians, latent, k), xyz, labels)
+        self.scenes += 1
+
+    def _vote(self, matrix: ConfusionMatrix, means: Tensor, latent: Tensor, xyz, labels) -> None:
         seg = self.segmentation
         head = self.pipeline.model.projector_heads[seg.teacher_name]
         classes = classify_by_text(head(latent), seg.text, seg.ids)
-        xyz, labels = found
         voted = vote_points_from_gaussians(means, classes, xyz, k=seg.cfg.knn)
-        accumulate_points(self.matrix, voted, labels, seg.ids)
-        self.scenes += 1
+        accumulate_points(matrix, voted, labels, seg.ids)
+
+    def _through_tokens(self, gaussians: Dict[str, Tensor], latent: Tensor, k: int) -> Tensor:
+        """Every Gaussian's latent decoded back from ``k`` tokens of the encoder's coarsest stage."""
+        from splatsem_ns.export.loader import SemanticScene
+        from splatsem_ns.export.tokens import encoder_tokens
+
+        columns = {key: gaussians[key].float().cpu() for key in ("means", "scales", "quats", "opacities")}
+        scene = SemanticScene(
+            **columns,
+            features_dc=gaussians["features_dc"].float().cpu().reshape(-1, 3),
+            features_rest=torch.zeros(len(columns["means"]), 0, 3),
+            latent=latent.cpu(),
+        )
+        tokens = encoder_tokens(scene, self.pipeline.model.encoder, k)
+        return tokens.decode_latent(columns["means"]).to(latent)
 
     def scores(self) -> Dict[str, Any]:
         if not self.scenes:
             return {}
-        scores = score(self.matrix, self.segmentation.names, self.segmentation.cfg)
-        return {"semantic_3d": {**scores, "scenes": self.scenes}}
+        cfg, names = self.segmentation.cfg, self.segmentation.names
+        result: Dict[str, Any] = {"semantic_3d": {**score(self.matrix, names, cfg), "scenes": self.scenes}}
+        for k, matrix in self.token_matrices.items():
+            result[f"semantic_3d_tokens_{k}"] = {**score(matrix, names, cfg), "scenes": self.scenes}
+        return result

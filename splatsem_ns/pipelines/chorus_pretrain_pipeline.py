@@ -26,6 +26,8 @@ from splatsem_ns.data.scene_frames import SceneFrames
 from splatsem_ns.evaluation.metrics import ConfusionMatrix
 from splatsem_ns.evaluation.protocol import accumulate_points, score, vote_points_from_gaussians
 from splatsem_ns.evaluation.voting import classify_by_text
+from splatsem_ns.export.loader import SemanticScene
+from splatsem_ns.export.tokens import encoder_tokens
 from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
 from splatsem_ns.pipelines.semantic_splat_pipeline import (
     SemanticSplatPipeline,
@@ -138,9 +140,6 @@ class _PointVote:
 
     def _through_tokens(self, gaussians: Dict[str, Tensor], latent: Tensor, k: int) -> Tensor:
         """Every Gaussian's latent decoded back from ``k`` tokens of the encoder's coarsest stage."""
-        from splatsem_ns.export.loader import SemanticScene
-        from splatsem_ns.export.tokens import encoder_tokens
-
         columns = {key: gaussians[key].float().cpu() for key in ("means", "scales", "quats", "opacities")}
         scene = SemanticScene(
             **columns,

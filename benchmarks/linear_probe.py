@@ -64,9 +64,7 @@ def features_of_split(model, collection, split: str, args, rng) -> Dict[str, Lis
     scenes = collection.split(split)[: args.max_scenes]
     for entry in scenes:
         path = collection.scene_path(entry)
-        gaussians = load_scene_gaussians(
-            path, args.gaussians, "gaussians.ply", getattr(args, "point_shape", "ball")
-        )
+        gaussians = load_scene_gaussians(path, args.gaussians, "gaussians.ply", args.point_shape)
         means = gaussians["means"].numpy()
         xyz, labels = scene_points(path, collection.classes, args.max_points, rng)
         # Only points the Gaussians reach: a capture's labelled cloud covers the whole room, its views (and so its

@@ -173,9 +173,7 @@ def ratios_over_baseline(results: list[dict], baseline: str = "splatfacto") -> d
     With one round each value is that round's ratio. With several (``--repeats``) each is the median over the
     rounds, and ``rounds`` holds the per-round ratios: a pair measured minutes apart shares the machine's state,
     so the spread of the rounds says how far one ratio can be trusted."""
-    per_round: dict = {}
-    for r in results:
-        per_round.setdefault(r.get("round", 0), []).append(r)
+    per_round = _by_round(results)
     collected: dict = {}
     for runs in per_round.values():
         for label, values in _round_ratios(runs, baseline).items():
@@ -187,6 +185,14 @@ def ratios_over_baseline(results: list[dict], baseline: str = "splatfacto") -> d
         if len(per_round) > 1:
             ratios[label]["rounds"] = values
     return ratios
+
+
+def _by_round(results: list[dict]) -> dict:
+    """The runs of each round, by round index (reports made before ``--repeats`` hold one round, 0)."""
+    rounds: dict = {}
+    for r in results:
+        rounds.setdefault(r.get("round", 0), []).append(r)
+    return rounds
 
 
 def _round_ratios(runs: list[dict], baseline: str) -> dict:
@@ -242,9 +248,7 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
         "| time / splatfacto (median) | time / splatfacto (mean) | memory / splatfacto |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_round: dict = {}
-    for r in results:
-        by_round.setdefault(r.get("round", 0), []).append(r)
+    by_round = _by_round(results)
     round_ratios = {k: _round_ratios(runs, "splatfacto") for k, runs in by_round.items()}
 
     def name_of(r: dict) -> str:

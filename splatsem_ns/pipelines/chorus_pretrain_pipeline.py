@@ -6,9 +6,10 @@ scores the held-out scenes' samples, one each: per teacher the mean cosine betwe
 the teacher's features, beside the best mean cosine any single constant feature reaches on the same pixels
 (``constant_cosine_NAME``: teacher features share a common direction, so a high cosine alone says little), and,
 where the scenes have labels and a teacher has a text encoder, 2D mIoU at the target views with semantic-splat's
-segmentation protocol (the same query teacher and classes), beside the teacher run on those views, and in 3D: every labelled point takes the class of its nearest served Gaussians' decoded latents
-(chorus-splat's 25-NN vote; ``semantic_3d``), the encoder's zero-shot score, and the same vote through the
-scene's compact tokens (``semantic_3d_tokens_K``).
+segmentation protocol (the same query teacher and classes), beside the teacher run on those views, and in 3D:
+every labelled point takes the class of its nearest served Gaussians' decoded latents (chorus-splat's 25-NN vote;
+``semantic_3d``), the encoder's zero-shot score, and the same vote through the scene's compact tokens
+(``semantic_3d_tokens_K``).
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ class ProgressLog:
             self._last = now
             elapsed = now - self._start
             line = f"{self.done}/{self.total} {self.unit}, {elapsed:.0f} s elapsed"
-            if self.done > 0:  # nothing done yet (a parallel pool still starting) gives no rate to extrapolate
+            # nothing done yet (a parallel pool still starting) gives no rate to extrapolate
+            if self.done > 0:
                 line += f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
             self._log(line)
 

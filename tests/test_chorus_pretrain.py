@@ -395,3 +395,43 @@ def test_the_constant_reference_is_the_best_single_features_cosine_over_the_avai
     others = torch.cat([used.mean(0, keepdim=True), torch.randn(64, 8, generator=generator)])
     others = torch.nn.functional.normalize(others, dim=-1)
     assert float((unit @ others.T).mean(0).max()) < constant
+
+
+def test_the_centred_loss_separates_classes_the_plain_cosine_barely_tells_apart():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from splatsem_ns.models.chorus_pretrain import ChorusPretrainModel
+
+    # Two classes whose teacher features share a strong common direction, as real teachers' do.
+    common, a, b = torch.eye(8)[0] * 4, torch.eye(8)[1], torch.eye(8)[2]
+    labels = torch.tensor([0, 1] * 8)  # 16 pixels of one view, half of each class
+    target = torch.where(labels[:, None] == 0, common + a, common + b).reshape(1, 1, 4, 4, 8)
+    pixels = torch.arange(16).expand(1, 1, 16)
+    batch = {
+        part: {"teacher_features": {"labels": target}, "images": torch.zeros(1, 1, 4, 4, 3)}
+        for part in ("context", "target")
+    }
+    model = SimpleNamespace(
+        projector_heads={"labels": None}, _sampled_targets=ChorusPretrainModel._sampled_targets
+    )
+    model.target_direction_sums = partial(ChorusPretrainModel.target_direction_sums, model)
+
+    def losses(decoded: torch.Tensor) -> tuple:
+        outputs = {
+            part: {"pixels": pixels, "decoded": {"labels": decoded.reshape(1, 1, 16, 8)}} for part in batch
+        }
+        plain = float(ChorusPretrainModel.distillation(model, outputs, batch)["labels"])
+        centred = float(ChorusPretrainModel.centred_distillation(model, outputs, batch)["labels"])
+        return plain, centred
+
+    exact = target.reshape(16, 8)
+    swapped = torch.where(labels[:, None] == 0, common + b, common + a)
+    constant = (common + (a + b) / 2).expand(16, 8)
+    assert losses(exact) == pytest.approx((0.0, 0.0), abs=1e-6)
+    plain_swapped, centred_swapped = losses(swapped)
+    plain_constant, centred_constant = losses(constant)
+    # The plain cosine hardly penalises the wrong class or ignoring the input; the centred one does, fully.
+    assert plain_swapped < 0.06 and plain_constant < 0.02
+    assert centred_swapped == pytest.approx(2.0, abs=1e-4)
+    assert centred_constant > 0.99

@@ -157,6 +157,29 @@ def test_the_latent_renders_at_its_training_scale_and_evaluates_at_full_size(col
         assert model(batch)["rendered"].latent.shape[2:4] == (48, 64)
 
 
+def test_the_centred_distillation_term_is_added_only_when_weighted(collection, tmp_path):
+    from splatsem_ns.models.heads import centred_cosine_distillation_loss, unit_direction_sum
+
+    pipeline = _pipeline(collection, tmp_path / "cache", centred_loss_weight=0.5)
+    model = pipeline.model
+    _, batch = pipeline.datamanager.next_train(0)
+    outputs = model(batch)
+    losses = model.get_loss_dict(outputs, batch)
+    assert len(outputs["decoded"]) == 2
+    for name in outputs["decoded"]:
+        assert {f"distill_centred_{name}", f"distill_context_centred_{name}"} <= set(losses)
+    # The term is the centred loss on the target views' own mean direction, at its weight.
+    wanted = sample_feature_maps(
+        batch["target"]["teacher_features"]["labels"], outputs["pixels"], outputs["latent_size"]
+    )
+    total, count = unit_direction_sum(wanted, None)
+    expected = 0.5 * centred_cosine_distillation_loss(outputs["decoded"]["labels"], wanted, total / count, None)
+    assert float(losses["distill_centred_labels"]) == pytest.approx(float(expected), rel=1e-5)
+    sum(losses.values()).backward()
+    model.config.centred_loss_weight = 0.0
+    assert not any("centred" in key for key in model.get_loss_dict(outputs, batch))
+
+
 def test_stages_distil_their_teachers_and_freeze_the_object_part(collection, tmp_path):
     import warnings
 

@@ -7,8 +7,9 @@ rendered map, so their cost scales with the feature-map size, not with the numbe
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -78,6 +79,39 @@ def masked_cosine_distillation_loss(
         predicted.shape[:-1]
     )
     return cosine_distillation_loss(predicted, target, weights / weights.mean().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def unit_direction_sum(
+    target: Float[Tensor, "B V n C"], available: Optional[Tensor]
+) -> Tuple[Float[Tensor, " C"], int]:
+    """Sum of the unit teacher features over the views that have them (``available``: [B, V] bool, or None for
+    all), and their count: ``sum / count`` is their mean direction (its norm is the mean cosine of the best single
+    constant feature)."""
+    unit = F.normalize(target.float(), dim=-1)
+    if available is not None:
+        unit = unit[available.to(unit.device)]
+    flat = unit.reshape(-1, unit.shape[-1])
+    return flat.sum(0), int(flat.shape[0])
+
+
+def centred_cosine_distillation_loss(
+    predicted: Float[Tensor, "B V n C"],
+    target: Float[Tensor, "B V n C"],
+    centre: Float[Tensor, " C"],
+    available: Optional[Tensor],
+) -> Float[Tensor, ""]:
+    """``masked_cosine_distillation_loss`` between the unit predicted and teacher features, each minus ``centre``
+    (their mean direction, e.g. over the batch, held fixed). Teacher features share a common direction, so the
+    plain cosine is mostly met by it and tells classes apart by small angles; centred, a prediction is compared
+    only on what differs from that direction (a constant prediction scores about 1, the wrong one of two classes
+    2)."""
+    centre = centre.detach().to(predicted.dtype)
+    return masked_cosine_distillation_loss(
+        F.normalize(predicted, dim=-1) - centre,
+        F.normalize(target.to(predicted.dtype), dim=-1) - centre,
+        available,
+    )
 
 
 def resize_feature_map(features: Float[Tensor, "h w C"], size: tuple[int, int]) -> Float[Tensor, "H2 W2 C"]:

@@ -247,7 +247,8 @@ def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):
 
 def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
     """--pipeline.model.semantic-source.kind encoder: the latent comes from the pretrained encoder, which starts
-    from the checkpoint with its heads and is fine-tuned by the scene's render-and-distill loss."""
+    from the checkpoint with its heads and whose layers after the backbone are fine-tuned by the scene's
+    render-and-distill loss."""
     from splatsem_ns.models.semantic_splat import restore_network_model
 
     run = train_synthetic(
@@ -272,16 +273,20 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
     assert set(encoder) == set(start)
     changed = [k for k in start if not torch.equal(encoder[k], start[k])]
     assert changed, "the encoder was not fine-tuned"
+    # adapt "head" (the default): the backbone, its BatchNorm statistics included, stays as pretrained.
+    assert not any(k.startswith("backbone.") for k in changed), changed
 
 
 def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients(pretrained, collection):
     """The viewer renders every frame without gradients: the encoder runs again only when the Gaussians or its
-    weights change; a training step always runs it (it needs the graph)."""
+    weights change; a training step that adapts the whole encoder always runs it (it needs the graph)."""
     from torch import nn
 
     from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
 
-    source = LearnedLatentSourceConfig(kind="encoder", encoder_checkpoint=pretrained / "config.yml").setup()
+    source = LearnedLatentSourceConfig(
+        kind="encoder", encoder_checkpoint=pretrained / "config.yml", adapt="all"
+    ).setup()
     points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")
     params = nn.ParameterDict({k: nn.Parameter(v) for k, v in points.items()})
     calls = []
@@ -301,6 +306,53 @@ def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients
     source(params)
     source(params)
     assert len(calls) == 5
+
+
+def test_head_adaptation_reuses_the_backbone_until_the_gaussians_change(pretrained, collection):
+    """adapt "head": training steps run the backbone without gradients only when densification replaces the
+    Gaussians or after ``refresh_every`` optimizer updates, train only the layers after it, and give the full
+    encoder's latents (evaluation mode) for the Gaussians the backbone last saw."""
+    from torch import nn
+
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+
+    source = LearnedLatentSourceConfig(
+        kind="encoder", encoder_checkpoint=pretrained / "config.yml", adapt="head", refresh_every=3
+    ).setup()
+    encoder = source.encoder
+    trained = {id(p) for p in source.param_groups()["semantic_encoder"]}
+    after = {id(p) for m in (encoder.voxel_proj, encoder.point_mlp, encoder.head) for p in m.parameters()}
+    assert trained == after and not any(id(p) in trained for p in encoder.backbone.parameters())
+    points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")
+    params = nn.ParameterDict({k: nn.Parameter(v) for k, v in points.items()})
+    runs = []
+    backbone_features = encoder.backbone_features
+    encoder.backbone_features = lambda *a: runs.append(1) or backbone_features(*a)  # type: ignore[method-assign]
+    source.train()
+    assert not encoder.backbone.training and encoder.head.training  # its BatchNorm statistics stay fixed
+    latent = source(params)
+    source.eval()
+    with torch.no_grad():
+        assert torch.allclose(latent, source(params), atol=1e-5)  # the full encoder, evaluation mode
+    source.train()
+    latent.square().mean().backward()
+    assert encoder.head[-1].weight.grad is not None
+    optimizer = torch.optim.SGD(params.parameters(), lr=0.01)
+    for _ in range(2):  # the Gaussians move, but not far enough yet
+        params["means"].grad = torch.ones_like(params["means"])
+        optimizer.step()
+        source(params)
+    assert len(runs) == 1
+    params["means"].grad = torch.ones_like(params["means"])
+    optimizer.step()  # the third update since the backbone ran
+    source(params)
+    assert len(runs) == 2
+    params["means"] = nn.Parameter(params["means"].detach()[:-5])  # densification: new Gaussians
+    for key in ("features_dc", "opacities", "scales", "quats"):
+        params[key] = nn.Parameter(params[key].detach()[:-5])
+    assert source(params).shape[0] == points["means"].shape[0] - 5 and len(runs) == 3
+    source.config.adapt = "none"
+    assert not source(params).requires_grad
 
 
 def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection):

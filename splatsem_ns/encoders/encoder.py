@@ -173,8 +173,45 @@ class GaussianEncoder(nn.Module):
             voxels, means, features_dc, opacities, scales, quats, colors, normals, batch
         )
         features = self.backbone(voxels.sparse_tensor(voxels.pool(inputs))).features
-        per_gaussian = voxels.unpool(self.voxel_proj(features))
-        return self.head(torch.cat([per_gaussian, self.point_mlp(inputs)], dim=1)), voxels
+        return self.decode(voxels.unpool(self.voxel_proj(features)), inputs), voxels
+
+    def decode(
+        self, projected: Float[Tensor, "N C_out"], inputs: Float[Tensor, "N C_in"]
+    ) -> Float[Tensor, "N D"]:
+        """The per-Gaussian layers after the backbone: each Gaussian's projected voxel feature and its own inputs
+        -> its latent."""
+        return self.head(torch.cat([projected, self.point_mlp(inputs)], dim=1))
+
+    @torch.no_grad()
+    def backbone_features(
+        self,
+        means: Float[Tensor, "N 3"],
+        features_dc: Optional[Float[Tensor, "N ..."]] = None,
+        opacities: Optional[Float[Tensor, "N ..."]] = None,
+        scales: Optional[Float[Tensor, "N 3"]] = None,
+        quats: Optional[Float[Tensor, "N 4"]] = None,
+    ) -> Float[Tensor, "N C"]:
+        """One scene's backbone output at every Gaussian's voxel (before ``voxel_proj``), without gradients: what
+        ``latent_from_backbone`` decodes. The backbone is nearly all of the encoder's cost, so adapting only the
+        layers after it can run it once and reuse the result while the Gaussians barely move."""
+        voxels = voxelize(means.detach(), self.config.voxel_size, None, None)
+        inputs = self.input_features(voxels, means, features_dc, opacities, scales, quats)
+        return voxels.unpool(self.backbone(voxels.sparse_tensor(voxels.pool(inputs))).features)
+
+    def latent_from_backbone(
+        self,
+        backbone_features: Float[Tensor, "N C"],
+        means: Float[Tensor, "N 3"],
+        features_dc: Optional[Float[Tensor, "N ..."]] = None,
+        opacities: Optional[Float[Tensor, "N ..."]] = None,
+        scales: Optional[Float[Tensor, "N 3"]] = None,
+        quats: Optional[Float[Tensor, "N 4"]] = None,
+    ) -> Float[Tensor, "N D"]:
+        """``forward``'s latents from ``backbone_features`` (given, e.g. cached) and the Gaussians' own current
+        inputs: equal to ``forward`` when the features are of these Gaussians."""
+        voxels = voxelize(means.detach(), self.config.voxel_size, None, None)
+        inputs = self.input_features(voxels, means, features_dc, opacities, scales, quats)
+        return self.decode(self.voxel_proj(backbone_features), inputs)
 
     @torch.no_grad()
     def coarsest_stage(

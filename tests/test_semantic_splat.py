@@ -173,7 +173,9 @@ def test_the_centred_distillation_term_is_added_only_when_weighted(collection, t
         batch["target"]["teacher_features"]["labels"], outputs["pixels"], outputs["latent_size"]
     )
     total, count = unit_direction_sum(wanted, None)
-    expected = 0.5 * centred_cosine_distillation_loss(outputs["decoded"]["labels"], wanted, total / count, None)
+    expected = 0.5 * centred_cosine_distillation_loss(
+        outputs["decoded"]["labels"], wanted, total / count, None
+    )
     assert float(losses["distill_centred_labels"]) == pytest.approx(float(expected), rel=1e-5)
     sum(losses.values()).backward()
     model.config.centred_loss_weight = 0.0

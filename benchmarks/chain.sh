@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Run the GPU benchmarks in order, in the background, so that a dropped connection does not stop them.
+#
+#   bash benchmarks/chain.sh start [SECONDS]   # start the chain detached; print its log after SECONDS (default 5)
+#   bash benchmarks/chain.sh wait SECONDS      # wait until it is done or SECONDS have passed; print its log
+#
+# Each step's output goes to $RES/STEP.log (and the benchmark's report under $RES/STEP/), the chain's progress to
+# $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
+# Settings (environment):
+#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed)
+#   RES        results folder (default /tmp/res)
+#   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
+#   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
+#   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS, AD_ITERS (1500), AD_SCOPE (head),
+#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), DDP_ARGS
+HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
+
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT"
+  (cd "$RES" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.txt' \
+    -o -name '*.yml' -o -name '*.csv' \) -size -5M -print0 | tar czf "$OUT/res.tgz" --null -T - 2>/dev/null)
+  if [ -f "$RES/gsplat_cuda.so.gz" ] && [ -z "${GSPLAT_PREBUILT:-}" ]; then cp "$RES/gsplat_cuda.so.gz" "$OUT/"; fi
+}
+log() { echo "[$(date +%H:%M:%S)] $*" >> "$RES/chain.log"; }
+step() {
+  local name=$1 began=$SECONDS rc; shift
+  log "start $name"; "$@" > "$RES/$name.log" 2>&1; rc=$?; log "end $name rc=$rc $((SECONDS - began))s"
+}
+
+case ${1:-} in
+start)
+  mkdir -p "$RES"; (setsid nohup bash "$0" run > "$RES/chain.out" 2>&1 &)
+  sleep "${2:-5}"; tail -20 "$RES/chain.log"; pack ;;
+wait)
+  end=$((SECONDS + ${2:?seconds})); while [ $SECONDS -lt $end ] && [ ! -f "$RES/DONE" ]; do sleep 5; done
+  tail -40 "$RES/chain.log"; pack ;;
+run)
+  cd "$ROOT" || exit 1; mkdir -p "$RES"; rm -f "$RES/DONE"
+  # shellcheck disable=SC1090
+  [ -n "${SETUP:-}" ] && source "$SETUP" >> "$RES/chain.log" 2>&1
+  export PYTHONPATH=$HERE/prebuilt_gsplat${PYTHONPATH:+:$PYTHONPATH}
+  log "steps: ${STEPS:=gsplat gen real encoder adapt speed}"
+  for s in $STEPS; do
+    case $s in
+    gsplat)  # compile (or load) gsplat's extension once, and keep the build for the next machine
+      step gsplat python -c "from gsplat.cuda._backend import _C; assert _C is not None, 'no gsplat extension'; print(_C)"
+      built=$(find ~/.cache/torch_extensions -name gsplat_cuda.so 2>/dev/null | head -1)
+      [ -n "$built" ] && gzip -c "$built" > "$RES/gsplat_cuda.so.gz" && log "gsplat built: $RES/gsplat_cuda.so.gz" ;;
+    gen)
+      step gen splatsem-synthetic --out /tmp/coll --num-scenes "${NSCENES:-300}" --seed 0 --width 320 --height 240 ;;
+    real)
+      step real splatsem-collection --scenes "$SPLATSEM_DATA" --test-scenes scannet_scene0000_00 \
+        --out /tmp/real/collection.json ;;
+    encoder)
+      # shellcheck disable=SC2086
+      step encoder python benchmarks/chorus_encoder.py --collection /tmp/coll/collection.json \
+        --real-collection /tmp/real/collection.json --out "$RES/encoder" --steps "${ENC_STEPS:-856}" \
+        --minutes "${ENC_MIN:-8}" --decay-steps "${ENC_DECAY:-750}" --loader-workers 8 --extraction-workers 8 \
+        --save-checkpoint --probe-max-scenes 40 $ENC_ARGS ;;
+    adapt)  # chorus-splat on ScanNet with the encoder just trained as its latent source, scored along the way
+      config=$(find "$RES/encoder/runs" -name config.yml | head -1); log "adapting $config"
+      step adapt python benchmarks/semantic_report.py --data "$SPLATSEM_DATA/scannet_scene0000_00" \
+        --out "$RES/adapt" --iterations "${AD_ITERS:-1500}" --no-baseline --eval-at 0 100 300 700 \
+        --runs "adapted=chorus-splat:semantic_source.kind=encoder,semantic_source.adapt=${AD_SCOPE:-head},semantic_source.encoder_checkpoint=$config" \
+        "scratch=chorus-splat" ;;
+    speed)
+      # shellcheck disable=SC2086
+      step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \
+        --iterations "${SPEED_ITERS:-2000}" --random-weights --repeats "${SPEED_REPEATS:-3}" \
+        --methods ${SPEED_METHODS:-splatfacto chorus-splat} ;;
+    ddp)
+      # shellcheck disable=SC2086
+      step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;
+    *) log "unknown step $s" ;;
+    esac
+  done
+  log "chain done"; touch "$RES/DONE" ;;
+*)
+  sed -n '2,17p' "$0"; exit 2 ;;
+esac

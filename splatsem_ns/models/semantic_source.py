@@ -79,12 +79,13 @@ class LearnedLatentSourceConfig(SemanticSourceConfig):
     """kind encoder: what the scene's render-and-distill trains of the encoder (the projector heads always train).
     "all": every weight, re-encoding the whole scene with gradients at every step (810-830 ms per step on 370k
     Gaussians on an H200, about 30 times chorus-splat's step); "head": only the per-Gaussian layers after the
-    backbone, which runs without gradients once per ``refresh_every`` steps or densification and is reused in
+    backbone, which runs without gradients once per ``refresh_every`` updates or densification and is reused in
     between; "none": the encoder fixed (the zero-shot latents, refreshed the same way). "head" is the default for
     its cost; which adapts better is not measured yet."""
     refresh_every: int = 100
-    """kind encoder, adapt "head" or "none": training steps between runs of the fixed backbone on the moved
-    Gaussians (it also runs whenever densification replaces them; splatfacto densifies every 100 steps)."""
+    """kind encoder, adapt "head" or "none": optimizer updates of the Gaussians' positions (one per training step)
+    between runs of the fixed backbone on the moved Gaussians; it also runs whenever densification replaces them
+    (splatfacto densifies every 100 steps)."""
 
     def setup(self, **kwargs) -> "SemanticSource":
         if self.kind == "encoder":

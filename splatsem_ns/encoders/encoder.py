@@ -13,7 +13,7 @@ per-teacher projector heads decode it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Literal, Mapping, Optional, Sequence
+from typing import List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -182,35 +182,28 @@ class GaussianEncoder(nn.Module):
         -> its latent."""
         return self.head(torch.cat([projected, self.point_mlp(inputs)], dim=1))
 
+    def _one_scene_inputs(self, *gaussians: Optional[Tensor]) -> Tuple[Voxelization, Float[Tensor, "N C_in"]]:
+        """The voxelisation and per-Gaussian inputs of one scene's ``means, features_dc, opacities, scales, quats``
+        (as ``forward`` takes them)."""
+        voxels = voxelize(gaussians[0].detach(), self.config.voxel_size, None, None)
+        return voxels, self.input_features(voxels, *gaussians)
+
     @torch.no_grad()
-    def backbone_features(
-        self,
-        means: Float[Tensor, "N 3"],
-        features_dc: Optional[Float[Tensor, "N ..."]] = None,
-        opacities: Optional[Float[Tensor, "N ..."]] = None,
-        scales: Optional[Float[Tensor, "N 3"]] = None,
-        quats: Optional[Float[Tensor, "N 4"]] = None,
-    ) -> Float[Tensor, "N C"]:
-        """One scene's backbone output at every Gaussian's voxel (before ``voxel_proj``), without gradients: what
-        ``latent_from_backbone`` decodes. The backbone is nearly all of the encoder's cost, so adapting only the
-        layers after it can run it once and reuse the result while the Gaussians barely move."""
-        voxels = voxelize(means.detach(), self.config.voxel_size, None, None)
-        inputs = self.input_features(voxels, means, features_dc, opacities, scales, quats)
+    def backbone_features(self, *gaussians: Optional[Tensor]) -> Float[Tensor, "N C"]:
+        """One scene's backbone output at every Gaussian's voxel (before ``voxel_proj``), without gradients, from
+        its ``means, features_dc, opacities, scales, quats``: what ``latent_from_backbone`` decodes. The backbone is
+        nearly all of the encoder's cost, so adapting only the layers after it can run it once and reuse the result
+        while the Gaussians barely move."""
+        voxels, inputs = self._one_scene_inputs(*gaussians)
         return voxels.unpool(self.backbone(voxels.sparse_tensor(voxels.pool(inputs))).features)
 
     def latent_from_backbone(
-        self,
-        backbone_features: Float[Tensor, "N C"],
-        means: Float[Tensor, "N 3"],
-        features_dc: Optional[Float[Tensor, "N ..."]] = None,
-        opacities: Optional[Float[Tensor, "N ..."]] = None,
-        scales: Optional[Float[Tensor, "N 3"]] = None,
-        quats: Optional[Float[Tensor, "N 4"]] = None,
+        self, backbone_features: Float[Tensor, "N C"], *gaussians: Optional[Tensor]
     ) -> Float[Tensor, "N D"]:
         """``forward``'s latents from ``backbone_features`` (given, e.g. cached) and the Gaussians' own current
-        inputs: equal to ``forward`` when the features are of these Gaussians."""
-        voxels = voxelize(means.detach(), self.config.voxel_size, None, None)
-        inputs = self.input_features(voxels, means, features_dc, opacities, scales, quats)
+        ``means, features_dc, opacities, scales, quats``: equal to ``forward`` when the features are of these
+        Gaussians."""
+        _, inputs = self._one_scene_inputs(*gaussians)
         return self.decode(self.voxel_proj(backbone_features), inputs)
 
     @torch.no_grad()

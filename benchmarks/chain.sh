@@ -11,7 +11,8 @@
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
-#   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS, AD_ITERS (1500), AD_SCOPE (head),
+#   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
+#   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE (head),
 #   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), DDP_ARGS
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
@@ -59,9 +60,11 @@ run)
         --minutes "${ENC_MIN:-8}" --decay-steps "${ENC_DECAY:-750}" --loader-workers 8 --extraction-workers 8 \
         --save-checkpoint --probe-max-scenes 40 $ENC_ARGS ;;
     adapt)  # chorus-splat on ScanNet with the encoder just trained as its latent source, scored along the way
+      # (and once more at the end), beside chorus-splat from scratch for as many steps
       config=$(find "$RES/encoder/runs" -name config.yml | head -1); log "adapting $config"
+      # shellcheck disable=SC2086
       step adapt python benchmarks/semantic_report.py --data "$SPLATSEM_DATA/scannet_scene0000_00" \
-        --out "$RES/adapt" --iterations "${AD_ITERS:-1500}" --no-baseline --eval-at 0 100 300 700 \
+        --out "$RES/adapt" --iterations "${AD_ITERS:-5000}" --no-baseline --eval-at ${AD_EVAL:-0 500 2000} \
         --runs "adapted=chorus-splat:semantic_source.kind=encoder,semantic_source.adapt=${AD_SCOPE:-head},semantic_source.encoder_checkpoint=$config" \
         "scratch=chorus-splat" ;;
     speed)
@@ -77,5 +80,5 @@ run)
   done
   log "chain done"; touch "$RES/DONE" ;;
 *)
-  sed -n '2,17p' "$0"; exit 2 ;;
+  sed -n '2,16p' "$0"; exit 2 ;;
 esac

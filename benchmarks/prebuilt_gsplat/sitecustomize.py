@@ -10,8 +10,24 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 
 _SAVED = os.environ.get("GSPLAT_PREBUILT", "")
+
+
+def unpacked_path(packed: str) -> str:
+    """``packed`` (a gzipped build) unpacked once per machine and per file (its size and time name the folder, so
+    a newer build is not shadowed by an older one), atomically: several processes may race to it."""
+    info = os.stat(packed)
+    folder = os.path.join(tempfile.gettempdir(), f"gsplat_prebuilt-{info.st_size}-{info.st_mtime_ns}")
+    library = os.path.join(folder, "gsplat_cuda.so")
+    if not os.path.exists(library):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{library}.{os.getpid()}"
+        with gzip.open(packed) as source, open(partial, "wb") as target:
+            shutil.copyfileobj(source, target)
+        os.replace(partial, library)
+    return library
 
 
 class _PrebuiltGsplat(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -23,15 +39,7 @@ class _PrebuiltGsplat(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-        library = _SAVED
-        if library.endswith(".gz"):  # unpacked once per machine, atomically (several processes may race)
-            library = os.path.join("/tmp/gsplat_prebuilt", "gsplat_cuda.so")
-            if not os.path.exists(library):
-                os.makedirs(os.path.dirname(library), exist_ok=True)
-                partial = f"{library}.{os.getpid()}"
-                with gzip.open(_SAVED) as packed, open(partial, "wb") as unpacked:
-                    shutil.copyfileobj(packed, unpacked)
-                os.replace(partial, library)
+        library = _SAVED if not _SAVED.endswith(".gz") else unpacked_path(_SAVED)
         # The module's init function is named after the file it was built as, so load it under that name.
         inner = importlib.util.spec_from_file_location("gsplat_cuda", library)
         module = importlib.util.module_from_spec(inner)

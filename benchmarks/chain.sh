@@ -7,12 +7,12 @@
 # Each step's output goes to $RES/STEP.log (and the benchmark's report under $RES/STEP/), the chain's progress to
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
-#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed)
+#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, ddp)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
 #   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
-#   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE (head),
+#   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE (head), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
 #   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), DDP_ARGS
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
@@ -67,6 +67,13 @@ run)
         --out "$RES/adapt" --iterations "${AD_ITERS:-5000}" --no-baseline --eval-at ${AD_EVAL:-0 500 2000} \
         --runs "adapted=chorus-splat:semantic_source.kind=encoder,semantic_source.adapt=${AD_SCOPE:-head},semantic_source.encoder_checkpoint=$config" \
         "scratch=chorus-splat" ;;
+    semantic)  # semantic-splat for SS_MIN minutes once per centred-term weight in SS_CENTRED, same seed and rooms
+      for weight in ${SS_CENTRED:-0 1}; do
+        step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \
+          --real-collection /tmp/real/collection.json --out "$RES/semantic_centred_$weight" \
+          --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12 --extraction-workers 8 \
+          --forward-repeats 5 --model-set "centred_loss_weight=$weight"
+      done ;;
     speed)
       # shellcheck disable=SC2086
       step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \

@@ -199,12 +199,16 @@ class ChorusPretrainModel(Model):
     @staticmethod
     def _sampled_targets(outputs, batch, name: str, part: str) -> Tuple[Tensor, Optional[Tensor]]:
         """Teacher ``name``'s cached features at the pixels sampled for ``part`` ([B, V, n, C]), and which views
-        have them ([B, V] bool, None for all)."""
-        views = batch[part]
-        wanted = sample_feature_maps(
-            views["teacher_features"][name], outputs[part]["pixels"], tuple(views["images"].shape[2:4])
-        )
-        return wanted, (views.get("teacher_available") or {}).get(name)
+        have them ([B, V] bool, None for all). Sampled once per forward and kept in ``outputs``: the plain and the
+        centred losses and the constant reference all read them."""
+        kept = outputs[part].setdefault("targets", {})
+        if name not in kept:
+            views = batch[part]
+            wanted = sample_feature_maps(
+                views["teacher_features"][name], outputs[part]["pixels"], tuple(views["images"].shape[2:4])
+            )
+            kept[name] = (wanted, (views.get("teacher_available") or {}).get(name))
+        return kept[name]
 
     @torch.no_grad()
     def target_direction_sums(self, outputs, batch) -> Dict[str, Tuple[Tensor, int]]:

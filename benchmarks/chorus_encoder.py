@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_point_shape_argument  # noqa: E402
 from feedforward_training import (  # noqa: E402
     evaluate_all,
     header_lines,
@@ -82,12 +83,7 @@ def main() -> None:
         type=int,
         help="at most this many Gaussians per sample (default: the datamanager's)",
     )
-    parser.add_argument(
-        "--point-shape",
-        default="ball",
-        choices=("ball", "surfel"),
-        help="shape of the Gaussians made from a point cloud (--pipeline.datamanager.point-shape)",
-    )
+    add_point_shape_argument(parser, "as --pipeline.datamanager.point-shape")
     parser.add_argument("--probe-max-scenes", type=int, default=50, help="scenes per split in the probe")
     parser.add_argument("--probe-max-points", type=int, default=20000, help="labelled points per scene")
     args = parser.parse_args()

@@ -100,6 +100,17 @@ def parse_field(config, name: str, value: str):
     return type(getattr(config, name))(value)
 
 
+def add_point_shape_argument(parser, how: str) -> None:
+    """``--point-shape``: the shape of the Gaussians made from a point cloud (``MultiSceneDataManagerConfig.
+    point_shape``), ``how`` saying where it applies."""
+    parser.add_argument(
+        "--point-shape",
+        default="ball",
+        choices=("ball", "surfel"),
+        help=f"shape of the Gaussians made from a point cloud, {how}",
+    )
+
+
 def build_trainer(cfg):
     """A set-up Trainer (``splatsem_ns.engine.one_scene.setup_trainer``)."""
     from splatsem_ns.engine.one_scene import setup_trainer

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_markdown  # noqa: E402
+from common import add_point_shape_argument, device_name, write_markdown  # noqa: E402
 
 
 def scene_points(scene: Path, classes: Dict[int, str], max_points: int, rng) -> Tuple[np.ndarray, np.ndarray]:
@@ -125,12 +125,7 @@ def main() -> None:
         choices=("auto", "ply", "points", "labeled_points"),
         help="each scene's Gaussians, as chorus-pretrain was served them (--pipeline.datamanager.gaussians)",
     )
-    parser.add_argument(
-        "--point-shape",
-        default="ball",
-        choices=("ball", "surfel"),
-        help="shape of the Gaussians made from a point cloud, as chorus-pretrain was served them",
-    )
+    add_point_shape_argument(parser, "as chorus-pretrain was served them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--note", action="append", default=[], help="a line on how the run was made (repeatable)"

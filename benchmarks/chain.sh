@@ -12,7 +12,7 @@
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
 #   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
-#   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE (head), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
+#   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE ("latents head"), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
 #   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), DDP_ARGS
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
@@ -59,14 +59,17 @@ run)
         --real-collection /tmp/real/collection.json --out "$RES/encoder" --steps "${ENC_STEPS:-856}" \
         --minutes "${ENC_MIN:-8}" --decay-steps "${ENC_DECAY:-750}" --loader-workers 8 --extraction-workers 8 \
         --save-checkpoint --probe-max-scenes 40 $ENC_ARGS ;;
-    adapt)  # chorus-splat on ScanNet with the encoder just trained as its latent source, scored along the way
-      # (and once more at the end), beside chorus-splat from scratch for as many steps
+    adapt)  # chorus-splat on ScanNet with the encoder just trained as its latent source, once per adapt scope in
+      # AD_SCOPE, scored along the way (and once more at the end), after chorus-splat from scratch for as many steps
       config=$(find "$RES/encoder/runs" -name config.yml | head -1); log "adapting $config"
+      runs=()
+      for scope in ${AD_SCOPE:-latents head}; do
+        runs+=("adapt_$scope=chorus-splat:semantic_source.kind=encoder,semantic_source.adapt=$scope,semantic_source.encoder_checkpoint=$config")
+      done
       # shellcheck disable=SC2086
       step adapt python benchmarks/semantic_report.py --data "$SPLATSEM_DATA/scannet_scene0000_00" \
         --out "$RES/adapt" --iterations "${AD_ITERS:-5000}" --no-baseline --eval-at ${AD_EVAL:-0 500 2000} \
-        --runs "adapted=chorus-splat:semantic_source.kind=encoder,semantic_source.adapt=${AD_SCOPE:-head},semantic_source.encoder_checkpoint=$config" \
-        "scratch=chorus-splat" ;;
+        --runs "scratch=chorus-splat" "${runs[@]}" ;;
     semantic)  # semantic-splat for SS_MIN minutes once per centred-term weight in SS_CENTRED, same seed and rooms
       for weight in ${SS_CENTRED:-0 1}; do
         step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \

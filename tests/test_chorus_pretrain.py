@@ -277,6 +277,37 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
     assert not any(k.startswith("backbone.") for k in changed), changed
 
 
+def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, tmp_path):
+    """--pipeline.model.semantic-source.adapt latents through the real ns-train: the run saves a trained free latent
+    per Gaussian and leaves every encoder weight as pretrained."""
+    from splatsem_ns.models.semantic_splat import restore_network_model
+
+    run = train_synthetic(
+        tmp_path,
+        iterations=3,
+        num_views=8,
+        extra=(
+            "--pipeline.model.semantic-source.kind", "encoder",
+            "--pipeline.model.semantic-source.encoder-checkpoint", str(pretrained / "config.yml"),
+            "--pipeline.model.semantic-source.adapt", "latents",
+            "--pipeline.model.sh-degree", "0",
+        ),
+    )  # fmt: skip
+    state = torch.load(next((run / "nerfstudio_models").iterdir()), map_location="cpu", weights_only=False)
+    weights = state["pipeline"]
+    latents = next(v for k, v in weights.items() if k.endswith("gauss_params.semantic_latent"))
+    assert (
+        latents.shape[0] == next(v for k, v in weights.items() if k.endswith("gauss_params.means")).shape[0]
+    )
+    assert latents.abs().sum() > 0 and bool(
+        next(v for k, v in weights.items() if k.endswith("latents_seeded"))
+    )
+    start = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain").encoder.state_dict()
+    prefix = next(k for k in weights if "semantic_source.encoder." in k).split("semantic_source.encoder.")[0]
+    for key, value in start.items():
+        assert torch.equal(weights[f"{prefix}semantic_source.encoder.{key}"], value), key
+
+
 def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients(pretrained, collection):
     """The viewer renders every frame without gradients: the encoder runs again only when the Gaussians or its
     weights change; a training step that adapts the whole encoder always runs it (it needs the graph)."""
@@ -353,6 +384,48 @@ def test_head_adaptation_reuses_the_backbone_until_the_gaussians_change(pretrain
     assert source(params).shape[0] == points["means"].shape[0] - 5 and len(runs) == 3
     source.config.adapt = "none"
     assert not source(params).requires_grad
+
+
+def test_latent_adaptation_seeds_free_latents_with_the_encoders_output_once(pretrained, collection):
+    """adapt "latents": the first render fills a free per-Gaussian latent with the encoder's output (evaluation
+    mode); from then on the latents train like kind learned's and the encoder never runs or trains again, and a
+    restored run keeps its trained latents instead of seeding them anew."""
+    from torch import nn
+
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+
+    config = LearnedLatentSourceConfig(
+        kind="encoder", encoder_checkpoint=pretrained / "config.yml", adapt="latents"
+    )
+    source = config.setup()
+    assert source.param_groups() == {}  # no encoder weight trains
+    points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")
+    num = points["means"].shape[0]
+    params = nn.ParameterDict({k: nn.Parameter(v) for k, v in points.items()})
+    params.update(source.gaussian_params(num))
+    assert params["semantic_latent"].shape == (num, source.latent_dim)
+    source.eval()
+    with torch.no_grad():
+        expected = source._encode(params)
+    runs = []
+    encode = source._encode
+    source._encode = lambda p: runs.append(1) or encode(p)  # type: ignore[method-assign]
+    source.train()
+    assert not source.encoder.training  # its BatchNorm statistics stay the pretrained ones
+    latent = source(params)
+    assert latent is params["semantic_latent"] and len(runs) == 1
+    assert torch.allclose(latent, expected, atol=1e-6) and expected.abs().sum() > 0
+    optimizer = torch.optim.SGD([params["semantic_latent"]], lr=0.1)
+    latent.square().mean().backward()
+    optimizer.step()
+    trained = source(params).detach().clone()
+    assert len(runs) == 1 and not torch.allclose(trained, expected)  # trained, not seeded again
+
+    restored = config.setup()
+    restored.load_state_dict(source.state_dict())
+    restored_params = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in params.items()})
+    restored._encode = lambda p: runs.append(1) or encode(p)  # type: ignore[method-assign]
+    assert torch.equal(restored(restored_params), trained) and len(runs) == 1
 
 
 def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection):

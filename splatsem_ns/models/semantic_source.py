@@ -75,13 +75,16 @@ class LearnedLatentSourceConfig(SemanticSourceConfig):
     encoder_checkpoint: Optional[Path] = None
     """kind encoder: the chorus-pretrain run's config.yml (its latest checkpoint; also read when the adapted run is
     restored, before the run's own weights replace it)."""
-    adapt: Literal["all", "head", "none"] = "head"
+    adapt: Literal["all", "head", "none", "latents"] = "head"
     """kind encoder: what the scene's render-and-distill trains of the encoder (the projector heads always train).
     "all": every weight, re-encoding the whole scene with gradients at every step (810-830 ms per step on 370k
     Gaussians on an H200, about 30 times chorus-splat's step); "head": only the per-Gaussian layers after the
     backbone, which runs without gradients once per ``refresh_every`` updates or densification and is reused in
-    between; "none": the encoder fixed (the zero-shot latents, refreshed the same way). "head" is the default for
-    its cost; which adapts better is not measured yet."""
+    between; "none": the encoder fixed (the zero-shot latents, refreshed the same way); "latents": the encoder runs
+    once, on the Gaussians of the first render, and its output seeds a free latent per Gaussian that then trains,
+    densifies and prunes exactly as ``kind learned``'s (chorus-splat's own step cost, and per-Gaussian freedom
+    the encoder's layers do not have). "head" is the default for its cost; which adapts better is not measured
+    yet."""
     refresh_every: int = 100
     """kind encoder, adapt "head" or "none": optimizer updates of the Gaussians' positions (one per training step)
     between runs of the fixed backbone on the moved Gaussians; it also runs whenever densification replaces them
@@ -127,7 +130,7 @@ class EncoderLatentSource(SemanticSource):
         if not hasattr(pretrained, "encoder"):
             raise ValueError(f"{config.encoder_checkpoint} is not a chorus-pretrain run (it has no encoder)")
         self.encoder = pretrained.encoder
-        adapted = {"all": [self.encoder], "head": self._after_backbone(), "none": []}[config.adapt]
+        adapted = {"all": [self.encoder], "head": self._after_backbone()}.get(config.adapt, [])
         self.encoder.requires_grad_(False)
         for module in adapted:
             module.requires_grad_(True)
@@ -136,6 +139,10 @@ class EncoderLatentSource(SemanticSource):
         self.metres_per_unit = float(metres_per_unit)
         self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
         self._backbone_cache: Optional[tuple] = None  # (the Gaussians' storage, their version, features)
+        # adapt "latents": whether the free latents hold the encoder's output yet. Saved, so a restored run keeps its
+        # trained latents; the Python copy spares a device read every step.
+        self.register_buffer("latents_seeded", torch.tensor(False))
+        self._latents_seeded = False
 
     def _after_backbone(self) -> List[nn.Module]:
         return [self.encoder.voxel_proj, self.encoder.point_mlp, self.encoder.head]
@@ -143,13 +150,21 @@ class EncoderLatentSource(SemanticSource):
     def train(self, mode: bool = True) -> "EncoderLatentSource":
         super().train(mode)
         # What does not adapt keeps its BatchNorm statistics: the zero-shot encoder's, as in evaluation.
-        if mode and self.config.adapt != "all":
+        if mode and self.config.adapt == "latents":
+            self.encoder.eval()
+        elif mode and self.config.adapt != "all":
             self.encoder.backbone.eval()
         return self
 
     @property
     def latent_dim(self) -> int:
         return self.encoder.latent_dim
+
+    def gaussian_params(self, num_points: int) -> Dict[str, Parameter]:
+        if self.config.adapt != "latents":
+            return {}
+        # Zeros until the first render fills them with the encoder's output (``_seeded_latents``).
+        return {LearnedLatentSource.PARAM_NAME: Parameter(torch.zeros(num_points, self.latent_dim))}
 
     def param_groups(self) -> Dict[str, List[Parameter]]:
         trained = [p for p in self.encoder.parameters() if p.requires_grad]
@@ -159,6 +174,8 @@ class EncoderLatentSource(SemanticSource):
         return dict(self._heads)
 
     def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
+        if self.config.adapt == "latents":
+            return self._seeded_latents(gauss_params)
         if self.training and self.config.adapt != "all":
             return self._from_cached_backbone(gauss_params)
         if self.training or torch.is_grad_enabled():  # a training step needs the graph
@@ -194,6 +211,20 @@ class EncoderLatentSource(SemanticSource):
             self._backbone_cache = cache = (storage, version, features)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.adapt == "head"):
             return self.encoder.latent_from_backbone(cache[2], *self._inputs(gauss_params))
+
+    def _seeded_latents(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
+        """adapt "latents": the free per-Gaussian latents, filled with the encoder's output (evaluation mode) on the
+        first call of a run that has not done so, the zero-shot prediction from which the scene's training goes on."""
+        latents = gauss_params[LearnedLatentSource.PARAM_NAME]
+        if not self._latents_seeded:
+            self._latents_seeded = bool(self.latents_seeded)  # a restored run's flag: read once
+        if not self._latents_seeded:
+            self.encoder.eval()  # it never trains here, BatchNorm statistics included
+            with torch.no_grad():
+                latents.copy_(self._encode(gauss_params))
+            self.latents_seeded.fill_(True)
+            self._latents_seeded = True
+        return latents
 
     def _encode(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         return self.encoder(*self._inputs(gauss_params))

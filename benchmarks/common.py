@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import typing
 from pathlib import Path
@@ -144,8 +145,25 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_gib() -> Optional[float]:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+def peak_memory_gib(resident: int = 0) -> Optional[float]:
+    """Peak GPU memory since the last reset, less ``resident`` bytes that were already allocated then (what earlier
+    runs of the process still hold, from ``release_earlier_runs``): the run's own peak."""
+    if not torch.cuda.is_available():
+        return None
+    return round((torch.cuda.max_memory_allocated() - resident) / 2**30, 3)
+
+
+def release_earlier_runs() -> int:
+    """Free what earlier runs in this process left, and restart the peak-memory count; returns the bytes the GPU
+    still holds. A nerfstudio trainer holds reference cycles (callbacks bound to the pipeline, among others), so
+    ``del trainer`` frees its tensors only when Python's cyclic collector next runs: without this, a run measured
+    after another counted up to 1 GiB of its predecessor's tensors as its own peak (train_speed_h200_rounds_cut.md)."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def device_name() -> str:

@@ -28,7 +28,15 @@ from splatsem_ns.models.optional_lpips import NaNMetric
 from splatsem_ns.pipelines.chorus_pipeline import _diagnostic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_trainer, device_name, parse_method, peak_memory_gib, seed_everything, trainer_config  # noqa: E402
+from common import (  # noqa: E402
+    build_trainer,
+    device_name,
+    parse_method,
+    peak_memory_gib,
+    release_earlier_runs,
+    seed_everything,
+    trainer_config,
+)
 from view_diagnostics import dump_views, geometry_oracle  # noqa: E402
 
 PROXY_NOTE = (
@@ -54,8 +62,7 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
     cfg.timestamp = label
     if args.diagnostic_render_scales and hasattr(cfg.pipeline, "semantic_eval"):
         cfg.pipeline.semantic_eval.diagnostic_render_scales = tuple(args.diagnostic_render_scales)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    resident = release_earlier_runs()
     start = time.perf_counter()
     trainer = build_trainer(cfg)
     curve: list = []
@@ -76,7 +83,7 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
         "iterations": args.iterations,
         "train_wall_s": round(train_s, 1),
         **({"curve": curve} if curve else {}),
-        "peak_gpu_mem_gib": peak_memory_gib(),
+        "peak_gpu_mem_gib": peak_memory_gib(resident),
         "num_gaussians": int(pipeline.model.num_points),
         "image_metrics": {
             k: float(v)
@@ -98,8 +105,7 @@ def train_and_evaluate(spec: str, args, out: Path) -> dict:
             _diagnostic(result, "dump_views", dump_views, pipeline, args.dump_views / label)
         result["teachers"] = {c.name: repr(c) for c in pipeline.datamanager.teacher_configs()}
     del trainer, pipeline
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_earlier_runs()
     return result
 
 

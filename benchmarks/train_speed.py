@@ -32,6 +32,7 @@ from common import (
     device_name,
     parse_method,
     peak_memory_gib,
+    release_earlier_runs,
     seed_everything,
     sync,
     trainer_config,
@@ -47,14 +48,12 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
         method, args.data, out, args.iterations, args.teachers, args.random_weights, overrides
     )
     cfg.timestamp = label
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    resident = release_earlier_runs()
     t0 = time.perf_counter()
     trainer = build_trainer(cfg)
     sync()
     setup_s = time.perf_counter() - t0
-    setup_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    setup_peak = peak_memory_gib(resident)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -81,8 +80,9 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
         "ms_per_iter_median": round(statistics.median(steady), 3),
         "ms_per_iter_mean": round(statistics.fmean(steady), 3),
         "ms_per_iter_p90": round(float(np.percentile(steady, 90)), 3),
-        "peak_gpu_mem_gib_train": peak_memory_gib(),
-        "peak_gpu_mem_gib_setup": round(setup_peak / 2**30, 3) if torch.cuda.is_available() else None,
+        "peak_gpu_mem_gib_train": peak_memory_gib(resident),
+        "peak_gpu_mem_gib_setup": setup_peak,
+        "gpu_mem_gib_held_before": round(resident / 2**30, 3),
         "num_gaussians_final": int(model.num_points),
     }
     if method == "chorus-splat":

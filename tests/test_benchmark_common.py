@@ -309,3 +309,29 @@ def test_repeated_speed_rounds_pair_each_run_with_its_own_rounds_baseline(tmp_pa
         "chorus-splat": {"time_per_iter": 1.3, "mean_time_per_iter": 1.3, "peak_gpu_memory": 1.5}
     }
     assert "round" not in (tmp_path / "single.md").read_text()
+
+
+def test_an_earlier_runs_cyclic_garbage_is_freed_before_the_next_run_is_measured() -> None:
+    """A trainer holds reference cycles, so ``del`` alone leaves its tensors allocated until the cyclic collector
+    runs; a run measured after it would count them as its own peak. ``release_earlier_runs`` frees them first."""
+    import gc
+    import weakref
+
+    import torch
+    from common import release_earlier_runs
+
+    class Run:
+        pass
+
+    gc.disable()  # as when the collector has not happened to run between two runs
+    try:
+        run = Run()
+        run.self_reference = run  # a cycle, as a trainer's callbacks bound to its pipeline make
+        run.weights = torch.zeros(1000)
+        weights = weakref.ref(run.weights)
+        del run
+        assert weights() is not None  # not freed by del
+        assert release_earlier_runs() == (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
+        assert weights() is None
+    finally:
+        gc.enable()

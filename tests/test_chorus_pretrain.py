@@ -258,6 +258,7 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
         extra=(
             "--pipeline.model.semantic-source.kind", "encoder",
             "--pipeline.model.semantic-source.encoder-checkpoint", str(pretrained / "config.yml"),
+            "--pipeline.model.semantic-source.adapt", "head",
             "--pipeline.model.sh-degree", "0",
         ),
     )  # fmt: skip
@@ -273,7 +274,7 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
     assert set(encoder) == set(start)
     changed = [k for k in start if not torch.equal(encoder[k], start[k])]
     assert changed, "the encoder was not fine-tuned"
-    # adapt "head" (the default): the backbone, its BatchNorm statistics included, stays as pretrained.
+    # adapt "head": the backbone, its BatchNorm statistics included, stays as pretrained.
     assert not any(k.startswith("backbone.") for k in changed), changed
 
 

@@ -561,3 +561,33 @@ def test_the_centred_loss_separates_classes_the_plain_cosine_barely_tells_apart(
     assert plain_swapped < 0.06 and plain_constant < 0.02
     assert centred_swapped == pytest.approx(2.0, abs=1e-4)
     assert centred_constant > 0.99
+
+
+def test_only_training_encodes_randomly_transformed_inputs(pretrained, collection, monkeypatch):
+    """chorus-pretrain's ``augment``: training steps hand the encoder transformed Gaussians; evaluation (and training
+    with ``augment.enabled`` off) hands it the scene as it is."""
+    import splatsem_ns.models.chorus_pretrain as chorus_pretrain
+    from splatsem_ns.models.semantic_splat import restore_network_model
+
+    model = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain")
+    points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")
+    gaussians = dict(points, batch=torch.zeros(points["means"].shape[0], dtype=torch.long))
+    seen, augment = [], chorus_pretrain.augment_inputs
+
+    def recording(*args, **kwargs):
+        seen.append(1)
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(chorus_pretrain, "augment_inputs", recording)
+    model.eval()
+    with torch.no_grad():
+        model.encode(gaussians)
+    assert seen == []
+    model.train()
+    with torch.no_grad():
+        model.encode(gaussians)
+    assert seen == [1]
+    model.config.augment.enabled = False
+    with torch.no_grad():
+        model.encode(gaussians)
+    assert seen == [1]

@@ -22,6 +22,7 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from torch import Tensor, nn
 from torch.nn import Parameter
 
+from splatsem_ns.encoders.augment import InputAugmentationConfig, augment_inputs
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig
 from splatsem_ns.feedforward.cameras import world_to_camera_viewmat
 from splatsem_ns.models.heads import (
@@ -63,6 +64,12 @@ class ChorusPretrainModelConfig(ModelConfig):
     mostly met by that direction and separates classes by small angles. On the H200 with 856 steps on 300
     generated rooms it took held-out target-view mIoU from 5.7 to 13.3 and 3D mIoU from 4.4 to 11.7
     (benchmarks/results/chorus_encoder_h200_centred_856_steps.md). 0: off."""
+    augment: InputAugmentationConfig = field(default_factory=InputAugmentationConfig)
+    """Random per-scene transforms of the encoder's inputs in training (a turn about the vertical, a shift, a small
+    scale change, position jitter, colour changes; ``splatsem_ns.encoders.augment``). The latents are still rendered
+    with the true geometry. Generated rooms put their surfaces at exact coordinates, which the encoder's
+    voxel-relative positions could key on and real scans never show. ``--pipeline.model.augment.enabled False``:
+    off."""
     near_plane: float = 0.01
     """Gaussians nearer than this to a camera are not rendered (scene units)."""
 
@@ -115,8 +122,12 @@ class ChorusPretrainModel(Model):
 
     # ------------------------------------------------------------------ forward
     def encode(self, gaussians: Mapping[str, Tensor]) -> Float[Tensor, "N D"]:
-        """The latent of every served Gaussian (``gaussians``: a batch's joined Gaussians with ``batch``)."""
+        """The latent of every served Gaussian (``gaussians``: a batch's joined Gaussians with ``batch``); in training,
+        of randomly transformed inputs (``augment``)."""
         batch = gaussians["batch"].long()
+        batch_size = int(batch.max()) + 1 if batch.numel() else 1
+        if self.training and self.config.augment.enabled:
+            gaussians = augment_inputs(gaussians, batch, batch_size, self.config.augment)
         return self.encoder(
             gaussians["means"].float(),
             gaussians["features_dc"].float(),
@@ -124,7 +135,7 @@ class ChorusPretrainModel(Model):
             gaussians["scales"].float(),
             gaussians["quats"].float(),
             batch=batch,
-            batch_size=int(batch.max()) + 1 if batch.numel() else 1,
+            batch_size=batch_size,
         )
 
     def render_latent(

@@ -539,7 +539,9 @@ def test_the_centred_loss_separates_classes_the_plain_cosine_barely_tells_apart(
         for part in ("context", "target")
     }
     model = SimpleNamespace(
-        projector_heads={"labels": None}, _sampled_targets=ChorusPretrainModel._sampled_targets
+        projector_heads={"labels": None},
+        _sampled_targets=ChorusPretrainModel._sampled_targets,
+        training=True,
     )
     model.target_direction_sums = partial(ChorusPretrainModel.target_direction_sums, model)
 
@@ -591,3 +593,47 @@ def test_only_training_encodes_randomly_transformed_inputs(pretrained, collectio
     with torch.no_grad():
         model.encode(gaussians)
     assert seen == [1]
+    del model.config.augment  # a run whose config.yml predates the option resumes without it
+    with torch.no_grad():
+        model.encode(gaussians)
+    assert seen == [1]
+
+
+def _global_centre(rank: int, url: str, result: str) -> None:
+    import torch.distributed as dist
+
+    from splatsem_ns.models.heads import mean_direction, unit_direction_sum
+
+    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
+    features = torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(rank))
+    available = torch.tensor(
+        [[True, rank == 0, True], [False, True, True]]
+    )  # the ranks hold different counts
+    found = mean_direction(*unit_direction_sum(features, available))
+    local = mean_direction(*unit_direction_sum(features, available), across_ranks=False)
+    torch.save({"global": found, "local": local}, f"{result}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_centre_the_loss_on_the_global_batchs_mean_direction(tmp_path):
+    """In DDP training the centred term's centre is the mean unit teacher feature of every rank's views together,
+    as one GPU with the whole batch would compute it, not each rank's own."""
+    import socket
+
+    from splatsem_ns.models.heads import mean_direction, unit_direction_sum
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    torch.multiprocessing.spawn(_global_centre, args=(url, str(tmp_path / "centre")), nprocs=2)
+    got = [torch.load(tmp_path / f"centre.{r}") for r in (0, 1)]
+    views = []
+    for rank in (0, 1):
+        features = torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(rank))
+        available = torch.tensor([[True, rank == 0, True], [False, True, True]])
+        views.append(features[available])  # [views, 4, 8]
+    everything = torch.cat(views)[None]  # one batch holding both ranks' views
+    expected = mean_direction(*unit_direction_sum(everything, None))
+    for rank in (0, 1):
+        assert torch.allclose(got[rank]["global"], expected, atol=1e-6)
+    assert not torch.allclose(got[0]["local"], got[1]["local"], atol=1e-3)

@@ -30,6 +30,7 @@ from splatsem_ns.models.heads import (
     centred_cosine_distillation_loss,
     heads_from_state_dict,
     masked_cosine_distillation_loss,
+    mean_direction,
     unit_direction_sum,
 )
 from splatsem_ns.models.semantic_splat import random_pixels, sample_feature_maps
@@ -126,8 +127,10 @@ class ChorusPretrainModel(Model):
         of randomly transformed inputs (``augment``)."""
         batch = gaussians["batch"].long()
         batch_size = int(batch.max()) + 1 if batch.numel() else 1
-        if self.training and self.config.augment.enabled:
-            gaussians = augment_inputs(gaussians, batch, batch_size, self.config.augment)
+        # A config.yml written before ``augment`` existed lacks the field: such a run resumes as it was trained.
+        augment = getattr(self.config, "augment", None)
+        if self.training and augment is not None and augment.enabled:
+            gaussians = augment_inputs(gaussians, batch, batch_size, augment)
         return self.encoder(
             gaussians["means"].float(),
             gaussians["features_dc"].float(),
@@ -222,25 +225,28 @@ class ChorusPretrainModel(Model):
         return kept[name]
 
     @torch.no_grad()
-    def target_direction_sums(self, outputs, batch) -> Dict[str, Tuple[Tensor, int]]:
+    def target_direction_sums(self, outputs, batch) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Per teacher, the sum of the unit teacher features at the sampled pixels of the views that have them,
         and their count. Over a set of scenes ``|sum| / count`` is the mean cosine of the best single constant
         feature (the normalised sum): what a network that ignores its input reaches, the reference an encoder's
         cosine has to beat."""
-        sums: Dict[str, Tuple[Tensor, int]] = {}
+        sums: Dict[str, Tuple[Tensor, Tensor]] = {}
         for name in self.projector_heads:
             parts = [
                 unit_direction_sum(*self._sampled_targets(outputs, batch, name, part)) for part in VIEW_PARTS
             ]
-            sums[name] = (torch.stack([total for total, _ in parts]).sum(0), sum(count for _, count in parts))
+            sums[name] = (
+                torch.stack([total for total, _ in parts]).sum(0),
+                torch.stack([count for _, count in parts]).sum(),
+            )
         return sums
 
     def centred_distillation(self, outputs, batch) -> Dict[str, Tensor]:
         """Per teacher, ``centred_cosine_distillation_loss`` at the sampled pixels of every view, centred on the
-        mean teacher direction of the whole batch (all parts). Under DDP each rank centres on its own batch."""
+        mean teacher direction of the whole batch (all parts; in DDP training, of every rank's batch)."""
         terms: Dict[str, Tensor] = {}
         for name, (total, count) in self.target_direction_sums(outputs, batch).items():
-            centre = total / max(count, 1)
+            centre = mean_direction(total, count, across_ranks=self.training)
             per_part = []
             for part in VIEW_PARTS:
                 wanted, available = self._sampled_targets(outputs, batch, name, part)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -84,15 +85,31 @@ def masked_cosine_distillation_loss(
 @torch.no_grad()
 def unit_direction_sum(
     target: Float[Tensor, "B V n C"], available: Optional[Tensor]
-) -> Tuple[Float[Tensor, " C"], int]:
+) -> Tuple[Float[Tensor, " C"], Float[Tensor, ""]]:
     """Sum of the unit teacher features over the views that have them (``available``: [B, V] bool, or None for
-    all), and their count: ``sum / count`` is their mean direction (its norm is the mean cosine of the best single
-    constant feature)."""
+    all), and their count (a tensor on the features' device, so nothing waits for the GPU): ``sum / count`` is their
+    mean direction (its norm is the mean cosine of the best single constant feature)."""
     unit = F.normalize(target.float(), dim=-1)
-    if available is not None:
-        unit = unit[available.to(unit.device)]
-    flat = unit.reshape(-1, unit.shape[-1])
-    return flat.sum(0), int(flat.shape[0])
+    if available is None:
+        count = torch.tensor(float(unit[..., 0].numel()), device=unit.device)
+    else:
+        keep = available.to(unit.device, unit.dtype)[..., None, None]  # [B, V, 1, 1]
+        unit = unit * keep
+        count = keep.sum() * unit.shape[2]
+    return unit.reshape(-1, unit.shape[-1]).sum(0), count
+
+
+def mean_direction(
+    total: Float[Tensor, " C"], count: Float[Tensor, ""], across_ranks: bool = True
+) -> Float[Tensor, " C"]:
+    """``total / count`` (``unit_direction_sum``'s), summed over every rank first when a distributed run is
+    going and ``across_ranks``: the centre of the global batch, as one GPU with the same batch would compute it,
+    rather than of each rank's few samples. Every rank must call it alike (it all-reduces)."""
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.cat((total.float(), count.float().reshape(1)))
+        dist.all_reduce(packed)
+        total, count = packed[:-1], packed[-1]
+    return total / count.clamp(min=1.0)
 
 
 def centred_cosine_distillation_loss(

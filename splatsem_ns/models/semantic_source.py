@@ -141,8 +141,9 @@ class EncoderLatentSource(SemanticSource):
         self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
         self._backbone_cache: Optional[tuple] = None  # (the Gaussians' storage, their version, features)
         # adapt "latents": whether the free latents hold the encoder's output yet. Saved, so a restored run keeps its
-        # trained latents; the Python copy spares a device read every step.
-        self.register_buffer("latents_seeded", torch.tensor(False))
+        # trained latents; the Python copy spares a device read every step. Other modes' checkpoints stay as they were.
+        if config.adapt == "latents":
+            self.register_buffer("latents_seeded", torch.tensor(False))
         self._latents_seeded = False
 
     def _after_backbone(self) -> List[nn.Module]:

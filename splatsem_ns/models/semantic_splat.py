@@ -42,6 +42,7 @@ from splatsem_ns.models.heads import (
     centred_cosine_distillation_loss,
     heads_from_state_dict,
     masked_cosine_distillation_loss,
+    mean_direction,
     unit_direction_sum,
 )
 from splatsem_ns.models.optional_lpips import optional_lpips
@@ -304,8 +305,7 @@ class SemanticSplatModel(Model):
             centred = self.config.centred_loss_weight
             centre = None
             if centred > 0:
-                total, count = unit_direction_sum(wanted, available)
-                centre = total / max(count, 1)
+                centre = mean_direction(*unit_direction_sum(wanted, available), across_ranks=self.training)
                 losses[f"distill_centred_{name}"] = (
                     weight * centred * centred_cosine_distillation_loss(decoded, wanted, centre, available)
                 )

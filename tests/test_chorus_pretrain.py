@@ -245,10 +245,9 @@ def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses[::8]
 
 
-def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
-    """--pipeline.model.semantic-source.kind encoder: the latent comes from the pretrained encoder, which starts
-    from the checkpoint with its heads and whose layers after the backbone are fine-tuned by the scene's
-    render-and-distill loss."""
+def _adapted_run(pretrained: Path, tmp_path: Path, adapt: str):
+    """A 3-step chorus-splat run through the real ns-train with the pretrained encoder as its latent source, adapted
+    as ``adapt`` says: its saved weights, its encoder's weights and the pretrained encoder's."""
     from splatsem_ns.models.semantic_splat import restore_network_model
 
     run = train_synthetic(
@@ -258,19 +257,27 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
         extra=(
             "--pipeline.model.semantic-source.kind", "encoder",
             "--pipeline.model.semantic-source.encoder-checkpoint", str(pretrained / "config.yml"),
-            "--pipeline.model.semantic-source.adapt", "head",
+            "--pipeline.model.semantic-source.adapt", adapt,
             "--pipeline.model.sh-degree", "0",
         ),
     )  # fmt: skip
     state = torch.load(next((run / "nerfstudio_models").iterdir()), map_location="cpu", weights_only=False)
     weights = state["pipeline"]
-    assert not any("semantic_latent" in k for k in weights)  # no free latent per Gaussian
     encoder = {
         k.split("semantic_source.encoder.", 1)[1]: v
         for k, v in weights.items()
         if "semantic_source.encoder." in k
     }
     start = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain").encoder.state_dict()
+    return weights, encoder, start
+
+
+def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
+    """--pipeline.model.semantic-source.kind encoder: the latent comes from the pretrained encoder, which starts
+    from the checkpoint with its heads and whose layers after the backbone are fine-tuned by the scene's
+    render-and-distill loss."""
+    weights, encoder, start = _adapted_run(pretrained, tmp_path, "head")
+    assert not any("semantic_latent" in k for k in weights)  # no free latent per Gaussian
     assert set(encoder) == set(start)
     changed = [k for k in start if not torch.equal(encoder[k], start[k])]
     assert changed, "the encoder was not fine-tuned"
@@ -281,21 +288,7 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
 def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, tmp_path):
     """--pipeline.model.semantic-source.adapt latents through the real ns-train: the run saves a trained free latent
     per Gaussian and leaves every encoder weight as pretrained."""
-    from splatsem_ns.models.semantic_splat import restore_network_model
-
-    run = train_synthetic(
-        tmp_path,
-        iterations=3,
-        num_views=8,
-        extra=(
-            "--pipeline.model.semantic-source.kind", "encoder",
-            "--pipeline.model.semantic-source.encoder-checkpoint", str(pretrained / "config.yml"),
-            "--pipeline.model.semantic-source.adapt", "latents",
-            "--pipeline.model.sh-degree", "0",
-        ),
-    )  # fmt: skip
-    state = torch.load(next((run / "nerfstudio_models").iterdir()), map_location="cpu", weights_only=False)
-    weights = state["pipeline"]
+    weights, encoder, start = _adapted_run(pretrained, tmp_path, "latents")
     latents = next(v for k, v in weights.items() if k.endswith("gauss_params.semantic_latent"))
     assert (
         latents.shape[0] == next(v for k, v in weights.items() if k.endswith("gauss_params.means")).shape[0]
@@ -303,10 +296,7 @@ def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, 
     assert latents.abs().sum() > 0 and bool(
         next(v for k, v in weights.items() if k.endswith("latents_seeded"))
     )
-    start = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain").encoder.state_dict()
-    prefix = next(k for k in weights if "semantic_source.encoder." in k).split("semantic_source.encoder.")[0]
-    for key, value in start.items():
-        assert torch.equal(weights[f"{prefix}semantic_source.encoder.{key}"], value), key
+    assert set(encoder) == set(start) and all(torch.equal(encoder[k], v) for k, v in start.items())
 
 
 def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients(pretrained, collection):

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from splatsem_ns.encoders.augment import InputAugmentationConfig, augment_inputs, quaternion_multiply
+from splatsem_ns.encoders.augment import InputAugmentationConfig, augment_inputs
 from splatsem_ns.encoders.inputs import SH_C0
+from splatsem_ns.feedforward.cameras import quaternion_multiply
 
 GEOMETRY_ONLY = dict(jitter=0.0, colour_contrast=0.0, colour_shift=0.0, colour_noise=0.0)
 

@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from splatsem_ns.encoders.inputs import SH_C0
+from splatsem_ns.feedforward.cameras import quaternion_multiply
 
 
 @dataclass
@@ -55,21 +56,6 @@ def _up_rotation_quaternions(angles: Float[Tensor, " B"], up_axis: int) -> Float
     quats[:, 0] = torch.cos(angles / 2)
     quats[:, 1 + up_axis] = torch.sin(angles / 2)
     return quats
-
-
-def quaternion_multiply(a: Float[Tensor, "N 4"], b: Float[Tensor, "N 4"]) -> Float[Tensor, "N 4"]:
-    """Hamilton product ``a * b`` of quaternions (w, x, y, z): the rotation ``b`` followed by ``a``."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack(
-        (
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ),
-        dim=-1,
-    )
 
 
 def _axis_rotation_matrices(angles: Float[Tensor, " B"], up_axis: int) -> Float[Tensor, "B 3 3"]:

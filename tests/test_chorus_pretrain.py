@@ -287,7 +287,7 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
 
 def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, tmp_path):
     """--pipeline.model.semantic-source.adapt latents through the real ns-train: the run saves a trained free latent
-    per Gaussian and leaves every encoder weight as pretrained."""
+    per Gaussian, and not the encoder that seeded it."""
     weights, encoder, start = _adapted_run(pretrained, tmp_path, "latents")
     latents = next(v for k, v in weights.items() if k.endswith("gauss_params.semantic_latent"))
     assert (
@@ -296,7 +296,7 @@ def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, 
     assert latents.abs().sum() > 0 and bool(
         next(v for k, v in weights.items() if k.endswith("latents_seeded"))
     )
-    assert set(encoder) == set(start) and all(torch.equal(encoder[k], v) for k, v in start.items())
+    assert encoder == {} and start  # the encoder seeded the latents and was not saved with the run
 
 
 def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients(pretrained, collection):
@@ -379,44 +379,41 @@ def test_head_adaptation_reuses_the_backbone_until_the_gaussians_change(pretrain
 
 def test_latent_adaptation_seeds_free_latents_with_the_encoders_output_once(pretrained, collection):
     """adapt "latents": the first render fills a free per-Gaussian latent with the encoder's output (evaluation
-    mode); from then on the latents train like kind learned's and the encoder never runs or trains again, and a
-    restored run keeps its trained latents instead of seeding them anew."""
+    mode); from then on the latents train like kind learned's, the encoder is dropped (never saved, never run again),
+    and a restored run keeps its trained latents instead of seeding them anew."""
     from torch import nn
 
     from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+    from splatsem_ns.models.semantic_splat import restore_network_model
 
     config = LearnedLatentSourceConfig(
         kind="encoder", encoder_checkpoint=pretrained / "config.yml", adapt="latents"
     )
     source = config.setup()
     assert source.param_groups() == {}  # no encoder weight trains
+    assert set(source.state_dict()) == {"latents_seeded"}  # the encoder is not part of the run
     points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")
     num = points["means"].shape[0]
     params = nn.ParameterDict({k: nn.Parameter(v) for k, v in points.items()})
     params.update(source.gaussian_params(num))
     assert params["semantic_latent"].shape == (num, source.latent_dim)
-    source.eval()
+    encoder = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain").encoder.eval()
     with torch.no_grad():
-        expected = source._encode(params)
-    runs = []
-    encode = source._encode
-    source._encode = lambda p: runs.append(1) or encode(p)  # type: ignore[method-assign]
+        expected = encoder(*source._inputs(params))  # the zero-shot latents
     source.train()
-    assert not source.encoder.training  # its BatchNorm statistics stay the pretrained ones
     latent = source(params)
-    assert latent is params["semantic_latent"] and len(runs) == 1
+    assert latent is params["semantic_latent"] and source._seed_encoder == []  # seeded, the encoder dropped
     assert torch.allclose(latent, expected, atol=1e-6) and expected.abs().sum() > 0
     optimizer = torch.optim.SGD([params["semantic_latent"]], lr=0.1)
     latent.square().mean().backward()
     optimizer.step()
     trained = source(params).detach().clone()
-    assert len(runs) == 1 and not torch.allclose(trained, expected)  # trained, not seeded again
+    assert not torch.allclose(trained, expected)  # trained, not seeded again
 
     restored = config.setup()
     restored.load_state_dict(source.state_dict())
     restored_params = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in params.items()})
-    restored._encode = lambda p: runs.append(1) or encode(p)  # type: ignore[method-assign]
-    assert torch.equal(restored(restored_params), trained) and len(runs) == 1
+    assert torch.equal(restored(restored_params), trained) and restored._seed_encoder == []
 
 
 def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection):

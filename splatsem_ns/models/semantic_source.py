@@ -130,21 +130,25 @@ class EncoderLatentSource(SemanticSource):
         pretrained = restore_network_model(Path(config.encoder_checkpoint), "ns-train chorus-pretrain")
         if not hasattr(pretrained, "encoder"):
             raise ValueError(f"{config.encoder_checkpoint} is not a chorus-pretrain run (it has no encoder)")
-        self.encoder = pretrained.encoder
-        adapted = {"all": [self.encoder], "head": self._after_backbone()}.get(config.adapt, [])
-        self.encoder.requires_grad_(False)
-        for module in adapted:
-            module.requires_grad_(True)
+        encoder = pretrained.encoder.requires_grad_(False)
+        self._latent_dim = encoder.latent_dim
+        if config.adapt == "latents":
+            # Needed once, to seed the latents: held in a list, outside the module tree, so it is neither saved with
+            # the run (the default encoder is 150 MB) nor moved with the model, and dropped once the latents hold its
+            # output. Whether they do is saved (a restored run keeps its trained latents); the Python copy spares a
+            # device read every step.
+            self._seed_encoder: List[nn.Module] = [encoder.eval()]
+            self.register_buffer("latents_seeded", torch.tensor(False))
+            self._latents_seeded = False
+        else:
+            self.encoder = encoder
+            for module in {"all": [encoder], "head": self._after_backbone()}.get(config.adapt, []):
+                module.requires_grad_(True)
         # A plain dict: the heads are copied into the model's own, not held twice in its state.
         self._heads = dict(pretrained.projector_heads.items())
         self.metres_per_unit = float(metres_per_unit)
         self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
         self._backbone_cache: Optional[tuple] = None  # (the Gaussians' storage, their version, features)
-        # adapt "latents": whether the free latents hold the encoder's output yet. Saved, so a restored run keeps its
-        # trained latents; the Python copy spares a device read every step. Other modes' checkpoints stay as they were.
-        if config.adapt == "latents":
-            self.register_buffer("latents_seeded", torch.tensor(False))
-        self._latents_seeded = False
 
     def _after_backbone(self) -> List[nn.Module]:
         return [self.encoder.voxel_proj, self.encoder.point_mlp, self.encoder.head]
@@ -152,15 +156,13 @@ class EncoderLatentSource(SemanticSource):
     def train(self, mode: bool = True) -> "EncoderLatentSource":
         super().train(mode)
         # What does not adapt keeps its BatchNorm statistics: the zero-shot encoder's, as in evaluation.
-        if mode and self.config.adapt == "latents":
-            self.encoder.eval()
-        elif mode and self.config.adapt != "all":
+        if mode and self.config.adapt in ("head", "none"):
             self.encoder.backbone.eval()
         return self
 
     @property
     def latent_dim(self) -> int:
-        return self.encoder.latent_dim
+        return self._latent_dim
 
     def gaussian_params(self, num_points: int) -> Dict[str, Parameter]:
         if self.config.adapt != "latents":
@@ -169,6 +171,8 @@ class EncoderLatentSource(SemanticSource):
         return {LearnedLatentSource.PARAM_NAME: Parameter(torch.zeros(num_points, self.latent_dim))}
 
     def param_groups(self) -> Dict[str, List[Parameter]]:
+        if self.config.adapt == "latents":
+            return {}
         trained = [p for p in self.encoder.parameters() if p.requires_grad]
         return {self.OPTIMIZER: trained} if trained else {}
 
@@ -221,11 +225,12 @@ class EncoderLatentSource(SemanticSource):
         if not self._latents_seeded:
             self._latents_seeded = bool(self.latents_seeded)  # a restored run's flag: read once
         if not self._latents_seeded:
-            self.encoder.eval()  # it never trains here, BatchNorm statistics included
+            encoder = self._seed_encoder[0].to(latents.device).eval()  # BatchNorm statistics as pretrained
             with torch.no_grad():
-                latents.copy_(self._encode(gauss_params))
+                latents.copy_(encoder(*self._inputs(gauss_params)))
             self.latents_seeded.fill_(True)
             self._latents_seeded = True
+        self._seed_encoder.clear()  # its work is done (or was, in the restored run): free its memory
         return latents
 
     def _encode(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:

@@ -335,3 +335,29 @@ def test_an_earlier_runs_cyclic_garbage_is_freed_before_the_next_run_is_measured
         assert weights() is None
     finally:
         gc.enable()
+
+
+def test_the_adaptation_modes_report_reads_each_runs_ns_eval(tmp_path: Path) -> None:
+    """``adapt_modes_cpu.py --from``: one row per run whose ns-eval JSON is there, in the script's order."""
+    import json
+
+    import adapt_modes_cpu
+
+    def results(miou: float) -> dict:
+        return {
+            "results": {
+                "semantic_2d": {"miou": miou},
+                "semantic_3d": {"fg_miou": miou / 2},
+                "semantic_2d_teacher_per_view": {"miou": 0.9},
+                "psnr": 17.0,
+            }
+        }
+
+    (tmp_path / "scratch.json").write_text(json.dumps(results(0.7)))
+    (tmp_path / "head__lr_x10.json").write_text(json.dumps(results(0.2)))
+    adapt_modes_cpu.report(tmp_path, tmp_path, 300, ["a note"])
+    text = (tmp_path / "adapt_modes_cpu.md").read_text()
+    assert "| scratch | 70.0 | 35.0 | 17.00 |" in text and "| head, lr x10 | 20.0 | 10.0 | 17.00 |" in text
+    assert text.index("| scratch") < text.index("| head, lr x10") and "- note: a note" in text
+    saved = json.loads((tmp_path / "adapt_modes_cpu.json").read_text())
+    assert set(saved["runs"]) == {"scratch", "head, lr x10"}

@@ -209,14 +209,13 @@ class EncoderLatentSource(SemanticSource):
         """A training step's latents with the backbone fixed: its features are reused until densification replaces
         the Gaussians (new storage) or the optimizer has moved them ``refresh_every`` times (each in-place update
         bumps the tensor's version), and only the layers after it run."""
-        means = gauss_params["means"]
+        means, inputs = gauss_params["means"], self._inputs(gauss_params)
         storage, version = (means.data_ptr(), tuple(means.shape)), means._version
         cache = self._backbone_cache
         if cache is None or cache[0] != storage or version - cache[1] >= max(1, self.config.refresh_every):
-            features = self.encoder.backbone_features(*self._inputs(gauss_params))
-            self._backbone_cache = cache = (storage, version, features)
+            self._backbone_cache = cache = (storage, version, self.encoder.backbone_features(*inputs))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.adapt == "head"):
-            return self.encoder.latent_from_backbone(cache[2], *self._inputs(gauss_params))
+            return self.encoder.latent_from_backbone(cache[2], *inputs)
 
     def _seeded_latents(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         """adapt "latents": the free per-Gaussian latents, filled with the encoder's output (evaluation mode) on the

@@ -7,7 +7,7 @@
 # Each step's output goes to $RES/STEP.log (and the benchmark's report under $RES/STEP/), the chain's progress to
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
-#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, ddp)
+#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, query, profile, ddp)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
@@ -82,6 +82,11 @@ run)
       step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \
         --iterations "${SPEED_ITERS:-2000}" --random-weights --repeats "${SPEED_REPEATS:-3}" \
         --methods ${SPEED_METHODS:-splatfacto chorus-splat} ;;
+    query)  # relevancy frames per second at full resolution, every path side by side in one process
+      step query python benchmarks/query_speed.py --out "$RES/query" ;;
+    profile)  # where a training step's host and GPU time go, splatfacto beside chorus-splat
+      step profile python benchmarks/profile_iteration.py --data "$SPLATSEM_DATA/scannet_scene0000_00" \
+        --out "$RES/profile" --method splatfacto chorus-splat --random-weights ;;
     ddp)
       # shellcheck disable=SC2086
       step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;

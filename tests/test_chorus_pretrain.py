@@ -269,14 +269,14 @@ def _adapted_run(pretrained: Path, tmp_path: Path, adapt: str):
         if "semantic_source.encoder." in k
     }
     start = restore_network_model(pretrained / "config.yml", "ns-train chorus-pretrain").encoder.state_dict()
-    return weights, encoder, start
+    return weights, encoder, start, run
 
 
 def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
     """--pipeline.model.semantic-source.kind encoder: the latent comes from the pretrained encoder, which starts
     from the checkpoint with its heads and whose layers after the backbone are fine-tuned by the scene's
     render-and-distill loss."""
-    weights, encoder, start = _adapted_run(pretrained, tmp_path, "head")
+    weights, encoder, start, _ = _adapted_run(pretrained, tmp_path, "head")
     assert not any("semantic_latent" in k for k in weights)  # no free latent per Gaussian
     assert set(encoder) == set(start)
     changed = [k for k in start if not torch.equal(encoder[k], start[k])]
@@ -288,7 +288,7 @@ def test_chorus_splat_adapts_the_pretrained_encoder(pretrained, tmp_path):
 def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, tmp_path):
     """--pipeline.model.semantic-source.adapt latents through the real ns-train: the run saves a trained free latent
     per Gaussian, and not the encoder that seeded it."""
-    weights, encoder, start = _adapted_run(pretrained, tmp_path, "latents")
+    weights, encoder, start, run = _adapted_run(pretrained, tmp_path, "latents")
     latents = next(v for k, v in weights.items() if k.endswith("gauss_params.semantic_latent"))
     assert (
         latents.shape[0] == next(v for k, v in weights.items() if k.endswith("gauss_params.means")).shape[0]
@@ -297,6 +297,27 @@ def test_ns_train_chorus_splat_trains_latents_seeded_by_the_encoder(pretrained, 
         next(v for k, v in weights.items() if k.endswith("latents_seeded"))
     )
     assert encoder == {} and start  # the encoder seeded the latents and was not saved with the run
+
+    # On a machine without the pretraining run, ns-eval and ns-viewer still restore it: the checkpoint's latents
+    # (the tiny encoder's 8 channels, not the configured 32) and heads are all it needs.
+    import yaml
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader)
+    config.pipeline.model.semantic_source.encoder_checkpoint = tmp_path / "elsewhere" / "config.yml"
+    (run / "config.yml").write_text(yaml.dump(config))
+    _, pipeline, _, _ = eval_setup(run / "config.yml", test_mode="test")
+    model = pipeline.model
+    assert torch.equal(model.gauss_params["semantic_latent"].detach().cpu(), latents)
+    camera = pipeline.datamanager.eval_dataset.cameras[0:1]
+    with torch.no_grad():
+        rendered = model.get_outputs(camera)["semantic_latent"]
+    assert rendered.shape[-1] == latents.shape[1] == 8 and torch.isfinite(rendered).all()
+    # A new run cannot be seeded without it, and says why.
+    model.semantic_source.latents_seeded.fill_(False)
+    model.semantic_source._latents_seeded = False
+    with pytest.raises(FileNotFoundError, match="encoder checkpoint .* does not exist"):
+        model.semantic_source(model.gauss_params)
 
 
 def test_the_encoder_source_encodes_once_per_change_in_renders_without_gradients(pretrained, collection):

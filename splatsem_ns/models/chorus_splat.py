@@ -244,8 +244,20 @@ class ChorusSplatModel(SplatfactoModel):
 
     def load_state_dict(self, dict, **kwargs):  # type: ignore[override]  # noqa: A002 (splatfacto's name)
         # Restored without teachers (ns-eval, ns-viewer): the heads exist only in the checkpoint.
-        missing = heads_from_state_dict(dict, "projector_heads.")
-        for name, head in missing.items():
+        saved_heads = heads_from_state_dict(dict, "projector_heads.")
+        for name in self.semantic_source.gaussian_params(0):
+            saved = dict.get(f"gauss_params.{name}")
+            if saved is not None and saved.shape[1:] != self.gauss_params[name].shape[1:]:
+                # A source whose width came from its config, not its (absent) encoder: the checkpoint's width wins,
+                # for the latents (splatfacto resizes them to the checkpoint's count only) and the heads they feed.
+                self.semantic_source.adopt_latent_dim(saved.shape[1])
+                self.gauss_params[name] = Parameter(
+                    saved.new_zeros((0, *saved.shape[1:]), device=self.device)
+                )
+                for teacher in list(self.projector_heads):
+                    if teacher in saved_heads:
+                        self.projector_heads[teacher] = saved_heads[teacher].to(self.device)
+        for name, head in saved_heads.items():
             if name not in self.projector_heads:
                 self.projector_heads[name] = head.to(self.device)
         result = super().load_state_dict(dict, **kwargs)

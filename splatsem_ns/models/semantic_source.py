@@ -16,6 +16,7 @@ from typing import Dict, List, Literal, Optional, Type
 import torch
 from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
+from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor, nn
 from torch.nn import Parameter
 
@@ -56,6 +57,14 @@ class SemanticSource(nn.Module):
         """Projector heads the model should start from (by teacher), e.g. a pretrained encoder's."""
         return {}
 
+    def adopt_latent_dim(self, width: int) -> None:
+        """Called when a checkpoint's latents are ``width`` wide: a source whose width is known from its config
+        only accepts its own."""
+        if width != self.latent_dim:
+            raise ValueError(
+                f"The checkpoint's semantic latents have {width} channels, this model's config {self.latent_dim}"
+            )
+
     def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         raise NotImplementedError
 
@@ -73,8 +82,9 @@ class LearnedLatentSourceConfig(SemanticSourceConfig):
     init_std: float = 0.1
     """Standard deviation of the random initial latents; non-zero so every head gets a gradient at step 0."""
     encoder_checkpoint: Optional[Path] = None
-    """kind encoder: the chorus-pretrain run's config.yml (its latest checkpoint; also read when the adapted run is
-    restored, before the run's own weights replace it)."""
+    """kind encoder: the chorus-pretrain run's config.yml (its latest checkpoint). Restoring an adapted run reads it
+    too, before the run's own weights replace it, except with adapt "latents": such a run restores (ns-eval,
+    ns-viewer, export) without it."""
     adapt: Literal["latents", "head", "all", "none"] = "latents"
     """kind encoder: what the scene's render-and-distill adapts (the projector heads always train). "latents": the
     encoder runs once, on the Gaussians of the first render, and its output seeds a free latent per Gaussian that then
@@ -127,7 +137,27 @@ class EncoderLatentSource(SemanticSource):
             )
         from splatsem_ns.models.semantic_splat import restore_network_model
 
-        pretrained = restore_network_model(Path(config.encoder_checkpoint), "ns-train chorus-pretrain")
+        self.metres_per_unit = float(metres_per_unit)
+        self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
+        self._backbone_cache: Optional[tuple] = None  # (the Gaussians' storage, their version, features)
+        checkpoint = Path(config.encoder_checkpoint)
+        if config.adapt == "latents" and not checkpoint.is_file():
+            # A run adapted this way saves everything it renders with (its latents and heads), so ns-viewer, ns-eval
+            # and export restore it on a machine without the pretraining run; the checkpoint's shapes replace the
+            # configured width when it loads. Only seeding a new run needs the encoder: that fails on first use.
+            CONSOLE.print(
+                f"[yellow]The encoder checkpoint {checkpoint} is not here: restoring a run whose latents it seeded "
+                "needs nothing from it, but a new run cannot start without it.[/yellow]"
+            )
+            self._missing_checkpoint: Optional[Path] = checkpoint
+            self._seed_encoder = []
+            self._latent_dim = config.latent_dim
+            self._heads: Dict[str, nn.Module] = {}
+            self.register_buffer("latents_seeded", torch.tensor(False))
+            self._latents_seeded = False
+            return
+        self._missing_checkpoint = None
+        pretrained = restore_network_model(checkpoint, "ns-train chorus-pretrain")
         if not hasattr(pretrained, "encoder"):
             raise ValueError(f"{config.encoder_checkpoint} is not a chorus-pretrain run (it has no encoder)")
         encoder = pretrained.encoder.requires_grad_(False)
@@ -137,7 +167,7 @@ class EncoderLatentSource(SemanticSource):
             # the run (the default encoder is 150 MB) nor moved with the model, and dropped once the latents hold its
             # output. Whether they do is saved (a restored run keeps its trained latents); the Python copy spares a
             # device read every step.
-            self._seed_encoder: List[nn.Module] = [encoder.eval()]
+            self._seed_encoder = [encoder.eval()]
             self.register_buffer("latents_seeded", torch.tensor(False))
             self._latents_seeded = False
         else:
@@ -146,9 +176,6 @@ class EncoderLatentSource(SemanticSource):
                 module.requires_grad_(True)
         # A plain dict: the heads are copied into the model's own, not held twice in its state.
         self._heads = dict(pretrained.projector_heads.items())
-        self.metres_per_unit = float(metres_per_unit)
-        self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
-        self._backbone_cache: Optional[tuple] = None  # (the Gaussians' storage, their version, features)
 
     def _after_backbone(self) -> List[nn.Module]:
         return [self.encoder.voxel_proj, self.encoder.point_mlp, self.encoder.head]
@@ -163,6 +190,11 @@ class EncoderLatentSource(SemanticSource):
     @property
     def latent_dim(self) -> int:
         return self._latent_dim
+
+    def adopt_latent_dim(self, width: int) -> None:
+        """The width of the latents a checkpoint holds, which replaces the configured one of a source built without
+        its encoder (see ``__init__``)."""
+        self._latent_dim = int(width)
 
     def gaussian_params(self, num_points: int) -> Dict[str, Parameter]:
         if self.config.adapt != "latents":
@@ -224,6 +256,12 @@ class EncoderLatentSource(SemanticSource):
         if not self._latents_seeded:
             self._latents_seeded = bool(self.latents_seeded)  # a restored run's flag: read once
         if not self._latents_seeded:
+            if not self._seed_encoder:
+                raise FileNotFoundError(
+                    f"The encoder checkpoint {self._missing_checkpoint} does not exist, and this run's latents have "
+                    "not been seeded from it yet: give --pipeline.model.semantic-source.encoder-checkpoint the "
+                    "config.yml of a chorus-pretrain run (its nerfstudio_models/ beside it)."
+                )
             encoder = self._seed_encoder[0].to(latents.device).eval()  # BatchNorm statistics as pretrained
             with torch.no_grad():
                 latents.copy_(encoder(*self._inputs(gauss_params)))

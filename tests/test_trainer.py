@@ -100,6 +100,51 @@ def test_ctrl_c_writes_a_checkpoint_says_how_to_resume_and_the_resumed_run_ends_
     assert [p.name for p in final] == [f"step-{stopped + 10:09d}.ckpt"]
 
 
+def test_a_resumed_run_trains_its_gaussians(scene, tmp_path):
+    """After ``--load-dir`` each per-Gaussian optimizer steps the model's own parameter, with the Adam state the
+    checkpoint saved: nerfstudio builds the optimizers before splatfacto's loading replaces the parameters, which
+    left a resumed run's Gaussians frozen until densification rebound them."""
+    import yaml
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    from splatsem_ns.checkpoints import allow_numpy_scalars_in_checkpoints
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    first = subprocess.run(
+        _ns_train(scene, out, cache, "--max-num-iterations", "4", "--steps-per-save", "4"),
+        capture_output=True, text=True, env=offline_env(), timeout=600,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = out / "t" / "chorus-splat" / "run"
+    saved = torch.load(
+        next((run / "nerfstudio_models").glob("step-*.ckpt")), map_location="cpu", weights_only=False
+    )
+    config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader)
+    config.load_dir = run / "nerfstudio_models"
+    config.max_num_iterations = 8
+    allow_numpy_scalars_in_checkpoints()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    model = trainer.pipeline.model
+    for name in ("means", "opacities", "semantic_latent"):
+        optimizer = trainer.optimizers.optimizers[name]
+        param = model.gauss_params[name]
+        assert optimizer.param_groups[0]["params"] == [param] and trainer.optimizers.parameters[name] == [
+            param
+        ]
+        state = optimizer.state[param]
+        assert state["exp_avg"].shape == param.shape
+        assert int(state["step"]) == int(saved["optimizers"][name]["state"][0]["step"]) > 0
+    before = model.gauss_params["means"].detach().clone()
+    step = trainer._start_step
+    for callback in trainer.callbacks:  # as Trainer.train does before each iteration (splatfacto's step_cb)
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    trainer.train_iteration(step)
+    assert not torch.equal(model.gauss_params["means"].detach(), before), (
+        "the resumed run did not move its Gaussians"
+    )
+
+
 def _bare_trainer(tmp_path: Path, **config) -> ChorusTrainer:
     """A ChorusTrainer without a pipeline: enough for its signal handling and checkpoint writing."""
     trainer = ChorusTrainer.__new__(ChorusTrainer)

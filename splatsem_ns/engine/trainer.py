@@ -104,6 +104,32 @@ class ChorusTrainer(Trainer):
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._after_iteration)
         )
 
+    def _load_checkpoint(self) -> None:
+        super()._load_checkpoint()
+        self._rebind_gaussian_optimizers()
+
+    def _rebind_gaussian_optimizers(self) -> None:
+        """Point each per-Gaussian optimizer at the model's parameter of its name again, with the state it loaded.
+
+        splatfacto's ``load_state_dict`` replaces every Gaussian parameter by a new tensor of the checkpoint's size,
+        but nerfstudio built the optimizers around the old tensors before loading. Left so, a resumed run steps
+        tensors the model no longer uses: its Gaussians stay where the checkpoint left them until densification
+        happens to rebind an optimizer, and past the last densification step they never train again.
+        """
+        params = getattr(self.pipeline.model, "gauss_params", None)
+        if params is None:  # a network (semantic-splat, chorus-pretrain): its weights are loaded in place
+            return
+        for name, param in params.items():
+            optimizer = self.optimizers.optimizers.get(name)
+            if optimizer is None or optimizer.param_groups[0]["params"][0] is param:
+                continue
+            group = optimizer.param_groups[0]
+            stale = group["params"][0]
+            group["params"] = [param]
+            if stale in optimizer.state:
+                optimizer.state[param] = optimizer.state.pop(stale)
+            self.optimizers.parameters[name] = [param]  # what gradient clipping reads
+
     @check_main_thread
     def _remove_config_only_run_folder(self) -> Optional[Path]:
         """Delete the run folder (and the empty folders above it, up to the output folder) when it holds nothing

@@ -50,3 +50,7 @@ def test_fused_relevancy_matches_render_normalise_fold():
 
 def test_relevancy_from_gaussians_matches_the_unfused_path():
     _run("render_relevancy")
+
+
+def test_the_viewers_routed_relevancy_matches_the_unfused_path():
+    _run("viewer_route")

@@ -177,6 +177,64 @@ def check_render_relevancy():
         assert err < 1e-5, err
 
 
+def check_viewer_route():
+    # The query panel's relevancy through the fused rasterizer against the panel's unfused path (latent rendered
+    # by the model, then folded), with a hidden selection, a non-multiple-of-16 view and alpha normalisation.
+    import warnings
+
+    from nerfstudio.cameras.cameras import Cameras, CameraType
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+    from splatsem_ns.teachers.registry import make_teacher_config
+    from splatsem_ns.viewer.query_panel import QuerySnapshot, SemanticQueryPanel
+
+    torch.manual_seed(0)
+    width, height, n = 36, 20, 300
+    spec = TeacherSpec("siglip2", 48, (4, 6), (height, width), True, make_teacher_config("siglip2-b16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ChorusSplatModelConfig(
+            semantic_source=LearnedLatentSourceConfig(latent_dim=16), projector_hidden_dim=64,
+            semantic_alpha_normalize=True,
+        ).setup(
+            scene_box=SceneBox(torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])), num_train_data=1,
+            metadata={TEACHER_SPECS_KEY: {"siglip2": spec}},
+            seed_points=(torch.rand(n, 3) * 2 - 1, torch.full((n, 3), 128, dtype=torch.uint8)),
+        )  # fmt: skip
+    model.gauss_params["scales"].data = torch.log(torch.rand(n, 3) * 0.1 + 0.03)
+    model.gauss_params["semantic_latent"].data = torch.randn(n, 16)
+    model.eval()
+    c2w = torch.eye(4)[:3][None]
+    c2w[0, 2, 3] = 3.0
+    camera = Cameras(camera_to_worlds=c2w, fx=30.0, fy=30.0, cx=width / 2, cy=height / 2, width=width,
+                     height=height, camera_type=CameraType.PERSPECTIVE)  # fmt: skip
+    panel = SemanticQueryPanel([], build_teacher=None, get_model=lambda: model)
+    texts = torch.nn.functional.normalize(torch.randn(3, 48), dim=-1)
+    panel.embed = lambda teacher, phrases, device=None: texts[[{"a": 0, "b": 1, "c": 2}[p] for p in phrases]]
+    snapshot = QuerySnapshot(("a",), ("b", "c"), "siglip2", "relevancy", 0.5, "turbo", ())
+    model.viewer_semantic_scale = 1.0
+    model.hidden_mask = torch.rand(n) < 0.2
+    outputs = model.get_outputs(camera)
+    unfused = panel._answer(model, snapshot, outputs).relevancy  # no camera: the rendered latent, folded
+    folded = FoldedQuery(model.projector_heads["siglip2"], texts[:1], texts[1:])
+    assert model.render_query_relevancy(camera, folded) is not None  # the route is taken here
+    routed = panel._answer(model, snapshot, outputs, camera).relevancy
+    model.viewer_latent_deferred = True  # renders leave the latent out; the route needs none
+    deferred_outputs = model.get_outputs(camera)
+    assert "semantic_latent" not in deferred_outputs
+    deferred = panel._answer(model, snapshot, deferred_outputs, camera).relevancy
+    pca = panel._answer(
+        model, QuerySnapshot((), (), "siglip2", "pca", 0.5, "turbo", ()), deferred_outputs, camera
+    )
+    errors = [(routed - unfused).abs().max().item(), (deferred - unfused).abs().max().item()]
+    print("viewer", errors)
+    assert routed.shape == unfused.shape == (height, width, 1) and max(errors) < 1e-5, errors
+    assert pca.image.shape == (height, width, 3)  # other displays render the latent themselves
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         globals()[f"check_{name}"]()

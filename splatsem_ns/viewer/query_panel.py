@@ -647,9 +647,10 @@ class SemanticQueryPanel(nn.Module):
         a camera it cannot handle still falls back to a latent rendered by the panel)."""
         if self.display.value != "relevancy" or "raster" in _FAILED_PATHS:
             return False
-        head = getattr(model, "projector_heads", {}).get(self.teacher.value)
-        if head is None or not hasattr(model, "query_relevancy_supported"):
+        heads = getattr(model, "projector_heads", {})  # an nn.ModuleDict: no .get
+        if self.teacher.value not in heads or not hasattr(model, "query_relevancy_supported"):
             return False
+        head = heads[self.teacher.value]
         linears = [layer for layer in head.net if isinstance(layer, nn.Linear)]
         device = model.means.device
         # Only the head's shape matters here: a fold of zero texts would do, but FoldedQuery wants one positive.

@@ -9,6 +9,10 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``query@full, folded``: the viewer's full-resolution path: the latent rendered at full resolution and the text
   folded into the head (``models/folded_query.py``), in float32 and in bfloat16; no upsampling anywhere;
 - ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``);
+- ``triton``: the Triton rasterizer (``rendering/triton_rasterizer.py``): the latent render alone, and the fused
+  path that composites each tile's latent in registers and ends in the fold (no latent written); with
+  ``projection+binning only`` (gsplat's projection and tile intersection, which both renders start with) for the
+  breakdown;
 - ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on;
 - ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``;
 - with ``--supersample 1 4``, the teacher-grid paths again with the semantic pass supersampled 4 x 4.
@@ -101,6 +105,60 @@ def time_it(fn, frames: int, warmup: int) -> float:
         sync()
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int):
+    """Rows of the Triton rasterizer, as (name, fn, supersample, relevancy map for the agreement or None); none
+    where it cannot run (no Triton, no GPU, a head it does not take), so the run goes on without them. The
+    relevancy of the latent render is its latent through ``float32_fold``."""
+    try:
+        from splatsem_ns.models.chorus_splat import _MIN_ALPHA, semantic_tile_size
+        from splatsem_ns.rendering.triton_rasterizer import project_and_bin, rasterize_features_triton
+
+        if not model.query_relevancy_supported(fused_fold, cam):
+            print("Triton rasterizer rows skipped: not supported here", flush=True)
+            return []
+    except Exception as err:  # noqa: BLE001 (the other rows do not need it)
+        print(f"Triton rasterizer rows skipped: {type(err).__name__}: {err}", flush=True)
+        return []
+    from nerfstudio.models.splatfacto import get_viewmat
+
+    # The model's full-resolution semantic render (render_semantic_latent at scale 1.0), its inputs fixed once.
+    means, quats = model.means.detach(), model.quats.detach()
+    scales, opacities = torch.exp(model.scales).detach(), torch.sigmoid(model.opacities).squeeze(-1).detach()
+    latent = model.semantic_source(model.gauss_params).detach()
+    viewmat, K = get_viewmat(cam.camera_to_worlds), cam.get_intrinsics_matrices()
+    tile = semantic_tile_size(model.config.semantic_tile_size, W * H)
+    mode = model.config.semantic_rasterize_mode or model.config.rasterize_mode
+    normalize = _MIN_ALPHA if model.config.semantic_alpha_normalize else None
+
+    @torch.no_grad()
+    def binning():
+        return project_and_bin(
+            means, quats, scales, opacities, viewmat, K, W, H, rasterize_mode=mode, tile_size=tile
+        )
+
+    @torch.no_grad()
+    def render_latent():
+        t = binning()
+        out, alpha = rasterize_features_triton(
+            t.means2d, t.conics, t.opacities, latent, t.isect_offsets, t.flatten_ids, W, H, tile
+        )
+        return out / alpha.clamp(min=normalize) if normalize is not None else out
+
+    @torch.no_grad()
+    def query():
+        return model.render_query_relevancy(cam, fused_fold)
+
+    @torch.no_grad()
+    def latent_then_fold():  # the latent render's agreement: its latent through the float32 fold
+        return float32_fold(render_latent()[0])
+
+    return [
+        ("query@full, fused raster+fold (triton)", query, 1, query),
+        ("render latent@full (triton)", render_latent, 1, latent_then_fold),
+        ("projection+binning only", binning, 1, None),
+    ]
 
 
 def main() -> None:
@@ -237,6 +295,20 @@ def main() -> None:
             str(key): float((folded[key](latent_full).float() - reference).abs().max())
             for key in [(torch.bfloat16, False), (torch.bfloat16, True), (torch.bfloat16, "fused")]
         }
+    # The Triton rasterizer's rows go after the fused kernel's, where this run's gsplat rows can be read beside them.
+    triton_paths = triton_rows(
+        model, cam, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H
+    )
+    at = [name for name, _, _ in paths].index("frame+query@full, folded bfloat16")
+    paths[at:at] = [row[:3] for row in triton_paths]
+    try:  # also the first run of the kernels: a failure drops their rows instead of the whole run
+        with torch.no_grad():
+            for name, _, _, check in triton_paths:
+                if check is not None:
+                    agreement[name] = float((check().float() - reference).abs().max())
+    except Exception as err:  # noqa: BLE001
+        print(f"Triton rasterizer rows dropped: {type(err).__name__}: {err}", flush=True)
+        paths = [row for row in paths if row[0] not in {name for name, _, _, _ in triton_paths}]
     print("max |relevancy - float32 fold|:", agreement, flush=True)
     for name, fn, k in paths:
         model.config.semantic_supersample = k
@@ -270,6 +342,10 @@ def main() -> None:
         "| path | ms / frame (median) | frames / s |",
         "|---|---|---|",
         *[f"| {k} | {v['ms']} | {v['fps']} |" for k, v in rows.items()],
+        "",
+        "Max |relevancy - float32 fold of the gsplat latent| over the frame (relevancy in [0, 1]):",
+        "",
+        *[f"- {k}: {v:.3g}" for k, v in agreement.items()],
     ]
     write_markdown(args.out / "query_speed.md", lines)
 

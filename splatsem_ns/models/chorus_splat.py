@@ -29,6 +29,7 @@ from torch.nn import Parameter
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.models.finite_guard import NonFiniteWatch
+from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
     ProjectorHead,
     copy_matching_heads,
@@ -40,6 +41,11 @@ from splatsem_ns.models.optional_lpips import NaNMetric, optional_lpips
 from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig, SemanticSourceConfig
 from splatsem_ns.models.smoothness import voxel_consensus_loss
 from splatsem_ns.rendering import rasterize_gaussians
+from splatsem_ns.rendering.triton_rasterizer import (
+    fold_operands_for,
+    render_relevancy,
+    triton_raster_available,
+)
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
 
 
@@ -230,6 +236,9 @@ class ChorusSplatModel(SplatfactoModel):
         # viewer_semantic_scale: resolution of the semantic render in eval-mode renders while the query panel is in
         # use (1.0: full resolution, so relevancy is not upsampled from a coarse grid); None: training's.
         self.viewer_semantic_scale: Optional[float] = None
+        # viewer_latent_deferred: eval-mode renders leave ``semantic_latent`` out, because the query panel renders
+        # its relevancy straight from the Gaussians (``render_query_relevancy``) and would not read it.
+        self.viewer_latent_deferred: bool = False
         self.highlight_color: Tuple[float, float, float] = (1.0, 0.85, 0.0)
 
     def _initial_semantic_scale(self, specs: Mapping[str, TeacherSpec]) -> float:
@@ -292,12 +301,7 @@ class ChorusSplatModel(SplatfactoModel):
         else:
             camera_to_world = camera.camera_to_worlds
 
-        crop_ids = None
-        if self.crop_box is not None and not self.training:
-            crop_ids = self.crop_box.within(self.means).squeeze()
-        hidden = self._display_mask(self.hidden_mask)  # viewer display state
-        if hidden is not None:
-            crop_ids = ~hidden if crop_ids is None else crop_ids & ~hidden
+        crop_ids = self._visible_ids()
         if crop_ids is not None and crop_ids.sum() == 0:
             return self.get_empty_outputs(
                 int(camera.width.item()), int(camera.height.item()), self.background_color
@@ -381,7 +385,8 @@ class ChorusSplatModel(SplatfactoModel):
             "accumulation": alpha.squeeze(0),
             "background": background,
         }
-        if self.projector_heads and (not self.training or self.is_semantic_step(self.step)):
+        deferred = not self.training and self.viewer_latent_deferred
+        if self.projector_heads and (not self.training or self.is_semantic_step(self.step)) and not deferred:
             # Distilled at the render's resolution, training keeps the supersampled render whole.
             pool = not (self.training and self.config.distill_at == "render")
             outputs["semantic_latent"] = self._render_semantic_latent(
@@ -407,6 +412,101 @@ class ChorusSplatModel(SplatfactoModel):
     def is_semantic_step(self, step: int) -> bool:
         """Whether training step ``step`` runs the semantic half (see ``semantic_every``)."""
         return step % max(1, self.config.semantic_every) == 0
+
+    def _visible_ids(self) -> Optional[Tensor]:
+        """The Gaussians an eval-mode render draws (crop box and the viewer's hidden mask), or None for all."""
+        crop_ids = None
+        if self.crop_box is not None and not self.training:
+            crop_ids = self.crop_box.within(self.means).squeeze()
+        hidden = self._display_mask(self.hidden_mask)  # viewer display state
+        if hidden is not None:
+            crop_ids = ~hidden if crop_ids is None else crop_ids & ~hidden
+        return crop_ids
+
+    def _viewer_semantic_inputs(self, camera: Cameras) -> Optional[Dict]:
+        """What an eval-mode render passes to ``_render_semantic_latent`` (visible Gaussians, camera, scale), or
+        None when nothing is visible."""
+        camera = camera.to(self.device)
+        ids = self._visible_ids()
+        if ids is not None and ids.sum() == 0:
+            return None
+        params = {k: (v[ids] if ids is not None else v) for k, v in self.gauss_params.items()}
+        latent = self.semantic_source(self.gauss_params)
+        return {
+            "means": params["means"].detach(),
+            "quats": params["quats"].detach(),
+            "scales": torch.exp(params["scales"]).detach(),
+            "opacities": torch.sigmoid(params["opacities"]).squeeze(-1).detach(),
+            "latent": (latent[ids] if ids is not None else latent).detach(),
+            "viewmat": get_viewmat(camera.camera_to_worlds),
+            "K": camera.get_intrinsics_matrices().to(self.device),
+            "width": int(camera.width.item()),
+            "height": int(camera.height.item()),
+            "scale": self._semantic_scale
+            if self.viewer_semantic_scale is None
+            else self.viewer_semantic_scale,
+        }
+
+    @torch.no_grad()
+    def render_viewer_latent(self, camera: Cameras) -> Optional[Float[Tensor, "h w D"]]:
+        """The ``semantic_latent`` an eval-mode ``get_outputs`` gives (same Gaussians, same resolution), or None
+        when nothing is visible: for the viewer's hooks when ``viewer_latent_deferred`` left it out."""
+        inputs = self._viewer_semantic_inputs(camera)
+        if inputs is None:
+            return None
+        return self._render_semantic_latent(
+            inputs["means"], inputs["quats"], inputs["scales"], inputs["opacities"], inputs["latent"],
+            inputs["viewmat"], inputs["K"], inputs["width"], inputs["height"], inputs["scale"],
+        )  # fmt: skip
+
+    def query_relevancy_supported(self, folded: FoldedQuery, camera: Optional[Cameras] = None) -> bool:
+        """Whether ``render_query_relevancy`` can answer ``folded`` here (see there); with ``camera``, also for
+        that camera's resolution."""
+        if not triton_raster_available(self.device) or len(folded.front_weights) != 1:
+            return False
+        if folded.front_weights[0].shape[1] % 64:  # the relevancy epilogue's block of hidden units
+            return False
+        if camera is None:
+            return True
+        inputs_scale = (
+            self._semantic_scale if self.viewer_semantic_scale is None else self.viewer_semantic_scale
+        )
+        width, height = int(camera.width.item()), int(camera.height.item())
+        w, h = _scaled_size(width, inputs_scale), _scaled_size(height, inputs_scale)
+        budget = int(math.sqrt(self.config.semantic_max_pixels / (w * h)))
+        k = max(1, min(self.config.semantic_supersample, width // w, height // h, budget))
+        tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
+        # Supersampled renders are pooled before the query; the kernel's tiles are powers of two of >= 16 pixels.
+        return k == 1 and tile >= 4 and not tile & (tile - 1)
+
+    @torch.no_grad()
+    def render_query_relevancy(
+        self, camera: Cameras, folded: FoldedQuery
+    ) -> Optional[Float[Tensor, "h w P"]]:
+        """The relevancy of ``folded`` over the semantic latent an eval-mode render gives (same Gaussians, same
+        resolution, same normalisation), computed by one Triton kernel per frame that never writes the latent
+        (``rendering/triton_rasterizer.py``). None where that path cannot run (no Triton or CUDA, a head with
+        other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent."""
+        if not self.query_relevancy_supported(folded, camera):
+            return None
+        inputs = self._viewer_semantic_inputs(camera)
+        if inputs is None:
+            return None
+        width, height, scale = inputs["width"], inputs["height"], inputs["scale"]
+        w, h = _scaled_size(width, scale), _scaled_size(height, scale)
+        latent = inputs["latent"]
+        precision = "fp16" if folded.fold.dtype in (torch.float16, torch.bfloat16) else "ieee"
+        relevancy = render_relevancy(
+            inputs["means"], inputs["quats"], inputs["scales"], inputs["opacities"], latent,
+            inputs["viewmat"], _scale_intrinsics(inputs["K"], (w / width, h / height)), w, h,
+            fold_operands_for(folded, latent.shape[-1]),
+            normalize_min_alpha=_MIN_ALPHA if self.config.semantic_alpha_normalize else None,
+            rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
+            tile_size=semantic_tile_size(self.config.semantic_tile_size, w * h),
+            backend="torch" if self.config.rasterizer_backend == "torch" else "auto",
+            precision=precision,
+        )  # fmt: skip
+        return relevancy[0]
 
     def _display_mask(self, mask: Optional[Tensor]) -> Optional[Tensor]:
         """A viewer mask that applies to this render: eval mode only, and only while it still matches the

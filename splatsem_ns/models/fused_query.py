@@ -13,7 +13,8 @@ against the eager fold.
 
 from __future__ import annotations
 
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from jaxtyping import Float
@@ -35,8 +36,50 @@ def fused_available(latent: Tensor, front_weights: List[Tensor]) -> bool:
     return latent.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_relevancy(
-    latent: Float[Tensor, "*batch D"],
+@dataclass
+class FoldOperands:
+    """A folded query laid out for the Triton kernels: ``fused_relevancy``'s and the fused rasterizer's
+    (``rendering/triton_rasterizer.py``), which both evaluate it through ``_relevancy_block``."""
+
+    front_weight: Float[Tensor, "D H"]
+    """The head's first layer, transposed for ``x @ W`` (compute dtype); D may be zero-padded."""
+    front_bias: Float[Tensor, " H"]
+    """float32."""
+    query_part: Float[Tensor, "H PQ"]
+    """``W^T q`` zero-padded to PQ = max(16, next power of two of Q) columns (compute dtype)."""
+    gram: Float[Tensor, "H H"]
+    """``W^T W`` (compute dtype)."""
+    gram_bias: Float[Tensor, " H"]
+    """``W^T b``, float32."""
+    query_bias: Float[Tensor, " Q"]
+    """``q . b``, float32."""
+    bias_norm: Float[Tensor, "1"]
+    """``|b|^2``, float32, as a tensor: reading it as a Python number would wait for the GPU."""
+    num_positives: int
+    temperature: float
+
+    @property
+    def channels(self) -> int:
+        return self.front_weight.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.front_weight.shape[1]
+
+    @property
+    def queries(self) -> int:
+        return self.query_bias.shape[0]
+
+    @property
+    def padded_queries(self) -> int:
+        return self.query_part.shape[1]
+
+
+BLOCK_HIDDEN = 64
+"""Hidden units per ``tl.dot`` block of the relevancy math; the head's hidden width must be a multiple of it."""
+
+
+def fold_operands(
     front_weights: List[Tensor],
     front_biases: List[Tensor],
     fold: Float[Tensor, "H K"],
@@ -44,13 +87,11 @@ def fused_relevancy(
     bias_norm: Float[Tensor, ""],
     num_positives: int,
     temperature: float,
-) -> Float[Tensor, "*batch P"]:
-    """LERF relevancy of every latent: ``folded_query.folded_relevancy``'s arguments and numbers, for a head with one
-    hidden layer (``front_weights`` holds its ``[D, H]`` weight; ``fold`` is ``[W^T q | G | W^T b]``)."""
+    channels: Optional[int] = None,
+) -> FoldOperands:
+    """The kernels' operands of a folded query (``FoldedQuery``'s terms, a head with one hidden layer).
+    ``channels`` zero-pads the first layer to that latent width (a latent padded with zero channels)."""
     (front_weight,), (front_bias,) = front_weights, front_biases
-    batch_shape = latent.shape[:-1]
-    flat = latent.reshape(-1, latent.shape[-1]).contiguous()
-    rows, channels = flat.shape
     hidden = front_weight.shape[1]
     queries = query_bias.shape[0]
     if fold.shape != (hidden, queries + hidden + 1):
@@ -63,33 +104,67 @@ def fused_relevancy(
     padded_queries = max(16, triton.next_power_of_2(queries))  # tl.dot's smallest tile
     query_part = torch.zeros(hidden, padded_queries, dtype=dtype, device=fold.device)
     query_part[:, :queries] = fold[:, :queries].to(dtype)
-    gram = fold[:, queries : queries + hidden].to(dtype).contiguous()
-    gram_bias = fold[:, -1].float().contiguous()
+    width = front_weight.shape[0] if channels is None else channels
+    if width < front_weight.shape[0]:
+        raise ValueError(f"cannot pad a {front_weight.shape[0]}-channel head to {width} channels")
+    weight = torch.zeros(width, hidden, dtype=dtype, device=front_weight.device)
+    weight[: front_weight.shape[0]] = front_weight.to(dtype)
+    if hidden % BLOCK_HIDDEN or width < 16 or width & (width - 1):
+        raise ValueError(f"the fused query needs hidden % {BLOCK_HIDDEN} == 0 and a power-of-two latent width "
+                         f">= 16 (got {hidden}, {width})")  # fmt: skip
+    return FoldOperands(
+        front_weight=weight,
+        front_bias=front_bias.float().contiguous(),
+        query_part=query_part,
+        gram=fold[:, queries : queries + hidden].to(dtype).contiguous(),
+        gram_bias=fold[:, -1].float().contiguous(),
+        query_bias=query_bias.float().contiguous(),
+        bias_norm=bias_norm.float().reshape(1),
+        num_positives=num_positives,
+        temperature=float(temperature),
+    )
+
+
+def fused_relevancy(
+    latent: Float[Tensor, "*batch D"],
+    front_weights: List[Tensor],
+    front_biases: List[Tensor],
+    fold: Float[Tensor, "H K"],
+    query_bias: Float[Tensor, " Q"],
+    bias_norm: Float[Tensor, ""],
+    num_positives: int,
+    temperature: float,
+) -> Float[Tensor, "*batch P"]:
+    """LERF relevancy of every latent: ``folded_query.folded_relevancy``'s arguments and numbers, for a head with one
+    hidden layer (``front_weights`` holds its ``[D, H]`` weight; ``fold`` is ``[W^T q | G | W^T b]``)."""
+    ops = fold_operands(front_weights, front_biases, fold, query_bias, bias_norm, num_positives, temperature)
+    batch_shape = latent.shape[:-1]
+    flat = latent.reshape(-1, latent.shape[-1]).contiguous()
+    rows = flat.shape[0]
+    if flat.shape[1] != ops.channels:
+        raise ValueError(f"latent has {flat.shape[1]} channels, the head takes {ops.channels}")
     out = torch.empty(rows, num_positives, dtype=torch.float32, device=flat.device)
-    block_rows, block_hidden = 64, 64
-    if hidden % block_hidden or channels < 16 or channels & (channels - 1):
-        raise ValueError(f"the fused query needs hidden % 64 == 0 and a power-of-two latent width >= 16 "
-                         f"(got {hidden}, {channels})")  # fmt: skip
+    block_rows = 64
     grid = (triton.cdiv(rows, block_rows),)
     _relevancy_kernel[grid](
         flat,
-        front_weight.to(dtype).contiguous(),
-        front_bias.float().contiguous(),
-        query_part,
-        gram,
-        gram_bias,
-        query_bias.float().contiguous(),
-        bias_norm.float().reshape(1),  # a pointer, not a Python number: reading it would wait for the GPU
+        ops.front_weight,
+        ops.front_bias,
+        ops.query_part,
+        ops.gram,
+        ops.gram_bias,
+        ops.query_bias,
+        ops.bias_norm,
         out,
         rows,
-        float(temperature),
-        CHANNELS=channels,
-        HIDDEN=hidden,
-        QUERIES=queries,
-        PADDED_QUERIES=padded_queries,
+        ops.temperature,
+        CHANNELS=ops.channels,
+        HIDDEN=ops.hidden,
+        QUERIES=ops.queries,
+        PADDED_QUERIES=ops.padded_queries,
         POSITIVES=num_positives,
         BLOCK_ROWS=block_rows,
-        BLOCK_HIDDEN=block_hidden,
+        BLOCK_HIDDEN=BLOCK_HIDDEN,
     )
     return out.reshape(*batch_shape, num_positives)
 
@@ -97,8 +172,8 @@ def fused_relevancy(
 if triton is not None:
 
     @triton.jit
-    def _relevancy_kernel(
-        latent_ptr,  # [M, CHANNELS] float32
+    def _relevancy_block(
+        x,  # [BLOCK_ROWS, CHANNELS] latents, in registers (any float dtype)
         weight_ptr,  # [CHANNELS, HIDDEN] compute dtype (W1^T)
         bias_ptr,  # [HIDDEN] float32
         query_ptr,  # [HIDDEN, PADDED_QUERIES] compute dtype (W^T q, zero-padded)
@@ -106,25 +181,21 @@ if triton is not None:
         gram_bias_ptr,  # [HIDDEN] float32 (W^T b)
         query_bias_ptr,  # [QUERIES] float32 (q . b)
         bias_norm_ptr,  # [1] float32: |b|^2
-        out_ptr,  # [M, POSITIVES] float32
-        rows,
         temperature,
         CHANNELS: tl.constexpr,
         HIDDEN: tl.constexpr,
         QUERIES: tl.constexpr,
         PADDED_QUERIES: tl.constexpr,
         POSITIVES: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr,
         BLOCK_HIDDEN: tl.constexpr,
     ):
-        row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        live = row < rows
-        channel = tl.arange(0, CHANNELS)
-        x = tl.load(latent_ptr + row[:, None] * CHANNELS + channel[None, :], mask=live[:, None], other=0.0)
+        """Relevancy [BLOCK_ROWS, PADDED_QUERIES] of a block of latents (columns >= POSITIVES are padding); the
+        whole folded query, so every kernel that ends in relevancy shares one copy of the math."""
         x = x.to(weight_ptr.dtype.element_ty)
+        channel = tl.arange(0, CHANNELS)
         column = tl.arange(0, PADDED_QUERIES)
-        dots = tl.zeros((BLOCK_ROWS, PADDED_QUERIES), dtype=tl.float32)
-        norm2 = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+        dots = tl.zeros((x.shape[0], PADDED_QUERIES), dtype=tl.float32)
+        norm2 = tl.zeros((x.shape[0],), dtype=tl.float32)
         # Pass 1: the hidden activations chunk by chunk, for the query dots and the bias term of the norm.
         for start in range(0, HIDDEN, BLOCK_HIDDEN):
             unit = start + tl.arange(0, BLOCK_HIDDEN)
@@ -140,7 +211,7 @@ if triton is not None:
             out_unit = out_start + tl.arange(0, BLOCK_HIDDEN)
             w_out = tl.load(weight_ptr + channel[:, None] * HIDDEN + out_unit[None, :])
             h_out = tl.maximum(tl.dot(x, w_out) + tl.load(bias_ptr + out_unit)[None, :], 0.0)
-            g = tl.zeros((BLOCK_ROWS, BLOCK_HIDDEN), dtype=tl.float32)
+            g = tl.zeros((x.shape[0], BLOCK_HIDDEN), dtype=tl.float32)
             for start in range(0, HIDDEN, BLOCK_HIDDEN):
                 unit = start + tl.arange(0, BLOCK_HIDDEN)
                 w = tl.load(weight_ptr + channel[:, None] * HIDDEN + unit[None, :])
@@ -156,8 +227,52 @@ if triton is not None:
         if QUERIES > POSITIVES:
             hardest = tl.max(tl.where(negative[None, :], cosine, -float("inf")), axis=1)
         else:
-            hardest = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-        relevancy = tl.sigmoid(temperature * (cosine - hardest[:, None]))
+            hardest = tl.zeros((x.shape[0],), dtype=tl.float32)
+        return tl.sigmoid(temperature * (cosine - hardest[:, None]))
+
+    @triton.jit
+    def _relevancy_kernel(
+        latent_ptr,  # [M, CHANNELS] float32
+        weight_ptr,
+        bias_ptr,
+        query_ptr,
+        gram_ptr,
+        gram_bias_ptr,
+        query_bias_ptr,
+        bias_norm_ptr,
+        out_ptr,  # [M, POSITIVES] float32
+        rows,
+        temperature,
+        CHANNELS: tl.constexpr,
+        HIDDEN: tl.constexpr,
+        QUERIES: tl.constexpr,
+        PADDED_QUERIES: tl.constexpr,
+        POSITIVES: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_HIDDEN: tl.constexpr,
+    ):
+        row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        live = row < rows
+        channel = tl.arange(0, CHANNELS)
+        x = tl.load(latent_ptr + row[:, None] * CHANNELS + channel[None, :], mask=live[:, None], other=0.0)
+        relevancy = _relevancy_block(
+            x,
+            weight_ptr,
+            bias_ptr,
+            query_ptr,
+            gram_ptr,
+            gram_bias_ptr,
+            query_bias_ptr,
+            bias_norm_ptr,
+            temperature,
+            CHANNELS,
+            HIDDEN,
+            QUERIES,
+            PADDED_QUERIES,
+            POSITIVES,
+            BLOCK_HIDDEN,
+        )
+        column = tl.arange(0, PADDED_QUERIES)
         tl.store(
             out_ptr + row[:, None] * POSITIVES + column[None, :],
             relevancy,

@@ -76,6 +76,10 @@ CLICK_RENDER_HEIGHT = 256
 """Height of the latent render used to read the clicked pixel's feature (width follows the view's aspect)."""
 
 
+_FAILED_PATHS: set = set()
+"""Fast paths ("raster": the fused relevancy rasterizer) that failed in this process and are not tried again."""
+
+
 class QueryError(ValueError):
     """A query that cannot be answered as set (e.g. a teacher without a text encoder); shown in the panel."""
 
@@ -368,7 +372,7 @@ class SemanticQueryPanel(nn.Module):
                     # Once the panel is in use, keep the key while the query is being typed, so the viewer
                     # does not fall back to another output.
                     return {QUERY_OUTPUT: outputs["rgb"]} if self._touched else {}
-                result = self._answer(model, snapshot, outputs)
+                result = self._answer(model, snapshot, outputs, camera)
         except IOChangeException:  # the viewer interrupting a render
             raise
         except Exception as err:  # noqa: BLE001 (a bad query must not stop the viewer)
@@ -381,8 +385,10 @@ class SemanticQueryPanel(nn.Module):
                 out[RELEVANCY_OUTPUT.format(text)] = result.relevancy[..., i : i + 1]
         return out
 
-    def _answer(self, model: nn.Module, snapshot: QuerySnapshot, outputs: Dict) -> QueryResult:
-        if "semantic_latent" not in outputs:
+    def _answer(
+        self, model: nn.Module, snapshot: QuerySnapshot, outputs: Dict, camera: Optional[Cameras] = None
+    ) -> QueryResult:
+        if "semantic_latent" not in outputs and not getattr(model, "viewer_latent_deferred", False):
             raise QueryError("this model renders no semantic latent (it was trained without teachers).")
         if snapshot.teacher not in model.projector_heads:
             raise QueryError(
@@ -407,9 +413,26 @@ class SemanticQueryPanel(nn.Module):
                 compiled=rgb.is_cuda,
                 fused=rgb.is_cuda,
             )
-            relevancy = resize_feature_map(folded(outputs["semantic_latent"]), size)
+            # Faster still, the latent is not rendered at all: one Triton kernel per frame composites each tile's
+            # latent in registers and ends in this fold (rendering/triton_rasterizer.py). Where it cannot run, the
+            # rendered latent through the fold above.
+            relevancy = None
+            if (
+                camera is not None
+                and hasattr(model, "render_query_relevancy")
+                and "raster" not in _FAILED_PATHS
+            ):
+                try:
+                    relevancy = model.render_query_relevancy(camera, folded)
+                except Exception as err:  # noqa: BLE001 (the fold below gives the same map)
+                    _FAILED_PATHS.add("raster")
+                    CONSOLE.print(f"[yellow]The fused relevancy rasterizer failed ({type(err).__name__}: {err}); "
+                                  "folding the rendered latent instead.")  # fmt: skip
+            if relevancy is None:
+                relevancy = folded(self._latent(model, camera, outputs))
+            relevancy = resize_feature_map(relevancy, size)
             return self._relevancy_result(snapshot, rgb, alpha, relevancy)
-        features = model.decode_features(outputs["semantic_latent"], snapshot.teacher)  # [h, w, C]
+        features = model.decode_features(self._latent(model, camera, outputs), snapshot.teacher)  # [h, w, C]
         if snapshot.mode == "pca":
             colours = resize_feature_map(self._pca_projection(model, snapshot.teacher)(features), size)
             return QueryResult(snapshot, colours * alpha + rgb * (1.0 - alpha))
@@ -420,6 +443,16 @@ class SemanticQueryPanel(nn.Module):
             palette = segmentation_palette(len(snapshot.classes), device=rgb.device)
             return QueryResult(snapshot, blend_labels(rgb, labels, palette, 0.6 * alpha), segmentation=labels)
         raise QueryError(f"unknown display '{snapshot.mode}'")
+
+    @staticmethod
+    def _latent(model: nn.Module, camera: Optional[Cameras], outputs: Dict) -> Tensor:
+        """The render's latent; rendered here when the model left it out for the fused relevancy path."""
+        latent = outputs.get("semantic_latent")
+        if latent is None and camera is not None:
+            latent = model.render_viewer_latent(camera)
+        if latent is None:
+            raise QueryError("nothing visible to query.")
+        return latent
 
     def _relevancy_result(
         self, snapshot: QuerySnapshot, rgb: Tensor, alpha: Tensor, relevancy: Tensor
@@ -605,6 +638,25 @@ class SemanticQueryPanel(nn.Module):
             return
         wanted = self.full_resolution.value and self._touched and not self._suspended
         model.viewer_semantic_scale = 1.0 if wanted else None
+        if hasattr(model, "viewer_latent_deferred"):
+            # Relevancy straight from the Gaussians needs no rendered latent: the model skips it in those renders.
+            model.viewer_latent_deferred = wanted and self._relevancy_from_gaussians(model)
+
+    def _relevancy_from_gaussians(self, model: nn.Module) -> bool:
+        """Whether the current query's relevancy can come from ``model.render_query_relevancy`` (for any camera;
+        a camera it cannot handle still falls back to a latent rendered by the panel)."""
+        if self.display.value != "relevancy" or "raster" in _FAILED_PATHS:
+            return False
+        heads = getattr(model, "projector_heads", {})  # an nn.ModuleDict: no .get
+        if self.teacher.value not in heads or not hasattr(model, "query_relevancy_supported"):
+            return False
+        head = heads[self.teacher.value]
+        linears = [layer for layer in head.net if isinstance(layer, nn.Linear)]
+        device = model.means.device
+        # Only the head's shape matters here: a fold of zero texts would do, but FoldedQuery wants one positive.
+        probe = FoldedQuery(head, torch.zeros(1, linears[-1].out_features, device=device),
+                            torch.zeros(0, linears[-1].out_features, device=device))  # fmt: skip
+        return bool(model.query_relevancy_supported(probe))
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -678,15 +730,20 @@ class SemanticQueryPanel(nn.Module):
         # At training's semantic scale, as the click similarity was tuned: the full-resolution render's single
         # pixel is a noisier sample of its object than the pooled one (recall fell from 0.57 to 0.30).
         scale = getattr(model, "viewer_semantic_scale", None)
+        deferred = getattr(model, "viewer_latent_deferred", False)
         model.eval()
         try:
             if scale is not None:
                 model.viewer_semantic_scale = None
+            if deferred:  # the click reads the rendered latent
+                model.viewer_latent_deferred = False
             outputs = model.get_outputs_for_camera(camera.to(model.device))
         finally:
             self._clicking = False
             if scale is not None:
                 model.viewer_semantic_scale = scale
+            if deferred:
+                model.viewer_latent_deferred = True
             model.train(was_training)
         latent, alpha = outputs.get("semantic_latent"), outputs["accumulation"]
         if latent is None:

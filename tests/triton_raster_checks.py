@@ -1,0 +1,241 @@
+"""Checks of the Triton rasterizer under Triton's CPU interpreter, one per command-line name.
+
+Run by ``test_triton_rasterizer.py`` in subprocesses: the interpreter must be switched on before Triton's kernels
+are defined, which a pytest process that imported them already cannot do.
+"""
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU interpreter: the kernels' arithmetic, without a GPU
+
+import torch  # noqa: E402
+
+from splatsem_ns.models.folded_query import FoldedQuery  # noqa: E402
+from splatsem_ns.models.heads import ProjectorHead  # noqa: E402
+from splatsem_ns.rendering.torch_rasterizer import rasterize_gaussians_torch  # noqa: E402
+from splatsem_ns.rendering.triton_rasterizer import (  # noqa: E402
+    fold_operands_for,
+    rasterize_features_triton,
+    rasterize_relevancy_triton,
+    render_relevancy,
+)
+
+EXACT = 2e-5
+"""Tolerance of the float32 ("ieee") path against the PyTorch rasterizer: only the grouping of products differs."""
+
+
+def scene(n, width, height, cameras=1, opacity=(0.05, 0.95), spread=1.0, scale=(0.02, 0.2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) - 0.5) * torch.tensor([3.0, 2.0, 1.0]) * spread
+    means[:, 2] += 4.0
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.rand(n, 3, generator=g) * (scale[1] - scale[0]) + scale[0]
+    opacities = torch.rand(n, generator=g) * (opacity[1] - opacity[0]) + opacity[0]
+    viewmats = torch.eye(4).repeat(cameras, 1, 1)
+    viewmats[:, 0, 3] = torch.linspace(0, 0.3, cameras)  # cameras side by side
+    f = 0.9 * width
+    Ks = torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]]).repeat(cameras, 1, 1)
+    return means, quats, scales, opacities, viewmats, Ks
+
+
+def compare(n, width, height, channels=20, cameras=1, per_camera=False, precision="ieee", block=32, tile=16,
+            **kwargs):  # fmt: skip
+    means, quats, scales, opacities, viewmats, Ks = scene(n, width, height, cameras, **kwargs)
+    shape = (cameras, n, channels) if per_camera else (n, channels)
+    features = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ref, ref_alpha, info = rasterize_gaussians_torch(
+        means, quats, scales, opacities, features, viewmats, Ks, width, height, tile_size=tile
+    )
+    out, alpha = rasterize_features_triton(
+        info["means2d"], info["conics"], info["opacities"], features, info["isect_offsets"], info["flatten_ids"],
+        width, height, tile, precision=precision, block_gaussians=block,
+    )  # fmt: skip
+    assert out.shape == ref.shape and alpha.shape == ref_alpha.shape, (out.shape, ref.shape)
+    counts = torch.diff(
+        info["isect_offsets"].reshape(-1).long(), append=torch.tensor([info["flatten_ids"].numel()])
+    )
+    return (out - ref).abs().max().item(), (alpha - ref_alpha).abs().max().item(), ref_alpha, counts, features
+
+
+def check_random_scenes():
+    for width, height, cameras, per_camera in [(40, 24, 1, False), (33, 17, 2, True), (64, 48, 1, False)]:
+        err, err_alpha, ref_alpha, counts, _ = compare(
+            300, width, height, cameras=cameras, per_camera=per_camera
+        )
+        print(width, height, cameras, err, err_alpha, int(counts.max()))
+        assert err < EXACT and err_alpha < EXACT, (err, err_alpha)
+        assert ref_alpha.max() > 0.5  # something was drawn
+
+
+def check_empty_tiles():
+    # Everything in one corner: most tiles have no Gaussian; and a scene with nothing in front of the camera.
+    err, err_alpha, ref_alpha, counts, _ = compare(60, 64, 48, spread=0.2, scale=(0.01, 0.03))
+    assert (counts == 0).sum() >= 4 and err < EXACT and err_alpha < EXACT, (counts, err, err_alpha)
+    means, quats, scales, opacities, viewmats, Ks = scene(30, 40, 24)
+    means[:, 2] = -4.0  # behind the camera
+    _, _, info = rasterize_gaussians_torch(
+        means, quats, scales, opacities, torch.randn(30, 16), viewmats, Ks, 40, 24
+    )
+    out, alpha = rasterize_features_triton(
+        info["means2d"], info["conics"], info["opacities"], torch.randn(30, 16), info["isect_offsets"],
+        info["flatten_ids"], 40, 24,
+    )  # fmt: skip
+    assert info["flatten_ids"].numel() == 0 and out.abs().max() == 0 and alpha.abs().max() == 0
+
+
+def check_early_termination():
+    # Opaque, large Gaussians stacked over every tile: pixels finish after a few of them, within and across blocks;
+    # some opacities are above the 0.999 clamp.
+    for block in (16, 32):
+        err, err_alpha, ref_alpha, counts, _ = compare(
+            600, 40, 24, opacity=(0.95, 1.0), scale=(0.2, 0.4), spread=2.0, block=block
+        )
+        print("opaque", block, err, err_alpha, float(ref_alpha.min()), int(counts.min()))
+        assert err < EXACT and err_alpha < EXACT, (err, err_alpha)
+        # Every tile holds several blocks, and nearly every pixel ends (T <= 1e-2) long before its tile's last.
+        assert counts.min() > 2 * block and (1 - ref_alpha < 1e-2).float().mean() > 0.9
+
+
+def check_faint_gaussians():
+    # Opacities around 1/255: many contributions are skipped, the others are tiny.
+    err, err_alpha, ref_alpha, _, _ = compare(300, 40, 24, opacity=(0.002, 0.008), scale=(0.1, 0.3))
+    print("faint", err, err_alpha, float(ref_alpha.max()))
+    assert 0 < ref_alpha.max() < 0.9
+    assert err < 1e-6 and err_alpha < 1e-6, (err, err_alpha)
+
+
+def check_blocks_and_tiles():
+    # Many Gaussians per tile (several blocks each), smaller blocks and tiles, a feature width already a power of two.
+    for block, tile, channels in [(16, 16, 32), (64, 8, 16), (32, 4, 20)]:
+        err, err_alpha, _, counts, _ = compare(300, 40, 24, channels=channels, block=block, tile=tile)
+        print("blocks", block, tile, err, err_alpha, int(counts.max()))
+        assert counts.max() > 2 * block and err < EXACT and err_alpha < EXACT, (err, err_alpha)
+
+
+def check_half_precision():
+    # float16 products: each weight and feature rounded to 11 significant bits, so the error of a sum of weights
+    # <= 1 is below 2^-10 of the largest feature; float32 accumulation adds nothing visible at this size.
+    for precision in ("fp16", "tf32"):
+        err, err_alpha, _, _, features = compare(300, 40, 24, channels=32, precision=precision)
+        print(precision, err, err_alpha)
+        bound = 2.0**-10 * float(features.abs().max())
+        assert err < bound and err_alpha < EXACT, (err, bound)
+
+
+def _fold(dtype, positives=1, negatives=4, latent=20):
+    torch.manual_seed(3)
+    head = ProjectorHead(latent, 48, 128, 2)
+    texts = torch.nn.functional.normalize(torch.randn(positives + negatives, 48), dim=-1)
+    return FoldedQuery(head, texts[:positives], texts[positives:], compute_dtype=dtype)
+
+
+def check_fused_relevancy():
+    # The fused kernel against the unfused path: latent render -> normalisation -> folded relevancy.
+    width, height, n, channels = 40, 24, 300, 20
+    means, quats, scales, opacities, viewmats, Ks = scene(n, width, height, cameras=2)
+    features = torch.randn(n, channels, generator=torch.Generator().manual_seed(1))
+    latent, alpha, info = rasterize_gaussians_torch(
+        means, quats, scales, opacities, features, viewmats, Ks, width, height
+    )
+    for dtype, precision, normalize, positives, negatives, tolerance in [
+        (torch.float32, "ieee", None, 1, 4, 1e-5),
+        (torch.float32, "ieee", 1e-3, 2, 4, 1e-5),
+        (torch.float32, "ieee", 1e-3, 2, 0, 1e-5),
+        (torch.bfloat16, "fp16", 1e-3, 1, 4, 5e-3),
+    ]:
+        folded = _fold(dtype, positives, negatives, channels)
+        reference = _fold(torch.float32, positives, negatives, channels)
+        expected = reference(latent if normalize is None else latent / alpha.clamp(min=normalize))
+        got = rasterize_relevancy_triton(
+            info["means2d"], info["conics"], info["opacities"], features, info["isect_offsets"], info["flatten_ids"],
+            width, height, fold_operands_for(folded, channels), normalize_min_alpha=normalize, precision=precision,
+        )  # fmt: skip
+        err = (got - expected).abs().max().item()
+        print("fused", dtype, normalize, positives, negatives, err)
+        assert got.shape == expected.shape and err < tolerance, (got.shape, expected.shape, err)
+
+
+def check_render_relevancy():
+    # The whole path from 3D Gaussians (the PyTorch rasterizer's projection and binning here), both modes.
+    width, height, n, channels = 33, 20, 200, 16
+    means, quats, scales, opacities, viewmats, Ks = scene(n, width, height)
+    features = torch.randn(n, channels, generator=torch.Generator().manual_seed(1))
+    folded = _fold(torch.float32, latent=channels)
+    for mode in ("classic", "antialiased"):
+        latent, alpha, _ = rasterize_gaussians_torch(
+            means, quats, scales, opacities, features, viewmats, Ks, width, height, rasterize_mode=mode
+        )
+        expected = folded(latent / alpha.clamp(min=1e-3))
+        got = render_relevancy(
+            means, quats, scales, opacities, features, viewmats, Ks, width, height,
+            fold_operands_for(folded, channels), normalize_min_alpha=1e-3, rasterize_mode=mode, backend="torch",
+            precision="ieee",
+        )  # fmt: skip
+        err = (got - expected).abs().max().item()
+        print("render_relevancy", mode, err)
+        assert err < 1e-5, err
+
+
+def check_viewer_route():
+    # The query panel's relevancy through the fused rasterizer against the panel's unfused path (latent rendered
+    # by the model, then folded), with a hidden selection, a non-multiple-of-16 view and alpha normalisation.
+    import warnings
+
+    from nerfstudio.cameras.cameras import Cameras, CameraType
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+    from splatsem_ns.teachers.registry import make_teacher_config
+    from splatsem_ns.viewer.query_panel import QuerySnapshot, SemanticQueryPanel
+
+    torch.manual_seed(0)
+    width, height, n = 36, 20, 300
+    spec = TeacherSpec("siglip2", 48, (4, 6), (height, width), True, make_teacher_config("siglip2-b16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ChorusSplatModelConfig(
+            semantic_source=LearnedLatentSourceConfig(latent_dim=16), projector_hidden_dim=64,
+            semantic_alpha_normalize=True,
+        ).setup(
+            scene_box=SceneBox(torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])), num_train_data=1,
+            metadata={TEACHER_SPECS_KEY: {"siglip2": spec}},
+            seed_points=(torch.rand(n, 3) * 2 - 1, torch.full((n, 3), 128, dtype=torch.uint8)),
+        )  # fmt: skip
+    model.gauss_params["scales"].data = torch.log(torch.rand(n, 3) * 0.1 + 0.03)
+    model.gauss_params["semantic_latent"].data = torch.randn(n, 16)
+    model.eval()
+    c2w = torch.eye(4)[:3][None]
+    c2w[0, 2, 3] = 3.0
+    camera = Cameras(camera_to_worlds=c2w, fx=30.0, fy=30.0, cx=width / 2, cy=height / 2, width=width,
+                     height=height, camera_type=CameraType.PERSPECTIVE)  # fmt: skip
+    panel = SemanticQueryPanel([], build_teacher=None, get_model=lambda: model)
+    texts = torch.nn.functional.normalize(torch.randn(3, 48), dim=-1)
+    panel.embed = lambda teacher, phrases, device=None: texts[[{"a": 0, "b": 1, "c": 2}[p] for p in phrases]]
+    snapshot = QuerySnapshot(("a",), ("b", "c"), "siglip2", "relevancy", 0.5, "turbo", ())
+    model.viewer_semantic_scale = 1.0
+    model.hidden_mask = torch.rand(n) < 0.2
+    outputs = model.get_outputs(camera)
+    unfused = panel._answer(model, snapshot, outputs).relevancy  # no camera: the rendered latent, folded
+    folded = FoldedQuery(model.projector_heads["siglip2"], texts[:1], texts[1:])
+    assert model.render_query_relevancy(camera, folded) is not None  # the route is taken here
+    routed = panel._answer(model, snapshot, outputs, camera).relevancy
+    model.viewer_latent_deferred = True  # renders leave the latent out; the route needs none
+    deferred_outputs = model.get_outputs(camera)
+    assert "semantic_latent" not in deferred_outputs
+    deferred = panel._answer(model, snapshot, deferred_outputs, camera).relevancy
+    pca = panel._answer(
+        model, QuerySnapshot((), (), "siglip2", "pca", 0.5, "turbo", ()), deferred_outputs, camera
+    )
+    errors = [(routed - unfused).abs().max().item(), (deferred - unfused).abs().max().item()]
+    print("viewer", errors)
+    assert routed.shape == unfused.shape == (height, width, 1) and max(errors) < 1e-5, errors
+    assert pca.image.shape == (height, width, 3)  # other displays render the latent themselves
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        globals()[f"check_{name}"]()
+    print("ok")

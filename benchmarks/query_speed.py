@@ -32,7 +32,9 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,15 +109,28 @@ def time_it(fn, frames: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int):
+@contextmanager
+def full_resolution(model):
+    """The viewer's "Full resolution" setting: eval-mode semantic renders at the camera's own resolution."""
+    model.viewer_semantic_scale = 1.0
+    try:
+        yield
+    finally:
+        model.viewer_semantic_scale = None
+
+
+def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: Sequence[str] = ()):
     """Rows of the Triton rasterizer, as (name, fn, supersample, relevancy map for the agreement or None); none
     where it cannot run (no Triton, no GPU, a head it does not take), so the run goes on without them. The
-    relevancy of the latent render is its latent through ``float32_fold``."""
+    relevancy of the latent render is its latent through ``float32_fold``. ``configs`` ("BLOCKxWARPS", e.g.
+    "16x4") add a row of the fused path per kernel setting besides its default."""
     try:
         from splatsem_ns.models.chorus_splat import _MIN_ALPHA, semantic_tile_size
         from splatsem_ns.rendering.triton_rasterizer import project_and_bin, rasterize_features_triton
 
-        if not model.query_relevancy_supported(fused_fold, cam):
+        with full_resolution(model):
+            supported = model.query_relevancy_supported(fused_fold, cam)
+        if not supported:
             print("Triton rasterizer rows skipped: not supported here", flush=True)
             return []
     except Exception as err:  # noqa: BLE001 (the other rows do not need it)
@@ -146,19 +161,30 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int):
         )
         return out / alpha.clamp(min=normalize) if normalize is not None else out
 
-    @torch.no_grad()
-    def query():
-        return model.render_query_relevancy(cam, fused_fold)
+    def query(**kernel_options):
+        @torch.no_grad()
+        def run():  # what the viewer's panel calls per frame, at full resolution
+            with full_resolution(model):
+                return model.render_query_relevancy(cam, fused_fold, **kernel_options)
+
+        return run
 
     @torch.no_grad()
     def latent_then_fold():  # the latent render's agreement: its latent through the float32 fold
         return float32_fold(render_latent()[0])
 
-    return [
-        ("query@full, fused raster+fold (triton)", query, 1, query),
+    rows = [
+        ("query@full, fused raster+fold (triton)", query(), 1, query()),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),
         ("projection+binning only", binning, 1, None),
     ]
+    for config in configs:
+        block, warps = (int(v) for v in config.split("x"))
+        run = query(block_gaussians=block, num_warps=warps)
+        rows.append(
+            (f"query@full, fused raster+fold (triton, {block} Gaussians x {warps} warps)", run, 1, run)
+        )
+    return rows
 
 
 def main() -> None:
@@ -184,6 +210,12 @@ def main() -> None:
         type=int,
         default=[1],
         help="semantic_supersample values to time the teacher-grid paths with (query@full is unaffected)",
+    )
+    parser.add_argument(
+        "--triton-configs",
+        nargs="*",
+        default=["16x4", "16x8", "32x4", "64x8"],
+        help="extra settings of the fused Triton path to time, BLOCKxWARPS (Gaussians per step x warps per tile)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +329,7 @@ def main() -> None:
         }
     # The Triton rasterizer's rows go after the fused kernel's, where this run's gsplat rows can be read beside them.
     triton_paths = triton_rows(
-        model, cam, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H
+        model, cam, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H, args.triton_configs
     )
     at = [name for name, _, _ in paths].index("frame+query@full, folded bfloat16")
     paths[at:at] = [row[:3] for row in triton_paths]

@@ -481,12 +481,13 @@ class ChorusSplatModel(SplatfactoModel):
 
     @torch.no_grad()
     def render_query_relevancy(
-        self, camera: Cameras, folded: FoldedQuery
+        self, camera: Cameras, folded: FoldedQuery, **kernel_options: int
     ) -> Optional[Float[Tensor, "h w P"]]:
         """The relevancy of ``folded`` over the semantic latent an eval-mode render gives (same Gaussians, same
         resolution, same normalisation), computed by one Triton kernel per frame that never writes the latent
         (``rendering/triton_rasterizer.py``). None where that path cannot run (no Triton or CUDA, a head with
-        other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent."""
+        other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent.
+        ``kernel_options`` (``block_gaussians``, ``num_warps``) tune the kernel; the defaults are its own."""
         if not self.query_relevancy_supported(folded, camera):
             return None
         inputs = self._viewer_semantic_inputs(camera)
@@ -505,6 +506,7 @@ class ChorusSplatModel(SplatfactoModel):
             tile_size=semantic_tile_size(self.config.semantic_tile_size, w * h),
             backend="torch" if self.config.rasterizer_backend == "torch" else "auto",
             precision=precision,
+            **kernel_options,
         )  # fmt: skip
         return relevancy[0]
 

@@ -402,11 +402,13 @@ def render_relevancy(
     tile_size: int = 16,
     backend: ProjectionBackend = "auto",
     precision: DotPrecision = "fp16",
+    block_gaussians: int = BLOCK_GAUSSIANS,
+    num_warps: int = NUM_WARPS,
 ) -> Float[Tensor, "C H W P"]:
     """Relevancy of every pixel of C cameras straight from the Gaussians: ``project_and_bin`` then
-    ``rasterize_relevancy_triton``. The same map as rendering the latent with ``rasterize_gaussians`` (same
-    settings), dividing it by ``alpha.clamp(min=normalize_min_alpha)`` if set, and folding the query into it,
-    up to rounding."""
+    ``rasterize_relevancy_triton`` (``block_gaussians`` and ``num_warps`` tune its kernel). The same map as rendering
+    the latent with ``rasterize_gaussians`` (same settings), dividing it by ``alpha.clamp(min=normalize_min_alpha)``
+    if set, and folding the query into it, up to rounding."""
     tiles = project_and_bin(
         means, quats, scales, opacities, viewmats, Ks, width, height,
         eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, rasterize_mode=rasterize_mode,
@@ -415,6 +417,7 @@ def render_relevancy(
     return rasterize_relevancy_triton(
         tiles.means2d, tiles.conics, tiles.opacities, latent, tiles.isect_offsets, tiles.flatten_ids,
         width, height, query, tile_size, normalize_min_alpha=normalize_min_alpha, precision=precision,
+        block_gaussians=block_gaussians, num_warps=num_warps,
     )  # fmt: skip
 
 

@@ -54,3 +54,7 @@ def test_relevancy_from_gaussians_matches_the_unfused_path():
 
 def test_the_viewers_routed_relevancy_matches_the_unfused_path():
     _run("viewer_route")
+
+
+def test_the_query_benchmarks_triton_rows_answer_at_full_resolution():
+    _run("benchmark_rows")

@@ -235,6 +235,43 @@ def check_viewer_route():
     assert pca.image.shape == (height, width, 3)  # other displays render the latent themselves
 
 
+def check_benchmark_rows():
+    # benchmarks/query_speed.py's Triton rows time what they say: relevancy at the camera's full resolution (the
+    # viewer's "Full resolution"), agreeing with the float32 fold of the full-resolution latent, for every setting.
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import query_speed
+
+    torch.manual_seed(0)
+    width, height = 40, 24
+    model = query_speed.build_model(400, 48, 16, (3, 5), (height, width))
+    cam = query_speed.camera(width, height, torch.device("cpu"))
+    text = F.normalize(torch.randn(5, 48), dim=-1)
+    head = model.projector_heads["siglip2"]
+    fused = FoldedQuery(head, text[:1], text[1:], compute_dtype=torch.bfloat16, fused=True)
+    exact = FoldedQuery(head, text[:1], text[1:])
+    with torch.no_grad():
+        reference = exact(model.render_semantic_latent(cam, scale=1.0))
+    rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4"])
+    assert [name for name, *_ in rows][:3] == [
+        "query@full, fused raster+fold (triton)",
+        "render latent@full (triton)",
+        "projection+binning only",
+    ] and len(rows) == 4
+    for name, _, _, check in rows:
+        if check is None:
+            continue
+        answer = check()
+        assert answer.shape == reference.shape == (height, width, 1), (name, tuple(answer.shape))
+        error = (answer - reference).abs().max().item()
+        print(name, error)
+        assert error < 5e-3, (name, error)
+    assert model.viewer_semantic_scale is None  # the rows leave the viewer's setting as they found it
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         globals()[f"check_{name}"]()

@@ -106,3 +106,38 @@ def test_voxel_ids_are_those_of_torch_unique() -> None:
     _, inverse = torch.unique(keys, return_inverse=True)
     assert torch.equal(voxel_index(keys), inverse)
     assert voxel_index(keys[:0]).numel() == 0 and voxel_index(keys[:1]).tolist() == [0]
+
+
+def _per_gaussian_sums_consensus(latent, means, weights, voxel, offset):
+    """The prior as first written: weighted sums, total weights and counts per voxel in three separate passes."""
+    cells = torch.floor((means.detach() - offset) / voxel).long()
+    inverse = voxel_index(voxel_keys(cells))
+    weights = weights.detach().to(latent.dtype)
+    rows = len(inverse)
+    sums = torch.zeros(rows, latent.shape[1], dtype=latent.dtype).index_add_(
+        0, inverse, latent.detach() * weights[:, None]
+    )
+    totals = torch.zeros(rows, dtype=latent.dtype).index_add_(0, inverse, weights)
+    counts = torch.zeros(rows, dtype=torch.int64).index_add_(0, inverse, torch.ones_like(inverse))
+    target = sums[inverse] / totals[inverse].clamp(min=1e-12)[:, None]
+    shared = (counts[inverse] > 1).to(latent.dtype)
+    cosine = torch.nn.functional.cosine_similarity(latent, target, dim=-1, eps=1e-8)
+    return ((1.0 - cosine) * shared).sum() / shared.sum().clamp(min=1.0)
+
+
+def test_one_pass_voxel_sums_match_the_separate_sums() -> None:
+    """The weighted sums, total weights and counts summed side by side in one pass give the loss and gradient of
+    the three separate passes."""
+    generator = torch.Generator().manual_seed(3)
+    means = torch.rand(4000, 3, generator=generator) * 2.0
+    weights = torch.rand(4000, generator=generator)
+    weights[::7] = 0.0  # transparent Gaussians, and voxels whose total weight is 0
+    offset = torch.rand(3, generator=generator) * 0.1
+    results = []
+    for loss_fn in (voxel_consensus_loss, _per_gaussian_sums_consensus):
+        latent = torch.randn(4000, 16, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        loss = loss_fn(latent, means, weights, 0.1, offset)
+        loss.backward()
+        results.append((loss.detach(), latent.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-12)

@@ -207,3 +207,82 @@ def test_depth_loss_without_depth_images_is_a_clear_error():
     manager = types.SimpleNamespace(train_dataset=types.SimpleNamespace(metadata={}))
     with pytest.raises(ValueError, match="no depth images"):
         ChorusDataManager._load_train_depths(manager)
+
+
+def _per_teacher_distillation(model, latent, targets, pixels=None, pixel_weights=None, target_weights=None):
+    """The distillation losses as first written: each teacher gathers the latent and resamples its features alone."""
+    from splatsem_ns.models.chorus_splat import render_resolution_pairs
+    from splatsem_ns.models.heads import cosine_distillation_loss, resize_feature_map
+
+    losses = {}
+    for name, target in targets.items():
+        kept = None if target_weights is None else target_weights.get(name)
+        if model.config.distill_at == "render":
+            target = target.to(latent.dtype)
+            if kept is not None:
+                target = torch.cat([target, kept.to(latent.dtype)[..., None]], dim=-1)
+            latent_at, target = render_resolution_pairs(latent, target, pixels)
+            predicted, weights = model.decode_features(latent_at, name), pixel_weights
+            if kept is not None:
+                target, kept = target[:, :-1], target[:, -1]
+                weights = kept if weights is None else weights * kept
+        else:
+            predicted = model.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
+            weights = kept
+        weight = model.config.teacher_loss_weights.get(name, model.config.default_teacher_loss_weight)
+        losses[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target, weights)
+    return losses
+
+
+@pytest.mark.parametrize("distill_at", ["render", "teacher"])
+@pytest.mark.parametrize("grids", [((8, 8), (8, 8)), ((4, 5), (8, 8))])
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_shared_gather_and_resampling_match_the_per_teacher_losses(distill_at, grids, sampled, with_weights):
+    """One latent gather and one resampling per teacher grid give each teacher's loss and every gradient as
+    resampling and gathering per teacher did."""
+    model = tiny_chorus_model(distill_at=distill_at)
+    generator = torch.Generator().manual_seed(2)
+    latent = torch.randn(24, 32, 32, generator=generator).requires_grad_()
+    targets = {
+        name: torch.randn(*grid, dim, generator=generator).half()
+        for (name, dim), grid in zip((("lang", 24), ("sam", 16)), grids, strict=True)
+    }
+    kept = {n: (torch.rand(*t.shape[:2], generator=generator) > 0.3).half() for n, t in targets.items()}
+    kept = kept if with_weights else None
+    pixels = (
+        torch.randperm(24 * 32, generator=generator)[:100] if sampled and distill_at == "render" else None
+    )
+    pixel_weights = None
+    if with_weights and distill_at == "render":
+        pixel_weights = torch.rand(100 if pixels is not None else 24 * 32, generator=generator)
+    new = _losses_and_grads(
+        model, lambda *a: model.distillation_losses(*a, pixels, pixel_weights, kept), latent, targets
+    )
+    old = _losses_and_grads(
+        model, lambda *a: _per_teacher_distillation(model, *a, pixels, pixel_weights, kept), latent, targets
+    )
+    for a, b in zip(new, old, strict=True):  # losses, the latent's gradient, the heads' gradients
+        for key in a if isinstance(a, dict) else [None]:
+            x, y = (a[key], b[key]) if key is not None else (a, b)
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
+
+
+def test_training_metrics_are_computed_on_logging_steps_only(monkeypatch):
+    from nerfstudio.utils import writer
+    from support import tiny_camera
+
+    model = tiny_chorus_model(num_downscales=0)
+    model.train()
+    model.optimizers = {}
+    outputs = model.get_outputs(tiny_camera())
+    batch = {"image": torch.rand(48, 64, 3)}
+    monkeypatch.setitem(writer.GLOBAL_BUFFER, "steps_per_log", 10)
+    for step, logged in ((0, True), (3, False), (20, True)):
+        model.step = step
+        assert ("psnr" in model.get_metrics_dict(outputs, batch)) == logged
+    model.eval()
+    assert "psnr" in model.get_metrics_dict(outputs, batch)  # evaluation always
+    monkeypatch.delitem(writer.GLOBAL_BUFFER, "steps_per_log")
+    model.train()
+    assert "psnr" in model.get_metrics_dict(outputs, batch)  # no trainer's writer: always

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.utils import writer
 from torch import Tensor, nn
 from torch.nn import Parameter
 
@@ -635,6 +636,14 @@ class ChorusSplatModel(SplatfactoModel):
         return self.projector_heads[teacher](latent)
 
     # ------------------------------------------------------------------ losses and metrics
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        # nerfstudio's trainer reads the training metrics only on its logging steps; on the others splatfacto's PSNR
+        # (the ground truth converted and composited once more, then a torchmetrics update) would be dispatched for
+        # nothing.
+        if self.training and not training_metrics_logged(self.step):
+            return {"gaussian_count": self.num_points}
+        return super().get_metrics_dict(outputs, batch)
+
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
         if self.depth_loss_weight > 0 and "depth_image" in batch and outputs.get("depth") is not None:
@@ -708,24 +717,50 @@ class ChorusSplatModel(SplatfactoModel):
         ``pixels`` (flat indices into the render) picks where, None: everywhere, and ``pixel_weights`` (one per
         picked pixel) weigh their losses. ``target_weights`` (per teacher, on its feature grid; the datamanager's
         cross-view consistency weights) weigh the teacher's cells, interpolated like its features."""
+        if self.config.distill_at != "render":
+            losses = {}
+            on_grid: Dict[Tuple[int, int], Tensor] = {}  # the latent resampled once per distinct teacher grid
+            for name, target in targets.items():
+                size = tuple(target.shape[:2])
+                if size not in on_grid:
+                    on_grid[size] = resize_feature_map(latent, size)
+                kept = None if target_weights is None else target_weights.get(name)
+                losses[f"distill_{name}"] = self._teacher_weight(name) * cosine_distillation_loss(
+                    self.decode_features(on_grid[size], name), target, kept
+                )
+            return losses
+        # Every teacher is compared at the same render pixels: the latent there is gathered once, and the teachers
+        # that share a feature grid are resampled there together, their channels (and consistency weights, one more
+        # channel each, so they are sampled exactly like the features) side by side.
+        size = (latent.shape[0], latent.shape[1])
+        latent_at = latent_at_pixels(latent, pixels)
+        grid = None if pixels is None else pixel_grid(pixels, size)
+        sampled = {}
+        for group in _same_grid_groups(targets).values():
+            stacked, widths = [], []
+            for name in group:
+                kept = None if target_weights is None else target_weights.get(name)
+                stacked += [targets[name]] if kept is None else [targets[name], kept[..., None]]
+                widths.append((name, targets[name].shape[-1], kept is not None))
+            joined = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=-1)
+            at = features_at_pixels(joined.to(latent.dtype), size, pixels, grid)
+            start = 0
+            for name, width, has_weights in widths:
+                sampled[name] = (at[:, start : start + width], at[:, start + width] if has_weights else None)
+                start += width + int(has_weights)
         losses = {}
-        for name, target in targets.items():
-            kept = None if target_weights is None else target_weights.get(name)
-            if self.config.distill_at == "render":
-                target = target.to(latent.dtype)
-                if kept is not None:  # one more channel, so the weights are sampled exactly like the features
-                    target = torch.cat([target, kept.to(latent.dtype)[..., None]], dim=-1)
-                latent_at, target = render_resolution_pairs(latent, target, pixels)
-                predicted, weights = self.decode_features(latent_at, name), pixel_weights
-                if kept is not None:
-                    target, kept = target[:, :-1], target[:, -1]
-                    weights = kept if weights is None else weights * kept
-            else:
-                predicted = self.decode_features(resize_feature_map(latent, tuple(target.shape[:2])), name)
-                weights = kept
-            weight = self.config.teacher_loss_weights.get(name, self.config.default_teacher_loss_weight)
-            losses[f"distill_{name}"] = weight * cosine_distillation_loss(predicted, target, weights)
+        for name in targets:
+            target, kept = sampled[name]
+            weights = (
+                kept if pixel_weights is None else (pixel_weights if kept is None else pixel_weights * kept)
+            )
+            losses[f"distill_{name}"] = self._teacher_weight(name) * cosine_distillation_loss(
+                self.decode_features(latent_at, name), target, weights
+            )
         return losses
+
+    def _teacher_weight(self, name: str) -> float:
+        return self.config.teacher_loss_weights.get(name, self.config.default_teacher_loss_weight)
 
     def distillation_pixels(self, latent: Float[Tensor, "h w D"]) -> Optional[Int[Tensor, " n"]]:
         """This step's random render pixels for the loss (``distill_pixels``), or None for all of them."""
@@ -789,6 +824,13 @@ _MIN_ALPHA = 1e-3
 """Accumulated opacity below which ``semantic_alpha_normalize`` no longer divides (the pixel fades to zero)."""
 
 
+def training_metrics_logged(step: int) -> bool:
+    """Whether nerfstudio's trainer logs the training metrics of ``step``: every ``logging.steps_per_log`` steps from
+    0, as its local writer set-up recorded. True where no writer was set up (a model used outside a trainer)."""
+    every = writer.GLOBAL_BUFFER.get("steps_per_log")
+    return not every or step % every == 0
+
+
 def resolve_depth_loss_weight(configured: Optional[float], depth_served: bool) -> float:
     """The depth loss weight to train with: ``configured``, or with None the default where depth is served."""
     if configured is None:
@@ -834,23 +876,55 @@ def render_resolution_pairs(
     """The rendered latent at ``pixels`` (flat indices; None: every pixel) and the teacher's features
     interpolated there: bilinear, as upsampling the teacher's grid to the render's size would give, but only
     at the pixels used."""
-    h, w = latent.shape[:2]
-    flat = latent.reshape(h * w, -1)
-    if pixels is None:
-        return flat, resize_feature_map(target, (h, w)).reshape(h * w, -1)
+    size = (latent.shape[0], latent.shape[1])
+    return latent_at_pixels(latent, pixels), features_at_pixels(target, size, pixels)
+
+
+def latent_at_pixels(
+    latent: Float[Tensor, "h w D"], pixels: Optional[Int[Tensor, " n"]]
+) -> Float[Tensor, "n D"]:
+    """The rendered latent at ``pixels`` (flat indices into the render; None: every pixel, in row-major order)."""
+    flat = latent.reshape(latent.shape[0] * latent.shape[1], -1)
+    return flat if pixels is None else flat[pixels]
+
+
+def pixel_grid(pixels: Int[Tensor, " n"], size: Tuple[int, int]) -> Float[Tensor, "n 2"]:
+    """The centres of ``pixels`` (flat indices into a render of ``size`` (h, w)) in grid_sample's [-1, 1]
+    coordinates (align_corners=False), x first."""
+    h, w = size
     rows, cols = pixels // w, pixels % w
-    # Pixel centres in grid_sample's [-1, 1] (align_corners=False); "border" clamps like interpolate's edges.
-    grid = torch.stack(((cols + 0.5) * (2.0 / w) - 1.0, (rows + 0.5) * (2.0 / h) - 1.0), dim=-1).to(
-        target.dtype
-    )
+    return torch.stack(((cols + 0.5) * (2.0 / w) - 1.0, (rows + 0.5) * (2.0 / h) - 1.0), dim=-1)
+
+
+def features_at_pixels(
+    target: Float[Tensor, "h_t w_t C"],
+    size: Tuple[int, int],
+    pixels: Optional[Int[Tensor, " n"]],
+    grid: Optional[Float[Tensor, "n 2"]] = None,
+) -> Float[Tensor, "n C"]:
+    """A teacher's features interpolated at ``pixels`` of a render of ``size`` (h, w) (None: every pixel), bilinear
+    as upsampling the teacher's grid to that size would give. ``grid``: ``pixel_grid(pixels, size)``, when the caller
+    already has it."""
+    if pixels is None:
+        return resize_feature_map(target, size).reshape(size[0] * size[1], -1)
+    grid = pixel_grid(pixels, size) if grid is None else grid
+    # "border" clamps like interpolate's edges.
     sampled = torch.nn.functional.grid_sample(
         target.permute(2, 0, 1)[None],
-        grid[None, None],
+        grid.to(target.dtype)[None, None],
         mode="bilinear",
         padding_mode="border",
         align_corners=False,
     )
-    return flat[pixels], sampled[0, :, 0].T
+    return sampled[0, :, 0].T
+
+
+def _same_grid_groups(targets: Mapping[str, Tensor]) -> Dict[Tuple[int, int], List[str]]:
+    """Teacher names by feature grid ``(h_t, w_t)``, in ``targets``' order."""
+    groups: Dict[Tuple[int, int], List[str]] = {}
+    for name, target in targets.items():
+        groups.setdefault(tuple(target.shape[:2]), []).append(name)
+    return groups
 
 
 FULL_FRAME_TILE_SIZE = 16

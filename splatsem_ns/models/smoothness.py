@@ -35,11 +35,9 @@ def voxel_index(keys: "torch.LongTensor") -> "torch.LongTensor":
     inverse, computed on the keys' device without reading V back: sort, mark where the key changes, count."""
     if keys.numel() == 0:
         return keys.clone()
-    order = torch.argsort(keys)
-    sorted_keys = keys[order]
-    starts = torch.ones_like(sorted_keys)
-    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
-    ids = torch.cumsum(starts, dim=0) - 1
+    sorted_keys, order = torch.sort(keys)  # the sorted keys come with the order: no gather of them
+    # A voxel's id is the number of key changes before its first Gaussian in sorted order.
+    ids = torch.nn.functional.pad(torch.cumsum(sorted_keys[1:] != sorted_keys[:-1], dim=0), (1, 0))
     return torch.empty_like(ids).scatter_(0, order, ids)
 
 
@@ -56,16 +54,16 @@ def voxel_consensus_loss(
     cells = torch.floor((means.detach() - offset) / voxel).long()
     inverse = voxel_index(voxel_keys(cells))
     weights = weights.detach().to(latent.dtype)
+    dim = latent.shape[1]
+    # Per Gaussian [weight * latent, weight, 1], summed per voxel in one pass: the weighted sum, the total weight and
+    # the Gaussian count side by side (the count is exact in floating point up to 2^24 Gaussians per voxel).
+    terms = torch.nn.functional.pad(
+        torch.nn.functional.pad(latent.detach(), (0, 1), value=1.0) * weights[:, None], (0, 1), value=1.0
+    )
     # One row per Gaussian, not per voxel: the voxel count is only known on the device, and reading it back (as
     # torch.unique's outputs need) would make the host wait for the GPU in every training step.
-    rows = len(inverse)
-    sums = torch.zeros(rows, latent.shape[1], dtype=latent.dtype, device=latent.device)
-    sums.index_add_(0, inverse, latent.detach() * weights[:, None])
-    totals = torch.zeros(rows, dtype=latent.dtype, device=latent.device).index_add_(0, inverse, weights)
-    counts = torch.zeros(rows, dtype=torch.int64, device=latent.device).index_add_(
-        0, inverse, torch.ones_like(inverse)
-    )
-    target = sums[inverse] / totals[inverse].clamp(min=1e-12)[:, None]
-    shared = (counts[inverse] > 1).to(latent.dtype)
+    sums = torch.zeros_like(terms).index_add_(0, inverse, terms)[inverse]
+    target = sums[:, :dim] / sums[:, dim : dim + 1].clamp(min=1e-12)
+    shared = (sums[:, dim + 1] > 1).to(latent.dtype)
     cosine = torch.nn.functional.cosine_similarity(latent, target, dim=-1, eps=1e-8)
     return ((1.0 - cosine) * shared).sum() / shared.sum().clamp(min=1.0)

@@ -33,6 +33,7 @@ from splatsem_ns.data.dataparser import (
     scene_depth_scale,
 )
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY, load_depth_image
+from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, HostCameraCache
 from splatsem_ns.evaluation.voting import ViewLabels
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
@@ -112,6 +113,7 @@ class ChorusDataManager(FullImageDatamanager):
         self._weights: Dict[str, List[np.ndarray]] = {}
         self.serves_teachers_at: Optional[Callable[[int], bool]] = None
         """Set by the pipeline: whether a training step needs the teachers' features (None: every step)."""
+        self._host_cameras: Optional[HostCameraCache] = None  # built on the first training step
         if test_mode == "val":  # training; ns-eval and ns-viewer restore heads from the checkpoint instead
             startup_step(f"teacher features ({', '.join(config.teachers)})")
             self._prepare_teacher_features()
@@ -326,6 +328,11 @@ class ChorusDataManager(FullImageDatamanager):
 
     def next_train(self, step: int):
         camera, data = super().next_train(step)
+        if (
+            self._host_cameras is None
+        ):  # the dataset's cameras (on the host), as set-up left them (undistorted)
+            self._host_cameras = HostCameraCache(self.train_dataset.cameras, self.device)
+        camera.metadata[HOST_CAMERA_KEY] = self._host_cameras.for_camera(int(camera.metadata["cam_idx"]))
         # Not on the steps where the model skips its semantic half (ChorusSplatModelConfig.semantic_every).
         teachers = self.serves_teachers_at is None or self.serves_teachers_at(step)
         if teachers and self._features:

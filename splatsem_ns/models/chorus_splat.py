@@ -29,6 +29,7 @@ from torch.nn import Parameter
 
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
+from splatsem_ns.data.host_camera import HOST_CAMERA_KEY
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
@@ -313,12 +314,20 @@ class ChorusSplatModel(SplatfactoModel):
             latent = latent[crop_ids]
 
         viewmat = get_viewmat(camera_to_world)
-        full_K = camera.get_intrinsics_matrices().to(self.device)
-        full_W, full_H = int(camera.width.item()), int(camera.height.item())
+        # A training camera from the datamanager carries its intrinsics and size read on the host: reading them from
+        # the device camera would make the host wait for the GPU, several times a step.
+        host = (camera.metadata or {}).get(HOST_CAMERA_KEY) if self.training else None
+        if host is not None:
+            full_K, full_W, full_H = host.intrinsics()
+        else:
+            full_K = camera.get_intrinsics_matrices().to(self.device)
+            full_W, full_H = int(camera.width.item()), int(camera.height.item())
         # Same rounding as splatfacto's, so renders match its downscaled ground truth pixel for pixel.
         scale = self._get_downscale_factor()
         if scale == 1:  # past coarse-to-fine (or without it): the full camera, without reading it twice
             K, W, H = full_K, full_W, full_H
+        elif host is not None:
+            K, W, H = host.intrinsics(scale)
         else:
             camera.rescale_output_resolution(1 / scale)
             K = camera.get_intrinsics_matrices().to(self.device)

@@ -225,6 +225,7 @@ def test_the_datamanager_serves_teacher_features_on_semantic_steps_only() -> Non
     manager._depths = []
     manager.device = "cpu"
     manager.serves_teachers_at = lambda step: step % 2 == 0
+    manager._host_cameras = types.SimpleNamespace(for_camera=lambda index: None)
     camera = types.SimpleNamespace(metadata={"cam_idx": torch.tensor(0)})
     parent = ChorusDataManager.__mro__[1]
     original = parent.next_train

@@ -286,3 +286,38 @@ def test_training_metrics_are_computed_on_logging_steps_only(monkeypatch):
     monkeypatch.delitem(writer.GLOBAL_BUFFER, "steps_per_log")
     model.train()
     assert "psnr" in model.get_metrics_dict(outputs, batch)  # no trainer's writer: always
+
+
+@pytest.mark.parametrize(
+    "settings, step, masked",
+    [({}, 3, False), ({}, 3, True), ({"use_scale_regularization": True}, 10, False),
+     ({"use_scale_regularization": True}, 11, True), ({"use_bilateral_grid": True}, 5, False)],
+)  # fmt: skip
+def test_splatfacto_losses_match_splatfacto_without_the_host_copy(settings, step, masked):
+    """chorus-splat's own copy of splatfacto's losses gives splatfacto's values and gradients; its zero scale
+    regularisation is made on the model's device, and SSIM's window is a buffer that moves with the model."""
+    from nerfstudio.models.splatfacto import SplatfactoModel
+    from support import tiny_camera
+
+    model = tiny_chorus_model(num_downscales=0, **settings)
+    model.train()
+    model.optimizers = {}
+    model.step = step
+    torch.manual_seed(0)
+    outputs = model.get_outputs(tiny_camera())
+    batch = {"image": torch.rand(48, 64, 3)}
+    if masked:
+        batch["mask"] = torch.rand(48, 64, 1) > 0.3
+    ours = model._splatfacto_loss_dict(outputs, batch)
+    theirs = SplatfactoModel.get_loss_dict(model, outputs, batch)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+    params = [model.gauss_params["means"], model.gauss_params["scales"]]
+    ours_grad = torch.autograd.grad(sum(ours.values()), params, allow_unused=True, retain_graph=True)
+    theirs_grad = torch.autograd.grad(sum(theirs.values()), params, allow_unused=True)
+    for a, b in zip(ours_grad, theirs_grad, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert "win" in dict(model.ssim.named_buffers()) and "ssim.win" not in model.state_dict()

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+from nerfstudio.model_components.lib_bilagrid import total_variation_loss
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils import writer
 from torch import Tensor, nn
@@ -181,6 +182,11 @@ class ChorusSplatModel(SplatfactoModel):
             )
         with optional_lpips():
             super().populate_modules()
+        # pytorch_msssim keeps SSIM's window as a plain host tensor and copies it to the image's device on every
+        # call, a blocking copy each training step; as a buffer it moves with the model once.
+        window = self.ssim.win
+        del self.ssim.win
+        self.ssim.register_buffer("win", window, persistent=False)
         self.seed_points = seed_points
         if has_seed_colors:
             colors = seed_points[1].float() / 255.0
@@ -654,7 +660,7 @@ class ChorusSplatModel(SplatfactoModel):
         return super().get_metrics_dict(outputs, batch)
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
-        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        loss_dict = self._splatfacto_loss_dict(outputs, batch)
         if self.depth_loss_weight > 0 and "depth_image" in batch and outputs.get("depth") is not None:
             loss_dict["depth"] = self.depth_loss_weight * depth_l1_loss(
                 outputs["depth"], batch["depth_image"]
@@ -684,6 +690,39 @@ class ChorusSplatModel(SplatfactoModel):
                 self.finite_watch.record("batch input", inputs, self.step, image)
                 self._checked_inputs.add(seen)
             self.finite_watch.record("loss", loss_dict, self.step, image)
+        return loss_dict
+
+    def _splatfacto_loss_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        """splatfacto's losses, as nerfstudio 1.1.5's ``SplatfactoModel.get_loss_dict`` computes them (L1 + SSIM on the
+        masked images, the optional scale regularisation every 10th step, the camera optimizer's and the bilateral
+        grid's), with one change: on steps without the scale regularisation its zero is made on the device.
+        splatfacto makes it on the host and copies it up, a blocking copy that stalls the host every step."""
+        gt_img = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        pred_img = outputs["rgb"]
+        if "mask" in batch:
+            mask = self._downscale_if_required(batch["mask"]).to(self.device)
+            assert mask.shape[:2] == gt_img.shape[:2] == pred_img.shape[:2]
+            gt_img, pred_img = gt_img * mask, pred_img * mask
+        l1 = torch.abs(gt_img - pred_img).mean()
+        dissimilarity = 1 - self.ssim(
+            gt_img.permute(2, 0, 1)[None, ...], pred_img.permute(2, 0, 1)[None, ...]
+        )
+        if self.config.use_scale_regularization and self.step % 10 == 0:
+            scale_exp = torch.exp(self.scales)
+            ratio = scale_exp.amax(dim=-1) / scale_exp.amin(dim=-1)
+            scale_reg = (
+                0.1 * (ratio.clamp(min=self.config.max_gauss_ratio) - self.config.max_gauss_ratio).mean()
+            )
+        else:
+            scale_reg = pred_img.new_zeros(())
+        loss_dict = {
+            "main_loss": (1 - self.config.ssim_lambda) * l1 + self.config.ssim_lambda * dissimilarity,
+            "scale_reg": scale_reg,
+        }
+        if self.training:
+            self.camera_optimizer.get_loss_dict(loss_dict)
+            if self.config.use_bilateral_grid:
+                loss_dict["tv_loss"] = 10 * total_variation_loss(self.bil_grids.grids)
         return loss_dict
 
     def _distillation_loss_dict(self, outputs, batch, targets: Mapping[str, Tensor]) -> Dict[str, Tensor]:

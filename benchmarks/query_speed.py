@@ -179,10 +179,12 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
         ("projection+binning only", binning, 1, None),
     ]
     for config in configs:
-        block, warps = (int(v) for v in config.split("x"))
-        run = query(block_gaussians=block, num_warps=warps)
+        block, warps, *edge = (int(v) for v in config.split("x"))
+        options = {"block_gaussians": block, "num_warps": warps, **({"tile_size": edge[0]} if edge else {})}
+        run = query(**options)
+        tiles = f", {edge[0]}-pixel tiles" if edge else ""
         rows.append(
-            (f"query@full, fused raster+fold (triton, {block} Gaussians x {warps} warps)", run, 1, run)
+            (f"query@full, fused raster+fold (triton, {block} Gaussians x {warps} warps{tiles})", run, 1, run)
         )
     return rows
 
@@ -214,8 +216,9 @@ def main() -> None:
     parser.add_argument(
         "--triton-configs",
         nargs="*",
-        default=["16x4", "16x8", "32x4", "64x8"],
-        help="extra settings of the fused Triton path to time, BLOCKxWARPS (Gaussians per step x warps per tile)",
+        default=["16x4", "16x8", "32x4", "64x8", "32x4x8", "16x2x8"],
+        help="extra settings of the fused Triton path to time, BLOCKxWARPS[xTILE] (Gaussians per step x warps per "
+        "tile program [x tile edge in pixels; smaller tiles keep the epilogue's registers smaller])",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

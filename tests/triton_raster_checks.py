@@ -255,12 +255,12 @@ def check_benchmark_rows():
     exact = FoldedQuery(head, text[:1], text[1:])
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
-    rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4"])
+    rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
     assert [name for name, *_ in rows][:3] == [
         "query@full, fused raster+fold (triton)",
         "render latent@full (triton)",
         "projection+binning only",
-    ] and len(rows) == 4
+    ] and len(rows) == 5
     for name, _, _, check in rows:
         if check is None:
             continue

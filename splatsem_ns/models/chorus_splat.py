@@ -503,7 +503,8 @@ class ChorusSplatModel(SplatfactoModel):
         resolution, same normalisation), computed by one Triton kernel per frame that never writes the latent
         (``rendering/triton_rasterizer.py``). None where that path cannot run (no Triton or CUDA, a head with
         other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent.
-        ``kernel_options`` (``block_gaussians``, ``num_warps``) tune the kernel; the defaults are its own."""
+        ``kernel_options`` (``block_gaussians``, ``num_warps``, ``tile_size``: a power of two) tune the kernel; the
+        defaults are its own and the render's tile size."""
         if not self.query_relevancy_supported(folded, camera):
             return None
         inputs = self._viewer_semantic_inputs(camera)
@@ -519,7 +520,7 @@ class ChorusSplatModel(SplatfactoModel):
             fold_operands_for(folded, latent.shape[-1]),
             normalize_min_alpha=_MIN_ALPHA if self.config.semantic_alpha_normalize else None,
             rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
-            tile_size=semantic_tile_size(self.config.semantic_tile_size, w * h),
+            tile_size=kernel_options.pop("tile_size", semantic_tile_size(self.config.semantic_tile_size, w * h)),
             backend="torch" if self.config.rasterizer_backend == "torch" else "auto",
             precision=precision,
             **kernel_options,

@@ -14,6 +14,7 @@ semantic branch cannot degrade RGB quality; ``semantic_grad_to_geometry`` turns 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Mapping, Optional, Tuple, Type, Union
@@ -43,6 +44,7 @@ from splatsem_ns.models.heads import (
 from splatsem_ns.models.optional_lpips import NaNMetric, optional_lpips
 from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig, SemanticSourceConfig
 from splatsem_ns.models.smoothness import voxel_consensus_loss
+from splatsem_ns.models.strategy import SyncFreeDefaultStrategy
 from splatsem_ns.rendering import rasterize_gaussians
 from splatsem_ns.rendering.triton_rasterizer import (
     fold_operands_for,
@@ -182,6 +184,10 @@ class ChorusSplatModel(SplatfactoModel):
             )
         with optional_lpips():
             super().populate_modules()
+        # gsplat's densification statistics without its three host synchronisations per step (same settings).
+        self.strategy = SyncFreeDefaultStrategy(
+            **{f.name: getattr(self.strategy, f.name) for f in dataclasses.fields(self.strategy)}
+        )
         # pytorch_msssim keeps SSIM's window as a plain host tensor and copies it to the image's device on every
         # call, a blocking copy each training step; as a buffer it moves with the model once.
         window = self.ssim.win

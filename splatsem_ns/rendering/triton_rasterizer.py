@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -125,6 +125,60 @@ def _geometry(
     )
 
 
+@dataclass
+class _TileLaunch:
+    """What both tile kernels take, prepared once: the flat geometry, the padded features, the tile grid."""
+
+    inputs: Tuple[Tensor, ...]
+    """Means, conics, opacities, features, tile offsets and ids: the kernels' first arguments."""
+    sizes: Tuple[int, ...]
+    """Intersections, tiles, tiles per row and per camera, width, height, feature row offset per camera: the
+    arguments after the outputs."""
+    n_tiles: int
+    constants: Dict[str, Any]
+    """The compile-time constants both kernels share."""
+
+    @property
+    def empty(self) -> bool:
+        return self.n_tiles == 0 or self.sizes[4] == 0 or self.sizes[5] == 0
+
+
+def _tile_launch(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    features: Tensor,
+    isect_offsets: Tensor,
+    flatten_ids: Tensor,
+    width: int,
+    height: int,
+    tile_size: int,
+    precision: DotPrecision,
+    block_gaussians: int,
+) -> _TileLaunch:
+    pixels = _check_tile_size(tile_size)
+    geometry = _geometry(means2d, conics, opacities, isect_offsets, flatten_ids)
+    C, N = opacities.shape
+    padded = _padded_width(features.shape[-1])
+    feats, camera_offset = _kernel_features(features, C, N, padded)
+    tiles_y, tiles_x = isect_offsets.shape[1:]
+    n_tiles = C * tiles_y * tiles_x
+    means, conic, opacity, offsets, ids = geometry
+    return _TileLaunch(
+        inputs=(means, conic, opacity, feats, offsets, ids),
+        sizes=(ids.shape[0], n_tiles, tiles_x, tiles_y * tiles_x, width, height, camera_offset),
+        n_tiles=n_tiles,
+        constants={
+            "TILE": tile_size,
+            "PIXELS": pixels,
+            "CHANNELS": padded,
+            "BLOCK_G": block_gaussians,
+            "DOT_FP16": precision == "fp16",
+            "INPUT_PRECISION": "ieee" if precision == "ieee" else "tf32",
+        },
+    )
+
+
 @torch.no_grad()
 def rasterize_features_triton(
     means2d: Float[Tensor, "C N 2"],
@@ -163,44 +217,23 @@ def rasterize_features_triton(
     Returns:
         The rendered features [C, H, W, D] (float32) and the accumulated alpha ``1 - T`` [C, H, W, 1].
     """
-    pixels = _check_tile_size(tile_size)
-    g_means, g_conics, g_opacities, offsets, ids = _geometry(
-        means2d, conics, opacities, isect_offsets, flatten_ids
-    )
-    C, N = opacities.shape
-    channels = features.shape[-1]
-    padded = _padded_width(channels)
-    feats, camera_offset = _kernel_features(features, C, N, padded)
-    tiles_y, tiles_x = isect_offsets.shape[1:]
+    launch = _tile_launch(
+        means2d, conics, opacities, features, isect_offsets, flatten_ids, width, height, tile_size, precision,
+        block_gaussians,
+    )  # fmt: skip
+    C, channels = opacities.shape[0], features.shape[-1]
     render = torch.empty(C, height, width, channels, dtype=torch.float32, device=means2d.device)
     alpha = torch.empty(C, height, width, 1, dtype=torch.float32, device=means2d.device)
-    n_tiles = C * tiles_y * tiles_x
-    if n_tiles == 0 or width == 0 or height == 0:
+    if launch.empty:
         return render, alpha
-    _render_kernel[(n_tiles,)](
-        g_means,
-        g_conics,
-        g_opacities,
-        feats,
-        offsets,
-        ids,
+    _render_kernel[(launch.n_tiles,)](
+        *launch.inputs,
         render,
         alpha,
-        ids.shape[0],
-        n_tiles,
-        tiles_x,
-        tiles_y * tiles_x,
-        width,
-        height,
-        camera_offset,
-        TILE=tile_size,
-        PIXELS=pixels,
-        CHANNELS=padded,
+        *launch.sizes,
         OUT_CHANNELS=channels,
-        BLOCK_G=block_gaussians,
-        DOT_FP16=precision == "fp16",
-        INPUT_PRECISION="ieee" if precision == "ieee" else "tf32",
         num_warps=num_warps,
+        **launch.constants,
     )
     return render, alpha
 
@@ -236,37 +269,24 @@ def rasterize_relevancy_triton(
     Returns:
         LERF relevancy of each positive query, float32. [C, H, W, P]
     """
-    pixels = _check_tile_size(tile_size)
-    g_means, g_conics, g_opacities, offsets, ids = _geometry(
-        means2d, conics, opacities, isect_offsets, flatten_ids
-    )
-    C, N = opacities.shape
-    padded = _padded_width(features.shape[-1])
+    launch = _tile_launch(
+        means2d, conics, opacities, features, isect_offsets, flatten_ids, width, height, tile_size, precision,
+        block_gaussians,
+    )  # fmt: skip
+    padded = launch.constants["CHANNELS"]
     if query.channels != padded:
         raise ValueError(f"the query's head takes {query.channels} channels, the padded latent has {padded}; "
                          f"build it with fold_operands(..., channels={padded})")  # fmt: skip
-    feats, camera_offset = _kernel_features(features, C, N, padded)
-    tiles_y, tiles_x = isect_offsets.shape[1:]
     positives = query.num_positives
-    out = torch.empty(C, height, width, positives, dtype=torch.float32, device=means2d.device)
-    n_tiles = C * tiles_y * tiles_x
-    if n_tiles == 0 or width == 0 or height == 0:
+    out = torch.empty(
+        opacities.shape[0], height, width, positives, dtype=torch.float32, device=means2d.device
+    )
+    if launch.empty:
         return out
-    _relevancy_raster_kernel[(n_tiles,)](
-        g_means,
-        g_conics,
-        g_opacities,
-        feats,
-        offsets,
-        ids,
+    _relevancy_raster_kernel[(launch.n_tiles,)](
+        *launch.inputs,
         out,
-        ids.shape[0],
-        n_tiles,
-        tiles_x,
-        tiles_y * tiles_x,
-        width,
-        height,
-        camera_offset,
+        *launch.sizes,
         query.front_weight,
         query.front_bias,
         query.query_part,
@@ -276,12 +296,6 @@ def rasterize_relevancy_triton(
         query.bias_norm,
         query.temperature,
         0.0 if normalize_min_alpha is None else float(normalize_min_alpha),
-        TILE=tile_size,
-        PIXELS=pixels,
-        CHANNELS=padded,
-        BLOCK_G=block_gaussians,
-        DOT_FP16=precision == "fp16",
-        INPUT_PRECISION="ieee" if precision == "ieee" else "tf32",
         NORMALIZE=normalize_min_alpha is not None,
         HIDDEN=query.hidden,
         QUERIES=query.queries,
@@ -289,6 +303,7 @@ def rasterize_relevancy_triton(
         POSITIVES=positives,
         BLOCK_HIDDEN=_EPILOGUE_BLOCK_HIDDEN,
         num_warps=num_warps,
+        **launch.constants,
     )
     return out
 

@@ -328,9 +328,8 @@ class ChorusDataManager(FullImageDatamanager):
 
     def next_train(self, step: int):
         camera, data = super().next_train(step)
-        if (
-            self._host_cameras is None
-        ):  # the dataset's cameras (on the host), as set-up left them (undistorted)
+        # The dataset's own cameras, on the host, as set-up left them (undistorted).
+        if self._host_cameras is None:
             self._host_cameras = HostCameraCache(self.train_dataset.cameras, self.device)
         camera.metadata[HOST_CAMERA_KEY] = self._host_cameras.for_camera(int(camera.metadata["cam_idx"]))
         # Not on the steps where the model skips its semantic half (ChorusSplatModelConfig.semantic_every).

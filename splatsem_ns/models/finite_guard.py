@@ -84,9 +84,8 @@ class NonFiniteWatch:
             self._first[key] = [-1] * len(names)
             self._image[key] = [-1] * len(names)
         pending = self._pending.get(key)
-        if (
-            pending is not None and pending.finite_flags == scalars
-        ):  # the same names, recorded as the other kind
+        # The same names recorded as the other kind (values, then finite flags): settle the old records first.
+        if pending is not None and pending.finite_flags == scalars:
             self._settle([key])
             pending = None
         if pending is None:

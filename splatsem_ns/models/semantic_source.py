@@ -150,7 +150,7 @@ class EncoderLatentSource(SemanticSource):
                 "needs nothing from it, but a new run cannot start without it.[/yellow]"
             )
             self._missing_checkpoint: Optional[Path] = checkpoint
-            self._seed_encoder = []
+            self._seed_encoder: List[nn.Module] = []
             self._latent_dim = config.latent_dim
             self._heads: Dict[str, nn.Module] = {}
             self.register_buffer("latents_seeded", torch.tensor(False))
@@ -167,7 +167,7 @@ class EncoderLatentSource(SemanticSource):
             # the run (the default encoder is 150 MB) nor moved with the model, and dropped once the latents hold its
             # output. Whether they do is saved (a restored run keeps its trained latents); the Python copy spares a
             # device read every step.
-            self._seed_encoder = [encoder.eval()]
+            self._seed_encoder: List[nn.Module] = [encoder.eval()]
             self.register_buffer("latents_seeded", torch.tensor(False))
             self._latents_seeded = False
         else:

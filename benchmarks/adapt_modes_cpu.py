@@ -4,9 +4,9 @@
     python benchmarks/adapt_modes_cpu.py --out DIR [--iterations 300] [--from DIR]
 
 1. A tiny chorus-pretrain run (the tiny encoder, 40 steps) on the test suite's tiny generated collection (3 rooms).
-2. chorus-splat on the synthetic room for ``--iterations`` steps, once per row: from scratch, and with the encoder as
-   its latent source (``adapt latents``; ``adapt head`` with and without the voxel prior and at 10 and 100 times
-   its learning rate).
+2. chorus-splat on the synthetic room for ``--iterations`` steps, once per row (``--only`` picks rows): from scratch,
+   and with the encoder as its latent source (``adapt latents``, with the pretrained or fresh heads; ``adapt head``
+   with and without the voxel prior and at 10 and 100 times its learning rate).
 3. ns-eval of each run: held-out 2D mIoU and 3D foreground mIoU (labels proxy).
 
 ``--from DIR`` only rebuilds the report from the ns-eval JSONs (``LABEL.json``) an earlier run left in DIR. It uses the
@@ -29,6 +29,9 @@ ENCODER = ("--pipeline.model.semantic-source.kind", "encoder")
 RUNS = {
     "scratch": (),
     "latents": ("--pipeline.model.semantic-source.adapt", "latents"),
+    "latents, fresh heads": (
+        "--pipeline.model.semantic-source.adapt", "latents", "--pipeline.model.semantic-source.heads", "fresh",
+    ),
     "head": ("--pipeline.model.semantic-source.adapt", "head"),
     "head, no voxel prior": (
         "--pipeline.model.semantic-source.adapt", "head", "--pipeline.model.semantic-smoothness-weight", "0",
@@ -42,7 +45,7 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
 
 
-def run_all(out: Path, iterations: int) -> None:
+def run_all(out: Path, iterations: int, only: list) -> None:
     from support import ns_eval, tiny_collection, train_synthetic, trained_on_collection
 
     collection = tiny_collection(out / "collection", rooms=4, test_room=3, seed_points=300)
@@ -50,6 +53,8 @@ def run_all(out: Path, iterations: int) -> None:
         "chorus-pretrain", collection, out / "pretrain", 40, "pre", "--pipeline.model.tiny-encoder", "True"
     )
     for label, extra in RUNS.items():
+        if only and label not in only:
+            continue
         source = () if label == "scratch" else (*ENCODER, "--pipeline.model.semantic-source.encoder-checkpoint",
                                                  str(pretrained / "config.yml"))  # fmt: skip
         run = train_synthetic(
@@ -109,10 +114,11 @@ def main() -> None:
         "--from", dest="source", type=Path, help="only report the ns-eval JSONs left in this folder"
     )
     parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
+    parser.add_argument("--only", nargs="+", default=[], choices=list(RUNS), help="run these rows only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.source is None:
-        run_all(args.out, args.iterations)
+        run_all(args.out, args.iterations, args.only)
     report(args.source or args.out, args.out, args.iterations, args.note)
 
 

@@ -96,6 +96,9 @@ class LearnedLatentSourceConfig(SemanticSourceConfig):
     (benchmarks/results/semantic_report_scannet_adapt_h200.md) "latents" scored 64.9 held-out 2D mIoU against 65.1
     from scratch, and "head" collapsed to 5.1: the layers after a backbone whose features do not separate the scene's
     classes cannot recover them."""
+    heads: Literal["pretrained", "fresh"] = "pretrained"
+    """kind encoder: whether the projector heads start from the chorus-pretrain run's or from a fresh
+    initialisation, as ``kind learned``'s do."""
     refresh_every: int = 100
     """kind encoder, adapt "head" or "none": optimizer updates of the Gaussians' positions (one per training step)
     between runs of the fixed backbone on the moved Gaussians; it also runs whenever densification replaces them
@@ -209,7 +212,7 @@ class EncoderLatentSource(SemanticSource):
         return {self.OPTIMIZER: trained} if trained else {}
 
     def initial_heads(self) -> Dict[str, nn.Module]:
-        return dict(self._heads)
+        return dict(self._heads) if self.config.heads == "pretrained" else {}
 
     def forward(self, gauss_params: nn.ParameterDict) -> Float[Tensor, "N D"]:
         if self.config.adapt == "latents":

@@ -412,7 +412,10 @@ def test_latent_adaptation_seeds_free_latents_with_the_encoders_output_once(pret
     )
     source = config.setup()
     assert source.param_groups() == {}  # no encoder weight trains
-    assert set(source.initial_heads()) == {"labels", "instances"}  # the pretrained heads, unless asked otherwise
+    assert set(source.initial_heads()) == {
+        "labels",
+        "instances",
+    }  # the pretrained heads, unless asked otherwise
     assert LearnedLatentSourceConfig(**{**vars(config), "heads": "fresh"}).setup().initial_heads() == {}
     assert set(source.state_dict()) == {"latents_seeded"}  # the encoder is not part of the run
     points = load_scene_gaussians(collection.parent / "room_0", "points", "gaussians.ply")

@@ -449,6 +449,9 @@ class ChorusSplatModel(SplatfactoModel):
         """What an eval-mode render passes to ``_render_semantic_latent`` (visible Gaussians, camera, scale), or
         None when nothing is visible."""
         camera = camera.to(self.device)
+        # The camera's numbers first: reading them waits for the GPU, which has nothing of this frame queued yet.
+        K = camera.get_intrinsics_matrices().to(self.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
         ids = self._visible_ids()
         if ids is not None and ids.sum() == 0:
             return None
@@ -461,9 +464,9 @@ class ChorusSplatModel(SplatfactoModel):
             "opacities": torch.sigmoid(params["opacities"]).squeeze(-1).detach(),
             "latent": (latent[ids] if ids is not None else latent).detach(),
             "viewmat": get_viewmat(camera.camera_to_worlds),
-            "K": camera.get_intrinsics_matrices().to(self.device),
-            "width": int(camera.width.item()),
-            "height": int(camera.height.item()),
+            "K": K,
+            "width": width,
+            "height": height,
             "scale": self._semantic_scale
             if self.viewer_semantic_scale is None
             else self.viewer_semantic_scale,

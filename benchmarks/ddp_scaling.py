@@ -9,12 +9,15 @@ scenes. Every rank records the wall time of each step, its peak GPU memory and t
 reported). The report (``"benchmark": "ddp_scaling"``) has a row per GPU count: training scenes per second (global
 batch / median step time past the warm-up), the speed-up over the 1-GPU row, peak memory per GPU, and the loss
 curve, rewritten after each run. GPU counts above what the machine has are skipped with a note. With ``--device
-cpu`` it runs one process on the CPU (a check of the script, not a measurement).
+cpu`` each "GPU" is a process on the gloo backend, up to the CPU count (a check of the script and its multi-process
+path, not a measurement).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
 import sys
 import traceback
@@ -51,6 +54,24 @@ def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0)
     (folder / f"rank{global_rank}.json").write_text(json.dumps(result))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
+    """nerfstudio's ``_distributed_worker`` on the CPU: a gloo process group, then ``timed_worker``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend="gloo", init_method=url, world_size=world_size, rank=rank)
+    try:
+        timed_worker(rank, world_size, config, rank)
+    finally:
+        dist.destroy_process_group()
+
+
 def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     """One GPU count: train through nerfstudio's launcher and summarise the ranks' logs."""
     from nerfstudio.scripts.train import launch
@@ -63,7 +84,14 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     config.machine.seed = args.seed
     config.rank_log_dir = str(out / "ranks")  # type: ignore[attr-defined]
     config.save_config()
-    launch(timed_worker, gpus, 1, 0, "auto", config=config, device_type=args.device)
+    if args.device == "cpu" and gpus > 1:
+        # nerfstudio's launcher asserts CUDA for more than one process: on the CPU the ranks are spawned as it
+        # spawns them, on gloo.
+        torch.multiprocessing.spawn(
+            _gloo_rank, args=(gpus, f"tcp://127.0.0.1:{_free_port()}", config), nprocs=gpus
+        )
+    else:
+        launch(timed_worker, gpus, 1, 0, "auto", config=config, device_type=args.device)
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(gpus)]
     # A step ends when its slowest rank's does; DDP keeps them in step, so rank 0's times stand for all.
     steady = ranks[0]["step_s"][args.warmup :] or ranks[0]["step_s"]
@@ -128,7 +156,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.method != "chorus-pretrain":
         args.gaussians = None
-    available = torch.cuda.device_count() if args.device == "cuda" else 1
+    # On the CPU each "GPU" is a gloo process: a check of the script's multi-process path, not a measurement.
+    available = torch.cuda.device_count() if args.device == "cuda" else (os.cpu_count() or 1)
     report: Dict[str, Any] = {
         "benchmark": "ddp_scaling",
         "method": args.method,

@@ -152,8 +152,8 @@ def test_semantic_report_scores_along_training(tmp_path: Path) -> None:
 
 
 def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -> None:
-    """ddp_scaling.py through nerfstudio's launcher: a row for one process (here on the CPU), a note for a count the
-    machine does not have."""
+    """ddp_scaling.py: a row for one process and one for two (here gloo processes on the CPU, so the script's
+    multi-process path runs before any multi-GPU machine does), a note for a count it cannot run."""
     import json
     import subprocess
 
@@ -162,16 +162,25 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     collection = tiny_collection(tmp_path / "scenes", rooms=3, test_room=2, seed_points=100)
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_scaling.py"),
-         "--collection", str(collection), "--out", str(tmp_path / "out"), "--gpus", "1", "2", "--global-batch", "2",
+         "--collection", str(collection), "--out", str(tmp_path / "out"), "--gpus", "1", "2", "3", "--global-batch", "2",
          "--steps", "3", "--warmup", "0", "--tiny", "--size", "48", "64", "--loader-workers", "0", "--device", "cpu"],
         capture_output=True, text=True, env=offline_env(), timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "ddp_scaling.json").read_text())
-    assert report["benchmark"] == "ddp_scaling" and [r["gpus"] for r in report["rows"]] == [1]
-    row = report["rows"][0]
-    assert row["steps"] == 3 and row["scenes_per_s"] > 0 and row["speedup"] == 1.0 and row["loss_curve"]
-    assert report["notes"] == ["2 GPUs asked for, 1 here: not run"]
+    assert report["benchmark"] == "ddp_scaling" and [r["gpus"] for r in report["rows"]] == [1, 2], report[
+        "notes"
+    ]
+    one, two = report["rows"]
+    assert one["steps"] == 3 and one["scenes_per_s"] > 0 and one["speedup"] == 1.0 and one["loss_curve"]
+    assert two["steps"] == 3 and two["per_gpu_batch"] == 1 and two["speedup"] > 0 and two["loss_curve"]
+    assert len(two["peak_gpu_memory_gib_per_rank"]) == 2  # both ranks wrote their log
+    # Three: more processes than this machine has CPUs, or not a divisor of the global batch; either way a note.
+    assert (
+        len(report["notes"]) == 1
+        and report["notes"][0].startswith("3 GPUs")
+        and "not run" in report["notes"][0]
+    )
 
 
 def test_the_training_budget_starts_after_the_first_step(monkeypatch) -> None:

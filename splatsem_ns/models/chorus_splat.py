@@ -421,9 +421,7 @@ class ChorusSplatModel(SplatfactoModel):
                 full_K,
                 full_W,
                 full_H,
-                self._semantic_scale
-                if self.training or self.viewer_semantic_scale is None
-                else self.viewer_semantic_scale,
+                self._semantic_scale if self.training else self._eval_semantic_scale(),
                 pool,
             )
         if not self.training:  # viewer outputs (semantic queries) computed from this render
@@ -467,9 +465,7 @@ class ChorusSplatModel(SplatfactoModel):
             "K": K,
             "width": width,
             "height": height,
-            "scale": self._semantic_scale
-            if self.viewer_semantic_scale is None
-            else self.viewer_semantic_scale,
+            "scale": self._eval_semantic_scale(),
         }
 
     @torch.no_grad()
@@ -493,13 +489,8 @@ class ChorusSplatModel(SplatfactoModel):
             return False
         if camera is None:
             return True
-        inputs_scale = (
-            self._semantic_scale if self.viewer_semantic_scale is None else self.viewer_semantic_scale
-        )
         width, height = int(camera.width.item()), int(camera.height.item())
-        w, h = _scaled_size(width, inputs_scale), _scaled_size(height, inputs_scale)
-        budget = int(math.sqrt(self.config.semantic_max_pixels / (w * h)))
-        k = max(1, min(self.config.semantic_supersample, width // w, height // h, budget))
+        w, h, k = self._semantic_render_size(width, height, self._eval_semantic_scale())
         tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
         # Supersampled renders are pooled before the query; the kernel's tiles are powers of two of >= 16 pixels.
         return k == 1 and tile >= 4 and not tile & (tile - 1)
@@ -520,7 +511,7 @@ class ChorusSplatModel(SplatfactoModel):
         if inputs is None:
             return None
         width, height, scale = inputs["width"], inputs["height"], inputs["scale"]
-        w, h = _scaled_size(width, scale), _scaled_size(height, scale)
+        w, h, _ = self._semantic_render_size(width, height, scale)  # k == 1 here (supported above)
         latent = inputs["latent"]
         precision = "fp16" if folded.fold.dtype in (torch.float16, torch.bfloat16) else "ieee"
         relevancy = render_relevancy(
@@ -561,10 +552,7 @@ class ChorusSplatModel(SplatfactoModel):
         """The latent rendered at ``scale`` of the image. Supersampled renders (k x k pixels per output pixel)
         are averaged back to ``scale`` when ``pool``, else returned at k times that resolution. ``normalize``
         (default: ``semantic_alpha_normalize``) divides by the accumulated opacity."""
-        w, h = _scaled_size(width, scale), _scaled_size(height, scale)
-        # Supersampling: k x k render pixels per output pixel, at most the image's own resolution.
-        budget = int(math.sqrt(self.config.semantic_max_pixels / (w * h)))
-        k = max(1, min(self.config.semantic_supersample, width // w, height // h, budget))
+        w, h, k = self._semantic_render_size(width, height, scale)
         if not self.config.semantic_grad_to_geometry:
             means, quats, scales, opacities = (
                 means.detach(),
@@ -595,6 +583,18 @@ class ChorusSplatModel(SplatfactoModel):
             # A weighted mean; below _MIN_ALPHA the pixel fades to zero instead of amplifying a stray Gaussian.
             rendered = rendered / alpha.clamp(min=_MIN_ALPHA)
         return rendered[0]
+
+    def _semantic_render_size(self, width: int, height: int, scale: float) -> Tuple[int, int, int]:
+        """The semantic render's output size (w, h) at ``scale`` of a ``width`` x ``height`` image, and its
+        supersampling factor k: k x k render pixels per output pixel, at most the image's own resolution and
+        ``semantic_max_pixels`` in all."""
+        w, h = _scaled_size(width, scale), _scaled_size(height, scale)
+        budget = int(math.sqrt(self.config.semantic_max_pixels / (w * h)))
+        return w, h, max(1, min(self.config.semantic_supersample, width // w, height // h, budget))
+
+    def _eval_semantic_scale(self) -> float:
+        """The semantic render's scale in eval-mode renders: the viewer's while its panel sets one, else training's."""
+        return self._semantic_scale if self.viewer_semantic_scale is None else self.viewer_semantic_scale
 
     @torch.no_grad()
     def render_semantic_latent(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
+from gsplat.utils import normalized_quat_to_rotmat
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -58,19 +59,6 @@ def _up_rotation_quaternions(angles: Float[Tensor, " B"], up_axis: int) -> Float
     return quats
 
 
-def _axis_rotation_matrices(angles: Float[Tensor, " B"], up_axis: int) -> Float[Tensor, "B 3 3"]:
-    """Rotation matrices of turns by ``angles`` about coordinate axis ``up_axis`` (right-handed)."""
-    i, j = [a for a in range(3) if a != up_axis]
-    if up_axis == 1:  # keep the turn right-handed about y: z -> x
-        i, j = j, i
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    matrices = torch.zeros(angles.shape[0], 3, 3, dtype=angles.dtype, device=angles.device)
-    matrices[:, up_axis, up_axis] = 1.0
-    matrices[:, i, i], matrices[:, i, j] = cos, -sin
-    matrices[:, j, i], matrices[:, j, j] = sin, cos
-    return matrices
-
-
 def augment_inputs(
     gaussians: Mapping[str, Tensor],
     batch: Int[Tensor, " N"],
@@ -90,7 +78,9 @@ def augment_inputs(
     angles = (
         uniform(0.0, 2 * math.pi, batch_size) if config.rotate else torch.zeros(batch_size, device=device)
     )
-    rotation = _axis_rotation_matrices(angles, config.up_axis)[batch]  # [N, 3, 3]
+    turn = _up_rotation_quaternions(angles, config.up_axis)  # [B, 4]
+    # The positions turn by the matrix of the very quaternion that turns the Gaussians' own rotations.
+    rotation = normalized_quat_to_rotmat(turn)[batch]  # [N, 3, 3]
     factor = uniform(*config.scale_range, batch_size)
     shift = (
         uniform(-config.shift, config.shift, batch_size, 3)
@@ -103,8 +93,7 @@ def augment_inputs(
         moved = moved + noise.clamp(-4 * config.jitter, 4 * config.jitter)
     out["means"] = moved
     out["scales"] = gaussians["scales"].float() + torch.log(factor)[batch, None]
-    turn = _up_rotation_quaternions(angles, config.up_axis)[batch]
-    out["quats"] = quaternion_multiply(turn, gaussians["quats"].float())
+    out["quats"] = quaternion_multiply(turn[batch], gaussians["quats"].float())
 
     dc = gaussians["features_dc"].float()
     rgb = dc.reshape(dc.shape[0], 3) * SH_C0 + 0.5

@@ -144,41 +144,42 @@ class EncoderLatentSource(SemanticSource):
         self._cached: Optional[tuple] = None  # (what the latents were computed from, the latents)
         self._backbone_cache: Optional[tuple] = None  # (the Gaussians' storage, their version, features)
         checkpoint = Path(config.encoder_checkpoint)
-        if config.adapt == "latents" and not checkpoint.is_file():
-            # A run adapted this way saves everything it renders with (its latents and heads), so ns-viewer, ns-eval
-            # and export restore it on a machine without the pretraining run; the checkpoint's shapes replace the
-            # configured width when it loads. Only seeding a new run needs the encoder: that fails on first use.
+        # A run adapted with "latents" saves everything it renders with (its latents and heads), so ns-viewer, ns-eval
+        # and export restore it on a machine without the pretraining run; the checkpoint's shapes replace the
+        # configured width when it loads. Only seeding a new run needs the encoder: that fails on first use.
+        self._missing_checkpoint = (
+            checkpoint if config.adapt == "latents" and not checkpoint.is_file() else None
+        )
+        encoder: Optional[nn.Module] = None
+        if self._missing_checkpoint is not None:
             CONSOLE.print(
                 f"[yellow]The encoder checkpoint {checkpoint} is not here: restoring a run whose latents it seeded "
                 "needs nothing from it, but a new run cannot start without it.[/yellow]"
             )
-            self._missing_checkpoint: Optional[Path] = checkpoint
-            self._seed_encoder: List[nn.Module] = []
             self._latent_dim = config.latent_dim
             self._heads: Dict[str, nn.Module] = {}
-            self.register_buffer("latents_seeded", torch.tensor(False))
-            self._latents_seeded = False
-            return
-        self._missing_checkpoint = None
-        pretrained = restore_network_model(checkpoint, "ns-train chorus-pretrain")
-        if not hasattr(pretrained, "encoder"):
-            raise ValueError(f"{config.encoder_checkpoint} is not a chorus-pretrain run (it has no encoder)")
-        encoder = pretrained.encoder.requires_grad_(False)
-        self._latent_dim = encoder.latent_dim
+        else:
+            pretrained = restore_network_model(checkpoint, "ns-train chorus-pretrain")
+            if not hasattr(pretrained, "encoder"):
+                raise ValueError(
+                    f"{config.encoder_checkpoint} is not a chorus-pretrain run (it has no encoder)"
+                )
+            encoder = pretrained.encoder.requires_grad_(False)
+            self._latent_dim = encoder.latent_dim
+            # A plain dict: the heads are copied into the model's own, not held twice in its state.
+            self._heads = dict(pretrained.projector_heads.items())
         if config.adapt == "latents":
             # Needed once, to seed the latents: held in a list, outside the module tree, so it is neither saved with
             # the run (the default encoder is 150 MB) nor moved with the model, and dropped once the latents hold its
             # output. Whether they do is saved (a restored run keeps its trained latents); the Python copy spares a
             # device read every step.
-            self._seed_encoder: List[nn.Module] = [encoder.eval()]
+            self._seed_encoder: List[nn.Module] = [] if encoder is None else [encoder.eval()]
             self.register_buffer("latents_seeded", torch.tensor(False))
             self._latents_seeded = False
         else:
             self.encoder = encoder
             for module in {"all": [encoder], "head": self._after_backbone()}.get(config.adapt, []):
                 module.requires_grad_(True)
-        # A plain dict: the heads are copied into the model's own, not held twice in its state.
-        self._heads = dict(pretrained.projector_heads.items())
 
     def _after_backbone(self) -> List[nn.Module]:
         return [self.encoder.voxel_proj, self.encoder.point_mlp, self.encoder.head]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import sys
 import traceback
@@ -54,12 +53,6 @@ def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0)
     (folder / f"rank{global_rank}.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
     """nerfstudio's ``_distributed_worker`` on the CPU: a gloo process group, then ``timed_worker``."""
     import torch.distributed as dist
@@ -74,7 +67,7 @@ def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
 
 def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     """One GPU count: train through nerfstudio's launcher and summarise the ranks' logs."""
-    from nerfstudio.scripts.train import launch
+    from nerfstudio.scripts.train import _find_free_port, launch
 
     args.batch_size = args.global_batch // gpus
     out = args.out / f"gpus{gpus}"
@@ -88,7 +81,7 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
         # nerfstudio's launcher asserts CUDA for more than one process: on the CPU the ranks are spawned as it
         # spawns them, on gloo.
         torch.multiprocessing.spawn(
-            _gloo_rank, args=(gpus, f"tcp://127.0.0.1:{_free_port()}", config), nprocs=gpus
+            _gloo_rank, args=(gpus, f"tcp://127.0.0.1:{_find_free_port()}", config), nprocs=gpus
         )
     else:
         launch(timed_worker, gpus, 1, 0, "auto", config=config, device_type=args.device)

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from step_regions import WATCHED_PACKAGES, _short, trainer_regions  # noqa: E402
+from step_regions import WATCHED_PACKAGES, _short, trainer_regions, wrap_callbacks  # noqa: E402
 
 RASTERIZER = "forward: rasterize_gaussians (both passes)"
 """The region whose operators stand for gsplat's kernels on CUDA (see the module docstring)."""
@@ -206,10 +206,13 @@ def extra_regions(trainer) -> List[Tuple[Any, str, str]]:
     import nerfstudio.models.splatfacto as splatfacto
 
     model = trainer.pipeline.model
-    return [
-        (splatfacto.SplatfactoModel, "get_loss_dict", "losses: splatfacto's RGB losses"),
-        (model.psnr, "forward", "metrics: psnr"),
-    ]
+    # chorus-splat computes splatfacto's losses itself (without splatfacto's host copy); splatfacto in its own method.
+    rgb_losses = (
+        (model, "_splatfacto_loss_dict")
+        if hasattr(model, "_splatfacto_loss_dict")
+        else (splatfacto.SplatfactoModel, "get_loss_dict")
+    )
+    return [(*rgb_losses, "losses: splatfacto's RGB losses"), (model.psnr, "forward", "metrics: psnr")]
 
 
 def build(method: str, root: Path, iterations: int, overrides: Optional[dict] = None):
@@ -235,9 +238,9 @@ def count_steps(trainer, warmup: int, steps: int) -> StepOpCounter:
     for owner, attribute, name in trainer_regions(trainer) + extra_regions(trainer):
         if owner is not None:
             counter.wrap(owner, attribute, name)
-    for callback in trainer.callbacks:
-        name = getattr(callback.func, "__qualname__", type(callback.func).__name__)
-        counter.wrap(callback, "func", f"callback: {name}")
+    wrap_callbacks(
+        counter, trainer.callbacks
+    )  # a region per callback function, as the timing script names them
 
     def before(step: int) -> None:
         counter.new_step()

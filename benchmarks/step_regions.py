@@ -123,8 +123,10 @@ def trainer_regions(trainer) -> List[Tuple[Any, str, str]]:
     return targets
 
 
-def wrap_callbacks(regions: StepRegions, callbacks: Sequence[Any]) -> None:
-    """Time the trainer's callbacks (densification, schedules, checks) as one region per callback function."""
+def wrap_callbacks(regions: Any, callbacks: Sequence[Any]) -> None:
+    """Time the trainer's callbacks (densification, schedules, checks) as one region per callback function;
+    ``regions``: a ``StepRegions``, or anything else with its ``wrap(owner, attribute, name)`` (``step_ops.py``'s
+    counter)."""
     for callback in callbacks:
         name = getattr(callback.func, "__qualname__", type(callback.func).__name__)
         regions.wrap(callback, "func", f"callback: {name}")

@@ -53,21 +53,11 @@ def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0)
     (folder / f"rank{global_rank}.json").write_text(json.dumps(result))
 
 
-def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
-    """nerfstudio's ``_distributed_worker`` on the CPU: a gloo process group, then ``timed_worker``."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(backend="gloo", init_method=url, world_size=world_size, rank=rank)
-    try:
-        timed_worker(rank, world_size, config, rank)
-    finally:
-        dist.destroy_process_group()
-
-
 def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     """One GPU count: train through nerfstudio's launcher and summarise the ranks' logs."""
-    from nerfstudio.scripts.train import _find_free_port, launch
+    from nerfstudio.scripts.train import launch
+
+    from splatsem_ns.engine.distributed import spawn_on_gloo
 
     args.batch_size = args.global_batch // gpus
     out = args.out / f"gpus{gpus}"
@@ -80,9 +70,7 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     if args.device == "cpu" and gpus > 1:
         # nerfstudio's launcher asserts CUDA for more than one process: on the CPU the ranks are spawned as it
         # spawns them, on gloo.
-        torch.multiprocessing.spawn(
-            _gloo_rank, args=(gpus, f"tcp://127.0.0.1:{_find_free_port()}", config), nprocs=gpus
-        )
+        spawn_on_gloo(timed_worker, gpus, config)
     else:
         launch(timed_worker, gpus, 1, 0, "auto", config=config, device_type=args.device)
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(gpus)]

@@ -142,7 +142,8 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     means, quats = model.means.detach(), model.quats.detach()
     scales, opacities = torch.exp(model.scales).detach(), torch.sigmoid(model.opacities).squeeze(-1).detach()
     latent = model.semantic_source(model.gauss_params).detach()
-    viewmat, K = get_viewmat(cam.camera_to_worlds), cam.get_intrinsics_matrices()
+    # nerfstudio builds the intrinsics on the host whatever the camera's device; gsplat takes them on the GPU.
+    viewmat, K = get_viewmat(cam.camera_to_worlds), cam.get_intrinsics_matrices().to(means.device)
     tile = semantic_tile_size(model.config.semantic_tile_size, W * H)
     mode = model.config.semantic_rasterize_mode or model.config.rasterize_mode
     normalize = _MIN_ALPHA if model.config.semantic_alpha_normalize else None
@@ -336,14 +337,23 @@ def main() -> None:
     )
     at = [name for name, _, _ in paths].index("frame+query@full, folded bfloat16")
     paths[at:at] = [row[:3] for row in triton_paths]
-    try:  # also the first run of the kernels: a failure drops their rows instead of the whole run
-        with torch.no_grad():
-            for name, _, _, check in triton_paths:
+    dropped = set()
+    for (
+        name,
+        fn,
+        _,
+        check,
+    ) in triton_paths:  # also each row's first run: a failure drops that row, not the run
+        try:
+            with torch.no_grad():
                 if check is not None:
                     agreement[name] = float((check().float() - reference).abs().max())
-    except Exception as err:  # noqa: BLE001
-        print(f"Triton rasterizer rows dropped: {type(err).__name__}: {err}", flush=True)
-        paths = [row for row in paths if row[0] not in {name for name, _, _, _ in triton_paths}]
+                else:
+                    fn()
+        except Exception as err:  # noqa: BLE001
+            print(f"Triton rasterizer row dropped: {name}: {type(err).__name__}: {err}", flush=True)
+            dropped.add(name)
+    paths = [row for row in paths if row[0] not in dropped]
     print("max |relevancy - float32 fold|:", agreement, flush=True)
     for name, fn, k in paths:
         model.config.semantic_supersample = k

@@ -612,12 +612,9 @@ def test_only_training_encodes_randomly_transformed_inputs(pretrained, collectio
     assert seen == [1]
 
 
-def _global_centre(rank: int, url: str, result: str) -> None:
-    import torch.distributed as dist
-
+def _global_centre(rank: int, world_size: int, result: str, global_rank: int) -> None:
     from splatsem_ns.models.heads import mean_direction, unit_direction_sum
 
-    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
     features = torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(rank))
     available = torch.tensor(
         [[True, rank == 0, True], [False, True, True]]
@@ -625,20 +622,15 @@ def _global_centre(rank: int, url: str, result: str) -> None:
     found = mean_direction(*unit_direction_sum(features, available))
     local = mean_direction(*unit_direction_sum(features, available), across_ranks=False)
     torch.save({"global": found, "local": local}, f"{result}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_ddp_ranks_centre_the_loss_on_the_global_batchs_mean_direction(tmp_path):
     """In DDP training the centred term's centre is the mean unit teacher feature of every rank's views together,
     as one GPU with the whole batch would compute it, not each rank's own."""
-    import socket
-
+    from splatsem_ns.engine.distributed import spawn_on_gloo
     from splatsem_ns.models.heads import mean_direction, unit_direction_sum
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    torch.multiprocessing.spawn(_global_centre, args=(url, str(tmp_path / "centre")), nprocs=2)
+    spawn_on_gloo(_global_centre, 2, str(tmp_path / "centre"))
     got = [torch.load(tmp_path / f"centre.{r}") for r in (0, 1)]
     views = []
     for rank in (0, 1):

@@ -238,26 +238,6 @@ def _ddp_worker(local_rank: int, world_size: int, config, global_rank: int = 0) 
         Path(config.result_file).write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _gloo_rank(rank: int, world_size: int, url: str, config) -> None:
-    """nerfstudio's ``_distributed_worker`` on the CPU: a gloo process group, then the worker."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(backend="gloo", init_method=url, world_size=world_size, rank=rank)
-    try:
-        _ddp_worker(rank, world_size, config, rank)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["semantic-splat", "chorus-pretrain"])
 def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method):
@@ -266,6 +246,7 @@ def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method):
     one process on the CPU."""
     import copy
 
+    from splatsem_ns.engine.distributed import spawn_on_gloo
     from splatsem_ns.method_configs.chorus_pretrain import chorus_pretrain
     from splatsem_ns.method_configs.semantic_splat import semantic_splat
     from splatsem_ns.models.semantic_splat import restore_network_model
@@ -292,8 +273,8 @@ def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method):
     config.vis = "tensorboard"
     config.result_file = str(tmp_path / "result.json")  # type: ignore[attr-defined]
     config.save_config()  # as ns-train does before it launches the ranks
-    # nerfstudio's launcher asserts CUDA even for gloo, so the two CPU ranks are spawned here the way it spawns them.
-    torch.multiprocessing.spawn(_gloo_rank, args=(2, f"tcp://127.0.0.1:{_free_port()}", config), nprocs=2)
+    # nerfstudio's launcher asserts CUDA even for gloo, so the two CPU ranks are spawned the way it spawns them.
+    spawn_on_gloo(_ddp_worker, 2, config)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"], "the ranks' weights differ: gradients were not averaged"
     assert result["moved"] > 0, "training did not change the weights"

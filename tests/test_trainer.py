@@ -275,25 +275,18 @@ def test_unknown_teacher_is_a_usage_error_of_ns_train(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _agree(rank: int, url: str, result: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=url, world_size=2, rank=rank)
+def _agree(rank: int, world_size: int, result: str, global_rank: int) -> None:
     trainer = ChorusTrainer.__new__(ChorusTrainer)
     trainer.world_size, trainer.device = 2, "cpu"
     trainer._stop_signal = signal.SIGTERM if rank == 1 else None  # only rank 1 was signalled
     agreed = trainer._agreed_stop_signal()
     Path(result).with_suffix(f".{rank}").write_text(str(agreed))
-    dist.destroy_process_group()
 
 
 def test_ranks_agree_on_a_stop_so_they_stop_after_the_same_step(tmp_path):
     """A signal that reaches one rank stops every rank after the same step; otherwise the others would wait forever
     in the next step's gradient all-reduce."""
-    import socket
+    from splatsem_ns.engine.distributed import spawn_on_gloo
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    torch.multiprocessing.spawn(_agree, args=(url, str(tmp_path / "agreed")), nprocs=2)
+    spawn_on_gloo(_agree, 2, str(tmp_path / "agreed"))
     assert [(tmp_path / f"agreed.{r}").read_text() for r in (0, 1)] == [str(int(signal.SIGTERM))] * 2

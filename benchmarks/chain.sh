@@ -7,13 +7,13 @@
 # Each step's output goes to $RES/STEP.log (and the benchmark's report under $RES/STEP/), the chain's progress to
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
-#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, query, profile, ddp)
+#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, query, profile, memory, ddp)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
 #   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
 #   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE ("latents head"), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
-#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), DDP_ARGS
+#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
 pack() {
@@ -87,6 +87,9 @@ run)
     profile)  # where a training step's host and GPU time go, splatfacto beside chorus-splat
       step profile python benchmarks/profile_iteration.py --data "$SPLATSEM_DATA/scannet_scene0000_00" \
         --out "$RES/profile" --method splatfacto chorus-splat --random-weights ;;
+    memory)  # what peak training memory holds, splatfacto beside chorus-splat
+      step memory python benchmarks/memory_peak.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/memory" \
+        --method splatfacto chorus-splat --random-weights --start "${MEM_START:-1500}" ;;
     ddp)
       # shellcheck disable=SC2086
       step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;

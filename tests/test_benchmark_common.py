@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import parse_method, trainer_config  # noqa: E402
@@ -370,3 +371,53 @@ def test_the_adaptation_modes_report_reads_each_runs_ns_eval(tmp_path: Path) -> 
     assert text.index("| scratch") < text.index("| head, lr x10") and "- note: a note" in text
     saved = json.loads((tmp_path / "adapt_modes_cpu.json").read_text())
     assert set(saved["runs"]) == {"scratch", "head, lr x10"}
+
+
+def test_memory_peak_replays_the_allocator_trace_to_the_tensors_alive_at_the_peak() -> None:
+    """memory_peak.py (GPU only) charges each block alive at the largest net growth to its first own-code frame."""
+    from memory_peak import peak_breakdown
+
+    def frames(*names: str):
+        return [{"filename": f, "line": 7, "name": "fn"} for f in names]
+
+    render = frames("/x/torch/nn/functional.py", "/venv/site-packages/gsplat/rendering.py")
+    loss = frames("/work/splatsem_ns/models/chorus_splat.py")
+    mib = 2**20
+    events = [
+        {"action": "alloc", "addr": 1, "size": 4 * mib, "frames": render},
+        {"action": "alloc", "addr": 2, "size": 2 * mib, "frames": loss},
+        {"action": "free_requested", "addr": 2, "size": 2 * mib},
+        {"action": "free_completed", "addr": 2, "size": 2 * mib},  # before the peak: not charged
+        {"action": "alloc", "addr": 3, "size": 1 * mib, "frames": loss},
+        {"action": "alloc", "addr": 4, "size": 2 * mib, "frames": []},  # the peak: 7 MiB (6 MiB before)
+        {"action": "free_completed", "addr": 1, "size": 4 * mib},
+        {"action": "free_completed", "addr": 99, "size": 8 * mib},  # allocated before the recording: ignored
+        {"action": "alloc", "addr": 5, "size": 3 * mib, "frames": loss},
+    ]
+    found = peak_breakdown(events)
+    assert found["transient_peak_mib"] == 7.0
+    assert dict(found["sites_mib"]) == {
+        "gsplat/rendering.py:7 fn": 4.0, "splatsem_ns/models/chorus_splat.py:7 fn": 1.0, "(no stack)": 2.0,
+    }  # fmt: skip
+
+
+def test_memory_peak_counts_per_gaussian_state_by_kind_once_per_storage() -> None:
+    from memory_peak import persistent_inventory
+
+    model = torch.nn.Module()
+    model.means = torch.nn.Parameter(torch.zeros(10, 3))
+    model.latent = torch.nn.Parameter(torch.zeros(10, 8))
+    model.head = torch.nn.Linear(8, 4)
+    model.num_points = 10
+    optimizer = torch.optim.Adam(model.parameters())
+    (model.means.sum() + model.latent.sum() + model.head(model.latent).sum()).backward()
+    optimizer.step()
+    found = persistent_inventory(model, [optimizer], {"grad2d": torch.zeros(10), "alias": model.means.data})
+    per = found["per_gaussian_bytes"]
+    assert per == {
+        "parameters": 44.0,
+        "gradients": 44.0,
+        "optimizer states": 88.0,
+        "densification statistics": 4.0,
+    }
+    assert found["other_mib"]["parameters"] == round((8 * 4 + 4) * 4 / 2**20, 2)

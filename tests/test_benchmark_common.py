@@ -421,3 +421,31 @@ def test_memory_peak_counts_per_gaussian_state_by_kind_once_per_storage() -> Non
         "densification statistics": 4.0,
     }
     assert found["other_mib"]["parameters"] == round((8 * 4 + 4) * 4 / 2**20, 2)
+
+
+def test_live_bytes_counts_each_storage_while_it_lives() -> None:
+    from live_bytes import LiveBytes
+
+    counter = LiveBytes()
+    with counter:
+        a = torch.ones(1000, 32)
+        b = a * 2
+        view = b[:10]  # a view: no new storage
+        del b
+        assert counter.live == 2 * 128_000  # b's storage lives on in its view
+        del view, a
+        assert counter.live == 0
+    assert counter.peak == 2 * 128_000
+
+
+def test_the_voxel_prior_holds_at_most_two_latent_sized_temporaries() -> None:
+    """The prior runs over every Gaussian each semantic step: its forward may hold at most two [N, D] tensors at
+    once besides small per-Gaussian vectors, and keeps one for backward (the first version peaked at 980 bytes per
+    Gaussian for 32 channels: benchmarks/results/voxel_prior_memory_cpu.md)."""
+    from live_bytes import load_loss, measure_voxel_prior
+
+    dim = 32
+    found = measure_voxel_prior(load_loss(None), 20_000, dim)
+    latent_sized = 4 * dim  # bytes per Gaussian of one float32 [N, D] tensor
+    assert found["forward_peak_bytes_per_gaussian"] <= 2 * latent_sized + 32, found
+    assert found["held_for_backward_bytes_per_gaussian"] <= latent_sized + 32, found

@@ -50,20 +50,24 @@ def voxel_consensus_loss(
 ) -> Float[Tensor, ""]:
     """Mean ``1 - cos(latent_i, m_v(i))`` over the Gaussians that share their voxel with another, where
     ``m_v`` is the ``weights``-weighted mean latent of voxel v (a fixed target: no gradient flows through it).
-    Voxels have edge ``voxel`` and their grid is shifted by ``offset`` (same units as ``means``)."""
-    cells = torch.floor((means.detach() - offset) / voxel).long()
-    inverse = voxel_index(voxel_keys(cells))
-    weights = weights.detach().to(latent.dtype)
-    dim = latent.shape[1]
-    # Per Gaussian [weight * latent, weight, 1], summed per voxel in one pass: the weighted sum, the total weight and
-    # the Gaussian count side by side (the count is exact in floating point up to 2^24 Gaussians per voxel).
-    terms = torch.nn.functional.pad(
-        torch.nn.functional.pad(latent.detach(), (0, 1), value=1.0) * weights[:, None], (0, 1), value=1.0
-    )
-    # One row per Gaussian, not per voxel: the voxel count is only known on the device, and reading it back (as
-    # torch.unique's outputs need) would make the host wait for the GPU in every training step.
-    sums = torch.zeros_like(terms).index_add_(0, inverse, terms)[inverse]
-    target = sums[:, :dim] / sums[:, dim : dim + 1].clamp(min=1e-12)
-    shared = (sums[:, dim + 1] > 1).to(latent.dtype)
-    cosine = torch.nn.functional.cosine_similarity(latent, target, dim=-1, eps=1e-8)
+    Voxels have edge ``voxel`` and their grid is shifted by ``offset`` (same units as ``means``).
+
+    It runs over every Gaussian each semantic step, so its temporaries are ``[N, D]``-sized: they are kept to two
+    at a time, and one (the unit target per Gaussian) is held for backward."""
+    with torch.no_grad():
+        inverse = voxel_index(voxel_keys(torch.floor((means - offset) / voxel).long()))
+        # Per voxel: the weighted latent sum and the Gaussian count. One row per Gaussian, not per voxel: the voxel
+        # count is only known on the device, and reading it back (as torch.unique's outputs need) would make the
+        # host wait for the GPU in every training step.
+        sums = torch.zeros_like(latent).index_add_(0, inverse, latent * weights.to(latent.dtype)[:, None])
+        counts = torch.zeros(len(inverse), dtype=latent.dtype, device=latent.device)
+        counts.index_add_(0, inverse, torch.ones_like(counts))
+        # The mean's direction is the sum's (the total weight only scales it): normalised in place, then gathered.
+        # A voxel whose weights are all zero has a zero target, and its Gaussians a cosine of 0, as with a zero mean.
+        sums.div_(torch.linalg.vector_norm(sums, dim=-1, keepdim=True).clamp_(min=1e-12))
+        target = sums[inverse]
+        del sums
+        shared = (counts[inverse] > 1).to(latent.dtype)
+    # cos(latent, unit target) = latent . target / |latent|, as cosine_similarity with eps 1e-8 computes it.
+    cosine = torch.linalg.vecdot(latent, target) / torch.linalg.vector_norm(latent, dim=-1).clamp(min=1e-8)
     return ((1.0 - cosine) * shared).sum() / shared.sum().clamp(min=1.0)

@@ -607,3 +607,37 @@ def test_click_protocol_needs_an_object_aware_teacher_and_survives_old_configs(t
     assert saved == ClickEvalConfig()
     monkeypatch.setattr(chorus_pipeline, "OBJECT_TEACHERS", ("sam",))
     assert pipeline._score_clicks(*args) == {}
+
+
+def test_the_panel_folds_a_query_once_and_again_when_the_head_trains(trained, panel):
+    """Every frame of one query reuses its fold; new texts, or a head whose weights changed in place (training
+    under the viewer), make a new one, which gives the map of a fold built from scratch."""
+    from splatsem_ns.models.folded_query import FoldedQuery
+    from splatsem_ns.models.heads import resize_feature_map
+
+    model = trained["pipeline"].model
+    index = _views_with(trained, "sofa")[0]
+    _set(panel, positives="sofa")
+    _render(trained, index)
+    first = panel._folded[1]
+    _render(trained, index)
+    assert panel._folded[1] is first
+    _set(panel, positives="table")
+    _render(trained, index)
+    assert panel._folded[1] is not first
+    head = model.projector_heads["labels"]
+    last = [layer for layer in head.net if isinstance(layer, torch.nn.Linear)][-1]
+    before = panel._folded[1]
+    original = last.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            last.weight.mul_(1.5)  # an optimizer's in-place step
+        outputs = _render(trained, index)
+        assert panel._folded[1] is not before
+        texts = panel.embed("labels", ("table",) + split_phrases(panel.negatives.value))
+        fresh = FoldedQuery(head, texts[:1], texts[1:])(outputs["semantic_latent"])
+        expected = resize_feature_map(fresh, tuple(outputs["rgb"].shape[:2]))
+        assert torch.allclose(panel.last_result.relevancy, expected, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            last.weight.copy_(original)

@@ -12,7 +12,7 @@ which is what makes full-resolution queries fast. ``FoldedQuery`` gives the same
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,9 @@ class FoldedQuery(nn.Module):
         tail = torch.promote_types(weight.dtype, torch.float32)
         self.query_bias = (queries @ bias).to(tail)  # [Q]
         self.bias_norm = (bias @ bias).to(tail)
+        # What kernels derive from these terms, by their key (rendering/triton_rasterizer.py: the operands per latent
+        # width), made once per query rather than once per frame.
+        self.kernel_operands: Dict[object, object] = {}
 
     def forward(self, latent: Float[Tensor, "*batch D"]) -> Float[Tensor, "*batch P"]:
         args = (

@@ -314,17 +314,20 @@ _EPILOGUE_BLOCK_HIDDEN = 64
 
 def fold_operands_for(folded, latent_channels: int) -> FoldOperands:
     """The kernel operands of a ``FoldedQuery`` with one hidden layer, its first layer zero-padded to the kernel's
-    width for ``latent_channels``-channel latents."""
-    return fold_operands(
-        folded.front_weights,
-        folded.front_biases,
-        folded.fold,
-        folded.query_bias,
-        folded.bias_norm,
-        folded.num_positives,
-        folded.temperature,
-        channels=_padded_width(latent_channels),
-    )
+    width for ``latent_channels``-channel latents; built once per query and width, and kept on ``folded``."""
+    width = _padded_width(latent_channels)
+    if width not in folded.kernel_operands:
+        folded.kernel_operands[width] = fold_operands(
+            folded.front_weights,
+            folded.front_biases,
+            folded.fold,
+            folded.query_bias,
+            folded.bias_norm,
+            folded.num_positives,
+            folded.temperature,
+            channels=width,
+        )
+    return folded.kernel_operands[width]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -226,6 +226,9 @@ class SemanticQueryPanel(nn.Module):
         self._lock = threading.RLock()
         self._teachers: Dict[str, Teacher] = {}
         self._embeddings: Dict[Tuple[str, str], Tensor] = {}
+        self._folded: Optional[Tuple[tuple, FoldedQuery]] = (
+            None  # the last query's fold and what it was made from
+        )
         self._pca: Dict[Tuple[str, int], PCAProjection] = {}
         self._colormaps: Dict[Tuple[str, str], Tensor] = {}
         self._selection: Optional[Selection] = None
@@ -398,21 +401,7 @@ class SemanticQueryPanel(nn.Module):
         alpha: Tensor = outputs["accumulation"]
         size = tuple(rgb.shape[:2])
         if snapshot.mode == "relevancy":
-            # The texts folded into the head: the [h, w, C] feature map is never built (models/folded_query.py).
-            positives = self.embed(snapshot.teacher, snapshot.positives, device=rgb.device)
-            negatives = self.embed(snapshot.teacher, snapshot.negatives, device=rgb.device)
-            # On the GPU, bfloat16 inputs through the one-kernel Triton fold (models/fused_query.py): at 1280 x 720
-            # from 1M Gaussians the map takes 1.0 ms after the render, against 2.4 ms for the compiled fold and
-            # 3.8 ms eager (benchmarks/results/query_speed_h200_fused.md). Where Triton cannot run, the compiled
-            # fold (compiled once per session), else the eager one: every path gives the same map.
-            folded = FoldedQuery(
-                model.projector_heads[snapshot.teacher],
-                positives,
-                negatives,
-                compute_dtype=torch.bfloat16 if rgb.is_cuda else None,
-                compiled=rgb.is_cuda,
-                fused=rgb.is_cuda,
-            )
+            folded = self._folded_query(model.projector_heads[snapshot.teacher], snapshot, rgb.device)
             # Faster still, the latent is not rendered at all: one Triton kernel per frame composites each tile's
             # latent in registers and ends in this fold (rendering/triton_rasterizer.py). Where it cannot run, the
             # rendered latent through the fold above.
@@ -641,6 +630,29 @@ class SemanticQueryPanel(nn.Module):
         if hasattr(model, "viewer_latent_deferred"):
             # Relevancy straight from the Gaussians needs no rendered latent: the model skips it in those renders.
             model.viewer_latent_deferred = wanted and self._relevancy_from_gaussians(model)
+
+    def _folded_query(self, head: nn.Module, snapshot: QuerySnapshot, device: torch.device) -> FoldedQuery:
+        """The current texts folded into ``head`` (the [h, w, C] feature map is never built: models/folded_query.py),
+        built once and reused by every frame until the texts, the teacher, the device or the head's weights change
+        (a head still training changes every step; each parameter's version counter says so)."""
+        weights = tuple((p.data_ptr(), p._version) for p in head.parameters())
+        key = (snapshot.teacher, snapshot.positives, snapshot.negatives, str(device), weights)
+        if self._folded is not None and self._folded[0] == key:
+            return self._folded[1]
+        # On the GPU, bfloat16 inputs through the one-kernel Triton fold (models/fused_query.py): at 1280 x 720 from
+        # 1M Gaussians the map takes 1.0 ms after the render, against 2.4 ms for the compiled fold and 3.8 ms eager
+        # (benchmarks/results/query_speed_h200_fused.md). Where Triton cannot run, the compiled fold (compiled once
+        # per session), else the eager one: every path gives the same map.
+        folded = FoldedQuery(
+            head,
+            self.embed(snapshot.teacher, snapshot.positives, device=device),
+            self.embed(snapshot.teacher, snapshot.negatives, device=device),
+            compute_dtype=torch.bfloat16 if device.type == "cuda" else None,
+            compiled=device.type == "cuda",
+            fused=device.type == "cuda",
+        )
+        self._folded = (key, folded)
+        return folded
 
     def _relevancy_from_gaussians(self, model: nn.Module) -> bool:
         """Whether the current query's relevancy can come from ``model.render_query_relevancy`` (for any camera;

@@ -145,6 +145,42 @@ def test_teacher_features_copy_the_cached_maps(tmp_path, device):
     np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), maps[1])
 
 
+def test_depth_images_reach_the_device_as_copies():
+    """Depth images are held as host tensors (pinned on CUDA when they fit): a step gets a copy it may write."""
+    depth = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    manager = types.SimpleNamespace(device="cpu")
+    served = ChorusDataManager._to_device(manager, depth)
+    torch.testing.assert_close(served, depth)
+    served.add_(1)
+    assert float(depth[0, 0]) == 0.0
+
+
+@needs_cuda
+def test_per_view_inputs_are_pinned_while_they_fit_the_budget():
+    """Features first, then depth images, then consistency weights, each kind whole within pinned_features_gib."""
+    features = {"t": [np.zeros((4, 4, 8), np.float16)] * 2}  # 512 bytes
+    depths = [torch.zeros(8, 8, dtype=torch.float16)] * 2  # 256 bytes
+    weights = {"t": [np.ones((4, 4), np.float16)] * 2}  # 64 bytes
+    for budget_bytes, pinned in [
+        (900, (True, True, True)),
+        (800, (True, True, False)),
+        (600, (True, False, True)),
+    ]:
+        manager = types.SimpleNamespace(
+            device="cuda", config=types.SimpleNamespace(pinned_features_gib=budget_bytes / 2**30),
+            _features=dict(features), _depths=list(depths), _weights=dict(weights),
+        )  # fmt: skip
+        ChorusDataManager._pin_host_inputs(manager)
+        found = (
+            isinstance(manager._features["t"][0], torch.Tensor) and manager._features["t"][0].is_pinned(),
+            manager._depths[0].is_pinned(),
+            isinstance(manager._weights["t"][0], torch.Tensor) and manager._weights["t"][0].is_pinned(),
+        )
+        assert found == pinned, budget_bytes
+        manager._to_device = lambda host, m=manager: ChorusDataManager._to_device(m, host)
+        assert ChorusDataManager._to_device(manager, manager._depths[1]).device.type == "cuda"
+
+
 def test_depth_l1_loss_uses_measured_pixels_only():
     from splatsem_ns.models.chorus_splat import depth_l1_loss
 

@@ -13,7 +13,7 @@ import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -70,10 +70,11 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     extraction_batch_size: int = 4
     """Images per teacher forward pass during extraction."""
     pinned_features_gib: float = 2.0
-    """On CUDA, hold the training views' teacher features in pinned host memory when they fit in this many GiB
-    (ScanNet's 50 frames with three full-size teachers: about 0.25), so a step copies them to the GPU directly
-    instead of first reading the cache's files into a staging buffer. Larger captures read the files every
-    step. 0: always read the files."""
+    """On CUDA, hold what a step serves per view (the teachers' features, then the depth images, then the
+    consistency weights, each kind whole) in pinned host memory while the total fits in this many GiB (ScanNet's
+    50 frames with three full-size teachers: about 0.25 of features and 0.03 of depth), so a step copies them to
+    the GPU directly instead of first copying them into a staging buffer. What does not fit is staged every step.
+    0: stage everything."""
     teacher_consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     """Before training, each teacher's regions that the other training views contradict get weight 0 in the
     distillation loss (needs a depth image for every training view; splatsem_ns.teachers.consistency)."""
@@ -124,7 +125,7 @@ class ChorusDataManager(FullImageDatamanager):
                 CONSOLE.log("Not every training view has a depth image: training without the depth loss.")
             self.train_dataset.metadata[DEPTH_SERVED_KEY] = bool(self._depths)
             self._weights = self._consistency_weights()
-            self._pin_features()
+            self._pin_host_inputs()
             CONSOLE.log(f"Start-up: data ready in {time.perf_counter() - start:.1f} s.")
         # Lets the model express settings in the dataset's own units (metres for depth-sensor captures).
         self.train_dataset.metadata[DATAPARSER_SCALE_KEY] = float(
@@ -292,18 +293,31 @@ class ChorusDataManager(FullImageDatamanager):
         """``{teacher: [h, w] float16}`` cross-view consistency weights of one training image (empty when off)."""
         return {name: self._to_device(maps[image_idx]) for name, maps in self._weights.items()}
 
-    def _pin_features(self) -> None:
-        """Teacher features into pinned host memory when they fit ``pinned_features_gib`` (CUDA only)."""
-        total = sum(int(m.nbytes) for maps in self._features.values() for m in maps)
-        if (
-            torch.device(self.device).type != "cuda"
-            or not 0 < total <= self.config.pinned_features_gib * 2**30
-        ):
+    def _pin_host_inputs(self) -> None:
+        """On CUDA, the teachers' features, the depth images and the consistency weights into pinned host memory,
+        in that order, each kind whole while the running total fits ``pinned_features_gib``."""
+        if torch.device(self.device).type != "cuda":
             return
-        self._features = {
-            name: [torch.from_numpy(np.array(m)).pin_memory() for m in maps]
-            for name, maps in self._features.items()
-        }
+        budget, used = self.config.pinned_features_gib * 2**30, 0
+
+        def fits(arrays: Sequence) -> bool:
+            nonlocal used
+            size = sum(int(a.nbytes) for a in arrays)
+            if not 0 < size <= budget - used:
+                return False
+            used += size
+            return True
+
+        if fits([m for maps in self._features.values() for m in maps]):
+            self._features = {
+                name: [torch.from_numpy(np.array(m)).pin_memory() for m in maps] for name, maps in self._features.items()
+            }  # fmt: skip
+        if fits(self._depths):
+            self._depths = [depth.pin_memory() for depth in self._depths]
+        if fits([w for maps in self._weights.values() for w in maps]):
+            self._weights = {
+                name: [torch.from_numpy(w).pin_memory() for w in maps] for name, maps in self._weights.items()
+            }
 
     def _to_device(self, host) -> torch.Tensor:
         """A copy of a host array (a read-only memory map, say) on the training device.
@@ -313,8 +327,10 @@ class ChorusDataManager(FullImageDatamanager):
         pinned-memory allocator keeps a block out of reuse until the copy that reads it has finished, so the
         staging buffers need no bookkeeping here.
         """
-        if isinstance(host, torch.Tensor):  # already pinned (_pin_features), and never written again
-            return host.to(self.device, non_blocking=True)
+        if isinstance(host, torch.Tensor):
+            if host.is_pinned():  # pinned at start-up (_pin_host_inputs), and never written again
+                return host.to(self.device, non_blocking=True)
+            host = host.numpy()
         if torch.device(self.device).type != "cuda":
             return torch.from_numpy(np.array(host)).to(self.device)  # copy: the array may be read-only
         dtype = torch.from_numpy(np.empty(0, dtype=host.dtype)).dtype
@@ -339,5 +355,5 @@ class ChorusDataManager(FullImageDatamanager):
         if teachers and self._weights:
             data["teacher_weights"] = self.teacher_weights(int(camera.metadata["cam_idx"]))
         if self._depths:
-            data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])].numpy())
+            data["depth_image"] = self._to_device(self._depths[int(camera.metadata["cam_idx"])])
         return camera, data

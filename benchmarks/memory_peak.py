@@ -2,7 +2,7 @@
 its peak, by the line that allocated them.
 
     python benchmarks/memory_peak.py --data SCENE --out DIR --random-weights [--method splatfacto chorus-splat]
-                                     [--start 1500] [--steps 3]
+                                     [--start 1500] [--steps 3] [--device cuda|cpu]
 
 For each method (``LABEL=METHOD:field=value`` sets model fields, as in train_speed.py): trains ``--start``
 iterations (so the Gaussians have grown), then records the CUDA caching allocator's history
@@ -16,7 +16,9 @@ iterations (so the Gaussians have grown), then records the CUDA caching allocato
   autograd's engine in backward are charged to the Python frame that called ``backward``, unless a Python autograd
   function, such as gsplat's, allocated them).
 
-Writes ``DIR/memory_peak.json`` and ``.md`` as soon as each method is done.
+Writes ``DIR/memory_peak.json`` and ``.md`` as soon as each method is done. ``--device cpu`` (the default without
+a GPU) records the same events from the operators themselves (``HostRecorder``): the path the GPU run takes, on the
+PyTorch rasterizer, whose memory is not gsplat's.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ import argparse
 import json
 import sys
 import tempfile
+import traceback
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -130,6 +136,71 @@ def peak_breakdown(events: Sequence[Mapping[str, Any]], top: int = 25) -> Dict[s
     }
 
 
+class CudaRecorder:
+    """The CUDA caching allocator's own statistics and history (``torch.cuda.memory._record_memory_history``)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+
+    def allocated(self) -> Optional[int]:
+        return torch.cuda.memory_allocated()
+
+    def start(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
+
+    def stop(self) -> Tuple[Optional[int], List[Dict[str, Any]]]:
+        """The peak allocated bytes since ``start`` and the allocator's events, in order."""
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return peak, snapshot["device_traces"][torch.cuda.current_device()]
+
+
+class HostRecorder(TorchDispatchMode):
+    """The same events on the CPU, from the operators themselves: an ``alloc`` with the Python stack for each new
+    storage an operator returns, a ``free_completed`` when it is freed. Slow (a stack per operator) and blind to
+    what was allocated before ``start``; for checking this script, and as a rough picture where no GPU is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: List[Dict[str, Any]] = []
+        self._alive: set = set()
+
+    def allocated(self) -> Optional[int]:
+        return None
+
+    def start(self) -> None:
+        self.__enter__()
+
+    def stop(self) -> Tuple[Optional[int], List[Dict[str, Any]]]:
+        self.__exit__(None, None, None)
+        return None, self.events
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._alive.discard(key)
+        self.events.append({"action": "free_completed", "addr": key, "size": nbytes})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._alive:
+                continue
+            self._alive.add(key)
+            frames = [
+                {"filename": f.filename, "line": f.lineno, "name": f.name}
+                for f in reversed(traceback.extract_stack())
+            ]
+            self.events.append({"action": "alloc", "addr": key, "size": nbytes, "frames": frames})
+            weakref.finalize(storage, self._freed, key, nbytes)
+        return out
+
+
 def measure(spec: str, args, run_dir: Path) -> Dict[str, Any]:
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
@@ -138,28 +209,33 @@ def measure(spec: str, args, run_dir: Path) -> Dict[str, Any]:
     cfg = trainer_config(
         method, args.data, run_dir, args.start + args.steps + 1, args.teachers, args.random_weights, overrides
     )
+    if args.device == "cpu":
+        cfg.machine.device_type = "cpu"
     release_earlier_runs()
     trainer = build_trainer(cfg)
+    recorder = CudaRecorder(args.max_entries) if args.device == "cuda" else HostRecorder()
     result: Dict[str, Any] = {"label": label, "method": method, "overrides": overrides}
+
+    def mib(nbytes: Optional[int]) -> Optional[float]:
+        return None if nbytes is None else round(nbytes / MIB, 1)
 
     def before(step: int) -> None:
         if step == args.start:
             model = trainer.pipeline.model
-            result["allocated_at_start_mib"] = round(torch.cuda.memory_allocated() / MIB, 1)
+            result["allocated_at_start_mib"] = mib(recorder.allocated())
             result["persistent"] = persistent_inventory(
                 model, trainer.optimizers.optimizers.values(), getattr(model, "strategy_state", None)
             )
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.memory._record_memory_history(max_entries=args.max_entries, stacks="python")
+            recorder.start()
         elif step == args.start + args.steps:
-            torch.cuda.synchronize()
-            result["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
-            snapshot = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-            result["transient"] = peak_breakdown(snapshot["device_traces"][torch.cuda.current_device()])
+            peak, events = recorder.stop()
+            result["peak_allocated_mib"] = mib(peak)
+            result["transient"] = peak_breakdown(events)
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], before))
     trainer.train()
+    if "transient" not in result:
+        raise RuntimeError(f"training stopped before step {args.start + args.steps}: nothing was recorded")
     return result
 
 
@@ -183,7 +259,10 @@ def markdown(report: Dict[str, Any]) -> List[str]:
             f"## {run['label']} ({persistent['gaussians']:,} Gaussians)",
             "",
             f"peak allocated {run['peak_allocated_mib']} MiB = allocated at the start {run['allocated_at_start_mib']}"
-            f" MiB + transient peak {run['transient']['transient_peak_mib']} MiB",
+            f" MiB + transient peak {run['transient']['transient_peak_mib']} MiB"
+            if run["peak_allocated_mib"] is not None
+            else f"transient peak {run['transient']['transient_peak_mib']} MiB (counted from the operators on the CPU, "
+            "the PyTorch rasterizer's included: not gsplat's memory)",
             "",
             "| persistent, per Gaussian | bytes / Gaussian | MiB |",
             "|---|---|---|",
@@ -217,9 +296,12 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
+        help="cpu: the same report from the operators' own allocations (slow; a check of the script, and of the CPU "
+        "rasterizer's memory, not gsplat's)",
+    )  # fmt: skip
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("memory_peak.py records the CUDA allocator: it needs a GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {
         "benchmark": "memory_peak", "data": str(args.data), "device": device_name(), "torch": torch.__version__,

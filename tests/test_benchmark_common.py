@@ -449,3 +449,37 @@ def test_the_voxel_prior_holds_at_most_two_latent_sized_temporaries() -> None:
     latent_sized = 4 * dim  # bytes per Gaussian of one float32 [N, D] tensor
     assert found["forward_peak_bytes_per_gaussian"] <= 2 * latent_sized + 32, found
     assert found["held_for_backward_bytes_per_gaussian"] <= latent_sized + 32, found
+
+
+@pytest.mark.slow
+def test_memory_peak_runs_through_the_real_trainer_on_the_cpu(tmp_path: Path) -> None:
+    """memory_peak.py's whole path (trainer, callbacks, inventory, replay, report), with the CPU recorder standing in
+    for the CUDA allocator's history: chorus-splat holds 59 floats of splatfacto's parameters and its latent per
+    Gaussian, as many in gradients and twice as many in Adam's moments."""
+    import json
+    import subprocess
+
+    from support import offline_env
+
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    scene = generate_synthetic_scene(
+        tmp_path / "scene", SyntheticSceneConfig(num_views=8, width=64, height=48)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "memory_peak.py"),
+         "--data", str(scene.parent), "--out", str(tmp_path / "out"), "--method", "chorus-splat",
+         "--teachers", "labels", "labels-instance", "--start", "6", "--steps", "2", "--device", "cpu"],
+        capture_output=True, text=True, env=offline_env(), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "out" / "memory_peak.json").read_text())["runs"]
+    latent = 32  # chorus-splat's default latent width
+    per = run["persistent"]["per_gaussian_bytes"]
+    assert per["parameters"] == per["gradients"] == 4 * (59 + latent), per
+    assert per["optimizer states"] == 2 * per["parameters"], per
+    sites = dict(run["transient"]["sites_mib"])
+    assert run["transient"]["transient_peak_mib"] > 0 and any(s.startswith("splatsem_ns/") for s in sites), (
+        sites
+    )
+    assert "## chorus-splat" in (tmp_path / "out" / "memory_peak.md").read_text()

@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_flatten
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of storages created by operators inside the block and still alive: ``live`` now, ``peak`` so far.
-    Views share their base's storage and count once."""
+    Views share their base's storage and count once. Subclasses hear of each storage through ``allocated`` and
+    ``freed``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,7 +37,11 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self._alive: Set[int] = set()
 
-    def _freed(self, key: int, nbytes: int) -> None:
+    def allocated(self, key: int, nbytes: int) -> None:
+        """A new storage (``key``: its address) of ``nbytes``, just returned by an operator."""
+
+    def freed(self, key: int, nbytes: int) -> None:
+        """The storage at ``key`` was freed."""
         self._alive.discard(key)
         self.live -= nbytes
 
@@ -52,7 +57,8 @@ class LiveBytes(TorchDispatchMode):
             self._alive.add(key)
             self.live += nbytes
             self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, key, nbytes)
+            self.allocated(key, nbytes)
+            weakref.finalize(storage, self.freed, key, nbytes)
         return out
 
 

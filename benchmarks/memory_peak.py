@@ -28,14 +28,11 @@ import json
 import sys
 import tempfile
 import traceback
-import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -47,6 +44,7 @@ from common import (  # noqa: E402
     trainer_config,
     write_markdown,
 )
+from live_bytes import LiveBytes  # noqa: E402
 
 OWN_CODE = ("splatsem_ns", "nerfstudio", "gsplat")
 """Path parts of the code a transient tensor is charged to (its first such frame, innermost first)."""
@@ -142,7 +140,8 @@ class CudaRecorder:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
 
-    def allocated(self) -> Optional[int]:
+    @staticmethod
+    def allocated_bytes() -> Optional[int]:
         return torch.cuda.memory_allocated()
 
     def start(self) -> None:
@@ -158,7 +157,7 @@ class CudaRecorder:
         return peak, snapshot["device_traces"][torch.cuda.current_device()]
 
 
-class HostRecorder(TorchDispatchMode):
+class HostRecorder(LiveBytes):
     """The same events on the CPU, from the operators themselves: an ``alloc`` with the Python stack for each new
     storage an operator returns, a ``free_completed`` when it is freed. Slow (a stack per operator) and blind to
     what was allocated before ``start``; for checking this script, and as a rough picture where no GPU is."""
@@ -166,10 +165,17 @@ class HostRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.events: List[Dict[str, Any]] = []
-        self._alive: set = set()
 
-    def allocated(self) -> Optional[int]:
-        return None
+    def allocated(self, key: int, nbytes: int) -> None:
+        frames = [
+            {"filename": f.filename, "line": f.lineno, "name": f.name}
+            for f in reversed(traceback.extract_stack())
+        ]
+        self.events.append({"action": "alloc", "addr": key, "size": nbytes, "frames": frames})
+
+    def freed(self, key: int, nbytes: int) -> None:
+        super().freed(key, nbytes)
+        self.events.append({"action": "free_completed", "addr": key, "size": nbytes})
 
     def start(self) -> None:
         self.__enter__()
@@ -178,27 +184,9 @@ class HostRecorder(TorchDispatchMode):
         self.__exit__(None, None, None)
         return None, self.events
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        self._alive.discard(key)
-        self.events.append({"action": "free_completed", "addr": key, "size": nbytes})
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._alive:
-                continue
-            self._alive.add(key)
-            frames = [
-                {"filename": f.filename, "line": f.lineno, "name": f.name}
-                for f in reversed(traceback.extract_stack())
-            ]
-            self.events.append({"action": "alloc", "addr": key, "size": nbytes, "frames": frames})
-            weakref.finalize(storage, self._freed, key, nbytes)
-        return out
+    @staticmethod
+    def allocated_bytes() -> Optional[int]:
+        return None
 
 
 def measure(spec: str, args, run_dir: Path) -> Dict[str, Any]:
@@ -222,7 +210,7 @@ def measure(spec: str, args, run_dir: Path) -> Dict[str, Any]:
     def before(step: int) -> None:
         if step == args.start:
             model = trainer.pipeline.model
-            result["allocated_at_start_mib"] = mib(recorder.allocated())
+            result["allocated_at_start_mib"] = mib(recorder.allocated_bytes())
             result["persistent"] = persistent_inventory(
                 model, trainer.optimizers.optimizers.values(), getattr(model, "strategy_state", None)
             )

@@ -226,9 +226,8 @@ class SemanticQueryPanel(nn.Module):
         self._lock = threading.RLock()
         self._teachers: Dict[str, Teacher] = {}
         self._embeddings: Dict[Tuple[str, str], Tensor] = {}
-        self._folded: Optional[Tuple[tuple, FoldedQuery]] = (
-            None  # the last query's fold and what it was made from
-        )
+        # The last relevancy query's fold, with what it was made from (see _folded_query).
+        self._folded: Optional[Tuple[tuple, FoldedQuery]] = None
         self._pca: Dict[Tuple[str, int], PCAProjection] = {}
         self._colormaps: Dict[Tuple[str, str], Tensor] = {}
         self._selection: Optional[Selection] = None

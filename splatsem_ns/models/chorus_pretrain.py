@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.models.base_model import Model, ModelConfig
 from torch import Tensor, nn
@@ -24,10 +25,12 @@ from torch.nn import Parameter
 
 from splatsem_ns.encoders.augment import InputAugmentationConfig, augment_inputs
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig
+from splatsem_ns.encoders.lifted_targets import LiftedTargets, lift_teacher_features
 from splatsem_ns.feedforward.cameras import world_to_camera_viewmat
 from splatsem_ns.models.heads import (
     ProjectorHead,
     centred_cosine_distillation_loss,
+    cosine_distillation_loss,
     heads_from_state_dict,
     masked_cosine_distillation_loss,
     mean_direction,
@@ -73,6 +76,16 @@ class ChorusPretrainModelConfig(ModelConfig):
     off."""
     near_plane: float = 0.01
     """Gaussians nearer than this to a camera are not rendered (scene units)."""
+    point_loss_weight: float = 0.0
+    """Weight of a per-Gaussian distillation term (``splatsem_ns.encoders.lifted_targets``): each head decodes the
+    latent of Gaussians whose centre a view sees (its sensor depth agrees), compared by cosine with the teacher's
+    feature at that position, plus the centred term at ``centred_loss_weight``. The rendered loss supervises blends
+    of Gaussians; this one supervises each Gaussian, which is what the 3D votes score. Views without depth give it
+    nothing. 0: off."""
+    point_loss_pairs: int = 4096
+    """Random (Gaussian, view) pairs per scene and view part for ``point_loss_weight``."""
+    point_depth_tolerance: float = 0.05
+    """A view sees a Gaussian's centre when its sensor depth there is within this fraction of the centre's depth."""
 
 
 class ChorusPretrainModel(Model):
@@ -190,6 +203,17 @@ class ChorusPretrainModel(Model):
                 "pixels": pixels,
                 "decoded": {name: head(picked) for name, head in self.projector_heads.items()},
             }
+            if self.training and getattr(self.config, "point_loss_weight", 0.0) > 0:
+                lifted = lift_teacher_features(
+                    gaussians["means"], gaussians["batch"], batch[part], list(self.projector_heads),
+                    self.config.point_loss_pairs, self.config.point_depth_tolerance, self.config.near_plane,
+                )  # fmt: skip
+                if lifted is not None:
+                    outputs[part]["lifted"] = lifted
+                    at = latent[lifted.gaussians]
+                    outputs[part]["lifted_decoded"] = {
+                        name: head(at) for name, head in self.projector_heads.items()
+                    }
         return outputs
 
     # ------------------------------------------------------------------ losses and metrics
@@ -241,12 +265,21 @@ class ChorusPretrainModel(Model):
             )
         return sums
 
-    def centred_distillation(self, outputs, batch) -> Dict[str, Tensor]:
-        """Per teacher, ``centred_cosine_distillation_loss`` at the sampled pixels of every view, centred on the
-        mean teacher direction of the whole batch (all parts; in DDP training, of every rank's batch)."""
+    def centres(self, outputs, batch) -> Dict[str, Tensor]:
+        """Per teacher, the mean teacher direction at the sampled pixels of the whole batch (all parts; in DDP
+        training, of every rank's batch): what the centred terms subtract."""
+        return {
+            name: mean_direction(total, count, across_ranks=self.training)
+            for name, (total, count) in self.target_direction_sums(outputs, batch).items()
+        }
+
+    def centred_distillation(
+        self, outputs, batch, centres: Optional[Dict[str, Tensor]] = None
+    ) -> Dict[str, Tensor]:
+        """Per teacher, ``centred_cosine_distillation_loss`` at the sampled pixels of every view, centred on
+        ``centres`` (default: ``self.centres``)."""
         terms: Dict[str, Tensor] = {}
-        for name, (total, count) in self.target_direction_sums(outputs, batch).items():
-            centre = mean_direction(total, count, across_ranks=self.training)
+        for name, centre in (self.centres(outputs, batch) if centres is None else centres).items():
             per_part = []
             for part in VIEW_PARTS:
                 wanted, available = self._sampled_targets(outputs, batch, name, part)
@@ -258,16 +291,48 @@ class ChorusPretrainModel(Model):
             terms[name] = torch.stack(per_part).mean()
         return terms
 
+    def point_distillation(self, outputs, centres: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Per teacher, ``1 - cos`` between the decoded latents of the lifted (Gaussian, view) pairs and the teacher's
+        features there, over the pairs whose view has that teacher, plus ``centred_loss_weight`` times the same on
+        unit features minus ``centres`` (teachers without centres: no centred part)."""
+        terms: Dict[str, Tensor] = {}
+        for name in self.projector_heads:
+            per_part = []
+            for part in VIEW_PARTS:
+                lifted: Optional[LiftedTargets] = outputs[part].get("lifted")
+                if lifted is None:
+                    continue
+                decoded = outputs[part]["lifted_decoded"][name]
+                target = lifted.features[name].to(decoded)
+                kept = lifted.available[name].to(decoded.dtype)
+                weights = kept / kept.mean().clamp_min(1e-12)
+                loss = cosine_distillation_loss(decoded, target, weights)
+                if name in centres and self.config.centred_loss_weight > 0:
+                    centre = centres[name].detach().to(decoded.dtype)
+                    loss = loss + self.config.centred_loss_weight * cosine_distillation_loss(
+                        F.normalize(decoded, dim=-1) - centre, F.normalize(target, dim=-1) - centre, weights
+                    )
+                per_part.append(loss)
+            if per_part:
+                terms[name] = torch.stack(per_part).mean()
+        return terms
+
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         weights = self.config.teacher_loss_weights
         losses = {
             f"distill_{name}": weights.get(name, 1.0) * loss
             for name, loss in self.distillation(outputs, batch).items()
         }
-        if self.config.centred_loss_weight > 0:
-            for name, loss in self.centred_distillation(outputs, batch).items():
-                losses[f"distill_centred_{name}"] = (
-                    self.config.centred_loss_weight * weights.get(name, 1.0) * loss
+        centres = self.centres(outputs, batch) if self.config.centred_loss_weight > 0 else {}
+        for name, loss in self.centred_distillation(outputs, batch, centres).items():
+            losses[f"distill_centred_{name}"] = (
+                self.config.centred_loss_weight * weights.get(name, 1.0) * loss
+            )
+        # A config.yml written before the per-Gaussian term existed lacks its fields: such a run resumes without it.
+        if getattr(self.config, "point_loss_weight", 0.0) > 0:
+            for name, loss in self.point_distillation(outputs, centres).items():
+                losses[f"distill_points_{name}"] = (
+                    self.config.point_loss_weight * weights.get(name, 1.0) * loss
                 )
         return losses
 

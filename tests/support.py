@@ -158,3 +158,18 @@ def ns_eval(run_dir: Path, out: Path, timeout: int = 900) -> dict:
     )  # fmt: skip
     assert proc.returncode == 0, f"ns-eval failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(Path(out).read_text())["results"]
+
+
+def fit_one_batch(model, batch, loss_name: str, steps: int, lr: float = 3e-3) -> list:
+    """``steps`` Adam steps of ``model`` on one batch's ``loss_name`` loss; the loss before each step."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        loss = model.get_loss_dict(model(batch), batch)[loss_name]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    return history

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import command, ns_eval, offline_env, tiny_collection, train_synthetic, trained_on_collection
+from support import (
+    command,
+    fit_one_batch,
+    ns_eval,
+    offline_env,
+    tiny_collection,
+    train_synthetic,
+    trained_on_collection,
+)
 
 from splatsem_ns.data.scene_gaussians import (
     GAUSSIAN_KEYS,
@@ -234,14 +242,7 @@ def test_the_encoder_learns_to_render_a_teacher(collection, tmp_path):
     )  # fmt: skip
     pipeline = config.setup(device="cpu", test_mode="val")
     _, batch = pipeline.datamanager.next_train(0)
-    optimizer = torch.optim.Adam(pipeline.model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = pipeline.model.get_loss_dict(pipeline.model(batch), batch)["distill_labels"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    losses = fit_one_batch(pipeline.model, batch, "distill_labels", 40)
     assert losses[-1] < 0.6 * losses[0], losses[::8]
 
 

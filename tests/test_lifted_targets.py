@@ -59,7 +59,7 @@ def test_views_without_depth_lift_nothing_and_each_scene_keeps_at_most_its_share
 def test_the_per_gaussian_term_trains_the_encoder_on_a_collection(tmp_path):
     """chorus-pretrain with point_loss_weight > 0: lifted pairs on the generated rooms (which have depth), a
     ``distill_points_<teacher>`` loss with gradients into the encoder, which falls over a few dozen steps."""
-    from support import tiny_collection
+    from support import fit_one_batch, tiny_collection
 
     from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
     from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
@@ -83,14 +83,7 @@ def test_the_per_gaussian_term_trains_the_encoder_on_a_collection(tmp_path):
     assert {"distill_labels", "distill_centred_labels", "distill_points_labels"} <= set(losses)
     losses["distill_points_labels"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipeline.model.encoder.parameters())
-    optimizer = torch.optim.Adam(pipeline.model.parameters(), lr=3e-3)
-    history = []
-    for _ in range(30):
-        loss = pipeline.model.get_loss_dict(pipeline.model(batch), batch)["distill_points_labels"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss))
+    history = fit_one_batch(pipeline.model, batch, "distill_points_labels", 30)
     assert history[-1] < 0.7 * history[0], history[::6]
     pipeline.model.eval()
     assert "lifted" not in pipeline.model(batch)["context"]  # evaluation renders only

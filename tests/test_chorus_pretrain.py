@@ -558,6 +558,7 @@ def test_the_centred_loss_separates_classes_the_plain_cosine_barely_tells_apart(
         training=True,
     )
     model.target_direction_sums = partial(ChorusPretrainModel.target_direction_sums, model)
+    model.centres = partial(ChorusPretrainModel.centres, model)
 
     def losses(decoded: torch.Tensor) -> tuple:
         outputs = {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from splatsem_ns.models.fused_query import fused_available, fused_relevancy
+from splatsem_ns.models.fused_query import FoldOperands, fold_operands, fused_available, fused_relevancy
 from splatsem_ns.models.heads import ProjectorHead
 from splatsem_ns.models.relevancy import LERF_TEMPERATURE
 
@@ -72,9 +72,18 @@ class FoldedQuery(nn.Module):
         tail = torch.promote_types(weight.dtype, torch.float32)
         self.query_bias = (queries @ bias).to(tail)  # [Q]
         self.bias_norm = (bias @ bias).to(tail)
-        # What kernels derive from these terms, by their key (rendering/triton_rasterizer.py: the operands per latent
-        # width), made once per query rather than once per frame.
-        self.kernel_operands: Dict[object, object] = {}
+        self._operands: Dict[Optional[int], FoldOperands] = {}  # see operands()
+
+    def operands(self, channels: Optional[int] = None) -> FoldOperands:
+        """These terms laid out for the Triton kernels (``fused_query.fold_operands``; a head with one hidden layer),
+        the first layer zero-padded to ``channels`` (default: the head's width). Built once per width and kept: the
+        viewer asks every frame, and the terms never change."""
+        if channels not in self._operands:
+            self._operands[channels] = fold_operands(
+                self.front_weights, self.front_biases, self.fold, self.query_bias, self.bias_norm,
+                self.num_positives, self.temperature, channels=channels,
+            )  # fmt: skip
+        return self._operands[channels]
 
     def forward(self, latent: Float[Tensor, "*batch D"]) -> Float[Tensor, "*batch P"]:
         args = (
@@ -91,7 +100,8 @@ class FoldedQuery(nn.Module):
         # in this process, and every path gives the same map.
         paths = []
         if self.fused and fused_available(latent, self.front_weights):
-            paths.append(("fused", fused_relevancy, "the fused query kernel failed"))
+            fused = lambda *_: fused_relevancy(latent, self.operands())  # noqa: E731 (same call shape)
+            paths.append(("fused", fused, "the fused query kernel failed"))
         if self.compiled:
             paths.append(("compiled", _compiled_relevancy, "compiling the folded query failed"))
         for name, function, failure in paths:

@@ -125,19 +125,10 @@ def fold_operands(
     )
 
 
-def fused_relevancy(
-    latent: Float[Tensor, "*batch D"],
-    front_weights: List[Tensor],
-    front_biases: List[Tensor],
-    fold: Float[Tensor, "H K"],
-    query_bias: Float[Tensor, " Q"],
-    bias_norm: Float[Tensor, ""],
-    num_positives: int,
-    temperature: float,
-) -> Float[Tensor, "*batch P"]:
-    """LERF relevancy of every latent: ``folded_query.folded_relevancy``'s arguments and numbers, for a head with one
-    hidden layer (``front_weights`` holds its ``[D, H]`` weight; ``fold`` is ``[W^T q | G | W^T b]``)."""
-    ops = fold_operands(front_weights, front_biases, fold, query_bias, bias_norm, num_positives, temperature)
+def fused_relevancy(latent: Float[Tensor, "*batch D"], ops: FoldOperands) -> Float[Tensor, "*batch P"]:
+    """LERF relevancy of every latent in one kernel: ``folded_query.folded_relevancy``'s numbers, for a query laid out
+    by ``fold_operands`` (``FoldedQuery.operands``; a head with one hidden layer)."""
+    num_positives = ops.num_positives
     batch_shape = latent.shape[:-1]
     flat = latent.reshape(-1, latent.shape[-1]).contiguous()
     rows = flat.shape[0]

@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from splatsem_ns.models.fused_query import FoldOperands, fold_operands
+from splatsem_ns.models.fused_query import FoldOperands
 from splatsem_ns.rendering.torch_rasterizer import (
     ALPHA_MAX,
     ALPHA_MIN,
@@ -314,20 +314,8 @@ _EPILOGUE_BLOCK_HIDDEN = 64
 
 def fold_operands_for(folded, latent_channels: int) -> FoldOperands:
     """The kernel operands of a ``FoldedQuery`` with one hidden layer, its first layer zero-padded to the kernel's
-    width for ``latent_channels``-channel latents; built once per query and width, and kept on ``folded``."""
-    width = _padded_width(latent_channels)
-    if width not in folded.kernel_operands:
-        folded.kernel_operands[width] = fold_operands(
-            folded.front_weights,
-            folded.front_biases,
-            folded.fold,
-            folded.query_bias,
-            folded.bias_norm,
-            folded.num_positives,
-            folded.temperature,
-            channels=width,
-        )
-    return folded.kernel_operands[width]
+    width for ``latent_channels``-channel latents (kept on ``folded``: ``FoldedQuery.operands``)."""
+    return folded.operands(_padded_width(latent_channels))
 
 
 # ---------------------------------------------------------------------------------------------------------

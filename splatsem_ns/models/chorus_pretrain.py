@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.models.base_model import Model, ModelConfig
 from torch import Tensor, nn
@@ -30,7 +29,6 @@ from splatsem_ns.feedforward.cameras import world_to_camera_viewmat
 from splatsem_ns.models.heads import (
     ProjectorHead,
     centred_cosine_distillation_loss,
-    cosine_distillation_loss,
     heads_from_state_dict,
     masked_cosine_distillation_loss,
     mean_direction,
@@ -302,15 +300,14 @@ class ChorusPretrainModel(Model):
                 lifted: Optional[LiftedTargets] = outputs[part].get("lifted")
                 if lifted is None:
                     continue
-                decoded = outputs[part]["lifted_decoded"][name]
-                target = lifted.features[name].to(decoded)
-                kept = lifted.available[name].to(decoded.dtype)
-                weights = kept / kept.mean().clamp_min(1e-12)
-                loss = cosine_distillation_loss(decoded, target, weights)
+                # Each pair as a one-pixel view ([P, 1, 1, C]), so the rendered term's losses weigh them alike.
+                decoded = outputs[part]["lifted_decoded"][name][:, None, None]
+                target = lifted.features[name][:, None, None]
+                available = lifted.available[name][:, None]
+                loss = masked_cosine_distillation_loss(decoded, target, available)
                 if name in centres and self.config.centred_loss_weight > 0:
-                    centre = centres[name].detach().to(decoded.dtype)
-                    loss = loss + self.config.centred_loss_weight * cosine_distillation_loss(
-                        F.normalize(decoded, dim=-1) - centre, F.normalize(target, dim=-1) - centre, weights
+                    loss = loss + self.config.centred_loss_weight * centred_cosine_distillation_loss(
+                        decoded, target, centres[name], available
                     )
                 per_part.append(loss)
             if per_part:

@@ -8,7 +8,8 @@ never saw, and the linear probe of its frozen features.
    wall time or ``--steps``; scenes per second and peak memory.
 2. Zero-shot: chorus-pretrain's ns-eval on the collection's held-out (test) scenes and separately on each real
    collection: per-teacher cosine, target-view 2D mIoU beside the teacher on those views, and 3D mIoU / fg-mIoU
-   of the 25-NN vote of the decoded Gaussians onto the labelled points.
+   of the 25-NN vote of the decoded Gaussians onto the labelled points; beside them the same vote over the points
+   the scene's views see, and the teacher back-projected from those views (what the views support in 3D).
 3. The linear probe (``linear_probe.py``) on the same collection: the trained encoder's frozen features against
    raw colour and position, at 1, 5, 20 and 100% of the training points.
 
@@ -43,8 +44,9 @@ def write(report: Dict[str, Any], out: Path) -> None:
     lines += [
         "",
         "| zero-shot on | scenes | cosine (query teacher) | best constant's cosine | target 2D mIoU "
-        "| teacher on the target | 3D mIoU | 3D fg-mIoU | 3D fg-mIoU through tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| teacher on the target | 3D mIoU | 3D fg-mIoU | 3D fg-mIoU through tokens "
+        "| 3D fg-mIoU, points the views see | teacher back-projected, 3D fg-mIoU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(r: Dict[str, Any], key: str, field: str = "miou") -> str:
@@ -62,7 +64,9 @@ def write(report: Dict[str, Any], out: Path) -> None:
             f"| {label} | {r.get('num_scenes')} | {'-' if cosine is None else f'{cosine:.3f}'} | "
             f"{'-' if constant is None else f'{constant:.3f}'} | "
             f"{pct(r, 'semantic_2d_target')} | {pct(r, 'semantic_2d_teacher_target')} | "
-            f"{pct(r, 'semantic_3d')} | {pct(r, 'semantic_3d', 'fg_miou')} | {through_tokens(r)} |"
+            f"{pct(r, 'semantic_3d')} | {pct(r, 'semantic_3d', 'fg_miou')} | {through_tokens(r)} | "
+            f"{pct(r, 'semantic_3d_in_views', 'fg_miou')} | "
+            f"{pct(r, 'semantic_3d_teacher_backprojected', 'fg_miou')} |"
         )
     if "probe" in report:
         lines += ["", "## Linear probe", ""] + probe_lines(report["probe"])

@@ -122,6 +122,7 @@ def test_the_feed_forward_benchmarks_run_end_to_end(script: str, tmp_path: Path)
         assert set(report["probe"]["results"]) == {"encoder", "raw"}
         held_out = report["evaluation"]["procedural (never seen)"]
         assert "semantic_3d" in held_out and "semantic_3d_tokens_512" in held_out  # the compact tokens' score
+        assert "semantic_3d_teacher_backprojected" in held_out and "semantic_3d_in_views" in held_out
         assert "through tokens" in (out / "chorus_encoder.md").read_text()
 
 

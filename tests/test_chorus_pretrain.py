@@ -489,6 +489,92 @@ def test_ns_eval_votes_the_decoded_gaussians_onto_the_labelled_points(collection
     assert not any(key.startswith("semantic_3d_tokens") for key in shuffled.scores())
 
 
+def test_ns_eval_back_projects_the_teacher_from_the_scene_views(collection):
+    """``semantic_3d_teacher_backprojected``: a teacher whose features are each pixel's own class, classified on the
+    scene's views and voted onto the labelled points they see, is right on every point it reaches and leaves the
+    others unlabelled; ``semantic_3d_in_views`` scores the encoder's vote over just those points."""
+    from types import SimpleNamespace
+
+    from splatsem_ns.data.collection import SceneCollection
+    from splatsem_ns.data.scene_frames import SceneFrames
+    from splatsem_ns.evaluation.protocol import SemanticEvalConfig, class_queries
+    from splatsem_ns.evaluation.voting import ViewLabels, backproject_vote
+    from splatsem_ns.pipelines.chorus_pretrain_pipeline import _PointVote
+
+    loaded = SceneCollection.load(collection)
+    ids, names = class_queries(loaded.classes)
+    frames = SceneFrames.load(collection.parent / "room_3")
+    xyz, labels = frames.labelled_points(loaded.classes)
+    size = (24, 32)
+
+    class Views:  # the two methods of SceneSampleDataset the vote reads
+        scenes = [SimpleNamespace(name="room_3")]
+
+        def frames(self, index):
+            return frames
+
+        def views(self, index, chosen):
+            loaded_views = [frames.load_view(int(i), size) for i in chosen]
+            class_maps = np.stack([v.labels for v in loaded_views])
+            position = np.searchsorted(ids, np.clip(class_maps, ids[0], ids[-1]))
+            one_hot = torch.eye(len(ids))[torch.from_numpy(position)]  # [V, H, W, K]: the pixel's class
+            return {
+                "images": torch.zeros(len(chosen), *size, 3, dtype=torch.uint8),
+                "intrinsics": torch.from_numpy(np.stack([v.intrinsics for v in loaded_views])),
+                "camera_to_world": torch.from_numpy(np.stack([v.camera_to_world for v in loaded_views])),
+                "depth": torch.from_numpy(np.stack([v.depth for v in loaded_views])),
+                "has_depth": True,
+                "teacher_features": {"labels": one_hot.half()},
+                "teacher_available": {"labels": torch.ones(len(chosen), dtype=torch.bool)},
+            }
+
+    one_hot = torch.eye(len(ids))[[ids.index(int(c)) for c in labels]]
+    segmentation = SimpleNamespace(
+        teacher_name="labels", text=torch.eye(len(ids)), ids=ids, names=names, cfg=SemanticEvalConfig(knn=1)
+    )
+    pipeline = SimpleNamespace(
+        datamanager=SimpleNamespace(collection=loaded),
+        model=SimpleNamespace(projector_heads={"labels": torch.nn.Identity()}),
+        config=SimpleNamespace(eval_tokens=(), eval_backprojection_views=4),
+    )
+    vote = _PointVote(pipeline, segmentation)
+    vote.add("room_3", points_as_gaussians(xyz, None), one_hot[torch.randperm(len(one_hot))], Views())
+    scores = vote.scores()
+    chosen = np.unique(np.linspace(0, len(frames) - 1, 4).round().astype(np.int64))
+    served = Views().views(0, chosen)
+    expected, votes = backproject_vote(
+        xyz,
+        [
+            ViewLabels(
+                labels=np.asarray(ids)[served["teacher_features"]["labels"][v].float().argmax(-1).numpy()],
+                K=served["intrinsics"][v].numpy(),
+                camera_to_world=served["camera_to_world"][v].numpy(),
+                image_size=size,
+                depth=served["depth"][v].numpy(),
+            )
+            for v in range(len(chosen))
+        ],
+        depth_tolerance=0.1,
+    )
+    seen = votes > 0
+    assert 0 < seen.sum() < len(xyz)  # four views see part of the room, not all of it
+    # Mostly right wherever a view saw the point (pixels at class edges of a 24x32 view miss), unlabelled elsewhere.
+    assert (expected[seen] == labels[seen]).mean() > 0.8 and (expected[~seen] == -1).all()
+    teacher = scores["semantic_3d_teacher_backprojected"]
+    assert teacher["overall_acc"] == pytest.approx((expected == labels).mean(), abs=1e-6)
+    # The encoder's vote (shuffled latents: poor) counted over the seen points alone.
+    in_views = scores["semantic_3d_in_views"]
+    assert sum(c["gt_count"] for c in in_views["per_class"].values()) == seen.sum()
+    assert in_views["miou"] < 0.5
+
+    pipeline.config.eval_backprojection_views = 0
+    off = _PointVote(pipeline, segmentation)
+    off.add("room_3", points_as_gaussians(xyz, None), one_hot, Views())
+    assert (
+        "semantic_3d_teacher_backprojected" not in off.scores() and "semantic_3d_in_views" not in off.scores()
+    )
+
+
 def test_point_spacing_matches_all_pairwise_distances():
     """The k-d tree's spacing equals the brute-force mean distance to the nearest neighbours."""
     rng = np.random.default_rng(0)

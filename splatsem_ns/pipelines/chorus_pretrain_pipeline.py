@@ -9,7 +9,11 @@ where the scenes have labels and a teacher has a text encoder, 2D mIoU at the ta
 segmentation protocol (the same query teacher and classes), beside the teacher run on those views, and in 3D:
 every labelled point takes the class of its nearest served Gaussians' decoded latents (chorus-splat's 25-NN vote;
 ``semantic_3d``), the encoder's zero-shot score, and the same vote through the scene's compact tokens
-(``semantic_3d_tokens_K``).
+(``semantic_3d_tokens_K``). Beside them, what the scene's views support in 3D: the teacher's per-pixel classes on
+the scene's views voted onto the labelled points they see (``semantic_3d_teacher_backprojected``, chorus-splat's
+"2D teacher back-projected" baseline), and the encoder's vote over those seen points alone
+(``semantic_3d_in_views``): labelled points no view sees (a ceiling above every camera) are in ``semantic_3d`` but
+no teacher ever spoke of them.
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ from torch import Tensor
 from splatsem_ns.data.multiscene import MultiSceneDataManagerConfig
 from splatsem_ns.data.scene_frames import SceneFrames
 from splatsem_ns.evaluation.metrics import ConfusionMatrix
-from splatsem_ns.evaluation.protocol import accumulate_points, score, vote_points_from_gaussians
-from splatsem_ns.evaluation.voting import classify_by_text
+from splatsem_ns.evaluation.protocol import (
+    accumulate_points,
+    classify_map,
+    score,
+    vote_points_from_gaussians,
+)
+from splatsem_ns.evaluation.voting import ViewLabels, backproject_vote, classify_by_text
 from splatsem_ns.export.loader import SemanticScene
 from splatsem_ns.export.tokens import encoder_tokens
 from splatsem_ns.models.chorus_pretrain import ChorusPretrainModelConfig
@@ -53,6 +62,9 @@ class ChorusPretrainPipelineConfig(SemanticSplatPipelineConfig):
     """ns-eval also scores the 3D vote through this many scene tokens of each held-out scene (``splatsem-tokens``'
     tokens of the encoder's coarsest stage, every Gaussian's latent decoded back from its nearest tokens):
     ``semantic_3d_tokens_K``, what compact tokens lose against the per-Gaussian latents. Empty: not scored."""
+    eval_backprojection_views: int = 24
+    """Views of each held-out scene (evenly spread over its frames) whose teacher classes are back-projected onto
+    the labelled points (``semantic_3d_teacher_backprojected`` and ``semantic_3d_in_views``); 0: not scored."""
 
 
 class ChorusPretrainPipeline(SemanticSplatPipeline):
@@ -88,7 +100,7 @@ class ChorusPretrainPipeline(SemanticSplatPipeline):
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
                 segmentation.add_targets(batch["target"], outputs["target"]["rendered"][0])
             if segmentation is not None:
-                points3d.add(sample["scene"], batch["gaussians"], outputs["latent"])
+                points3d.add(sample["scene"], batch["gaussians"], outputs["latent"], dataset)
         self.train()
         numeric = sorted({k for s in per_scene for k, v in s.items() if isinstance(v, (int, float))})
         result: Dict[str, Any] = {k: float(np.mean([s[k] for s in per_scene])) for k in numeric}
@@ -107,7 +119,9 @@ class _PointVote:
     """The 3D protocol of chorus-splat's ns-eval on the encoder's zero-shot features: each served Gaussian's latent
     decoded by the query teacher's head and classified by text, then every labelled point of the scene takes the
     vote of its ``knn`` nearest Gaussians (``semantic_3d``: mIoU and fg-mIoU over all held-out scenes' points); the
-    same through each ``eval_tokens`` count of scene tokens (``semantic_3d_tokens_K``)."""
+    same through each ``eval_tokens`` count of scene tokens (``semantic_3d_tokens_K``); the teacher back-projected
+    from the scene's views (``semantic_3d_teacher_backprojected``) and the vote over the points those views see
+    (``semantic_3d_in_views``)."""
 
     def __init__(self, pipeline: ChorusPretrainPipeline, segmentation: _Segmentation) -> None:
         self.pipeline = pipeline
@@ -117,9 +131,15 @@ class _PointVote:
         self.token_matrices = {
             k: ConfusionMatrix(classes, ignore_index=-1) for k in pipeline.config.eval_tokens
         }
+        self.teacher_matrix = ConfusionMatrix(classes, ignore_index=-1)
+        self.in_views_matrix = ConfusionMatrix(classes, ignore_index=-1)
         self.scenes = 0
 
-    def add(self, scene: str, gaussians: Dict[str, Tensor], latent: Tensor) -> None:
+    def add(
+        self, scene: str, gaussians: Dict[str, Tensor], latent: Tensor, dataset: Optional[Any] = None
+    ) -> None:
+        """Score one held-out scene; ``dataset`` (a ``SceneSampleDataset`` holding it) serves its views for the
+        back-projected teacher (None: not scored)."""
         collection = self.pipeline.datamanager.collection
         entry = next(e for e in collection.scenes if e.name == scene)
         found = SceneFrames.load(collection.scene_path(entry)).labelled_points(collection.classes)
@@ -127,17 +147,56 @@ class _PointVote:
         if found is None or len(found[1]) == 0 or len(means) == 0:
             return
         xyz, labels = found
-        self._vote(self.matrix, means, latent, xyz, labels)
+        voted = self._vote(self.matrix, means, latent, xyz, labels)
         for k, matrix in self.token_matrices.items():
             self._vote(matrix, means, self._through_tokens(gaussians, latent, k), xyz, labels)
+        lifted = self._backprojected(dataset, scene, xyz) if dataset is not None else None
+        if lifted is not None:
+            teacher_labels, votes = lifted
+            ids = self.segmentation.ids
+            accumulate_points(self.teacher_matrix, teacher_labels, labels, ids)
+            seen = votes > 0
+            accumulate_points(self.in_views_matrix, voted[seen], labels[seen], ids)
         self.scenes += 1
 
-    def _vote(self, matrix: ConfusionMatrix, means: Tensor, latent: Tensor, xyz, labels) -> None:
+    def _vote(self, matrix: ConfusionMatrix, means: Tensor, latent: Tensor, xyz, labels) -> np.ndarray:
+        """Each labelled point's class by the ``knn`` vote of the decoded Gaussians, counted into ``matrix``."""
         seg = self.segmentation
         head = self.pipeline.model.projector_heads[seg.teacher_name]
         classes = classify_by_text(head(latent), seg.text, seg.ids)
         voted = vote_points_from_gaussians(means, classes, xyz, k=seg.cfg.knn)
         accumulate_points(matrix, voted, labels, seg.ids)
+        return np.asarray(voted)
+
+    def _backprojected(
+        self, dataset: Any, scene: str, xyz: np.ndarray
+    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """(labels, votes) of ``backproject_vote``: the query teacher's per-pixel classes on up to
+        ``eval_backprojection_views`` of the scene's views, voted onto its labelled points; None where the teacher
+        has no features of the scene or nothing is asked."""
+        limit = self.pipeline.config.eval_backprojection_views
+        seg = self.segmentation
+        index = next((i for i, e in enumerate(dataset.scenes) if e.name == scene), None)
+        if limit <= 0 or index is None:
+            return None
+        count = len(dataset.frames(index))
+        chosen = np.unique(np.linspace(0, count - 1, min(count, limit)).round().astype(np.int64))
+        views = dataset.views(index, chosen)
+        if not bool(views.get("teacher_available", {}).get(seg.teacher_name, torch.zeros(1)).all()):
+            return None
+        features = views["teacher_features"][seg.teacher_name]  # [V, h, w, C] at the teacher's grid
+        size = tuple(views["images"].shape[1:3])
+        view_labels = [
+            ViewLabels(
+                labels=classify_map(features[v].float().to(seg.text.device), seg.text, seg.ids).cpu().numpy(),
+                K=views["intrinsics"][v].numpy(),
+                camera_to_world=views["camera_to_world"][v].numpy(),
+                image_size=size,
+                depth=views["depth"][v].numpy() if views["has_depth"] else None,
+            )
+            for v in range(len(chosen))
+        ]
+        return backproject_vote(xyz, view_labels, depth_tolerance=seg.cfg.depth_tolerance)
 
     def _through_tokens(self, gaussians: Dict[str, Tensor], latent: Tensor, k: int) -> Tensor:
         """Every Gaussian's latent decoded back from ``k`` tokens of the encoder's coarsest stage."""
@@ -158,4 +217,10 @@ class _PointVote:
         result: Dict[str, Any] = {"semantic_3d": {**score(self.matrix, names, cfg), "scenes": self.scenes}}
         for k, matrix in self.token_matrices.items():
             result[f"semantic_3d_tokens_{k}"] = {**score(matrix, names, cfg), "scenes": self.scenes}
+        for key, matrix in (
+            ("semantic_3d_teacher_backprojected", self.teacher_matrix),
+            ("semantic_3d_in_views", self.in_views_matrix),
+        ):
+            if matrix.matrix.sum() > 0:
+                result[key] = score(matrix, names, cfg)
         return result

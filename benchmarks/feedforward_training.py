@@ -126,6 +126,10 @@ def train_config(args, out: Path, method: str):
         dm.max_gaussians = args.max_gaussians
     config.max_num_iterations = args.steps
     if args.decay_steps:  # let the schedule fit a short run: warm up over at most its first tenth, then decay
+        if args.decay_steps < 2:  # nerfstudio's cosine schedule divides by the steps after the warm-up
+            raise SystemExit(
+                f"--decay-steps must be at least 2 (a warm-up step and a decay step), got {args.decay_steps}"
+            )
         for group in config.optimizers.values():
             scheduler = group["scheduler"]
             scheduler.max_steps = args.decay_steps

@@ -65,10 +65,14 @@ def test_ns_train_eval_resume_and_export(collection, trained, tmp_path):
     for key in (
         "semantic_2d_target",
         "semantic_2d_source",
+        "semantic_2d_context_latent",
         "semantic_2d_teacher_target",
         "semantic_2d_teacher_warped_target",
+        "semantic_2d_teacher_sensor_warped_target",
     ):
         assert 0.0 <= results[key]["miou"] <= 1.0, key
+    # The views' own ceiling (context pixels at their sensor depth): part of each target covered.
+    assert 0.0 < results["sensor_depth_coverage"] <= 1.0 and results["sensor_depth_psnr"] > 5.0
     # Each scene's own target counts are kept; with one scene they are the whole matrix.
     from splatsem_ns.evaluation.metrics import ConfusionMatrix
 
@@ -438,3 +442,48 @@ def test_unlabelled_scenes_train_geometry_only(collection, tmp_path):
     assert float(losses["rgb"]) > 0.0
     both = collate_samples([samples["room_0"], samples["room_1"]])
     assert float(model.get_loss_dict(model(both), both)["distill_labels"]) > 0.0
+
+
+def test_the_context_latent_is_scored_pixel_by_pixel_before_rendering():
+    """``semantic_2d_context_latent``: each context pixel's own latent (the prediction holds one per pixel, views
+    then rows then columns) decoded and scored against that pixel's label. A latent that is the one-hot of each
+    pixel's class scores 100%; the rendered source views (here: a wrong constant) do not change it."""
+    from types import SimpleNamespace
+
+    from splatsem_ns.evaluation.metrics import ConfusionMatrix
+    from splatsem_ns.evaluation.protocol import SemanticEvalConfig
+    from splatsem_ns.feedforward.gaussians import PredictedGaussians
+    from splatsem_ns.pipelines.semantic_splat_pipeline import _Segmentation
+
+    ids, views, height, width = [1, 2, 5], 2, 6, 8
+    labels = torch.from_numpy(np.random.default_rng(0).choice(ids, size=(1, views, height, width)))
+    one_hot = torch.eye(len(ids))[torch.searchsorted(torch.tensor(ids), labels)]  # [1, V, H, W, K]
+    gaussians = PredictedGaussians(
+        **{k: torch.zeros(1, 0) for k in ("means", "quats", "scales", "opacities", "features_dc")},
+        features_rest=torch.zeros(1, 0),
+        latent=one_hot.flatten(1, 3),
+        depth=torch.zeros(1, views, height, width),
+        confidence=torch.zeros(1, views, height, width),
+    )
+    wrong = torch.zeros(1, views, height, width, len(ids))
+    wrong[..., 0] = 1.0
+    segmentation = object.__new__(_Segmentation)
+    segmentation.pipeline = SimpleNamespace(
+        model=SimpleNamespace(
+            projector_heads={"labels": torch.nn.Identity()},
+            render=lambda gaussians, views: SimpleNamespace(latent=wrong),
+        ),
+        config=SimpleNamespace(eval_views="both"),
+    )
+    segmentation.teacher_name, segmentation.text, segmentation.ids = "labels", torch.eye(len(ids)), ids
+    segmentation.names, segmentation.cfg = ["a", "b", "c"], SemanticEvalConfig()
+    segmentation.scene_matrix = None
+    segmentation.matrices = {key: ConfusionMatrix(len(ids)) for key in ("source", "context_latent")}
+    segmentation.add_targets = lambda target, latents: None
+    segmentation._warped_teacher = lambda gaussians, batch, size: torch.zeros(0)
+    context = {"images": torch.zeros(1, views, height, width, 3), "labels": labels}
+    segmentation.add({"target": {"images": torch.zeros(1, 0, height, width, 3)}, "context": context},
+                     {"gaussians": gaussians, "rendered": SimpleNamespace(latent=torch.zeros(1, 0))})  # fmt: skip
+    scores = segmentation.scores()
+    assert scores["semantic_2d_context_latent"]["miou"] == pytest.approx(1.0)
+    assert scores["semantic_2d_source"]["miou"] < 0.5

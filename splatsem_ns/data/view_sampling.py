@@ -39,9 +39,12 @@ class ViewChoiceConfig:
     """A new context view must see at least this fraction of what an already chosen one sees (and vice versa)."""
     max_overlap: float = 0.9
     """...and at most this much: near-duplicate views give the cost volume no baseline."""
-    target_min_overlap: float = 0.4
+    target_min_overlap: float = 0.7
     """Target views are drawn among those whose surfaces the context sees at least this much; where too few
-    qualify, the best covered ones are taken."""
+    qualify, the best covered ones are taken. A target pixel no context view sees can only be guessed: at 0.4, the
+    16 held-out rooms of a generated collection got targets of 0.66 mean overlap, and the context pixels placed at
+    their sensor depth covered 75% of them (``feedforward.sensor_depth``); at 0.7, 0.77 mean overlap. MVSplat and
+    SemanticSplat score targets between their context views."""
     depth_tolerance: float = 0.05
     """Depth test of the overlap: a point is seen by another view when its depth there is within this fraction
     of the view's own depth measurement (plus 2 cm)."""

@@ -10,7 +10,14 @@ its own share of the sample stream (the datamanager shards by rank).
 - 2D segmentation where the scenes have per-pixel labels, with the confusion-matrix protocol of chorus-splat, at the
   target and at the source (context) views, against two baselines computed on the same pixels: the teacher run on
   the view itself (its cached features), and the teacher's context-view features carried to the target by the
-  predicted geometry (each predicted Gaussian rendered with its context pixel's teacher feature).
+  predicted geometry (each predicted Gaussian rendered with its context pixel's teacher feature). Also, at the
+  context views, each pixel's own latent decoded before rendering (``semantic_2d_context_latent``): the semantic
+  branch's score with geometry taken out, so a low source-view score splits into what the branch gets wrong and
+  what the predicted depth then blends away.
+- ceilings of the chosen views, with the network taken out (scenes whose context views have depth;
+  ``feedforward.sensor_depth``): the context pixels placed at their sensor depth and rendered into the targets give
+  ``sensor_depth_psnr`` and ``sensor_depth_coverage``, and, carrying their teacher features, the teacher warped by
+  the sensor's depth (``semantic_2d_teacher_sensor_warped_target``).
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from splatsem_ns.evaluation.protocol import (
     score,
 )
 from splatsem_ns.feedforward.gaussians import PredictedGaussians
-from splatsem_ns.feedforward.render import render_predicted
+from splatsem_ns.feedforward.render import RenderedViews, render_predicted
+from splatsem_ns.feedforward.sensor_depth import sensor_depth_gaussians
 from splatsem_ns.models.heads import resize_feature_map
 from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY
@@ -205,11 +213,14 @@ class SemanticSplatPipeline(Pipeline):
             batch = _to_batch(sample, self.model.device)
             outputs = self.model(batch)
             scores = self.model.image_metrics(outputs, batch)
+            sensor = self._sensor_depth_render(batch, segmentation)
+            if sensor is not None:
+                scores.update(sensor_depth_scores(sensor, batch["target"]))
             scores["scene"] = sample["scene"]  # type: ignore[assignment]
             per_scene.append(scores)
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
                 segmentation.begin_scene()
-                segmentation.add(batch, outputs)
+                segmentation.add(batch, outputs, sensor)
                 # This scene's own counts, so a report can score any subset of scenes exactly (the per-scene
                 # baseline of benchmarks/context_baseline.py pools the same scenes).
                 scores["target_confusion"] = segmentation.scene_matrix.counts()  # type: ignore[union-attr]
@@ -223,6 +234,28 @@ class SemanticSplatPipeline(Pipeline):
         if segmentation is not None:
             result.update(segmentation.scores())
         return result
+
+    def _sensor_depth_render(
+        self, batch: Mapping[str, Any], segmentation: Optional["_Segmentation"]
+    ) -> Optional[RenderedViews]:
+        """The target views rendered from the context pixels at their sensor depth (``feedforward.sensor_depth``),
+        with the query teacher's per-pixel features as the latent when segmenting; None without context depth."""
+        context, target = batch["context"], batch["target"]
+        has_depth = context.get("has_depth")
+        if has_depth is None or not bool(torch.as_tensor(has_depth).all()):
+            return None
+        height, width = (int(s) for s in target["images"].shape[2:4])
+        latent = None
+        if segmentation is not None:
+            latent = segmentation.teacher_per_pixel(context, tuple(context["images"].shape[2:4]))[None]
+        return render_predicted(
+            sensor_depth_gaussians(context, latent),
+            target["intrinsics"],
+            target["camera_to_world"],
+            width,
+            height,
+            render_latent=latent is not None,
+        )
 
     def _can_segment(self) -> bool:
         specs = getattr(self.model, "teacher_specs", {}) or {}
@@ -244,7 +277,14 @@ class _Segmentation:
     def __init__(
         self,
         pipeline: SemanticSplatPipeline,
-        keys: Tuple[str, ...] = ("target", "source", "teacher_target", "teacher_warped_target"),
+        keys: Tuple[str, ...] = (
+            "target",
+            "source",
+            "context_latent",
+            "teacher_target",
+            "teacher_warped_target",
+            "teacher_sensor_warped_target",
+        ),
     ) -> None:
         self.pipeline = pipeline
         model = pipeline.model
@@ -291,7 +331,12 @@ class _Segmentation:
             own = target["teacher_features"][self.teacher_name][0, v].float()
             self.add_view("teacher_target", resize_feature_map(own, size), truth)
 
-    def add(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    def add(
+        self, batch: Mapping[str, Any], outputs: Mapping[str, Any], sensor: Optional[RenderedViews] = None
+    ) -> None:
+        """One held-out sample: the model's renders (``outputs``) and the baselines; ``sensor``: the targets rendered
+        from the context pixels at their sensor depth, carrying the query teacher's features (scored as
+        "teacher_sensor_warped_target")."""
         model = self.pipeline.model
         target = batch["target"]
         gaussians: PredictedGaussians = outputs["gaussians"]
@@ -299,24 +344,34 @@ class _Segmentation:
         warped = self._warped_teacher(gaussians, batch, tuple(target["images"].shape[2:4]))
         for v in range(warped.shape[0]):
             self.add_view("teacher_warped_target", warped[v], target["labels"][0, v])
+        if sensor is not None and sensor.latent is not None:
+            for v in range(sensor.latent.shape[1]):
+                self.add_view("teacher_sensor_warped_target", sensor.latent[0, v], target["labels"][0, v])
         if self.pipeline.config.eval_views == "both":
             context = batch["context"]
             source = model.render(gaussians, context)
             head = model.projector_heads[self.teacher_name]
+            # Each context pixel's own latent (one Gaussian per pixel, in pixel order): no rendering, no geometry.
+            own = gaussians.latent[0].unflatten(0, tuple(context["images"].shape[1:4]))  # [V, H, W, D]
             for v in range(context["images"].shape[1]):
                 self.add_view("source", head(source.latent[0, v]), context["labels"][0, v])
+                self.add_view("context_latent", head(own[v]), context["labels"][0, v])
 
     def _warped_teacher(self, gaussians: PredictedGaussians, batch: Mapping[str, Any], size) -> torch.Tensor:
         """The context views' teacher features carried to the target views by the predicted geometry: each
         Gaussian (one per context pixel) rendered with its pixel's teacher feature instead of its latent."""
         context, target = batch["context"], batch["target"]
-        features = context["teacher_features"][self.teacher_name][0].float()  # [V, h, w, C]
-        per_pixel = torch.stack([resize_feature_map(f, size) for f in features]).flatten(0, 2)  # [V*H*W, C]
+        per_pixel = self.teacher_per_pixel(context, size).flatten(0, 2)  # [V*H*W, C]
         carried = PredictedGaussians(**{**vars(gaussians), "latent": per_pixel[None]})
         rendered = render_predicted(
             carried, target["intrinsics"], target["camera_to_world"], size[1], size[0], render_latent=True
         )
         return rendered.latent[0]  # [T, H, W, C]
+
+    def teacher_per_pixel(self, views: Mapping[str, Any], size: Tuple[int, int]) -> torch.Tensor:
+        """The query teacher's features of the first scene's views, resized to ``size``: [V, H, W, C]."""
+        features = views["teacher_features"][self.teacher_name][0].float()  # [V, h, w, C]
+        return torch.stack([resize_feature_map(f, size) for f in features])
 
     def scores(self) -> Dict[str, Any]:
         names = self.names
@@ -325,3 +380,14 @@ class _Segmentation:
             if matrix.matrix.sum() > 0:
                 out[f"semantic_2d_{key}"] = score(matrix, names, self.cfg)
         return out
+
+
+def sensor_depth_scores(sensor: RenderedViews, target: Mapping[str, Any]) -> Dict[str, float]:
+    """PSNR of the targets rendered from the context pixels at their sensor depth, and the fraction of target pixels
+    they cover (accumulated opacity above 0.5): what the chosen views allow, network aside."""
+    real = target["images"].float() / 255.0
+    mse = torch.mean((sensor.rgb.clamp(0, 1) - real[..., :3]) ** 2)
+    return {
+        "sensor_depth_psnr": float(-10.0 * torch.log10(mse.clamp_min(1e-10))),
+        "sensor_depth_coverage": float((sensor.alpha > 0.5).float().mean()),
+    }

@@ -73,6 +73,7 @@ def test_ns_train_eval_resume_and_export(collection, trained, tmp_path):
         assert 0.0 <= results[key]["miou"] <= 1.0, key
     # The views' own ceiling (context pixels at their sensor depth): part of each target covered.
     assert 0.0 < results["sensor_depth_coverage"] <= 1.0 and results["sensor_depth_psnr"] > 5.0
+    assert results["psnr_where_views_see"] > 5.0  # the network over the pixels the context reaches
     # Each scene's own target counts are kept; with one scene they are the whole matrix.
     from splatsem_ns.evaluation.metrics import ConfusionMatrix
 

@@ -92,3 +92,26 @@ def test_another_view_is_reached_where_the_context_sees_it(views):
     assert 0.2 < covered.float().mean() < 1.0
     relative = (rendered.depth[0, 0] - target["depth"][0, 0]).abs() / target["depth"][0, 0]
     assert relative[covered].median() < 0.05
+
+
+def test_the_network_is_also_scored_where_the_context_sees(views):
+    """``psnr_where_views_see``: the network's PSNR over the target pixels the sensor-depth splats cover, so a render
+    that is right there and black elsewhere scores as right, and one wrong there does not."""
+    from types import SimpleNamespace
+
+    one = _at(views, 0)
+    half = {**one, "depth": one["depth"].clone()}
+    half["depth"][..., :, 32:] = 0.0  # the context reaches the left half of the target only
+    sensor = _render(half)
+    real = one["images"].float()[..., :3] / 255.0
+    covered = (sensor.alpha > 0.5)[..., None]
+    assert covered[..., :30, :].all() and not covered[..., 34:, :].any()
+    right_where_seen = torch.where(covered, real, torch.zeros_like(real))
+    scores = sensor_depth_scores(sensor, one, SimpleNamespace(rgb=right_where_seen))
+    assert scores["psnr_where_views_see"] > 90.0  # exact on every covered pixel (the MSE floor is 1e-10)
+    wrong_where_seen = real.clone()
+    wrong_where_seen[..., :32, :] = 1.0 - wrong_where_seen[..., :32, :]
+    assert (
+        sensor_depth_scores(sensor, one, SimpleNamespace(rgb=wrong_where_seen))["psnr_where_views_see"] < 15.0
+    )
+    assert "psnr_where_views_see" not in sensor_depth_scores(sensor, one)

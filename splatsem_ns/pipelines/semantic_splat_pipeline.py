@@ -16,8 +16,9 @@ its own share of the sample stream (the datamanager shards by rank).
   what the predicted depth then blends away.
 - ceilings of the chosen views, with the network taken out (scenes whose context views have depth;
   ``feedforward.sensor_depth``): the context pixels placed at their sensor depth and rendered into the targets give
-  ``sensor_depth_psnr`` and ``sensor_depth_coverage``, and, carrying their teacher features, the teacher warped by
-  the sensor's depth (``semantic_2d_teacher_sensor_warped_target``).
+  ``sensor_depth_psnr`` and ``sensor_depth_coverage`` (and the network's PSNR over the covered pixels alone,
+  ``psnr_where_views_see``), and, carrying their teacher features, the teacher warped by the sensor's depth
+  (``semantic_2d_teacher_sensor_warped_target``).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class SemanticSplatPipeline(Pipeline):
             scores = self.model.image_metrics(outputs, batch)
             sensor = self._sensor_depth_render(batch, segmentation)
             if sensor is not None:
-                scores.update(sensor_depth_scores(sensor, batch["target"]))
+                scores.update(sensor_depth_scores(sensor, batch["target"], outputs["rendered"]))
             scores["scene"] = sample["scene"]  # type: ignore[assignment]
             per_scene.append(scores)
             if segmentation is not None and bool(batch["target"]["has_labels"].all()):
@@ -382,12 +383,26 @@ class _Segmentation:
         return out
 
 
-def sensor_depth_scores(sensor: RenderedViews, target: Mapping[str, Any]) -> Dict[str, float]:
+def sensor_depth_scores(
+    sensor: RenderedViews, target: Mapping[str, Any], predicted: Optional[RenderedViews] = None
+) -> Dict[str, float]:
     """PSNR of the targets rendered from the context pixels at their sensor depth, and the fraction of target pixels
-    they cover (accumulated opacity above 0.5): what the chosen views allow, network aside."""
-    real = target["images"].float() / 255.0
-    mse = torch.mean((sensor.rgb.clamp(0, 1) - real[..., :3]) ** 2)
-    return {
-        "sensor_depth_psnr": float(-10.0 * torch.log10(mse.clamp_min(1e-10))),
-        "sensor_depth_coverage": float((sensor.alpha > 0.5).float().mean()),
-    }
+    they cover (accumulated opacity above 0.5): what the chosen views allow, network aside. With the network's own
+    renders (``predicted``), also its PSNR over those covered pixels alone (``psnr_where_views_see``): how well it
+    renders what the context could show, apart from the target pixels nothing in the context reaches."""
+    real = target["images"].float()[..., :3] / 255.0
+
+    def psnr(rendered: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+        error = (rendered.clamp(0, 1) - real) ** 2
+        if mask is None:
+            mse = error.mean()
+        else:  # the mean over the masked pixels' channels
+            weight = mask[..., None].to(error.dtype)
+            mse = (error * weight).sum() / (3.0 * weight.sum()).clamp_min(1.0)
+        return float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
+
+    covered = sensor.alpha > 0.5
+    scores = {"sensor_depth_psnr": psnr(sensor.rgb), "sensor_depth_coverage": float(covered.float().mean())}
+    if predicted is not None and bool(covered.any()):
+        scores["psnr_where_views_see"] = psnr(predicted.rgb, covered)
+    return scores

@@ -52,8 +52,10 @@ run)
       step gen splatsem-synthetic --out /tmp/coll --num-scenes "${NSCENES:-300}" --seed 0 --width 320 --height 240 ;;
     real)  # the 50-frame ScanNet capture; and its 150-frame version where the data has it, whose neighbouring
       # frames overlap enough for two context views to see most of a target (the 50-frame one: 40% at best)
-      step real splatsem-collection --scenes "$SPLATSEM_DATA/scannet_scene0000_00" \
-        --test-scenes scannet_scene0000_00 --out /tmp/real/collection.json
+      if [ -d "$SPLATSEM_DATA/scannet_scene0000_00" ]; then
+        step real splatsem-collection --scenes "$SPLATSEM_DATA/scannet_scene0000_00" \
+          --test-scenes scannet_scene0000_00 --out /tmp/real/collection.json
+      fi
       if [ -d "$SPLATSEM_DATA/scannet_scene0000_00_dense" ]; then
         step realdense splatsem-collection --scenes "$SPLATSEM_DATA/scannet_scene0000_00_dense" \
           --test-scenes scannet_scene0000_00_dense --out /tmp/realdense/collection.json
@@ -76,10 +78,11 @@ run)
         --out "$RES/adapt" --iterations "${AD_ITERS:-5000}" --no-baseline --eval-at ${AD_EVAL:-0 500 2000} \
         --runs "scratch=chorus-splat" "${runs[@]}" ;;
     semantic)  # semantic-splat for SS_MIN minutes once per centred-term weight in SS_CENTRED, same seed and rooms
-      dense=(); [ -f /tmp/realdense/collection.json ] && dense=(--real-collection /tmp/realdense/collection.json)
+      real=()
+      for c in /tmp/real /tmp/realdense; do [ -f $c/collection.json ] && real+=(--real-collection $c/collection.json); done
       for weight in ${SS_CENTRED:-0 1}; do
         step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \
-          --real-collection /tmp/real/collection.json "${dense[@]}" --out "$RES/semantic_centred_$weight" \
+          "${real[@]}" --out "$RES/semantic_centred_$weight" \
           --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12 --extraction-workers 8 \
           --forward-repeats 5 --model-set "centred_loss_weight=$weight"
       done ;;

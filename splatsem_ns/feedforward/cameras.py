@@ -97,6 +97,14 @@ def unproject_depth(
     return (rotation @ camera_points[..., None])[..., 0] + pose[..., None, None, :3, 3]
 
 
+def pixel_footprint(
+    depth: Float[Tensor, "*batch H W"], intrinsics: Float[Tensor, "*batch 3 3"]
+) -> Float[Tensor, "*batch H W"]:
+    """A pixel's width at z-depth ``depth`` in world units: depth over the focal length (the mean of the two axes')."""
+    inverse_focal = 0.5 * (1.0 / intrinsics[..., 0, 0] + 1.0 / intrinsics[..., 1, 1])
+    return depth * inverse_focal[..., None, None]
+
+
 def rotation_to_quaternion(rotation: Float[Tensor, "*batch 3 3"]) -> Float[Tensor, "*batch 4"]:
     """Unit quaternion (wxyz, w >= 0) of a rotation matrix.
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from splatsem_ns.feedforward.cameras import (
     opengl_to_opencv,
+    pixel_footprint,
     quaternion_multiply,
     rotation_to_quaternion,
     unproject_depth,
@@ -148,8 +149,7 @@ class GaussianHead(nn.Module):
         means = unproject_depth(depth, intrinsics, camera_to_world, offset)
 
         # A pixel's footprint at its depth, in world units (the mean of the two axes' footprints).
-        inverse_focal = 0.5 * (1.0 / intrinsics[..., 0, 0] + 1.0 / intrinsics[..., 1, 1])
-        footprint = depth * inverse_focal[..., None, None]
+        footprint = pixel_footprint(depth, intrinsics)
         multiplier = config.scale_min + (config.scale_max - config.scale_min) * torch.sigmoid(
             raw_scale + config.scale_logit_offset
         )

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from splatsem_ns.feedforward.cameras import unproject_depth
+from splatsem_ns.feedforward.cameras import pixel_footprint, unproject_depth
 from splatsem_ns.feedforward.gaussian_head import rgb_to_sh
 from splatsem_ns.feedforward.gaussians import PredictedGaussians
 
@@ -51,8 +51,7 @@ def sensor_depth_gaussians(
     depth = torch.where(measured, depth, torch.ones_like(depth))
     intrinsics = views["intrinsics"].float()
     means = unproject_depth(depth, intrinsics, views["camera_to_world"].float())
-    inverse_focal = 0.5 * (1.0 / intrinsics[..., 0, 0] + 1.0 / intrinsics[..., 1, 1])
-    scales = (FOOTPRINT * depth * inverse_focal[..., None, None])[..., None].expand(-1, -1, -1, -1, 3)
+    scales = (FOOTPRINT * pixel_footprint(depth, intrinsics))[..., None].expand(-1, -1, -1, -1, 3)
     quats = torch.zeros(batch, count, height, width, 4, device=depth.device)
     quats[..., 0] = 1.0
     if latent is None:

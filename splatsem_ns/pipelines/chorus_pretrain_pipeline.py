@@ -182,7 +182,8 @@ class _PointVote:
         count = len(dataset.frames(index))
         chosen = np.unique(np.linspace(0, count - 1, min(count, limit)).round().astype(np.int64))
         views = dataset.views(index, chosen)
-        if not bool(views.get("teacher_available", {}).get(seg.teacher_name, torch.zeros(1)).all()):
+        available = views.get("teacher_available", {}).get(seg.teacher_name)
+        if available is None or not bool(available.all()):
             return None
         features = views["teacher_features"][seg.teacher_name]  # [V, h, w, C] at the teacher's grid
         size = tuple(views["images"].shape[1:3])

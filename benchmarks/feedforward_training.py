@@ -89,6 +89,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="scenes the label proxies cannot read: left out, or trained on geometry and appearance only",
     )
     parser.add_argument(
+        "--real-share",
+        type=float,
+        help="share of the training samples drawn from the collection's real captures (default: each scene "
+        "equally often)",
+    )
+    parser.add_argument(
         "--model-set",
         action="append",
         default=[],
@@ -120,6 +126,7 @@ def train_config(args, out: Path, method: str):
     if getattr(args, "gaussians", None):
         dm.gaussians = args.gaussians
     dm.unlabelled_scenes = getattr(args, "unlabelled_scenes", "drop")
+    dm.real_share = getattr(args, "real_share", None)
     if getattr(args, "point_shape", None):
         dm.point_shape = args.point_shape
     if getattr(args, "max_gaussians", None):

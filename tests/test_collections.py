@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from splatsem_ns.data.collection import SceneCollection, split_of
+from splatsem_ns.data.collection import SceneCollection, SceneEntry, split_of
 from splatsem_ns.data.collection_cli import BuildCollection
 from splatsem_ns.data.multiscene import (
     MultiSceneDataManagerConfig,
+    SceneSampleDataset,
     ShardedSampleSampler,
     extract_collection_features,
+    source_weights,
 )
 from splatsem_ns.data.scene_frames import SceneFrames
 from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
@@ -164,6 +166,28 @@ def test_ranks_draw_disjoint_samples_that_make_up_the_one_rank_stream():
     assert all(not set(a) & set(b) for i, a in enumerate(ranks) for b in ranks[i + 1 :])
     resumed = list(_take(ShardedSampleSampler(7, 1, 3, skip=4), 3))
     assert resumed == list(_take(ShardedSampleSampler(7, 1, 3), 7))[4:]
+
+
+def test_real_share_gives_real_captures_that_share_of_the_stream(tmp_path):
+    scenes = [SceneEntry(f"gen_{i}", f"gen_{i}", "train", source="procedural") for i in range(30)]
+    scenes += [SceneEntry("scan_a", "scan_a", "train"), SceneEntry("scan_b", "scan_b", "train")]
+    config = MultiSceneDataManagerConfig(teachers=(), real_share=0.25)
+
+    def drawn(weights):
+        dataset = SceneSampleDataset(None, scenes, config, {}, tmp_path, tmp_path, 32, weights=weights)
+        return [scenes[dataset.scene_of(k)].name for k in range(4000)]
+
+    mixed = drawn(source_weights(scenes, 0.25))
+    real = sum(name.startswith("scan") for name in mixed) / len(mixed)
+    assert 0.22 < real < 0.28, real
+    assert abs(mixed.count("scan_a") - mixed.count("scan_b")) < 0.2 * mixed.count("scan_a")
+    assert mixed == drawn(source_weights(scenes, 0.25))  # seeded: the same stream again
+    plain = drawn(None)  # unset: each scene once per pass, 2 of 32 real
+    assert sum(name.startswith("scan") for name in plain) == 2 * 4000 // 32 == 250
+    with pytest.raises(ValueError, match="both real captures and generated scenes"):
+        source_weights(scenes[:30], 0.25)
+    with pytest.raises(ValueError, match="real_share"):
+        MultiSceneDataManagerConfig(teachers=(), real_share=1.0)
 
 
 def _take(iterable, n):

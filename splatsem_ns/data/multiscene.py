@@ -5,9 +5,10 @@ many scenes at once. ``MultiSceneDataManager`` serves them from a collection (``
 real, generated or both.
 
 - **Samples.** Sample ``k`` of the stream is a function of (``seed``, ``k``) only: the epoch's scene order is a
-  seeded permutation of the split, and the views are chosen by ``view_sampling.choose_views`` from the scene's
-  view overlap (computed from depth once per scene, then cached on disk). So a run is reproducible, a resumed run
-  continues the same stream at its step, and the worker count does not change what is served.
+  seeded permutation of the split (with ``real_share``, a seeded draw that gives real captures that share), and
+  the views are chosen by ``view_sampling.choose_views`` from the scene's view overlap (computed from depth once
+  per scene, then cached on disk). So a run is reproducible, a resumed run continues the same stream at its
+  step, and the worker count does not change what is served.
 - **Ranks.** Under DistributedDataParallel each rank draws the samples ``k`` with ``k % world_size == rank``:
   disjoint streams, together the one-rank stream (the epoch is rounded up to a multiple of the rank count).
 - **Content.** Per sample, for the context and the target views: uint8 images at ``image_size``, pinhole
@@ -107,6 +108,10 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
     samples_per_epoch: Optional[int] = None
     """Samples per epoch across all ranks; None: one per training scene (each scene once per epoch). Rounded up to
     a multiple of the number of ranks."""
+    real_share: Optional[float] = None
+    """Share of the training samples drawn from real captures (scenes whose ``source`` is not "procedural"), the
+    rest from generated scenes, each scene equally often within its group; None: every scene equally often. A few
+    real captures among hundreds of generated rooms are otherwise a fraction of a percent of the stream."""
     seed: int = 0
     """Seed of the sample stream (scene order and view choice)."""
     num_workers: int = 4
@@ -159,6 +164,8 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
         check_teacher_names(self.teachers)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.real_share is not None and not 0.0 < self.real_share < 1.0:
+            raise ValueError(f"real_share must be in (0, 1) or None, got {self.real_share}")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -184,6 +191,22 @@ class ShardedSampleSampler(Sampler[int]):
                 served += 1
 
 
+def source_weights(scenes: Sequence[SceneEntry], real_share: Optional[float]) -> Optional[np.ndarray]:
+    """Per-scene sampling probabilities giving real captures ``real_share`` of the samples (see
+    ``MultiSceneDataManagerConfig.real_share``); None where every scene is to be drawn equally often."""
+    if real_share is None:
+        return None
+    real = np.array([s.source != "procedural" for s in scenes])
+    if real.all() or not real.any():
+        kind = "real captures" if real.all() else "generated scenes"
+        raise ValueError(
+            f"real_share={real_share} needs both real captures and generated scenes among the training scenes, "
+            f"but all {len(scenes)} are {kind}; leave real_share unset"
+        )
+    weights = np.where(real, real_share / real.sum(), (1.0 - real_share) / (~real).sum())
+    return weights / weights.sum()
+
+
 class SceneSampleDataset(Dataset):
     """Sample id -> one sample (see the module docstring); built in DataLoader workers."""
 
@@ -197,8 +220,11 @@ class SceneSampleDataset(Dataset):
         overlap_root: Path,
         epoch_length: int,
         label_teacher: Optional[str] = None,
+        weights: Optional[np.ndarray] = None,
     ) -> None:
         self.collection = collection
+        self.weights = weights
+        """Per-scene sampling probabilities (None: each scene once per pass of the scene list)."""
         self.label_teacher = label_teacher
         self.scenes = list(scenes)
         self.config = config
@@ -218,10 +244,14 @@ class SceneSampleDataset(Dataset):
         """Index (into ``scenes``) of the scene of sample ``sample_id``: the epoch's seeded order, cycled."""
         epoch, i = divmod(int(sample_id), self.epoch_length)
         if epoch not in self._orders:
-            self._orders = {
-                epoch: np.random.default_rng([self.config.seed, epoch]).permutation(len(self.scenes))
-            }
-        return int(self._orders[epoch][i % len(self.scenes)])
+            rng = np.random.default_rng([self.config.seed, epoch])
+            if self.weights is None:
+                order = rng.permutation(len(self.scenes))
+            else:
+                order = rng.choice(len(self.scenes), size=self.epoch_length, p=self.weights)
+            self._orders = {epoch: order}
+        order = self._orders[epoch]
+        return int(order[i % len(order)])
 
     def frames(self, scene: int) -> SceneFrames:
         if scene not in self._frames:
@@ -443,7 +473,11 @@ class MultiSceneDataManager(DataManager):
         if self.teacher_configs and test_mode != "inference":
             self.fingerprints = self.prepare_teacher_features()
         epoch = config.samples_per_epoch or len(self.train_scenes)
-        self.train_dataset = self._dataset(self.train_scenes, epoch) if self.train_scenes else None
+        self.train_dataset = (
+            self._dataset(self.train_scenes, epoch, source_weights(self.train_scenes, config.real_share))
+            if self.train_scenes
+            else None
+        )
         self.eval_dataset = (
             self._dataset(self.eval_scenes, len(self.eval_scenes)) if self.eval_scenes else None
         )
@@ -481,7 +515,9 @@ class MultiSceneDataManager(DataManager):
             usable = labelled
         return usable
 
-    def _dataset(self, scenes: Sequence[SceneEntry], epoch_length: int) -> SceneSampleDataset:
+    def _dataset(
+        self, scenes: Sequence[SceneEntry], epoch_length: int, weights: Optional[np.ndarray] = None
+    ) -> SceneSampleDataset:
         # Every rank takes as many samples per epoch, so that the ranks stay in step with one another.
         epoch_length = -(-max(epoch_length, 1) // self.world_size) * self.world_size
         return SceneSampleDataset(
@@ -493,6 +529,7 @@ class MultiSceneDataManager(DataManager):
             self.overlap_root,
             epoch_length,
             self.label_teacher,
+            weights,
         )
 
     # ------------------------------------------------------------------ teacher features

@@ -7,13 +7,14 @@
 # Each step's output goes to $RES/STEP.log (and the benchmark's report under $RES/STEP/), the chain's progress to
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
-#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, query, profile, memory, ddp)
+#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, mixedsemantic, query,
+#              profile, memory, ddp)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
 #   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
 #   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE ("latents head"), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
-#   SS_MIXED (unset; a real share such as 0.1 adds a run with the carried redkitchen capture mixed into training),
+#   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
 #   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
@@ -23,6 +24,9 @@ pack() {
   (cd "$RES" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.txt' \
     -o -name '*.yml' -o -name '*.csv' \) -size -5M -print0 | tar czf "$OUT/res.tgz" --null -T - 2>/dev/null)
   if [ -f "$RES/gsplat_cuda.so.gz" ] && [ -z "${GSPLAT_PREBUILT:-}" ]; then cp "$RES/gsplat_cuda.so.gz" "$OUT/"; fi
+}
+real_collections() {  # --real-collection for each ScanNet collection the `real` step built
+  for c in /tmp/real /tmp/realdense; do [ -f $c/collection.json ] && printf -- '--real-collection %s ' $c/collection.json; done
 }
 log() { echo "[$(date +%H:%M:%S)] $*" >> "$RES/chain.log"; }
 step() {
@@ -62,7 +66,7 @@ run)
           --test-scenes scannet_scene0000_00_dense --out /tmp/realdense/collection.json
       fi
       # An unlabelled real capture (7-Scenes redkitchen at 320x240) mixed into the generated training rooms, for
-      # semantic-splat trained "with real scenes mixed in" (SS_MIXED), scored on ScanNet, which it never sees
+      # semantic-splat trained "with real scenes mixed in" (step mixedsemantic), scored on ScanNet, which it never sees
       if [ -d "$SPLATSEM_DATA/redkitchen_7scenes_small" ]; then
         step mixed splatsem-collection --scenes "$SPLATSEM_DATA/redkitchen_7scenes_small" --val-fraction 0 \
           --test-fraction 0 --include /tmp/coll/collection.json --out /tmp/mixed/collection.json
@@ -84,22 +88,19 @@ run)
       step adapt python benchmarks/semantic_report.py --data "$SPLATSEM_DATA/scannet_scene0000_00" \
         --out "$RES/adapt" --iterations "${AD_ITERS:-5000}" --no-baseline --eval-at ${AD_EVAL:-0 500 2000} \
         --runs "scratch=chorus-splat" "${runs[@]}" ;;
-    semantic)  # semantic-splat for SS_MIN minutes once per centred-term weight in SS_CENTRED, same seed and rooms;
-      # with SS_MIXED set (a share, e.g. 0.1), once more on the generated rooms with the real capture mixed in
-      real=()
-      for c in /tmp/real /tmp/realdense; do [ -f $c/collection.json ] && real+=(--real-collection $c/collection.json); done
+    semantic)  # semantic-splat for SS_MIN minutes once per centred-term weight in SS_CENTRED, same seed and rooms
       for weight in ${SS_CENTRED:-0 1}; do
         step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \
-          "${real[@]}" --out "$RES/semantic_centred_$weight" \
+          $(real_collections) --out "$RES/semantic_centred_$weight" \
           --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12 --extraction-workers 8 \
           --forward-repeats 5 --model-set "centred_loss_weight=$weight"
-      done
-      if [ -n "${SS_MIXED:-}" ] && [ -f /tmp/mixed/collection.json ]; then
-        step semantic_mixed python benchmarks/semantic_splat.py --collection /tmp/mixed/collection.json \
-          "${real[@]}" --out "$RES/semantic_mixed" --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" \
-          --loader-workers 12 --extraction-workers 8 --forward-repeats 1 --unlabelled-scenes geometry \
-          --real-share "$SS_MIXED" --model-set "centred_loss_weight=${SS_CENTRED##* }"
-      fi ;;
+      done ;;
+    mixedsemantic)  # the same with the real capture of the `real` step mixed into training at a share of SS_MIXED
+      [ -f /tmp/mixed/collection.json ] || { log "mixedsemantic: no mixed collection (redkitchen not carried)"; continue; }
+      step semantic_mixed python benchmarks/semantic_splat.py --collection /tmp/mixed/collection.json \
+        $(real_collections) --out "$RES/semantic_mixed" --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" \
+        --loader-workers 12 --extraction-workers 8 --forward-repeats 1 --unlabelled-scenes geometry \
+        --real-share "${SS_MIXED:-0.1}" --model-set "centred_loss_weight=${SS_MIXED_CENTRED:-1}" ;;
     speed)
       # shellcheck disable=SC2086
       step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \

@@ -93,14 +93,15 @@ run)
         step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \
           $(real_collections) --out "$RES/semantic_centred_$weight" \
           --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12 --extraction-workers 8 \
-          --forward-repeats 5 --model-set "centred_loss_weight=$weight"
+          --forward-repeats 5 --model-set "centred_loss_weight=$weight" --feature-cache "$RES/ss_features"
       done ;;
     mixedsemantic)  # the same with the real capture of the `real` step mixed into training at a share of SS_MIXED
       [ -f /tmp/mixed/collection.json ] || { log "mixedsemantic: no mixed collection (redkitchen not carried)"; continue; }
       step semantic_mixed python benchmarks/semantic_splat.py --collection /tmp/mixed/collection.json \
         $(real_collections) --out "$RES/semantic_mixed" --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" \
         --loader-workers 12 --extraction-workers 8 --forward-repeats 1 --unlabelled-scenes geometry \
-        --real-share "${SS_MIXED:-0.1}" --model-set "centred_loss_weight=${SS_MIXED_CENTRED:-1}" ;;
+        --real-share "${SS_MIXED:-0.1}" --model-set "centred_loss_weight=${SS_MIXED_CENTRED:-1}" \
+        --feature-cache "$RES/ss_features" ;;
     speed)
       # shellcheck disable=SC2086
       step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \

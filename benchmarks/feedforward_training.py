@@ -65,6 +65,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--loader-workers", type=int, default=8)
     parser.add_argument("--extraction-workers", type=int, default=1)
+    parser.add_argument(
+        "--feature-cache",
+        type=Path,
+        help="teacher feature cache folder (default OUT/feature_cache); runs over the same scenes can share one",
+    )
     parser.add_argument("--max-scenes", type=int, help="use only the first N scenes of each split")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tiny", action="store_true", help="the few-channel network (CPU smoke runs)")
@@ -117,7 +122,7 @@ def train_config(args, out: Path, method: str):
     dm.num_workers = args.loader_workers
     dm.eval_split = "test"
     dm.extraction_workers = args.extraction_workers
-    dm.feature_cache_dir = out / "feature_cache"
+    dm.feature_cache_dir = getattr(args, "feature_cache", None) or out / "feature_cache"
     dm.max_scenes = args.max_scenes
     setattr(config.pipeline.model, TINY[method], args.tiny)
     for item in getattr(args, "model_set", []):

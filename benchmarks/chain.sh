@@ -7,14 +7,15 @@
 # Each step's output goes to $RES/STEP.log (and the benchmark's report under $RES/STEP/), the chain's progress to
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
-#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, mixedsemantic, query,
-#              profile, memory, ddp)
+#   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, ffinit, mixedsemantic,
+#              query, profile, memory, ddp)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
 #   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
 #   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE ("latents head"), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
 #   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
+#   FF_ITERS (3000), FF_EVAL ("0 500 1500"): the `ffinit` step's chorus-splat runs,
 #   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
@@ -93,8 +94,17 @@ run)
         step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \
           $(real_collections) --out "$RES/semantic_centred_$weight" \
           --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12 --extraction-workers 8 \
-          --forward-repeats 5 --model-set "centred_loss_weight=$weight" --feature-cache "$RES/ss_features"
+          --forward-repeats 5 --model-set "centred_loss_weight=$weight" --feature-cache "$RES/ss_features" \
+          --save-checkpoint
       done ;;
+    ffinit)  # chorus-splat on the ScanNet capture from the last semantic-splat network's prediction, beside chorus-splat
+      # from its seed points, scored along the way (does the feed-forward init help?)
+      scene=$SPLATSEM_DATA/scannet_scene0000_00_dense; [ -d "$scene" ] || scene=$SPLATSEM_DATA/scannet_scene0000_00
+      config=$(find "$RES"/semantic_centred_*/runs -name config.yml 2>/dev/null | tail -1); log "feed-forward init from $config"
+      # shellcheck disable=SC2086
+      [ -n "$config" ] && step ffinit python benchmarks/semantic_report.py --data "$scene" --out "$RES/ffinit" \
+        --iterations "${FF_ITERS:-3000}" --no-baseline --eval-at ${FF_EVAL:-0 500 1500} \
+        --runs "scratch=chorus-splat" "ffinit=chorus-splat:pipeline.feedforward_init=$config" ;;
     mixedsemantic)  # the same with the real capture of the `real` step mixed into training at a share of SS_MIXED
       [ -f /tmp/mixed/collection.json ] || { log "mixedsemantic: no mixed collection (redkitchen not carried)"; continue; }
       step semantic_mixed python benchmarks/semantic_splat.py --collection /tmp/mixed/collection.json \

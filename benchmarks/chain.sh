@@ -40,7 +40,11 @@ start)
   mkdir -p "$RES"; (setsid nohup bash "$0" run > "$RES/chain.out" 2>&1 &)
   sleep "${2:-5}"; tail -20 "$RES/chain.log"; pack ;;
 wait)
-  end=$((SECONDS + ${2:?seconds})); while [ $SECONDS -lt $end ] && [ ! -f "$RES/DONE" ]; do sleep 5; done
+  # Packs every minute as well, so that a call cut short (the device's time running out) still brings results back.
+  end=$((SECONDS + ${2:?seconds})); packed=$SECONDS
+  while [ $SECONDS -lt $end ] && [ ! -f "$RES/DONE" ]; do
+    sleep 5; if [ $((SECONDS - packed)) -ge 60 ]; then pack; packed=$SECONDS; fi
+  done
   tail -40 "$RES/chain.log"; pack ;;
 run)
   cd "$ROOT" || exit 1; mkdir -p "$RES"; rm -f "$RES/DONE"

@@ -223,6 +223,19 @@ def test_a_short_decay_also_shortens_the_warm_up(method: str, tmp_path: Path) ->
         assert group["scheduler"].warm_up_end == 500  # the method's own schedule
 
 
+def test_the_real_share_and_a_shared_feature_cache_reach_the_datamanager(tmp_path: Path) -> None:
+    import feedforward_training
+
+    parser = feedforward_training.training_parser("test")
+    plain = parser.parse_args(["--collection", "c.json", "--out", str(tmp_path)])
+    dm = feedforward_training.train_config(plain, tmp_path, "semantic-splat").pipeline.datamanager
+    assert dm.real_share is None and dm.feature_cache_dir == tmp_path / "feature_cache"
+    given = ["--real-share", "0.2", "--feature-cache", str(tmp_path / "shared")]
+    args = parser.parse_args(["--collection", "c.json", "--out", str(tmp_path), *given])
+    dm = feedforward_training.train_config(args, tmp_path, "semantic-splat").pipeline.datamanager
+    assert dm.real_share == 0.2 and dm.feature_cache_dir == tmp_path / "shared"
+
+
 def test_model_settings_reach_nested_configs_and_the_tiny_encoder_keeps_them(tmp_path: Path) -> None:
     """``--model-set encoder.input_variant=point`` sets the encoder's own config, and ``--tiny`` shrinks the
     encoder's sizes without undoing its inputs."""

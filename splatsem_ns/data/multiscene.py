@@ -199,9 +199,11 @@ def source_weights(scenes: Sequence[SceneEntry], real_share: Optional[float]) ->
     real = np.array([s.source != "procedural" for s in scenes])
     if real.all() or not real.any():
         kind = "real captures" if real.all() else "generated scenes"
+        # The usual way to get here: a label proxy among the teachers left the unlabelled captures out.
+        hint = "" if real.all() else " (captures without labels stay only with unlabelled_scenes='geometry')"
         raise ValueError(
             f"real_share={real_share} needs both real captures and generated scenes among the training scenes, "
-            f"but all {len(scenes)} are {kind}; leave real_share unset"
+            f"but all {len(scenes)} are {kind}{hint}; or leave real_share unset"
         )
     weights = np.where(real, real_share / real.sum(), (1.0 - real_share) / (~real).sum())
     return weights / weights.sum()

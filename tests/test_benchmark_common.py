@@ -149,8 +149,15 @@ def test_semantic_report_scores_along_training(tmp_path: Path) -> None:
     curve = run["curve"]
     assert [p["step"] for p in curve] == [0, 10] and not any("error" in p for p in curve)
     assert all(0.0 <= p["semantic_2d_miou"] <= 1.0 for p in curve)
-    assert curve[0]["train_wall_s"] <= curve[1]["train_wall_s"] <= run["train_wall_s"]
-    assert "## Along training" in (tmp_path / "out" / "semantic_report.md").read_text()
+    assert (
+        0.0
+        < run["setup_wall_s"]
+        <= curve[0]["train_wall_s"]
+        <= curve[1]["train_wall_s"]
+        <= run["train_wall_s"]
+    )
+    report = (tmp_path / "out" / "semantic_report.md").read_text()
+    assert "## Along training" in report and "of which set-up (s)" in report
 
 
 def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -> None:

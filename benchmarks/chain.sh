@@ -26,8 +26,20 @@ pack() {
     -o -name '*.yml' -o -name '*.csv' \) -size -5M -print0 | tar czf "$OUT/res.tgz" --null -T - 2>/dev/null)
   if [ -f "$RES/gsplat_cuda.so.gz" ] && [ -z "${GSPLAT_PREBUILT:-}" ]; then cp "$RES/gsplat_cuda.so.gz" "$OUT/"; fi
 }
+# The ScanNet captures the `real` step indexes (NAME:FOLDER under $SPLATSEM_DATA), each into /tmp/NAME, where carried:
+# the 50-frame one, and its 150-frame version, whose neighbouring frames overlap enough for two context views to see
+# most of a target (the 50-frame one: 40% at best)
+SCANNET="real:scannet_scene0000_00 realdense:scannet_scene0000_00_dense"
 real_collections() {  # --real-collection for each ScanNet collection the `real` step built
-  for c in /tmp/real /tmp/realdense; do [ -f $c/collection.json ] && printf -- '--real-collection %s ' $c/collection.json; done
+  for pair in $SCANNET; do
+    c=/tmp/${pair%%:*}/collection.json; [ -f "$c" ] && printf -- '--real-collection %s ' "$c"
+  done
+}
+semantic_settings() {  # semantic_run: what every semantic-splat run of the chain shares (budget, loader, one
+  # teacher-feature cache, the ScanNet collections built so far to score on)
+  # shellcheck disable=SC2207
+  semantic_run=($(real_collections) --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12
+    --extraction-workers 8 --feature-cache "$RES/ss_features")
 }
 log() { echo "[$(date +%H:%M:%S)] $*" >> "$RES/chain.log"; }
 step() {
@@ -60,16 +72,12 @@ run)
       [ -n "$built" ] && gzip -c "$built" > "$RES/gsplat_cuda.so.gz" && log "gsplat built: $RES/gsplat_cuda.so.gz" ;;
     gen)
       step gen splatsem-synthetic --out /tmp/coll --num-scenes "${NSCENES:-300}" --seed 0 --width 320 --height 240 ;;
-    real)  # the 50-frame ScanNet capture; and its 150-frame version where the data has it, whose neighbouring
-      # frames overlap enough for two context views to see most of a target (the 50-frame one: 40% at best)
-      if [ -d "$SPLATSEM_DATA/scannet_scene0000_00" ]; then
-        step real splatsem-collection --scenes "$SPLATSEM_DATA/scannet_scene0000_00" \
-          --test-scenes scannet_scene0000_00 --out /tmp/real/collection.json
-      fi
-      if [ -d "$SPLATSEM_DATA/scannet_scene0000_00_dense" ]; then
-        step realdense splatsem-collection --scenes "$SPLATSEM_DATA/scannet_scene0000_00_dense" \
-          --test-scenes scannet_scene0000_00_dense --out /tmp/realdense/collection.json
-      fi
+    real)  # each carried ScanNet capture of $SCANNET, held out
+      for pair in $SCANNET; do
+        name=${pair%%:*}; scene=${pair#*:}
+        [ -d "$SPLATSEM_DATA/$scene" ] && step "$name" splatsem-collection --scenes "$SPLATSEM_DATA/$scene" \
+          --test-scenes "$scene" --out "/tmp/$name/collection.json"
+      done
       # An unlabelled real capture (7-Scenes redkitchen at 320x240) mixed into the generated training rooms, for
       # semantic-splat trained "with real scenes mixed in" (step mixedsemantic), scored on ScanNet, which it never sees
       if [ -d "$SPLATSEM_DATA/redkitchen_7scenes_small" ]; then
@@ -94,12 +102,11 @@ run)
         --out "$RES/adapt" --iterations "${AD_ITERS:-5000}" --no-baseline --eval-at ${AD_EVAL:-0 500 2000} \
         --runs "scratch=chorus-splat" "${runs[@]}" ;;
     semantic)  # semantic-splat for SS_MIN minutes once per centred-term weight in SS_CENTRED, same seed and rooms
+      semantic_settings
       for weight in ${SS_CENTRED:-0 1}; do
         step "semantic_centred_$weight" python benchmarks/semantic_splat.py --collection /tmp/coll/collection.json \
-          $(real_collections) --out "$RES/semantic_centred_$weight" \
-          --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12 --extraction-workers 8 \
-          --forward-repeats 5 --model-set "centred_loss_weight=$weight" --feature-cache "$RES/ss_features" \
-          --save-checkpoint
+          --out "$RES/semantic_centred_$weight" "${semantic_run[@]}" --forward-repeats 5 \
+          --model-set "centred_loss_weight=$weight" --save-checkpoint
       done ;;
     ffinit)  # chorus-splat on the ScanNet capture from the last semantic-splat network's prediction, beside chorus-splat
       # from its seed points, scored along the way (does the feed-forward init help?)
@@ -111,11 +118,10 @@ run)
         --runs "scratch=chorus-splat" "ffinit=chorus-splat:pipeline.feedforward_init=$config" ;;
     mixedsemantic)  # the same with the real capture of the `real` step mixed into training at a share of SS_MIXED
       [ -f /tmp/mixed/collection.json ] || { log "mixedsemantic: no mixed collection (redkitchen not carried)"; continue; }
+      semantic_settings
       step semantic_mixed python benchmarks/semantic_splat.py --collection /tmp/mixed/collection.json \
-        $(real_collections) --out "$RES/semantic_mixed" --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" \
-        --loader-workers 12 --extraction-workers 8 --forward-repeats 1 --unlabelled-scenes geometry \
-        --real-share "${SS_MIXED:-0.1}" --model-set "centred_loss_weight=${SS_MIXED_CENTRED:-1}" \
-        --feature-cache "$RES/ss_features" ;;
+        --out "$RES/semantic_mixed" "${semantic_run[@]}" --forward-repeats 1 --unlabelled-scenes geometry \
+        --real-share "${SS_MIXED:-0.1}" --model-set "centred_loss_weight=${SS_MIXED_CENTRED:-1}" ;;
     speed)
       # shellcheck disable=SC2086
       step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \

@@ -111,7 +111,7 @@ run)
     ffinit)  # chorus-splat on the ScanNet capture from the last semantic-splat network's prediction, beside chorus-splat
       # from its seed points, scored along the way (does the feed-forward init help?)
       scene=$SPLATSEM_DATA/scannet_scene0000_00_dense; [ -d "$scene" ] || scene=$SPLATSEM_DATA/scannet_scene0000_00
-      config=$(find "$RES"/semantic_centred_*/runs -name config.yml 2>/dev/null | tail -1); log "feed-forward init from $config"
+      config=$(find "$RES"/semantic_centred_*/runs -name config.yml 2>/dev/null | sort | tail -1); log "feed-forward init from $config"
       # shellcheck disable=SC2086
       [ -n "$config" ] && step ffinit python benchmarks/semantic_report.py --data "$scene" --out "$RES/ffinit" \
         --iterations "${FF_ITERS:-3000}" --no-baseline --eval-at ${FF_EVAL:-0 500 1500} \

@@ -199,13 +199,17 @@ def measure(spec: str, args, run_dir: Path) -> Dict[str, Any]:
     )
     if args.device == "cpu":
         cfg.machine.device_type = "cpu"
-    release_earlier_runs()
+    # What earlier runs of this process still hold is subtracted from this run's numbers (and reported), as in
+    # train_speed.py: a second method measured after the first would otherwise count its leftovers.
+    resident = release_earlier_runs()
     trainer = build_trainer(cfg)
     recorder = CudaRecorder(args.max_entries) if args.device == "cuda" else HostRecorder()
-    result: Dict[str, Any] = {"label": label, "method": method, "overrides": overrides}
+    result: Dict[str, Any] = {
+        "label": label, "method": method, "overrides": overrides, "held_by_earlier_runs_mib": round(resident / MIB, 1)
+    }  # fmt: skip
 
     def mib(nbytes: Optional[int]) -> Optional[float]:
-        return None if nbytes is None else round(nbytes / MIB, 1)
+        return None if nbytes is None else round((nbytes - resident) / MIB, 1)
 
     def before(step: int) -> None:
         if step == args.start:
@@ -246,8 +250,11 @@ def markdown(report: Dict[str, Any]) -> List[str]:
         lines += [
             f"## {run['label']} ({persistent['gaussians']:,} Gaussians)",
             "",
-            f"peak allocated {run['peak_allocated_mib']} MiB = allocated at the start {run['allocated_at_start_mib']}"
-            f" MiB + transient peak {run['transient']['transient_peak_mib']} MiB"
+            f"peak allocated {run['peak_allocated_mib']} MiB; allocated at the start {run['allocated_at_start_mib']}"
+            f" MiB; allocated inside the steps and alive at the peak {run['transient']['transient_peak_mib']} MiB"
+            f" (earlier runs' leftovers, {run.get('held_by_earlier_runs_mib', 0.0)} MiB, left out of all three). The"
+            " steps also free tensors that existed at the start (e.g. optimizer states that densification replaces),"
+            " so the last two do not add up to the first."
             if run["peak_allocated_mib"] is not None
             else f"transient peak {run['transient']['transient_peak_mib']} MiB (counted from the operators on the CPU, "
             "the PyTorch rasterizer's included: not gsplat's memory)",

@@ -9,8 +9,9 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``query@full, folded``: the viewer's full-resolution path: the latent rendered at full resolution and the text
   folded into the head (``models/folded_query.py``), in float32 and in bfloat16; no upsampling anywhere;
 - ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``);
-- ``triton``: the Triton rasterizer (``rendering/triton_rasterizer.py``): the latent render alone, and the fused
-  path that composites each tile's latent in registers and ends in the fold (no latent written); with
+- ``triton``: the Triton rasterizer (``rendering/triton_rasterizer.py``): the latent render alone, that render
+  followed by the one-kernel fold, and the fused path that composites each tile's latent in registers and ends in
+  the fold (no latent written); with
   ``projection+binning only`` (gsplat's projection and tile intersection, which both renders start with) for the
   breakdown;
 - ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on;
@@ -174,8 +175,13 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     def latent_then_fold():  # the latent render's agreement: its latent through the float32 fold
         return float32_fold(render_latent()[0])
 
+    @torch.no_grad()
+    def render_then_fused_fold():  # the latent render above, then the one-kernel fold, as two launches
+        return fused_fold(render_latent()[0])
+
     rows = [
         ("query@full, fused raster+fold (triton)", query(), 1, query()),
+        ("query@full, triton render + fused fold", render_then_fused_fold, 1, render_then_fused_fold),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),
         ("projection+binning only", binning, 1, None),
     ]

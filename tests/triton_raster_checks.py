@@ -220,8 +220,16 @@ def check_viewer_route():
     outputs = model.get_outputs(camera)
     unfused = panel._answer(model, snapshot, outputs).relevancy  # no camera: the rendered latent, folded
     folded = FoldedQuery(model.projector_heads["siglip2"], texts[:1], texts[1:])
-    assert model.render_query_relevancy(camera, folded) is not None  # the route is taken here
+    assert model.render_query_relevancy(camera, folded) is not None  # the route can be taken here
+    # By default (query_fused_raster off) the panel folds the rendered latent and never calls the fused kernel.
+    fused_kernel = model.render_query_relevancy
+    model.render_query_relevancy = None  # calling it now would fail the test
+    default = panel._answer(model, snapshot, outputs, camera).relevancy
+    calls = []
+    model.render_query_relevancy = lambda *args, **kwargs: calls.append(1) or fused_kernel(*args, **kwargs)
+    model.config.query_fused_raster = True
     routed = panel._answer(model, snapshot, outputs, camera).relevancy
+    assert calls, "query_fused_raster on: the panel should take the fused kernel"
     model.viewer_latent_deferred = True  # renders leave the latent out; the route needs none
     deferred_outputs = model.get_outputs(camera)
     assert "semantic_latent" not in deferred_outputs
@@ -229,7 +237,7 @@ def check_viewer_route():
     pca = panel._answer(
         model, QuerySnapshot((), (), "siglip2", "pca", 0.5, "turbo", ()), deferred_outputs, camera
     )
-    errors = [(routed - unfused).abs().max().item(), (deferred - unfused).abs().max().item()]
+    errors = [(x - unfused).abs().max().item() for x in (routed, deferred, default)]
     print("viewer", errors)
     assert routed.shape == unfused.shape == (height, width, 1) and max(errors) < 1e-5, errors
     assert pca.image.shape == (height, width, 3)  # other displays render the latent themselves
@@ -256,11 +264,12 @@ def check_benchmark_rows():
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
     rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
-    assert [name for name, *_ in rows][:3] == [
+    assert [name for name, *_ in rows][:4] == [
         "query@full, fused raster+fold (triton)",
+        "query@full, triton render + fused fold",
         "render latent@full (triton)",
         "projection+binning only",
-    ] and len(rows) == 5
+    ] and len(rows) == 6
     for name, _, _, check in rows:
         if check is None:
             continue

@@ -160,6 +160,12 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     few numbers (nerfstudio synchronises as often to log the loss). 0: off."""
     rasterizer_backend: str = "auto"
     """"auto" (gsplat's CUDA kernels on GPU, the PyTorch reference path on CPU), "gsplat" or "torch"."""
+    query_fused_raster: bool = False
+    """The viewer's relevancy from one Triton kernel per frame that composites each tile's latent and folds the
+    query in registers, never writing the latent (``render_query_relevancy``). Off: the latent rendered by the
+    render path above, then the one-kernel fold, which measured faster on an H200 at 1280x720 from 1M Gaussians
+    (3.55 ms against 3.78 ms per frame in the same run: benchmarks/results/query_speed_h200_triton_tiles.md).
+    Both give the same map (a test)."""
 
 
 class ChorusSplatModel(SplatfactoModel):

@@ -80,6 +80,17 @@ _FAILED_PATHS: set = set()
 """Fast paths ("raster": the fused relevancy rasterizer) that failed in this process and are not tried again."""
 
 
+def _fused_raster_wanted(model: nn.Module) -> bool:
+    """Whether the relevancy should come from the model's fused raster+fold kernel (``render_query_relevancy``):
+    the model has one, its config asks for it (``query_fused_raster``) and it has not failed in this process."""
+    config = getattr(model, "config", None)
+    return (
+        hasattr(model, "render_query_relevancy")
+        and bool(getattr(config, "query_fused_raster", False))
+        and "raster" not in _FAILED_PATHS
+    )
+
+
 class QueryError(ValueError):
     """A query that cannot be answered as set (e.g. a teacher without a text encoder); shown in the panel."""
 
@@ -401,15 +412,12 @@ class SemanticQueryPanel(nn.Module):
         size = tuple(rgb.shape[:2])
         if snapshot.mode == "relevancy":
             folded = self._folded_query(model.projector_heads[snapshot.teacher], snapshot, rgb.device)
-            # Faster still, the latent is not rendered at all: one Triton kernel per frame composites each tile's
-            # latent in registers and ends in this fold (rendering/triton_rasterizer.py). Where it cannot run, the
-            # rendered latent through the fold above.
+            # Where the model asks for it (query_fused_raster), the latent is not rendered at all: one Triton kernel
+            # per frame composites each tile's latent in registers and ends in this fold
+            # (rendering/triton_rasterizer.py). Otherwise, or where it cannot run, the rendered latent through the
+            # fold above, which measured faster on the H200.
             relevancy = None
-            if (
-                camera is not None
-                and hasattr(model, "render_query_relevancy")
-                and "raster" not in _FAILED_PATHS
-            ):
+            if camera is not None and _fused_raster_wanted(model):
                 try:
                     relevancy = model.render_query_relevancy(camera, folded)
                 except Exception as err:  # noqa: BLE001 (the fold below gives the same map)
@@ -656,7 +664,7 @@ class SemanticQueryPanel(nn.Module):
     def _relevancy_from_gaussians(self, model: nn.Module) -> bool:
         """Whether the current query's relevancy can come from ``model.render_query_relevancy`` (for any camera;
         a camera it cannot handle still falls back to a latent rendered by the panel)."""
-        if self.display.value != "relevancy" or "raster" in _FAILED_PATHS:
+        if self.display.value != "relevancy" or not _fused_raster_wanted(model):
             return False
         heads = getattr(model, "projector_heads", {})  # an nn.ModuleDict: no .get
         if self.teacher.value not in heads or not hasattr(model, "query_relevancy_supported"):

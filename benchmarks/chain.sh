@@ -14,6 +14,7 @@
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
 #   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
 #   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE ("latents head"), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
+#   SS_STEPS (100000): a step cap besides SS_MIN, so that semantic-splat runs compared across chains train equally long,
 #   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
 #   FF_ITERS (3000), FF_EVAL ("0 500 1500"): the `ffinit` step's chorus-splat runs,
 #   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS
@@ -38,7 +39,7 @@ real_collections() {  # --real-collection for each ScanNet collection the `real`
 semantic_settings() {  # semantic_run: what every semantic-splat run of the chain shares (budget, loader, one
   # teacher-feature cache, the ScanNet collections built so far to score on)
   # shellcheck disable=SC2207
-  semantic_run=($(real_collections) --minutes "${SS_MIN:-5}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12
+  semantic_run=($(real_collections) --minutes "${SS_MIN:-5}" --steps "${SS_STEPS:-100000}" --decay-steps "${SS_DECAY:-1500}" --loader-workers 12
     --extraction-workers 8 --feature-cache "$RES/ss_features")
 }
 log() { echo "[$(date +%H:%M:%S)] $*" >> "$RES/chain.log"; }
@@ -143,5 +144,5 @@ run)
   done
   log "chain done"; touch "$RES/DONE" ;;
 *)
-  sed -n '2,16p' "$0"; exit 2 ;;
+  sed -n '2,20p' "$0"; exit 2 ;;
 esac

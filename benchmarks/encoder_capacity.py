@@ -1,0 +1,190 @@
+"""Can the Gaussian encoder tell a room's classes apart at all? A diagnostic, not a training recipe.
+
+The encoder (``splatsem_ns.encoders``) and a linear classifier on its latent are fitted by per-point cross-entropy
+on the labelled points of a few generated rooms, served as chorus-pretrain serves them (``labeled_points``: each
+point a ball-shaped Gaussian), with no rendering and no teacher in between. mIoU and accuracy over the points of
+the training rooms say whether the backbone can represent the classes from the inputs it is given; the same on
+rooms it never saw says how far a few rooms generalise (not far: this is not what it is for).
+
+If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
+training signal, not the network, is what holds it back.
+
+    python benchmarks/encoder_capacity.py --collection COLL --out DIR [--preset default] [--variant gaussian]
+        [--train-scenes 1] [--test-scenes 2] [--steps 300] [--max-points 40000]
+
+Writes ``DIR/encoder_capacity.json`` and ``.md`` after every scoring point (``--score-every``), so a run that is cut
+short keeps what it measured. CPU or GPU (``--device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name  # noqa: E402
+
+from splatsem_ns.data.class_tables import NYU40  # noqa: E402
+from splatsem_ns.data.collection import SceneCollection  # noqa: E402
+from splatsem_ns.data.ply_io import read_point_cloud  # noqa: E402
+from splatsem_ns.data.scene_frames import labelled_points_path  # noqa: E402
+from splatsem_ns.data.scene_gaussians import points_as_gaussians  # noqa: E402
+from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig  # noqa: E402
+
+NUM_CLASSES = max(NYU40) + 1  # NYU40 ids 1..40, 0 unlabelled
+Room = Tuple[Dict[str, Tensor], Tensor]
+
+
+def load_room(scene: Path, max_points: int, rng: np.random.Generator, device: torch.device) -> Room:
+    """A room's labelled points (at most ``max_points``, drawn at random) as Gaussians, and their class ids."""
+    path = labelled_points_path(scene)
+    if path is None:
+        raise SystemExit(f"{scene} has no labelled point cloud (points_labeled.ply)")
+    cloud = read_point_cloud(path)
+    if cloud.labels is None:
+        raise SystemExit(f"{path} has no label column")
+    keep = rng.permutation(len(cloud.xyz))[:max_points]
+    gaussians = points_as_gaussians(cloud.xyz[keep], None if cloud.rgb is None else cloud.rgb[keep])
+    labels = torch.as_tensor(cloud.labels[keep].astype(np.int64)).clamp(0, NUM_CLASSES - 1)
+    return {k: v.to(device) for k, v in gaussians.items()}, labels.to(device)
+
+
+def scores(confusion: Tensor) -> Dict[str, float]:
+    """mIoU over the classes present, and accuracy, in percent, from a ``[true, predicted]`` confusion matrix."""
+    inter = confusion.diag().double()
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    present = confusion.sum(1) > 0
+    return {
+        "miou": round(float((inter[present] / union[present].clamp(min=1)).mean() * 100), 2),
+        "accuracy": round(float(inter.sum() / confusion.sum().clamp(min=1) * 100), 2),
+        "classes": int(present.sum()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--collection", type=Path, required=True, help="collection.json or its folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", default="default", help="backbone preset: default or tiny")
+    parser.add_argument("--backbone", default="SpUNet-v1")
+    parser.add_argument("--variant", default="gaussian", choices=["gaussian", "point"])
+    parser.add_argument("--position-reference", default="voxel", choices=["voxel", "scene"])
+    parser.add_argument("--train-scenes", type=int, default=1)
+    parser.add_argument("--test-scenes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--score-every", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--max-points", type=int, default=40000, help="labelled points per room (random subset)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.train_scenes < 1:
+        parser.error("--steps and --train-scenes must be at least 1")
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    collection = SceneCollection.load(args.collection)
+    scenes = [collection.scene_path(entry) for entry in collection.scenes]
+    if len(scenes) < args.train_scenes + args.test_scenes:
+        raise SystemExit(f"{len(scenes)} scenes; --train-scenes + --test-scenes asks for more")
+    rng = np.random.default_rng(args.seed)
+    train = [load_room(s, args.max_points, rng, device) for s in scenes[: args.train_scenes]]
+    test = [
+        load_room(s, args.max_points, rng, device) for s in scenes[args.train_scenes :][: args.test_scenes]
+    ]
+
+    encoder = GaussianEncoder(
+        GaussianEncoderConfig(
+            backbone=args.backbone, backbone_preset=args.preset, input_variant=args.variant,
+            position_reference=args.position_reference,
+        )
+    ).to(device)  # fmt: skip
+    classifier = torch.nn.Linear(encoder.latent_dim, NUM_CLASSES).to(device)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *classifier.parameters()], lr=args.lr)
+
+    def logits(room: Room) -> Tensor:
+        g = room[0]
+        if args.variant == "gaussian":
+            latent = encoder(g["means"], g["features_dc"], g["opacities"], g["scales"], g["quats"])
+        else:
+            latent = encoder(g["means"], g["features_dc"])
+        return classifier(latent)
+
+    @torch.no_grad()
+    def score(rooms: List[Room]) -> Dict[str, float]:
+        encoder.eval()
+        confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)
+        for room in rooms:
+            predicted = logits(room).argmax(-1)
+            confusion += torch.bincount(room[1] * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2)
+        encoder.train()
+        return scores(confusion.view(NUM_CLASSES, NUM_CLASSES).cpu())
+
+    report = {
+        "benchmark": "encoder_capacity",
+        "device": device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "train_scenes": [s.name for s in scenes[: args.train_scenes]],
+        "test_scenes": [s.name for s in scenes[args.train_scenes :][: args.test_scenes]],
+        "points_per_room": [int(room[1].numel()) for room in train + test],
+        "curve": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    for step in range(args.steps + 1):
+        if step % args.score_every == 0 or step == args.steps:
+            row = {"step": step, "seconds": round(time.perf_counter() - began, 1), "train": score(train)}
+            if test:
+                row["held_out"] = score(test)
+            report["curve"].append(row)
+            print(json.dumps(row), flush=True)
+            write(report, args.out)
+        if step == args.steps:
+            break
+        room = train[step % len(train)]
+        loss = F.cross_entropy(logits(room), room[1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def write(report: Dict, out: Path) -> None:
+    (out / "encoder_capacity.json").write_text(json.dumps(report, indent=2))
+    s = report["settings"]
+    lines = [
+        "# Encoder capacity: per-point cross-entropy on generated rooms' labelled points",
+        "",
+        f"- device: {report['device']}; torch {report['torch']}; backbone {s['backbone']} ({s['preset']}), input "
+        f"variant {s['variant']}, positions relative to the {s['position_reference']}",
+        f"- training rooms {report['train_scenes']}, held-out rooms {report['test_scenes']}; points per room "
+        f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step",
+        "- no rendering and no teacher: whether the network can represent the classes from its inputs",
+        "",
+        "| step | seconds | training rooms mIoU / acc | held-out rooms mIoU / acc |",
+        "|---|---|---|---|",
+    ]
+    for row in report["curve"]:
+        held = row.get("held_out")
+        lines.append(
+            f"| {row['step']} | {row['seconds']} | {row['train']['miou']} / {row['train']['accuracy']} | "
+            + (f"{held['miou']} / {held['accuracy']} |" if held else "- |")
+        )
+    (out / "encoder_capacity.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

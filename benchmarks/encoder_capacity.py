@@ -2,7 +2,11 @@
 
 The encoder (``splatsem_ns.encoders``) and a linear classifier on its latent are fitted by per-point cross-entropy
 on the labelled points of a few generated rooms, served as chorus-pretrain serves them (``labeled_points``: each
-point a ball-shaped Gaussian), with no rendering and no teacher in between. mIoU and accuracy over the points of
+point a ball-shaped Gaussian), with no rendering and no teacher in between. ``--loss cosine`` (or ``centred``)
+fits a projector head (``models/heads.py``) on the latent to each point's class embedding as the labels proxy
+gives it (the MiniLM embedding of the class name, before the proxy's pooling, swaps, blur and noise) with
+chorus-pretrain's plain (and centred) cosine, and classifies by the nearest class embedding: the distillation's
+loss on clean per-point targets. mIoU and accuracy over the points of
 the training rooms say whether the backbone can represent the classes from the inputs it is given; the same on
 rooms it never saw says how far a few rooms generalise (not far: this is not what it is for).
 
@@ -10,7 +14,7 @@ If the encoder fits its rooms here but chorus-pretrain's render-and-distill leav
 training signal, not the network, is what holds it back.
 
     python benchmarks/encoder_capacity.py --collection COLL --out DIR [--preset default] [--variant gaussian]
-        [--train-scenes 1] [--test-scenes 2] [--steps 300] [--max-points 40000]
+        [--train-scenes 1] [--test-scenes 2] [--steps 300] [--max-points 40000] [--loss ce|cosine|centred]
 
 Writes ``DIR/encoder_capacity.json`` and ``.md`` after every scoring point (``--score-every``), so a run that is cut
 short keeps what it measured. CPU or GPU (``--device``).
@@ -39,6 +43,11 @@ from splatsem_ns.data.ply_io import read_point_cloud  # noqa: E402
 from splatsem_ns.data.scene_frames import labelled_points_path  # noqa: E402
 from splatsem_ns.data.scene_gaussians import points_as_gaussians  # noqa: E402
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig  # noqa: E402
+from splatsem_ns.models.heads import (  # noqa: E402
+    ProjectorHead,
+    centred_cosine_distillation_loss,
+    cosine_distillation_loss,
+)
 
 NUM_CLASSES = max(NYU40) + 1  # NYU40 ids 1..40, 0 unlabelled
 Room = Tuple[Dict[str, Tensor], Tensor]
@@ -56,6 +65,14 @@ def load_room(scene: Path, max_points: int, rng: np.random.Generator, device: to
     gaussians = points_as_gaussians(cloud.xyz[keep], None if cloud.rgb is None else cloud.rgb[keep])
     labels = torch.as_tensor(cloud.labels[keep].astype(np.int64)).clamp(0, NUM_CLASSES - 1)
     return {k: v.to(device) for k, v in gaussians.items()}, labels.to(device)
+
+
+def class_embeddings(device: torch.device) -> Tensor:
+    """``[NUM_CLASSES, C]``: each NYU40 class name's embedding as the labels proxy gives its pixels (row 0 zero)."""
+    from splatsem_ns.teachers.text_encoders import MiniLMTextEncoder
+
+    table = MiniLMTextEncoder().encode([NYU40[i] for i in range(1, NUM_CLASSES)]).float()
+    return torch.cat([torch.zeros(1, table.shape[1]), table.cpu()]).to(device)
 
 
 def scores(confusion: Tensor) -> Dict[str, float]:
@@ -88,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--max-points", type=int, default=40000, help="labelled points per room (random subset)"
     )
+    parser.add_argument("--loss", default="ce", choices=["ce", "cosine", "centred"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -112,16 +130,44 @@ def main(argv: Sequence[str] | None = None) -> None:
             position_reference=args.position_reference,
         )
     ).to(device)  # fmt: skip
-    classifier = torch.nn.Linear(encoder.latent_dim, NUM_CLASSES).to(device)
+    embeddings = class_embeddings(device) if args.loss != "ce" else None
+    classifier = (
+        torch.nn.Linear(encoder.latent_dim, NUM_CLASSES)
+        if embeddings is None
+        else ProjectorHead(encoder.latent_dim, embeddings.shape[1])
+    ).to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *classifier.parameters()], lr=args.lr)
 
-    def logits(room: Room) -> Tensor:
+    def outputs(room: Room) -> Tensor:
+        """Class logits (ce), or decoded features in the embeddings' space."""
         g = room[0]
         if args.variant == "gaussian":
             latent = encoder(g["means"], g["features_dc"], g["opacities"], g["scales"], g["quats"])
         else:
             latent = encoder(g["means"], g["features_dc"])
         return classifier(latent)
+
+    def logits(room: Room) -> Tensor:
+        out = outputs(room)
+        if embeddings is None:
+            return out
+        # The nearest class embedding by cosine; row 0 (unlabelled) is never predicted.
+        scores = F.normalize(out, dim=-1) @ F.normalize(embeddings, dim=-1).T
+        return scores.index_fill(1, torch.tensor([0], device=device), -2.0)
+
+    def loss_of(room: Room) -> Tensor:
+        out, labels = outputs(room), room[1]
+        if embeddings is None:
+            return F.cross_entropy(out, labels)
+        labelled = labels > 0
+        out, target = out[labelled], embeddings[labels[labelled]]
+        loss = cosine_distillation_loss(out, target)
+        if (
+            args.loss == "centred"
+        ):  # chorus-pretrain's second term, centred on the batch's mean target direction
+            centre = F.normalize(target, dim=-1).mean(0)
+            loss = loss + centred_cosine_distillation_loss(out[None, None], target[None, None], centre, None)
+        return loss
 
     @torch.no_grad()
     def score(rooms: List[Room]) -> Dict[str, float]:
@@ -155,8 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             write(report, args.out)
         if step == args.steps:
             break
-        room = train[step % len(train)]
-        loss = F.cross_entropy(logits(room), room[1])
+        loss = loss_of(train[step % len(train)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -169,7 +214,7 @@ def write(report: Dict, out: Path) -> None:
         "# Encoder capacity: per-point cross-entropy on generated rooms' labelled points",
         "",
         f"- device: {report['device']}; torch {report['torch']}; backbone {s['backbone']} ({s['preset']}), input "
-        f"variant {s['variant']}, positions relative to the {s['position_reference']}",
+        f"variant {s['variant']}, positions relative to the {s['position_reference']}; loss {s.get('loss', 'ce')}",
         f"- training rooms {report['train_scenes']}, held-out rooms {report['test_scenes']}; points per room "
         f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step",
         "- no rendering and no teacher: whether the network can represent the classes from its inputs",

@@ -529,3 +529,11 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     assert report["benchmark"] == "encoder_capacity" and [row["step"] for row in curve] == [0, 20, 40]
     assert curve[-1]["train"]["accuracy"] > curve[0]["train"]["accuracy"] + 20, curve
     assert "held_out" in curve[-1] and "| 40 |" in (out / "encoder_capacity.md").read_text()
+    # The distillation's loss on clean per-point targets (decoded features against the labels proxy's class
+    # embeddings) runs end to end too.
+    encoder_capacity.main(["--collection", str(collection), "--out", str(out / "centred"), "--preset", "tiny",
+                           "--steps", "2", "--score-every", "2", "--max-points", "500", "--test-scenes", "0",
+                           "--loss", "centred", "--device", "cpu"])  # fmt: skip
+    report = json.loads((out / "centred" / "encoder_capacity.json").read_text())
+    assert report["settings"]["loss"] == "centred" and len(report["curve"]) == 2
+    assert "held_out" not in report["curve"][0] and report["curve"][-1]["train"]["classes"] > 1

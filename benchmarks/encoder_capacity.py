@@ -211,13 +211,14 @@ def write(report: Dict, out: Path) -> None:
     (out / "encoder_capacity.json").write_text(json.dumps(report, indent=2))
     s = report["settings"]
     lines = [
-        "# Encoder capacity: per-point cross-entropy on generated rooms' labelled points",
+        "# Encoder capacity: a per-point fit to generated rooms' labelled points",
         "",
         f"- device: {report['device']}; torch {report['torch']}; backbone {s['backbone']} ({s['preset']}), input "
         f"variant {s['variant']}, positions relative to the {s['position_reference']}; loss {s.get('loss', 'ce')}",
         f"- training rooms {report['train_scenes']}, held-out rooms {report['test_scenes']}; points per room "
         f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step",
-        "- no rendering and no teacher: whether the network can represent the classes from its inputs",
+        "- no rendering and no teacher's maps (cosine losses: each point's clean class embedding): whether the network"
+        " can represent the classes from its inputs",
         "",
         "| step | seconds | training rooms mIoU / acc | held-out rooms mIoU / acc |",
         "|---|---|---|---|",

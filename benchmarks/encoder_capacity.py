@@ -8,7 +8,8 @@ gives it (the MiniLM embedding of the class name, before the proxy's pooling, sw
 chorus-pretrain's plain (and centred) cosine, and classifies by the nearest class embedding: the distillation's
 loss on clean per-point targets. mIoU and accuracy over the points of
 the training rooms say whether the backbone can represent the classes from the inputs it is given; the same on
-rooms it never saw says how far a few rooms generalise (not far: this is not what it is for).
+rooms it never saw says how far a few rooms generalise (not far: this is not what it is for). Unlabelled points
+(class 0) are neither trained on nor scored.
 
 If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
 training signal, not the network, is what holds it back.
@@ -158,13 +159,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def loss_of(room: Room) -> Tensor:
         out, labels = outputs(room), room[1]
         if embeddings is None:
-            return F.cross_entropy(out, labels)
+            return F.cross_entropy(out, labels, ignore_index=0)  # 0: unlabelled
         labelled = labels > 0
         out, target = out[labelled], embeddings[labels[labelled]]
         loss = cosine_distillation_loss(out, target)
-        if (
-            args.loss == "centred"
-        ):  # chorus-pretrain's second term, centred on the batch's mean target direction
+        if args.loss == "centred":
+            # chorus-pretrain's second term, centred on the batch's mean target direction
             centre = F.normalize(target, dim=-1).mean(0)
             loss = loss + centred_cosine_distillation_loss(out[None, None], target[None, None], centre, None)
         return loss
@@ -174,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         encoder.eval()
         confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)
         for room in rooms:
-            predicted = logits(room).argmax(-1)
-            confusion += torch.bincount(room[1] * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2)
+            labelled = room[1] > 0  # unlabelled points are not scored
+            predicted = logits(room).argmax(-1)[labelled]
+            confusion += torch.bincount(room[1][labelled] * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2)
         encoder.train()
         return scores(confusion.view(NUM_CLASSES, NUM_CLASSES).cpu())
 

@@ -44,6 +44,7 @@ from splatsem_ns.data.ply_io import read_point_cloud  # noqa: E402
 from splatsem_ns.data.scene_frames import labelled_points_path  # noqa: E402
 from splatsem_ns.data.scene_gaussians import points_as_gaussians  # noqa: E402
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig  # noqa: E402
+from splatsem_ns.evaluation.metrics import ConfusionMatrix  # noqa: E402
 from splatsem_ns.models.heads import (  # noqa: E402
     ProjectorHead,
     centred_cosine_distillation_loss,
@@ -76,15 +77,12 @@ def class_embeddings(device: torch.device) -> Tensor:
     return torch.cat([torch.zeros(1, table.shape[1]), table.cpu()]).to(device)
 
 
-def scores(confusion: Tensor) -> Dict[str, float]:
-    """mIoU over the classes present, and accuracy, in percent, from a ``[true, predicted]`` confusion matrix."""
-    inter = confusion.diag().double()
-    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
-    present = confusion.sum(1) > 0
+def scores(confusion: ConfusionMatrix) -> Dict[str, float]:
+    """mIoU over the classes present and overall accuracy, in percent (ns-eval's rules, ``ConfusionMatrix``)."""
     return {
-        "miou": round(float((inter[present] / union[present].clamp(min=1)).mean() * 100), 2),
-        "accuracy": round(float(inter.sum() / confusion.sum().clamp(min=1) * 100), 2),
-        "classes": int(present.sum()),
+        "miou": round(confusion.miou() * 100, 2),
+        "accuracy": round(confusion.overall_accuracy() * 100, 2),
+        "classes": int((confusion.gt_counts() > 0).sum()),
     }
 
 
@@ -172,13 +170,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     @torch.no_grad()
     def score(rooms: List[Room]) -> Dict[str, float]:
         encoder.eval()
-        confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)
+        confusion = ConfusionMatrix(NUM_CLASSES, ignore_index=0)  # unlabelled points are not scored
         for room in rooms:
-            labelled = room[1] > 0  # unlabelled points are not scored
-            predicted = logits(room).argmax(-1)[labelled]
-            confusion += torch.bincount(room[1][labelled] * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2)
+            confusion.update(logits(room).argmax(-1).cpu().numpy(), room[1].cpu().numpy())
         encoder.train()
-        return scores(confusion.view(NUM_CLASSES, NUM_CLASSES).cpu())
+        return scores(confusion)
 
     report = {
         "benchmark": "encoder_capacity",

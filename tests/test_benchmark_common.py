@@ -514,9 +514,12 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     import encoder_capacity
     from support import tiny_collection
 
-    confusion = torch.zeros(4, 4, dtype=torch.long)
-    # class 1: IoU 3/4, class 2: 4/5; classes 0 and 3 absent
-    confusion[1, 1], confusion[1, 2], confusion[2, 2] = 3, 1, 4
+    from splatsem_ns.evaluation.metrics import ConfusionMatrix
+
+    # class 1: IoU 3/4, class 2: 4/5; class 3 absent, and class 0 (unlabelled) not scored
+    confusion = ConfusionMatrix(4, ignore_index=0).update(
+        [1, 1, 1, 2, 2, 2, 2, 2, 3], [1, 1, 1, 1, 2, 2, 2, 2, 0]
+    )
     assert encoder_capacity.scores(confusion) == {"miou": 77.5, "accuracy": 87.5, "classes": 2}
 
     collection = tiny_collection(tmp_path / "scenes", rooms=2, test_room=1, seed_points=100)

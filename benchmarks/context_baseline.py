@@ -68,7 +68,7 @@ def score_targets(
     images), and their 2D segmentation added to ``matrix``."""
     from splatsem_ns.evaluation.protocol import accumulate_2d, classify_map
     from splatsem_ns.models.heads import resize_feature_map
-    from splatsem_ns.models.semantic_splat import depth_metrics
+    from splatsem_ns.models.semantic_splat import depth_metrics, psnr_from_mse
 
     model = pipeline.model.eval()
     dataset = pipeline.datamanager.eval_dataset
@@ -87,7 +87,7 @@ def score_targets(
             raise RuntimeError(
                 f"render {tuple(outputs['rgb'].shape)} and served view {tuple(real.shape)} differ"
             )
-        psnrs.append(float(-10 * torch.log10(((outputs["rgb"] - real) ** 2).mean().clamp_min(1e-10))))
+        psnrs.append(float(psnr_from_mse(((outputs["rgb"] - real) ** 2).mean())))
         depth = outputs["depth"][..., 0] / scale  # back in the scene's metres
         rels.append(depth_metrics(depth.cpu(), target["depth"][v]).get("depth_abs_rel", float("nan")))
         features = model.decode_features(outputs["semantic_latent"], teacher)

@@ -20,7 +20,12 @@ from support import (
 )
 
 from splatsem_ns.models.heads import resize_feature_map
-from splatsem_ns.models.semantic_splat import covered_depth_metrics, depth_metrics, sample_feature_maps
+from splatsem_ns.models.semantic_splat import (
+    covered_depth_metrics,
+    depth_metrics,
+    psnr_from_mse,
+    sample_feature_maps,
+)
 
 TEACHERS = ("labels", "labels-instance")
 
@@ -129,6 +134,11 @@ def test_depth_metrics():
     assert covered["target_coverage"] == pytest.approx(2 / 3)
     assert covered["target_covered_depth_abs_rel"] == pytest.approx(0.05)
     assert covered_depth_metrics(predicted, alpha, torch.zeros(2, 2)) == {}
+
+
+def test_psnr_from_mse():
+    assert float(psnr_from_mse(torch.tensor(0.01))) == pytest.approx(20.0)
+    assert float(psnr_from_mse(torch.tensor(0.0))) == pytest.approx(100.0)  # floored, not inf
 
 
 def _pipeline(collection: Path, cache: Path, datamanager: dict | None = None, **model):

@@ -275,7 +275,7 @@ class SemanticSplatModel(Model):
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         target = batch["target"]["images"].float() / 255.0
         rgb = outputs["rendered"].rgb
-        return {"psnr": -10.0 * torch.log10(F.mse_loss(rgb.detach(), target).clamp_min(1e-10))}
+        return {"psnr": psnr_from_mse(F.mse_loss(rgb.detach(), target))}
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         rendered: RenderedViews = outputs["rendered"]
@@ -373,6 +373,11 @@ def random_pixels(batch: int, views: int, count: int, n: int, device) -> Tensor:
     return torch.stack([torch.randperm(count, device=device)[:n] for _ in range(batch * views)]).reshape(
         batch, views, n
     )
+
+
+def psnr_from_mse(mse: Tensor) -> Tensor:
+    """PSNR in dB of images in [0, 1] from their mean squared error (floored so a perfect render stays finite)."""
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
 def depth_metrics(predicted: Tensor, sensor: Tensor) -> Dict[str, float]:

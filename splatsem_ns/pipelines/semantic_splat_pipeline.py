@@ -50,7 +50,7 @@ from splatsem_ns.feedforward.gaussians import PredictedGaussians
 from splatsem_ns.feedforward.render import RenderedViews, render_predicted
 from splatsem_ns.feedforward.sensor_depth import sensor_depth_gaussians
 from splatsem_ns.models.heads import resize_feature_map
-from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig
+from splatsem_ns.models.semantic_splat import SemanticSplatModelConfig, psnr_from_mse
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY
 from splatsem_ns.viewer import prediction_view
 from splatsem_ns.viewer.prediction_view import PredictionViewConfig
@@ -399,7 +399,7 @@ def sensor_depth_scores(
         else:  # the mean over the masked pixels' channels
             weight = mask[..., None].to(error.dtype)
             mse = (error * weight).sum() / (3.0 * weight.sum()).clamp_min(1.0)
-        return float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
+        return float(psnr_from_mse(mse))
 
     covered = sensor.alpha > 0.5
     scores = {"sensor_depth_psnr": psnr(sensor.rgb), "sensor_depth_coverage": float(covered.float().mean())}

@@ -88,7 +88,7 @@ run)
     encoder)
       # shellcheck disable=SC2086
       step encoder python benchmarks/chorus_encoder.py --collection /tmp/coll/collection.json \
-        --real-collection /tmp/real/collection.json --out "$RES/encoder" --steps "${ENC_STEPS:-856}" \
+        $(real_collections) --out "$RES/encoder" --steps "${ENC_STEPS:-856}" \
         --minutes "${ENC_MIN:-8}" --decay-steps "${ENC_DECAY:-750}" --loader-workers 8 --extraction-workers 8 \
         --save-checkpoint --probe-max-scenes 40 $ENC_ARGS ;;
     adapt)  # chorus-splat on ScanNet with the encoder just trained as its latent source, once per adapt scope in

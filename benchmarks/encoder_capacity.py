@@ -8,14 +8,18 @@ gives it (the MiniLM embedding of the class name, before the proxy's pooling, sw
 chorus-pretrain's plain (and centred) cosine, and classifies by the nearest class embedding: the distillation's
 loss on clean per-point targets. mIoU and accuracy over the points of
 the training rooms say whether the backbone can represent the classes from the inputs it is given; the same on
-rooms it never saw says how far a few rooms generalise (not far: this is not what it is for). Unlabelled points
-(class 0) are neither trained on nor scored.
+rooms it never saw says how far a few rooms generalise. ``--real-scenes`` scores real captures beside them (any scene
+folder with a labelled point cloud, e.g. ScanNet's): trained on generated rooms with clean per-point labels, the
+score on a real room is what procedural supervision could give it at best, with no distillation in the way.
+``--augment`` transforms each training room as chorus-pretrain does (``encoders/augment.py``: a turn about the
+vertical, a shift, a scale, jitter, colour changes). Unlabelled points (class 0) are neither trained on nor scored.
 
 If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
 training signal, not the network, is what holds it back.
 
     python benchmarks/encoder_capacity.py --collection COLL --out DIR [--preset default] [--variant gaussian]
         [--train-scenes 1] [--test-scenes 2] [--steps 300] [--max-points 40000] [--loss ce|cosine|centred]
+        [--augment] [--real-scenes SCENE ...]
 
 Writes ``DIR/encoder_capacity.json`` and ``.md`` after every scoring point (``--score-every``), so a run that is cut
 short keeps what it measured. CPU or GPU (``--device``).
@@ -43,6 +47,7 @@ from splatsem_ns.data.collection import SceneCollection  # noqa: E402
 from splatsem_ns.data.ply_io import read_point_cloud  # noqa: E402
 from splatsem_ns.data.scene_frames import labelled_points_path  # noqa: E402
 from splatsem_ns.data.scene_gaussians import points_as_gaussians  # noqa: E402
+from splatsem_ns.encoders.augment import InputAugmentationConfig, augment_inputs  # noqa: E402
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig  # noqa: E402
 from splatsem_ns.evaluation.metrics import ConfusionMatrix  # noqa: E402
 from splatsem_ns.models.heads import (  # noqa: E402
@@ -105,6 +110,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--max-points", type=int, default=40000, help="labelled points per room (random subset)"
     )
     parser.add_argument("--loss", default="ce", choices=["ce", "cosine", "centred"])
+    parser.add_argument(
+        "--augment", action="store_true", help="transform each training room as chorus-pretrain does"
+    )
+    parser.add_argument(
+        "--real-scenes", type=Path, nargs="*", default=[],
+        help="scene folders with a labelled point cloud (points_labeled.ply), scored beside the held-out rooms",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -122,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     test = [
         load_room(s, args.max_points, rng, device) for s in scenes[args.train_scenes :][: args.test_scenes]
     ]
+    # Real rooms are scored on all their labelled points: their size is what a user's scan gives.
+    real = [load_room(s, sys.maxsize, rng, device) for s in args.real_scenes]
+    augmentation = InputAugmentationConfig()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
 
     encoder = GaussianEncoder(
         GaussianEncoderConfig(
@@ -137,9 +153,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ).to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *classifier.parameters()], lr=args.lr)
 
-    def outputs(room: Room) -> Tensor:
+    def outputs(room: Room, augment: bool = False) -> Tensor:
         """Class logits (ce), or decoded features in the embeddings' space."""
         g = room[0]
+        if augment:
+            batch = torch.zeros(len(g["means"]), dtype=torch.long, device=device)
+            g = augment_inputs(g, batch, 1, augmentation, generator)
         if args.variant == "gaussian":
             latent = encoder(g["means"], g["features_dc"], g["opacities"], g["scales"], g["quats"])
         else:
@@ -155,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return scores.index_fill(1, torch.tensor([0], device=device), -2.0)
 
     def loss_of(room: Room) -> Tensor:
-        out, labels = outputs(room), room[1]
+        out, labels = outputs(room, augment=args.augment), room[1]
         if embeddings is None:
             return F.cross_entropy(out, labels, ignore_index=0)  # 0: unlabelled
         labelled = labels > 0
@@ -183,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "train_scenes": [s.name for s in scenes[: args.train_scenes]],
         "test_scenes": [s.name for s in scenes[args.train_scenes :][: args.test_scenes]],
+        "real_scenes": [s.name for s in args.real_scenes],
+        "points_per_real_room": [int(room[1].numel()) for room in real],
         "points_per_room": [int(room[1].numel()) for room in train + test],
         "curve": [],
     }
@@ -193,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             row = {"step": step, "seconds": round(time.perf_counter() - began, 1), "train": score(train)}
             if test:
                 row["held_out"] = score(test)
+            if real:
+                row["real"] = score(real)
             report["curve"].append(row)
             print(json.dumps(row), flush=True)
             write(report, args.out)
@@ -213,18 +236,32 @@ def write(report: Dict, out: Path) -> None:
         f"- device: {report['device']}; torch {report['torch']}; backbone {s['backbone']} ({s['preset']}), input "
         f"variant {s['variant']}, positions relative to the {s['position_reference']}; loss {s.get('loss', 'ce')}",
         f"- training rooms {report['train_scenes']}, held-out rooms {report['test_scenes']}; points per room "
-        f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step",
+        f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step; "
+        f"training rooms augmented as in chorus-pretrain: {s.get('augment', 'False')}",
         "- no rendering and no teacher's maps (cosine losses: each point's clean class embedding): whether the network"
         " can represent the classes from its inputs",
         "",
-        "| step | seconds | training rooms mIoU / acc | held-out rooms mIoU / acc |",
-        "|---|---|---|---|",
     ]
+    real = report.get("real_scenes") or []
+    if real:
+        lines.insert(
+            -1, f"- real rooms, all their labelled points: {real}, {report['points_per_real_room']} points"
+        )
+    lines += [
+        "| step | seconds | training rooms mIoU / acc | held-out rooms mIoU / acc |"
+        + (" real rooms mIoU / acc |" if real else ""),
+        "|---|---|---|---|" + ("---|" if real else ""),
+    ]
+
+    def cell(scored: Dict | None) -> str:
+        return f" {scored['miou']} / {scored['accuracy']} |" if scored else " - |"
+
     for row in report["curve"]:
-        held = row.get("held_out")
         lines.append(
-            f"| {row['step']} | {row['seconds']} | {row['train']['miou']} / {row['train']['accuracy']} | "
-            + (f"{held['miou']} / {held['accuracy']} |" if held else "- |")
+            f"| {row['step']} | {row['seconds']} |"
+            + cell(row["train"])
+            + cell(row.get("held_out"))
+            + (cell(row.get("real")) if real else "")
         )
     (out / "encoder_capacity.md").write_text("\n".join(lines) + "\n")
 

@@ -111,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--loss", default="ce", choices=["ce", "cosine", "centred"])
     parser.add_argument(
+        "--use-splits",
+        action="store_true",
+        help="training rooms from the collection's training split, held-out rooms from its test split (default: "
+        "the first scenes in index order, then the next ones)",
+    )
+    parser.add_argument(
         "--augment", action="store_true", help="transform each training room as chorus-pretrain does"
     )
     parser.add_argument(
@@ -126,9 +132,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     collection = SceneCollection.load(args.collection)
-    scenes = [collection.scene_path(entry) for entry in collection.scenes]
-    if len(scenes) < args.train_scenes + args.test_scenes:
-        raise SystemExit(f"{len(scenes)} scenes; --train-scenes + --test-scenes asks for more")
+    if args.use_splits:
+        # Training rooms from the training split, held-out rooms from the test split: the held-out rooms of
+        # chorus_encoder.py's zero-shot rows.
+        chosen = collection.split("train")[: args.train_scenes] + collection.split("test")[: args.test_scenes]
+        if len(chosen) < args.train_scenes + args.test_scenes:
+            raise SystemExit(
+                f"{len(collection.split('train'))} training and {len(collection.split('test'))} test scenes; "
+                "--train-scenes and --test-scenes ask for more"
+            )
+    else:
+        chosen = list(collection.scenes)
+        if len(chosen) < args.train_scenes + args.test_scenes:
+            raise SystemExit(f"{len(chosen)} scenes; --train-scenes + --test-scenes asks for more")
+    scenes = [collection.scene_path(entry) for entry in chosen]
     rng = np.random.default_rng(args.seed)
     train = [load_room(s, args.max_points, rng, device) for s in scenes[: args.train_scenes]]
     test = [

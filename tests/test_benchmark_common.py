@@ -540,3 +540,14 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     report = json.loads((out / "centred" / "encoder_capacity.json").read_text())
     assert report["settings"]["loss"] == "centred" and len(report["curve"]) == 2
     assert "held_out" not in report["curve"][0] and report["curve"][-1]["train"]["classes"] > 1
+    # Rooms by split (room_1 is the test split's, though listed second), augmented training rooms, and a "real"
+    # room scored on all its labelled points beside them.
+    real = collection.parent / "room_0"
+    encoder_capacity.main(["--collection", str(collection), "--out", str(out / "splits"), "--preset", "tiny",
+                           "--steps", "2", "--score-every", "2", "--max-points", "500", "--test-scenes", "1",
+                           "--use-splits", "--augment", "--real-scenes", str(real), "--device", "cpu"])  # fmt: skip
+    report = json.loads((out / "splits" / "encoder_capacity.json").read_text())
+    assert report["train_scenes"] == ["room_0"] and report["test_scenes"] == ["room_1"]
+    assert report["points_per_room"] == [500, 500] and report["points_per_real_room"][0] > 500
+    assert all("real" in row and "held_out" in row for row in report["curve"])
+    assert "real rooms mIoU / acc" in (out / "splits" / "encoder_capacity.md").read_text()

@@ -8,7 +8,7 @@
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
 #   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, ffinit, mixedsemantic,
-#              query, profile, memory, ddp)
+#              capacity, query, profile, memory, ddp)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
@@ -17,7 +17,8 @@
 #   SS_STEPS (100000): a step cap besides SS_MIN, so that semantic-splat runs compared across chains train equally long,
 #   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
 #   FF_ITERS (3000), FF_EVAL ("0 500 1500"): the `ffinit` step's chorus-splat runs,
-#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS
+#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS,
+#   CAP_TRAIN (275), CAP_STEPS (3000), CAP_ARGS: the `capacity` step (encoder_capacity.py)
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
 pack() {
@@ -136,6 +137,14 @@ run)
     memory)  # what peak training memory holds, splatfacto beside chorus-splat
       step memory python benchmarks/memory_peak.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/memory" \
         --method splatfacto chorus-splat --random-weights --start "${MEM_START:-1500}" ;;
+    capacity)  # the encoder fitted to the generated training rooms' labelled points by cross-entropy (no teacher,
+      # no rendering), scored on the held-out rooms and on each carried ScanNet capture: what procedural supervision
+      # gives a real room at best (both ScanNet captures hold the same labelled points: the first carried is scored)
+      reals=(); for pair in $SCANNET; do [ -d "$SPLATSEM_DATA/${pair#*:}" ] && reals=("$SPLATSEM_DATA/${pair#*:}") && break; done
+      # shellcheck disable=SC2086
+      step capacity python benchmarks/encoder_capacity.py --collection /tmp/coll/collection.json --out "$RES/capacity" \
+        --use-splits --train-scenes "${CAP_TRAIN:-275}" --test-scenes 16 --steps "${CAP_STEPS:-3000}" --score-every 500 \
+        --augment --real-scenes "${reals[@]}" $CAP_ARGS ;;
     ddp)
       # shellcheck disable=SC2086
       step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;
@@ -144,5 +153,5 @@ run)
   done
   log "chain done"; touch "$RES/DONE" ;;
 *)
-  sed -n '2,20p' "$0"; exit 2 ;;
+  sed -n '2,21p' "$0"; exit 2 ;;
 esac

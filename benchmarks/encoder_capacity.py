@@ -11,7 +11,9 @@ the training rooms say whether the backbone can represent the classes from the i
 rooms it never saw says how far a few rooms generalise. ``--real-scenes`` scores real captures beside them (any scene
 folder with a labelled point cloud, e.g. ScanNet's): trained on generated rooms with clean per-point labels, the
 score on a real room is what procedural supervision could give it at best, with no distillation in the way.
-``--augment`` transforms each training room as chorus-pretrain does (``encoders/augment.py``: a turn about the
+A random subset (``--max-points``) thins every surface, so the Gaussians' sizes and the voxels' occupancy no longer
+look like a whole room's; to compare with a real room scored whole, load rooms whole and train on ``--crop`` pieces
+at full density instead. ``--augment`` transforms each training room as chorus-pretrain does (``encoders/augment.py``: a turn about the
 vertical, a shift, a scale, jitter, colour changes). Unlabelled points (class 0) are neither trained on nor scored.
 
 If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
@@ -74,6 +76,19 @@ def load_room(scene: Path, max_points: int, rng: np.random.Generator, device: to
     return {k: v.to(device) for k, v in gaussians.items()}, labels.to(device)
 
 
+def sphere_crop(room: Room, count: int, generator: torch.Generator) -> Room:
+    """The ``count`` points of ``room`` nearest to one of its points drawn at random (Pointcept's SphereCrop): a
+    piece of the room at its full density, unlike a random subset, which thins every surface. The Gaussians keep the
+    sizes they were given on the whole room."""
+    gaussians, labels = room
+    means = gaussians["means"]
+    if count >= len(means):
+        return room
+    centre = means[torch.randint(len(means), (1,), generator=generator, device=means.device)]
+    keep = torch.topk((means - centre).square().sum(-1), count, largest=False).indices
+    return {k: v[keep] for k, v in gaussians.items()}, labels[keep]
+
+
 def class_embeddings(device: torch.device) -> Tensor:
     """``[NUM_CLASSES, C]``: each NYU40 class name's embedding as the labels proxy gives its pixels (row 0 zero)."""
     from splatsem_ns.teachers.text_encoders import MiniLMTextEncoder
@@ -108,6 +123,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--max-points", type=int, default=40000, help="labelled points per room (random subset)"
+    )
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="train on a piece of this many points of a room per step (the points nearest a random one, at the room's "
+        "full density); 0: the whole room. Rooms are scored whole.",
+    )
+    parser.add_argument(
+        "--score-train-scenes",
+        type=int,
+        default=0,
+        help="score only the first this many training rooms (0: all)",
     )
     parser.add_argument("--loss", default="ce", choices=["ce", "cosine", "centred"])
     parser.add_argument(
@@ -228,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     began = time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.score_every == 0 or step == args.steps:
-            row = {"step": step, "seconds": round(time.perf_counter() - began, 1), "train": score(train)}
+            row = {
+                "step": step,
+                "seconds": round(time.perf_counter() - began, 1),
+                "train": score(train[: args.score_train_scenes or None]),
+            }
             if test:
                 row["held_out"] = score(test)
             if real:
@@ -238,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             write(report, args.out)
         if step == args.steps:
             break
-        loss = loss_of(train[step % len(train)])
+        room = train[step % len(train)]
+        loss = loss_of(sphere_crop(room, args.crop, generator) if args.crop else room)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -253,7 +286,14 @@ def write(report: Dict, out: Path) -> None:
         f"- device: {report['device']}; torch {report['torch']}; backbone {s['backbone']} ({s['preset']}), input "
         f"variant {s['variant']}, positions relative to the {s['position_reference']}; loss {s.get('loss', 'ce')}",
         f"- training rooms {report['train_scenes']}, held-out rooms {report['test_scenes']}; points per room "
-        f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step; "
+        f"{report['points_per_room']} (at most {s['max_points']}); Adam lr {s['lr']}, one room per step"
+        + (f", a crop of {s['crop']} points of it" if s.get("crop", "0") != "0" else "")
+        + (
+            f"; the first {s['score_train_scenes']} training rooms scored"
+            if s.get("score_train_scenes", "0") != "0"
+            else ""
+        )
+        + "; "
         f"training rooms augmented as in chorus-pretrain: {s.get('augment', 'False')}",
         "- no rendering and no teacher's maps (cosine losses: each point's clean class embedding): whether the network"
         " can represent the classes from its inputs",

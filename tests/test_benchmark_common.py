@@ -545,9 +545,20 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     real = collection.parent / "room_0"
     encoder_capacity.main(["--collection", str(collection), "--out", str(out / "splits"), "--preset", "tiny",
                            "--steps", "2", "--score-every", "2", "--max-points", "500", "--test-scenes", "1",
-                           "--use-splits", "--augment", "--real-scenes", str(real), "--device", "cpu"])  # fmt: skip
+                           "--use-splits", "--augment", "--real-scenes", str(real), "--crop", "200",
+                           "--device", "cpu"])  # fmt: skip
     report = json.loads((out / "splits" / "encoder_capacity.json").read_text())
     assert report["train_scenes"] == ["room_0"] and report["test_scenes"] == ["room_1"]
     assert report["points_per_room"] == [500, 500] and report["points_per_real_room"][0] > 500
     assert all("real" in row and "held_out" in row for row in report["curve"])
     assert "real rooms mIoU / acc" in (out / "splits" / "encoder_capacity.md").read_text()
+    # A crop is the points nearest one of the room's (itself kept), untouched: for some kept point, every kept point
+    # is nearer to it than every dropped one.
+    means = torch.rand(500, 3)
+    room = ({"means": means, "opacities": torch.rand(500, 1)}, torch.arange(500))
+    gaussians, labels = encoder_capacity.sphere_crop(room, 50, torch.Generator().manual_seed(0))
+    assert len(labels) == 50 and torch.equal(gaussians["means"], means[labels])
+    kept = torch.zeros(500, dtype=torch.bool)
+    kept[labels] = True
+    distance = torch.cdist(means[kept], means)  # [kept, all]
+    assert bool((distance[:, kept].amax(1) <= distance[:, ~kept].amin(1)).any())

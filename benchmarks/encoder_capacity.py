@@ -51,7 +51,11 @@ from splatsem_ns.data.scene_frames import labelled_points_path  # noqa: E402
 from splatsem_ns.data.scene_gaussians import points_as_gaussians  # noqa: E402
 from splatsem_ns.encoders.augment import InputAugmentationConfig, augment_inputs  # noqa: E402
 from splatsem_ns.encoders.encoder import GaussianEncoder, GaussianEncoderConfig  # noqa: E402
-from splatsem_ns.evaluation.metrics import ConfusionMatrix  # noqa: E402
+from splatsem_ns.evaluation.metrics import (  # noqa: E402
+    ConfusionMatrix,
+    per_class_table,
+    segmentation_scores,
+)
 from splatsem_ns.models.heads import (  # noqa: E402
     ProjectorHead,
     centred_cosine_distillation_loss,
@@ -59,6 +63,7 @@ from splatsem_ns.models.heads import (  # noqa: E402
 )
 
 NUM_CLASSES = max(NYU40) + 1  # NYU40 ids 1..40, 0 unlabelled
+NYU40_NAMES = {0: "unlabelled", **NYU40}
 Room = Tuple[Dict[str, Tensor], Tensor]
 
 
@@ -104,6 +109,11 @@ def scores(confusion: ConfusionMatrix) -> Dict[str, float]:
         "accuracy": round(confusion.overall_accuracy() * 100, 2),
         "classes": int((confusion.gt_counts() > 0).sum()),
     }
+
+
+def present_classes(scored: Dict) -> Dict:
+    """``segmentation_scores`` with only the classes that have points."""
+    return {**scored, "per_class": {k: v for k, v in scored["per_class"].items() if v["gt_count"] > 0}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -231,10 +241,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             loss = loss + centred_cosine_distillation_loss(out[None, None], target[None, None], centre, None)
         return loss
 
+    confusions: Dict[str, ConfusionMatrix] = {}  # the latest scoring's, by row key
+
     @torch.no_grad()
-    def score(rooms: List[Room]) -> Dict[str, float]:
+    def score(rooms: List[Room], key: str) -> Dict[str, float]:
         encoder.eval()
-        confusion = ConfusionMatrix(NUM_CLASSES, ignore_index=0)  # unlabelled points are not scored
+        confusion = confusions[key] = ConfusionMatrix(NUM_CLASSES, ignore_index=0)  # unlabelled: not scored
         for room in rooms:
             confusion.update(logits(room).argmax(-1).cpu().numpy(), room[1].cpu().numpy())
         encoder.train()
@@ -259,13 +271,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             row = {
                 "step": step,
                 "seconds": round(time.perf_counter() - began, 1),
-                "train": score(train[: args.score_train_scenes or None]),
+                "train": score(train[: args.score_train_scenes or None], "train"),
             }
             if test:
-                row["held_out"] = score(test)
+                row["held_out"] = score(test, "held_out")
             if real:
-                row["real"] = score(real)
+                row["real"] = score(real, "real")
             report["curve"].append(row)
+            # Per class at the latest scoring, with ns-eval's foreground mIoU (wall, floor, ceiling left out)
+            report["latest_per_class"] = {
+                key: present_classes(segmentation_scores(confusion, NYU40_NAMES))
+                for key, confusion in confusions.items()
+                if key != "train"
+            }
             print(json.dumps(row), flush=True)
             write(report, args.out)
         if step == args.steps:
@@ -320,6 +338,11 @@ def write(report: Dict, out: Path) -> None:
             + cell(row.get("held_out"))
             + (cell(row.get("real")) if real else "")
         )
+    latest = report.get("latest_per_class", {})
+    titles = {"held_out": "held-out rooms", "real": "real rooms"}
+    for key, scored in latest.items():
+        lines += ["", f"## Per class at step {report['curve'][-1]['step']}: {titles.get(key, key)}", ""]
+        lines.append(per_class_table(scored))
     (out / "encoder_capacity.md").write_text("\n".join(lines) + "\n")
 
 

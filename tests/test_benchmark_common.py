@@ -552,6 +552,10 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     assert report["points_per_room"] == [500, 500] and report["points_per_real_room"][0] > 500
     assert all("real" in row and "held_out" in row for row in report["curve"])
     assert "real rooms mIoU / acc" in (out / "splits" / "encoder_capacity.md").read_text()
+    per_class = report["latest_per_class"]["real"]
+    assert set(per_class) >= {"miou", "fg_miou", "per_class"} and "wall" in per_class["per_class"]
+    assert all(row["gt_count"] > 0 for row in per_class["per_class"].values())
+    assert "## Per class at step 2: real rooms" in (out / "splits" / "encoder_capacity.md").read_text()
     # A crop is the points nearest one of the room's (itself kept), untouched: for some kept point, every kept point
     # is nearer to it than every dropped one.
     means = torch.rand(500, 3)

@@ -13,15 +13,15 @@ folder with a labelled point cloud, e.g. ScanNet's): trained on generated rooms 
 score on a real room is what procedural supervision could give it at best, with no distillation in the way.
 A random subset (``--max-points``) thins every surface, so the Gaussians' sizes and the voxels' occupancy no longer
 look like a whole room's; to compare with a real room scored whole, load rooms whole and train on ``--crop`` pieces
-at full density instead. ``--augment`` transforms each training room as chorus-pretrain does (``encoders/augment.py``: a turn about the
-vertical, a shift, a scale, jitter, colour changes). Unlabelled points (class 0) are neither trained on nor scored.
+at full density instead. ``--augment`` transforms each training room as chorus-pretrain does
+(``encoders/augment.py``: a turn about the vertical, a shift, a scale, jitter, colour changes). Unlabelled points (class 0) are neither trained on nor scored.
 
 If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
 training signal, not the network, is what holds it back.
 
     python benchmarks/encoder_capacity.py --collection COLL --out DIR [--preset default] [--variant gaussian]
         [--train-scenes 1] [--test-scenes 2] [--steps 300] [--max-points 40000] [--loss ce|cosine|centred]
-        [--augment] [--real-scenes SCENE ...]
+        [--augment] [--real-scenes SCENE ...] [--use-splits] [--crop 20000] [--note TEXT ...]
 
 Writes ``DIR/encoder_capacity.json`` and ``.md`` after every scoring point (``--score-every``), so a run that is cut
 short keeps what it measured. CPU or GPU (``--device``).
@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="score only the first this many training rooms (0: all)",
     )
     parser.add_argument("--loss", default="ce", choices=["ce", "cosine", "centred"])
+    parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     parser.add_argument(
         "--use-splits",
         action="store_true",
@@ -256,13 +257,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "benchmark": "encoder_capacity",
         "device": device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "note"},
         "train_scenes": [s.name for s in scenes[: args.train_scenes]],
         "test_scenes": [s.name for s in scenes[args.train_scenes :][: args.test_scenes]],
         "real_scenes": [s.name for s in args.real_scenes],
         "points_per_real_room": [int(room[1].numel()) for room in real],
         "points_per_room": [int(room[1].numel()) for room in train + test],
         "curve": [],
+        "notes": list(args.note),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -343,6 +345,8 @@ def write(report: Dict, out: Path) -> None:
     for key, scored in latest.items():
         lines += ["", f"## Per class at step {report['curve'][-1]['step']}: {titles.get(key, key)}", ""]
         lines.append(per_class_table(scored))
+    if report.get("notes"):
+        lines += [""] + [f"- note: {note}" for note in report["notes"]]
     (out / "encoder_capacity.md").write_text("\n".join(lines) + "\n")
 
 

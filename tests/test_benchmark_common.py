@@ -546,7 +546,7 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     encoder_capacity.main(["--collection", str(collection), "--out", str(out / "splits"), "--preset", "tiny",
                            "--steps", "2", "--score-every", "2", "--max-points", "500", "--test-scenes", "1",
                            "--use-splits", "--augment", "--real-scenes", str(real), "--crop", "200",
-                           "--device", "cpu"])  # fmt: skip
+                           "--note", "a line", "--device", "cpu"])  # fmt: skip
     report = json.loads((out / "splits" / "encoder_capacity.json").read_text())
     assert report["train_scenes"] == ["room_0"] and report["test_scenes"] == ["room_1"]
     assert report["points_per_room"] == [500, 500] and report["points_per_real_room"][0] > 500
@@ -556,6 +556,10 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     assert set(per_class) >= {"miou", "fg_miou", "per_class"} and "wall" in per_class["per_class"]
     assert all(row["gt_count"] > 0 for row in per_class["per_class"].values())
     assert "## Per class at step 2: real rooms" in (out / "splits" / "encoder_capacity.md").read_text()
+    assert (
+        report["notes"] == ["a line"]
+        and "- note: a line" in (out / "splits" / "encoder_capacity.md").read_text()
+    )
     # A crop is the points nearest one of the room's (itself kept), untouched: for some kept point, every kept point
     # is nearer to it than every dropped one.
     means = torch.rand(500, 3)

@@ -139,12 +139,13 @@ run)
         --method splatfacto chorus-splat --random-weights --start "${MEM_START:-1500}" ;;
     capacity)  # the encoder fitted to the generated training rooms' labelled points by cross-entropy (no teacher,
       # no rendering), scored on the held-out rooms and on each carried ScanNet capture: what procedural supervision
-      # gives a real room at best (both ScanNet captures hold the same labelled points: the first carried is scored)
+      # gives a real room at best (both ScanNet captures hold the same labelled points: the first carried is scored).
+      # Rooms whole, as chorus-pretrain serves them: a random subset would thin them unlike the real room.
       reals=(); for pair in $SCANNET; do [ -d "$SPLATSEM_DATA/${pair#*:}" ] && reals=("$SPLATSEM_DATA/${pair#*:}") && break; done
       # shellcheck disable=SC2086
       step capacity python benchmarks/encoder_capacity.py --collection /tmp/coll/collection.json --out "$RES/capacity" \
         --use-splits --train-scenes "${CAP_TRAIN:-275}" --test-scenes 16 --steps "${CAP_STEPS:-3000}" --score-every 500 \
-        --augment --real-scenes "${reals[@]}" $CAP_ARGS ;;
+        --max-points 1000000 --augment --real-scenes "${reals[@]}" $CAP_ARGS ;;
     ddp)
       # shellcheck disable=SC2086
       step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;

@@ -14,7 +14,8 @@ score on a real room is what procedural supervision could give it at best, with 
 A random subset (``--max-points``) thins every surface, so the Gaussians' sizes and the voxels' occupancy no longer
 look like a whole room's; to compare with a real room scored whole, load rooms whole and train on ``--crop`` pieces
 at full density instead. ``--augment`` transforms each training room as chorus-pretrain does
-(``encoders/augment.py``: a turn about the vertical, a shift, a scale, jitter, colour changes). Unlabelled points (class 0) are neither trained on nor scored.
+(``encoders/augment.py``: a turn about the vertical, a shift, a scale, jitter, colour changes). Unlabelled points
+(class 0) are neither trained on nor scored.
 
 If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
 training signal, not the network, is what holds it back.

@@ -145,7 +145,7 @@ run)
       # shellcheck disable=SC2086
       step capacity python benchmarks/encoder_capacity.py --collection /tmp/coll/collection.json --out "$RES/capacity" \
         --use-splits --train-scenes "${CAP_TRAIN:-275}" --test-scenes 16 --steps "${CAP_STEPS:-3000}" --score-every 500 \
-        --max-points 1000000 --augment --real-scenes "${reals[@]}" $CAP_ARGS ;;
+        --max-points 1000000 --score-train-scenes 32 --augment --real-scenes "${reals[@]}" $CAP_ARGS ;;
     ddp)
       # shellcheck disable=SC2086
       step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;

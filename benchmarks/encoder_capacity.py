@@ -175,16 +175,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.use_splits:
         # Training rooms from the training split, held-out rooms from the test split: the held-out rooms of
         # chorus_encoder.py's zero-shot rows.
-        chosen = collection.split("train")[: args.train_scenes] + collection.split("test")[: args.test_scenes]
-        if len(chosen) < args.train_scenes + args.test_scenes:
-            raise SystemExit(
-                f"{len(collection.split('train'))} training and {len(collection.split('test'))} test scenes; "
-                "--train-scenes and --test-scenes ask for more"
-            )
+        training, testing = collection.split("train"), collection.split("test")
+        chosen = training[: args.train_scenes] + testing[: args.test_scenes]
+        available = f"{len(training)} training and {len(testing)} test scenes"
     else:
         chosen = list(collection.scenes)
-        if len(chosen) < args.train_scenes + args.test_scenes:
-            raise SystemExit(f"{len(chosen)} scenes; --train-scenes + --test-scenes asks for more")
+        available = f"{len(chosen)} scenes"
+    if len(chosen) < args.train_scenes + args.test_scenes:
+        raise SystemExit(f"{available}; --train-scenes and --test-scenes ask for more")
     scenes = [collection.scene_path(entry) for entry in chosen]
     rng = np.random.default_rng(args.seed)
     train = [load_room(s, args.max_points, rng, device) for s in scenes[: args.train_scenes]]

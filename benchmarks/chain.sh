@@ -138,8 +138,8 @@ run)
       step memory python benchmarks/memory_peak.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/memory" \
         --method splatfacto chorus-splat --random-weights --start "${MEM_START:-1500}" ;;
     capacity)  # the encoder fitted to the generated training rooms' labelled points by cross-entropy (no teacher,
-      # no rendering), scored on the held-out rooms and on each carried ScanNet capture: what procedural supervision
-      # gives a real room at best (both ScanNet captures hold the same labelled points: the first carried is scored).
+      # no rendering), scored on the held-out rooms and on ScanNet: what procedural supervision gives a real room at
+      # best (both ScanNet captures hold the same labelled points, so only the first one carried is scored).
       # Rooms whole, as chorus-pretrain serves them: a random subset would thin them unlike the real room.
       reals=(); for pair in $SCANNET; do [ -d "$SPLATSEM_DATA/${pair#*:}" ] && reals=("$SPLATSEM_DATA/${pair#*:}") && break; done
       # shellcheck disable=SC2086

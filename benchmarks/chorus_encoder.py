@@ -87,6 +87,11 @@ def main() -> None:
         type=int,
         help="at most this many Gaussians per sample (default: the datamanager's)",
     )
+    parser.add_argument(
+        "--gaussian-subset",
+        choices=("random", "views"),
+        help="which Gaussians a scene above --max-gaussians serves (default: the datamanager's)",
+    )
     add_point_shape_argument(parser, "as --pipeline.datamanager.point-shape")
     parser.add_argument("--probe-max-scenes", type=int, default=50, help="scenes per split in the probe")
     parser.add_argument("--probe-max-points", type=int, default=20000, help="labelled points per scene")

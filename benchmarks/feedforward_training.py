@@ -136,6 +136,8 @@ def train_config(args, out: Path, method: str):
         dm.point_shape = args.point_shape
     if getattr(args, "max_gaussians", None):
         dm.max_gaussians = args.max_gaussians
+    if getattr(args, "gaussian_subset", None):
+        dm.gaussian_subset = args.gaussian_subset
     config.max_num_iterations = args.steps
     if args.decay_steps:  # let the schedule fit a short run: warm up over at most its first tenth, then decay
         if args.decay_steps < 2:  # nerfstudio's cosine schedule divides by the steps after the warm-up

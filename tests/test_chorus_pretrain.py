@@ -26,6 +26,7 @@ from splatsem_ns.data.scene_gaussians import (
     collate_samples,
     load_scene_gaussians,
     points_as_gaussians,
+    subset_in_views,
 )
 
 TEACHERS = ("labels", "labels-instance")
@@ -152,6 +153,57 @@ def test_the_datamanager_serves_a_seeded_subset_of_each_scenes_gaussians(collect
     assert torch.equal(first["gaussians"]["means"], again["gaussians"]["means"])
     _, batch = config.setup(device="cpu").next_train(0)
     assert batch["gaussians"]["batch"].tolist() == [0] * 100 + [1] * 100
+
+    # The views' choice: as many, and each inside one of the sample's views.
+    from splatsem_ns.evaluation.voting import project_points
+
+    config.gaussian_subset = "views"
+    sample = config.setup(device="cpu").train_dataset[0]
+    means = sample["gaussians"]["means"]
+    assert len(means) == 100
+    views = [sample[part] for part in ("context", "target")]
+    size = tuple(sample["target"]["images"].shape[1:3])
+    inside = torch.zeros(len(means), dtype=torch.bool)
+    poses = torch.cat([v["camera_to_world"] for v in views]).double()
+    for pose, K in zip(poses, torch.cat([v["intrinsics"] for v in views]).double(), strict=True):
+        inside |= project_points(means.double(), K, pose[:3], size)[2]
+    assert bool(inside.all())
+
+
+def test_the_views_subset_keeps_what_the_views_see_at_full_density():
+    # A 20 x 20 x 20 grid of Gaussians in [-1, 1]^3 and one camera at z = 3 looking down -z with a narrow field:
+    # it sees only the grid's middle columns.
+    axis = torch.linspace(-1.0, 1.0, 20)
+    means = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    gaussians = {"means": means, "opacities": torch.arange(len(means), dtype=torch.float32)[:, None]}
+    pose = torch.eye(4)[:3].clone()
+    pose[2, 3] = 3.0
+    K = torch.tensor([[160.0, 0.0, 16.0], [0.0, 160.0, 16.0], [0.0, 0.0, 1.0]])
+    from splatsem_ns.evaluation.voting import project_points
+
+    seen = project_points(means.double(), K.double(), pose.double(), (32, 32))[2]  # in the subset's precision
+    assert 0 < int(seen.sum()) < 2000
+
+    def subset(limit, seed=0):
+        return subset_in_views(gaussians, limit, pose[None], K[None], (32, 32), np.random.default_rng(seed))
+
+    # Room for all it sees: every one of them, then the nearest of the rest to the camera, in the original order.
+    chosen = subset(2000)
+    ids = chosen["opacities"][:, 0].long()
+    assert len(ids) == 2000 and bool((ids[1:] > ids[:-1]).all())
+    assert bool(seen[ids].sum() == seen.sum())
+    unseen = ids[~seen[ids]]
+    others = torch.nonzero(~seen).squeeze(1)
+    farthest_kept = (means[unseen] - pose[:, 3]).norm(dim=1).max()
+    nearest_left = (means[others[~torch.isin(others, unseen)]] - pose[:, 3]).norm(dim=1).min()
+    assert farthest_kept <= nearest_left
+    # Fewer than it sees: only seen ones, a seeded random choice among them.
+    few = subset(50)["opacities"][:, 0].long()
+    assert len(few) == 50 and bool(seen[few].all())
+    assert torch.equal(few, subset(50)["opacities"][:, 0].long())
+    assert not torch.equal(few, subset(50, seed=1)["opacities"][:, 0].long())
+    # A scene under the limit is served whole.
+    assert torch.equal(subset(len(means))["means"], means)
 
 
 @pytest.fixture(scope="module")

@@ -66,10 +66,12 @@ from splatsem_ns.data.dataparser import (
 from splatsem_ns.data.scene_frames import SceneFrames, labelled_points_path
 from splatsem_ns.data.scene_gaussians import (
     GaussianSource,
+    GaussianSubset,
     PointShape,
     collate_samples,
     load_scene_gaussians,
     subsample,
+    subset_in_views,
 )
 from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sample_overlap, view_overlap
 from splatsem_ns.files import write_atomically
@@ -155,7 +157,12 @@ class MultiSceneDataManagerConfig(DataManagerConfig):
     """Shape of the Gaussians made from a point cloud ("points", "labeled_points"): "ball" isotropic, "surfel" a
     flat disc along the local surface, its normal facing the room (``points_as_gaussians``)."""
     max_gaussians: int = 200_000
-    """At most this many Gaussians per sample (a seeded random subset of larger scenes)."""
+    """At most this many Gaussians per sample (``gaussian_subset`` says which, in larger scenes)."""
+    gaussian_subset: GaussianSubset = "random"
+    """Which Gaussians a scene larger than ``max_gaussians`` serves: "random" a seeded random subset (every surface
+    thinned alike); "views" those inside the sample's context and target views first, at full density, then their
+    surroundings (``subset_in_views``): for fitted scenes of many more Gaussians than the limit, whose thinned
+    surfaces would look unlike the whole scene that ``splatsem-encode`` sees."""
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -289,7 +296,18 @@ class SceneSampleDataset(Dataset):
                 self.config.gaussians_file,
                 self.config.point_shape,
             )
-            sample["gaussians"] = subsample(gaussians, self.config.max_gaussians, rng)
+            if self.config.gaussian_subset == "views":
+                views = [sample["context"], sample["target"]]
+                sample["gaussians"] = subset_in_views(
+                    gaussians,
+                    self.config.max_gaussians,
+                    torch.cat([v["camera_to_world"] for v in views]),
+                    torch.cat([v["intrinsics"] for v in views]),
+                    tuple(sample["target"]["images"].shape[1:3]),
+                    rng,
+                )
+            else:
+                sample["gaussians"] = subsample(gaussians, self.config.max_gaussians, rng)
         return sample
 
     def views(self, scene: int, indices: Sequence[int]) -> Dict[str, Any]:

@@ -11,8 +11,8 @@ Where a scene's Gaussians come from (``MultiSceneDataManagerConfig.gaussians``):
   ``points_labeled.ply``) the same way, its labels unused: a denser surface sample than the seed points (ScanNet's
   mesh vertices, a generated scene's surface samples), and the only cloud of a capture without seed points.
 
-Each sample carries at most ``max_gaussians`` of them (a seeded random subset, so one large scene cannot blow up a
-batch). Batches join the scenes' Gaussians along the first axis with a ``batch`` index per Gaussian (Pointcept's
+Each sample carries at most ``max_gaussians`` of them, so one large scene cannot blow up a batch: a seeded random
+subset, or (``gaussian_subset`` "views") those the sample's views see, at full density (``subset_in_views``). Batches join the scenes' Gaussians along the first axis with a ``batch`` index per Gaussian (Pointcept's
 layout), which the encoder takes as it is.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch.utils.data import default_collate
 
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.data.scene_frames import labelled_points_path
+from splatsem_ns.evaluation.voting import project_points
 from splatsem_ns.export.semantic_ply import read_semantic_ply
 
 GaussianSource = Literal["off", "auto", "ply", "points", "labeled_points"]
@@ -160,6 +161,45 @@ def subsample(gaussians: Mapping[str, Tensor], limit: int, rng: np.random.Genera
     if n <= limit:
         return dict(gaussians)
     keep = torch.from_numpy(np.sort(rng.choice(n, size=limit, replace=False)))
+    return {k: v[keep] for k, v in gaussians.items()}
+
+
+GaussianSubset = Literal["random", "views"]
+
+
+def subset_in_views(
+    gaussians: Mapping[str, Tensor],
+    limit: int,
+    camera_to_world: Float[Tensor, "V 3 4"],
+    intrinsics: Float[Tensor, "V 3 3"],
+    image_size: Tuple[int, int],
+    rng: np.random.Generator,
+) -> Dict[str, Tensor]:
+    """At most ``limit`` of the Gaussians, chosen for the views a sample renders into (``camera_to_world``: OpenGL
+    poses in the Gaussians' frame; ``intrinsics`` for ``image_size`` (H, W)): first those whose centre falls inside
+    at least one view (a random subset of them where they alone are more than ``limit``), then the rest by their
+    distance to the nearest of the views' cameras. Kept in their original order.
+
+    A random subset of the whole scene (``subsample``) thins every surface, which changes what the encoder sees
+    (voxel occupancy, neighbours) and leaves the rendered views semi-transparent; this keeps the rendered part of a
+    large scene at its full density, and its surroundings next."""
+    means = gaussians["means"]
+    n = len(means)
+    if n <= limit:
+        return dict(gaussians)
+    poses = camera_to_world.double()
+    inside = torch.zeros(n, dtype=torch.bool)
+    for pose, K in zip(poses, intrinsics.double(), strict=True):
+        inside |= project_points(means.double(), K, pose[:3], image_size)[2]
+    seen = torch.nonzero(inside).squeeze(1).numpy()
+    if len(seen) >= limit:
+        keep = rng.choice(seen, size=limit, replace=False)
+    else:
+        rest = torch.nonzero(~inside).squeeze(1)
+        distance = torch.cdist(means[rest].double(), poses[:, :3, 3]).amin(dim=1)
+        nearest = rest[torch.argsort(distance, stable=True)[: limit - len(seen)]].numpy()
+        keep = np.concatenate([seen, nearest])
+    keep = torch.from_numpy(np.sort(keep))
     return {k: v[keep] for k, v in gaussians.items()}
 
 

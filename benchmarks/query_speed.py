@@ -181,6 +181,12 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
 
     rows = [
         ("query@full, fused raster+fold (triton)", query(), 1, query()),
+        (
+            "query@full, fused raster+fold (triton, Gram norm)",
+            query(factored=False),
+            1,
+            query(factored=False),
+        ),
         ("query@full, triton render + fused fold", render_then_fused_fold, 1, render_then_fused_fold),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),
         ("projection+binning only", binning, 1, None),
@@ -198,7 +204,7 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
 
 def main() -> None:
     from splatsem_ns.models.folded_query import FoldedQuery
-    from splatsem_ns.models.fused_query import fused_available
+    from splatsem_ns.models.fused_query import fused_available, fused_relevancy
     from splatsem_ns.models.relevancy import lerf_relevancy
 
     parser = argparse.ArgumentParser(
@@ -291,6 +297,10 @@ def main() -> None:
         return run
 
     @torch.no_grad()
+    def fold_only_gram():  # the fused kernel with the norm's earlier form (h^T G h), for comparison
+        return fused_relevancy(latent_full, folded[torch.bfloat16, "fused"].operands(factored=False))
+
+    @torch.no_grad()
     def frame_and_query_full():
         # A whole viewer frame with the panel's "Full resolution" on: RGB + depth + latent at 1280x720.
         model.viewer_semantic_scale = 1.0
@@ -317,6 +327,7 @@ def main() -> None:
             [
                 ("query@full, fused kernel", query_full_folded(torch.bfloat16, "fused"), 1),
                 ("fold only, fused kernel", fold_only(torch.bfloat16, "fused"), 1),
+                ("fold only, fused kernel, Gram norm", fold_only_gram, 1),
             ]
             if fused_available(latent_full, folded[torch.bfloat16, "fused"].front_weights)
             else []  # no Triton or no GPU: the flag would fall back and time the unfused fold
@@ -337,6 +348,8 @@ def main() -> None:
             str(key): float((folded[key](latent_full).float() - reference).abs().max())
             for key in [(torch.bfloat16, False), (torch.bfloat16, True), (torch.bfloat16, "fused")]
         }
+        if fused_available(latent_full, folded[torch.bfloat16, "fused"].front_weights):
+            agreement["fused kernel, Gram norm"] = float((fold_only_gram().float() - reference).abs().max())
     # The Triton rasterizer's rows go after the fused kernel's, where this run's gsplat rows can be read beside them.
     triton_paths = triton_rows(
         model, cam, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H, args.triton_configs

@@ -75,25 +75,30 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU interpreter: the kernel's arithmetic, without a GPU
 import torch
 from splatsem_ns.models.folded_query import FoldedQuery
-from splatsem_ns.models.fused_query import fused_available
+from splatsem_ns.models.fused_query import fused_available, fused_relevancy
 from splatsem_ns.models.heads import ProjectorHead
 from splatsem_ns.models.relevancy import lerf_relevancy
 torch.manual_seed(0)
-head = ProjectorHead(32, 96, 128, 2)
-texts = torch.nn.functional.normalize(torch.randn(6, 96), dim=-1)
 latent = torch.randn(7, 19, 32)  # 133 pixels: a partial last block of 64
-errors = []
-for positives, negatives, dtype in [(1, 4, torch.float32), (2, 4, torch.float32), (2, 0, torch.float32),
-                                    (1, 4, torch.bfloat16)]:
-    fold = FoldedQuery(head, texts[:positives], texts[positives:positives + negatives], compute_dtype=dtype,
-                       fused=True)
-    assert fused_available(latent, fold.front_weights)
-    expected = lerf_relevancy(head(latent), texts[:positives], texts[positives:positives + negatives])
-    got = fold(latent)
-    assert got.shape == expected.shape, (got.shape, expected.shape)
-    errors.append(float((got - expected).abs().max()))
-print(errors)
-assert max(errors[:3]) < 1e-5 and errors[3] < 5e-3, errors
+# Heads whose output is narrower (96) and wider (160) than their hidden layer (128): R of the factored norm is
+# padded with zero rows in the first, square in the second.
+for out in (96, 160):
+    head = ProjectorHead(32, out, 128, 2)
+    texts = torch.nn.functional.normalize(torch.randn(6, out), dim=-1)
+    errors = []
+    for positives, negatives, dtype in [(1, 4, torch.float32), (2, 4, torch.float32), (2, 0, torch.float32),
+                                        (1, 4, torch.bfloat16)]:
+        fold = FoldedQuery(head, texts[:positives], texts[positives:positives + negatives], compute_dtype=dtype,
+                           fused=True)
+        assert fused_available(latent, fold.front_weights)
+        assert fold.operands().factored  # the default where the hidden width allows it
+        expected = lerf_relevancy(head(latent), texts[:positives], texts[positives:positives + negatives])
+        got = fold(latent)
+        gram = fused_relevancy(latent, fold.operands(factored=False))
+        assert got.shape == expected.shape == gram.shape, (got.shape, expected.shape)
+        errors.append((float((got - expected).abs().max()), float((gram - expected).abs().max())))
+    print(out, errors)
+    assert max(max(e) for e in errors[:3]) < 1e-5 and max(errors[3]) < 5e-3, errors
 """
 
 

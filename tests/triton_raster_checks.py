@@ -138,21 +138,24 @@ def check_fused_relevancy():
     latent, alpha, info = rasterize_gaussians_torch(
         means, quats, scales, opacities, features, viewmats, Ks, width, height
     )
-    for dtype, precision, normalize, positives, negatives, tolerance in [
-        (torch.float32, "ieee", None, 1, 4, 1e-5),
-        (torch.float32, "ieee", 1e-3, 2, 4, 1e-5),
-        (torch.float32, "ieee", 1e-3, 2, 0, 1e-5),
-        (torch.bfloat16, "fp16", 1e-3, 1, 4, 5e-3),
+    for dtype, precision, normalize, positives, negatives, tolerance, factored in [
+        (torch.float32, "ieee", None, 1, 4, 1e-5, True),
+        (torch.float32, "ieee", 1e-3, 2, 4, 1e-5, True),
+        (torch.float32, "ieee", 1e-3, 2, 0, 1e-5, True),
+        (torch.bfloat16, "fp16", 1e-3, 1, 4, 5e-3, True),
+        (torch.float32, "ieee", 1e-3, 2, 4, 1e-5, False),  # the Gram form of the norm
+        (torch.bfloat16, "fp16", 1e-3, 1, 4, 5e-3, False),
     ]:
         folded = _fold(dtype, positives, negatives, channels)
         reference = _fold(torch.float32, positives, negatives, channels)
         expected = reference(latent if normalize is None else latent / alpha.clamp(min=normalize))
         got = rasterize_relevancy_triton(
             info["means2d"], info["conics"], info["opacities"], features, info["isect_offsets"], info["flatten_ids"],
-            width, height, fold_operands_for(folded, channels), normalize_min_alpha=normalize, precision=precision,
+            width, height, fold_operands_for(folded, channels, factored), normalize_min_alpha=normalize,
+            precision=precision,
         )  # fmt: skip
         err = (got - expected).abs().max().item()
-        print("fused", dtype, normalize, positives, negatives, err)
+        print("fused", dtype, normalize, positives, negatives, factored, err)
         assert got.shape == expected.shape and err < tolerance, (got.shape, expected.shape, err)
 
 
@@ -264,12 +267,13 @@ def check_benchmark_rows():
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
     rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
-    assert [name for name, *_ in rows][:4] == [
+    assert [name for name, *_ in rows][:5] == [
         "query@full, fused raster+fold (triton)",
+        "query@full, fused raster+fold (triton, Gram norm)",
         "query@full, triton render + fused fold",
         "render latent@full (triton)",
         "projection+binning only",
-    ] and len(rows) == 6
+    ] and len(rows) == 7
     for name, _, _, check in rows:
         if check is None:
             continue

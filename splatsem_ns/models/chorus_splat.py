@@ -503,14 +503,15 @@ class ChorusSplatModel(SplatfactoModel):
 
     @torch.no_grad()
     def render_query_relevancy(
-        self, camera: Cameras, folded: FoldedQuery, **kernel_options: int
+        self, camera: Cameras, folded: FoldedQuery, factored: Optional[bool] = None, **kernel_options: int
     ) -> Optional[Float[Tensor, "h w P"]]:
         """The relevancy of ``folded`` over the semantic latent an eval-mode render gives (same Gaussians, same
         resolution, same normalisation), computed by one Triton kernel per frame that never writes the latent
         (``rendering/triton_rasterizer.py``). None where that path cannot run (no Triton or CUDA, a head with
         other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent.
         ``kernel_options`` (``block_gaussians``, ``num_warps``, ``tile_size``: a power of two) tune the kernel; the
-        defaults are its own and the render's tile size."""
+        defaults are its own and the render's tile size. ``factored``: the form of the head's norm
+        (``fused_query``'s module docstring; None: the kernel's choice)."""
         if not self.query_relevancy_supported(folded, camera):
             return None
         inputs = self._viewer_semantic_inputs(camera)
@@ -523,7 +524,7 @@ class ChorusSplatModel(SplatfactoModel):
         relevancy = render_relevancy(
             inputs["means"], inputs["quats"], inputs["scales"], inputs["opacities"], latent,
             inputs["viewmat"], _scale_intrinsics(inputs["K"], (w / width, h / height)), w, h,
-            fold_operands_for(folded, latent.shape[-1]),
+            fold_operands_for(folded, latent.shape[-1], factored),
             normalize_min_alpha=_MIN_ALPHA if self.config.semantic_alpha_normalize else None,
             rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
             tile_size=kernel_options.pop("tile_size", semantic_tile_size(self.config.semantic_tile_size, w * h)),

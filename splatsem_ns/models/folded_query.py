@@ -12,14 +12,20 @@ which is what makes full-resolution queries fast. ``FoldedQuery`` gives the same
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from splatsem_ns.models.fused_query import FoldOperands, fold_operands, fused_available, fused_relevancy
+from splatsem_ns.models.fused_query import (
+    FoldOperands,
+    fold_operands,
+    fused_available,
+    fused_relevancy,
+    norm_factor_terms,
+)
 from splatsem_ns.models.heads import ProjectorHead
 from splatsem_ns.models.relevancy import LERF_TEMPERATURE
 
@@ -72,18 +78,22 @@ class FoldedQuery(nn.Module):
         tail = torch.promote_types(weight.dtype, torch.float32)
         self.query_bias = (queries @ bias).to(tail)  # [Q]
         self.bias_norm = (bias @ bias).to(tail)
-        self._operands: Dict[Optional[int], FoldOperands] = {}  # see operands()
+        self._last_layer = (weight, bias)  # for the kernels' factored norm, built on first use (operands())
+        self._operands: Dict[Tuple[Optional[int], Optional[bool]], FoldOperands] = {}  # see operands()
 
-    def operands(self, channels: Optional[int] = None) -> FoldOperands:
+    def operands(self, channels: Optional[int] = None, factored: Optional[bool] = None) -> FoldOperands:
         """These terms laid out for the Triton kernels (``fused_query.fold_operands``; a head with one hidden layer),
-        the first layer zero-padded to ``channels`` (default: the head's width). Built once per width and kept: the
-        viewer asks every frame, and the terms never change."""
-        if channels not in self._operands:
-            self._operands[channels] = fold_operands(
+        the first layer zero-padded to ``channels`` (default: the head's width); ``factored``: the norm's form
+        (None: the kernels' choice). Built once per width and form and kept: the viewer asks every frame, and the
+        terms never change."""
+        key = (channels, factored)
+        if key not in self._operands:
+            self._operands[key] = fold_operands(
                 self.front_weights, self.front_biases, self.fold, self.query_bias, self.bias_norm,
-                self.num_positives, self.temperature, channels=channels,
+                self.num_positives, self.temperature, norm_factor_terms(*self._last_layer), channels=channels,
+                factored=factored,
             )  # fmt: skip
-        return self._operands[channels]
+        return self._operands[key]
 
     def forward(self, latent: Float[Tensor, "*batch D"]) -> Float[Tensor, "*batch P"]:
         args = (

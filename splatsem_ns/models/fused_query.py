@@ -1,11 +1,17 @@
 """The folded query (``models/folded_query.py``) as one Triton kernel: latent in, relevancy out.
 
 For a projector head with one hidden layer (the default), each block of pixels loads its latents once, computes the
-hidden activations ``h = relu(W1 z + b1)``, the query dots ``h . (W^T q)`` and the squared norm
-``h^T G h + 2 (W^T b) . h + |b|^2`` with the Gram matrix taken in column chunks (each chunk's ``h`` is recomputed
-from the latent, which is cheap at 32 channels), and writes only the relevancy: nothing of size
-``[pixels, hidden]`` ever reaches memory. The eager and compiled paths write such intermediates several times,
-which is what their time at full resolution goes into.
+hidden activations ``h = relu(W1 z + b1)``, the query dots ``h . (W^T q)`` and the squared norm of the head's
+output ``|W h + b|^2``, and writes only the relevancy: nothing of size ``[pixels, hidden]`` ever reaches memory.
+The eager and compiled paths write such intermediates several times, which is what their time at full resolution
+goes into.
+
+The norm is taken one of two ways (``FoldOperands.factored``):
+- factored (where the hidden width is a power of two): with the thin QR ``W = Q R``, ``|W h + b|^2 =
+  |R h + Q^T b|^2 + (|b|^2 - |Q^T b|^2)``, so ``h`` is computed once per block and the norm is one
+  ``[hidden, hidden]`` product whose squares are summed;
+- Gram: ``h^T G h + 2 (W^T b) . h + |b|^2`` with ``G = W^T W`` taken in column chunks, each chunk's ``h``
+  recomputed from the latent (no block of ``h`` wider than a chunk is ever held, for any hidden width).
 
 The kernel runs on CUDA; ``TRITON_INTERPRET=1`` runs it on the CPU (slowly), which is how the tests check it
 against the eager fold.
@@ -14,7 +20,7 @@ against the eager fold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from jaxtyping import Float
@@ -55,8 +61,18 @@ class FoldOperands:
     """``q . b``, float32."""
     bias_norm: Float[Tensor, "1"]
     """``|b|^2``, float32, as a tensor: reading it as a Python number would wait for the GPU."""
+    norm_factor: Float[Tensor, "H H"]
+    """``R^T`` of the thin QR ``W = Q R`` (zero rows of R added where the output is narrower than H; compute
+    dtype): ``h @ norm_factor = (R h)^T``."""
+    norm_offset: Float[Tensor, " H"]
+    """``Q^T b`` (zero-padded like R), float32."""
+    norm_residual: Float[Tensor, "1"]
+    """``|b|^2 - |Q^T b|^2`` (the part of the bias outside W's columns), float32."""
     num_positives: int
     temperature: float
+    factored: bool = True
+    """The norm through ``norm_factor`` (one pass over h) rather than the Gram matrix; needs a power-of-two
+    hidden width (Triton's block shapes)."""
 
     @property
     def channels(self) -> int:
@@ -87,10 +103,14 @@ def fold_operands(
     bias_norm: Float[Tensor, ""],
     num_positives: int,
     temperature: float,
+    norm_terms: Tuple[Tensor, Tensor, Tensor],
     channels: Optional[int] = None,
+    factored: Optional[bool] = None,
 ) -> FoldOperands:
     """The kernels' operands of a folded query (``FoldedQuery``'s terms, a head with one hidden layer).
-    ``channels`` zero-pads the first layer to that latent width (a latent padded with zero channels)."""
+    ``norm_terms``: (R^T [H, H], Q^T b [H], |b|^2 - |Q^T b|^2) of the last layer (``norm_factor_terms``).
+    ``channels`` zero-pads the first layer to that latent width (a latent padded with zero channels).
+    ``factored``: the norm's form (see the module docstring); None: factored where the hidden width allows."""
     (front_weight,), (front_bias,) = front_weights, front_biases
     hidden = front_weight.shape[1]
     queries = query_bias.shape[0]
@@ -112,6 +132,12 @@ def fold_operands(
     if hidden % BLOCK_HIDDEN or width < 16 or width & (width - 1):
         raise ValueError(f"the fused query needs hidden % {BLOCK_HIDDEN} == 0 and a power-of-two latent width "
                          f">= 16 (got {hidden}, {width})")  # fmt: skip
+    power_of_two = (hidden & (hidden - 1)) == 0
+    if factored is None:
+        factored = power_of_two
+    elif factored and not power_of_two:
+        raise ValueError(f"the factored norm needs a power-of-two hidden width, got {hidden}")
+    factor, offset, residual = norm_terms
     return FoldOperands(
         front_weight=weight,
         front_bias=front_bias.float().contiguous(),
@@ -120,9 +146,30 @@ def fold_operands(
         gram_bias=fold[:, -1].float().contiguous(),
         query_bias=query_bias.float().contiguous(),
         bias_norm=bias_norm.float().reshape(1),
+        norm_factor=factor.to(dtype).contiguous(),
+        norm_offset=offset.float().contiguous(),
+        norm_residual=residual.float().reshape(1),
         num_positives=num_positives,
         temperature=float(temperature),
+        factored=bool(factored),
     )
+
+
+def norm_factor_terms(
+    weight: Float[Tensor, "C H"], bias: Float[Tensor, " C"]
+) -> Tuple[Float[Tensor, "H H"], Float[Tensor, " H"], Float[Tensor, ""]]:
+    """(R^T, Q^T b, |b|^2 - |Q^T b|^2) of the thin QR ``W = Q R`` of a last layer ``W h + b``, in float64 then
+    float32: ``|W h + b|^2 = |R h + Q^T b|^2 + |b|^2 - |Q^T b|^2``. R gets zero rows where C < H, so R^T is
+    always [H, H]."""
+    hidden = weight.shape[1]
+    q, r = torch.linalg.qr(weight.double())  # q [C, K], r [K, H], K = min(C, H)
+    offset = q.T @ bias.double()
+    factor = torch.zeros(hidden, hidden, dtype=torch.float64, device=weight.device)
+    factor[: r.shape[0]] = r
+    padded = torch.zeros(hidden, dtype=torch.float64, device=weight.device)
+    padded[: offset.shape[0]] = offset
+    residual = (bias.double() @ bias.double() - offset @ offset).clamp_min(0.0)
+    return factor.T.float(), padded.float(), residual.float()
 
 
 def fused_relevancy(latent: Float[Tensor, "*batch D"], ops: FoldOperands) -> Float[Tensor, "*batch P"]:
@@ -146,9 +193,13 @@ def fused_relevancy(latent: Float[Tensor, "*batch D"], ops: FoldOperands) -> Flo
         ops.gram_bias,
         ops.query_bias,
         ops.bias_norm,
+        ops.norm_factor,
+        ops.norm_offset,
+        ops.norm_residual,
         out,
         rows,
         ops.temperature,
+        FACTORED=ops.factored,
         CHANNELS=ops.channels,
         HIDDEN=ops.hidden,
         QUERIES=ops.queries,
@@ -172,7 +223,11 @@ if triton is not None:
         gram_bias_ptr,  # [HIDDEN] float32 (W^T b)
         query_bias_ptr,  # [QUERIES] float32 (q . b)
         bias_norm_ptr,  # [1] float32: |b|^2
+        factor_ptr,  # [HIDDEN, HIDDEN] compute dtype (R^T)
+        offset_ptr,  # [HIDDEN] float32 (Q^T b)
+        residual_ptr,  # [1] float32 (|b|^2 - |Q^T b|^2)
         temperature,
+        FACTORED: tl.constexpr,
         CHANNELS: tl.constexpr,
         HIDDEN: tl.constexpr,
         QUERIES: tl.constexpr,
@@ -185,6 +240,22 @@ if triton is not None:
         x = x.to(weight_ptr.dtype.element_ty)
         channel = tl.arange(0, CHANNELS)
         column = tl.arange(0, PADDED_QUERIES)
+        if FACTORED:
+            # h once for the block, then |R h + Q^T b|^2 one block of R's rows at a time.
+            units = tl.arange(0, HIDDEN)
+            h = tl.dot(x, tl.load(weight_ptr + channel[:, None] * HIDDEN + units[None, :]))
+            h = tl.maximum(h + tl.load(bias_ptr + units)[None, :], 0.0).to(weight_ptr.dtype.element_ty)
+            dots = tl.dot(h, tl.load(query_ptr + units[:, None] * PADDED_QUERIES + column[None, :]))
+            norm2 = tl.zeros((x.shape[0],), dtype=tl.float32)
+            for start in range(0, HIDDEN, BLOCK_HIDDEN):
+                unit = start + tl.arange(0, BLOCK_HIDDEN)
+                u = tl.dot(h, tl.load(factor_ptr + units[:, None] * HIDDEN + unit[None, :]))
+                u += tl.load(offset_ptr + unit)[None, :]
+                norm2 += tl.sum(u * u, axis=1)
+            norm2 += tl.load(residual_ptr)
+            return _relevancy_tail(
+                dots, norm2, query_bias_ptr, temperature, QUERIES, PADDED_QUERIES, POSITIVES
+            )
         dots = tl.zeros((x.shape[0], PADDED_QUERIES), dtype=tl.float32)
         norm2 = tl.zeros((x.shape[0],), dtype=tl.float32)
         # Pass 1: the hidden activations chunk by chunk, for the query dots and the bias term of the norm.
@@ -211,6 +282,20 @@ if triton is not None:
                 g += tl.dot(h.to(weight_ptr.dtype.element_ty), block)
             norm2 += tl.sum(g * h_out, axis=1)
         norm2 += tl.load(bias_norm_ptr)
+        return _relevancy_tail(dots, norm2, query_bias_ptr, temperature, QUERIES, PADDED_QUERIES, POSITIVES)
+
+    @triton.jit
+    def _relevancy_tail(
+        dots,  # [BLOCK_ROWS, PADDED_QUERIES] float32: h . (W^T q)
+        norm2,  # [BLOCK_ROWS] float32: |W h + b|^2
+        query_bias_ptr,
+        temperature,
+        QUERIES: tl.constexpr,
+        PADDED_QUERIES: tl.constexpr,
+        POSITIVES: tl.constexpr,
+    ):
+        """The cosines and LERF's pairwise sigmoid against the hardest negative."""
+        column = tl.arange(0, PADDED_QUERIES)
         inverse = 1.0 / tl.maximum(tl.sqrt(tl.maximum(norm2, 0.0)), 1e-12)
         query_bias = tl.load(query_bias_ptr + column, mask=column < QUERIES, other=0.0)
         cosine = (dots + query_bias[None, :]) * inverse[:, None]
@@ -218,7 +303,7 @@ if triton is not None:
         if QUERIES > POSITIVES:
             hardest = tl.max(tl.where(negative[None, :], cosine, -float("inf")), axis=1)
         else:
-            hardest = tl.zeros((x.shape[0],), dtype=tl.float32)
+            hardest = tl.zeros((dots.shape[0],), dtype=tl.float32)
         return tl.sigmoid(temperature * (cosine - hardest[:, None]))
 
     @triton.jit
@@ -231,9 +316,13 @@ if triton is not None:
         gram_bias_ptr,
         query_bias_ptr,
         bias_norm_ptr,
+        factor_ptr,
+        offset_ptr,
+        residual_ptr,
         out_ptr,  # [M, POSITIVES] float32
         rows,
         temperature,
+        FACTORED: tl.constexpr,
         CHANNELS: tl.constexpr,
         HIDDEN: tl.constexpr,
         QUERIES: tl.constexpr,
@@ -255,7 +344,11 @@ if triton is not None:
             gram_bias_ptr,
             query_bias_ptr,
             bias_norm_ptr,
+            factor_ptr,
+            offset_ptr,
+            residual_ptr,
             temperature,
+            FACTORED,
             CHANNELS,
             HIDDEN,
             QUERIES,

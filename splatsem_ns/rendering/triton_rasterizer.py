@@ -294,9 +294,13 @@ def rasterize_relevancy_triton(
         query.gram_bias,
         query.query_bias,
         query.bias_norm,
+        query.norm_factor,
+        query.norm_offset,
+        query.norm_residual,
         query.temperature,
         0.0 if normalize_min_alpha is None else float(normalize_min_alpha),
         NORMALIZE=normalize_min_alpha is not None,
+        FACTORED=query.factored,
         HIDDEN=query.hidden,
         QUERIES=query.queries,
         PADDED_QUERIES=query.padded_queries,
@@ -312,10 +316,11 @@ _EPILOGUE_BLOCK_HIDDEN = 64
 """Hidden units per block of the relevancy epilogue (the head's hidden width must be a multiple of it)."""
 
 
-def fold_operands_for(folded, latent_channels: int) -> FoldOperands:
+def fold_operands_for(folded, latent_channels: int, factored: Optional[bool] = None) -> FoldOperands:
     """The kernel operands of a ``FoldedQuery`` with one hidden layer, its first layer zero-padded to the kernel's
-    width for ``latent_channels``-channel latents (kept on ``folded``: ``FoldedQuery.operands``)."""
-    return folded.operands(_padded_width(latent_channels))
+    width for ``latent_channels``-channel latents (kept on ``folded``: ``FoldedQuery.operands``); ``factored``: the
+    norm's form (``fused_query``'s module docstring; None: factored where the hidden width allows)."""
+    return folded.operands(_padded_width(latent_channels), factored)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -588,6 +593,9 @@ if triton is not None:
         gram_bias_ptr,
         query_bias_ptr,
         bias_norm_ptr,
+        factor_ptr,
+        offset_ptr,
+        residual_ptr,
         temperature,
         min_alpha,
         TILE: tl.constexpr,
@@ -597,6 +605,7 @@ if triton is not None:
         DOT_FP16: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         NORMALIZE: tl.constexpr,
+        FACTORED: tl.constexpr,
         HIDDEN: tl.constexpr,
         QUERIES: tl.constexpr,
         PADDED_QUERIES: tl.constexpr,
@@ -613,7 +622,8 @@ if triton is not None:
             latent = latent / tl.maximum(1.0 - trans, min_alpha)[:, None]
         relevancy = _relevancy_block(
             latent, weight_ptr, bias_ptr, query_ptr, gram_ptr, gram_bias_ptr, query_bias_ptr, bias_norm_ptr,
-            temperature, CHANNELS, HIDDEN, QUERIES, PADDED_QUERIES, POSITIVES, BLOCK_HIDDEN,
+            factor_ptr, offset_ptr, residual_ptr, temperature, FACTORED, CHANNELS, HIDDEN, QUERIES, PADDED_QUERIES,
+            POSITIVES, BLOCK_HIDDEN,
         )  # fmt: skip
         pixel = (camera.to(tl.int64) * height + row) * width + col
         column = tl.arange(0, PADDED_QUERIES)

@@ -17,12 +17,18 @@ at full density instead. ``--augment`` transforms each training room as chorus-p
 (``encoders/augment.py``: a turn about the vertical, a shift, a scale, jitter, colour changes). Unlabelled points
 (class 0) are neither trained on nor scored.
 
+``--real-train-half`` asks the other question, how much labelled real data would give: each real room is cut in two
+at the median of its longer horizontal axis, one half joins the training rooms (drawn at ``--real-share`` of the
+steps; ``--train-scenes 0`` trains on it alone) and the real rows score the other half only. Both halves are one
+room, so this is an upper bound on what a different real room would get from it.
+
 If the encoder fits its rooms here but chorus-pretrain's render-and-distill leaves it near the best constant, the
 training signal, not the network, is what holds it back.
 
     python benchmarks/encoder_capacity.py --collection COLL --out DIR [--preset default] [--variant gaussian]
         [--train-scenes 1] [--test-scenes 2] [--steps 300] [--max-points 40000] [--loss ce|cosine|centred]
-        [--augment] [--real-scenes SCENE ...] [--use-splits] [--crop 20000] [--note TEXT ...]
+        [--augment] [--real-scenes SCENE ...] [--real-train-half] [--real-share 0.5] [--use-splits] [--crop 20000]
+        [--note TEXT ...]
 
 Writes ``DIR/encoder_capacity.json`` and ``.md`` after every scoring point (``--score-every``), so a run that is cut
 short keeps what it measured. CPU or GPU (``--device``).
@@ -80,6 +86,21 @@ def load_room(scene: Path, max_points: int, rng: np.random.Generator, device: to
     gaussians = points_as_gaussians(cloud.xyz[keep], None if cloud.rgb is None else cloud.rgb[keep])
     labels = torch.as_tensor(cloud.labels[keep].astype(np.int64)).clamp(0, NUM_CLASSES - 1)
     return {k: v.to(device) for k, v in gaussians.items()}, labels.to(device)
+
+
+def split_room(room: Room) -> Tuple[Room, Room]:
+    """A room cut at the median of its longer horizontal axis (x or y; z is up): the lower and the upper half. The
+    Gaussians keep the sizes they were given on the whole room."""
+    gaussians, labels = room
+    means = gaussians["means"]
+    extent = means.amax(0) - means.amin(0)
+    axis = int(extent[:2].argmax())
+    lower = means[:, axis] < means[:, axis].median()
+
+    def part(mask: Tensor) -> Room:
+        return {k: v[mask] for k, v in gaussians.items()}, labels[mask]
+
+    return part(lower), part(~lower)
 
 
 def sphere_crop(room: Room, count: int, generator: torch.Generator) -> Room:
@@ -163,11 +184,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--real-scenes", type=Path, nargs="*", default=[],
         help="scene folders with a labelled point cloud (points_labeled.ply), scored beside the held-out rooms",
     )  # fmt: skip
+    parser.add_argument(
+        "--real-train-half",
+        action="store_true",
+        help="train on one half of each real room (cut at the median of its longer horizontal axis) and score the "
+        "other half",
+    )
+    parser.add_argument(
+        "--real-share",
+        type=float,
+        default=0.5,
+        help="with --real-train-half: share of the steps that train on a real half (1 with --train-scenes 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.train_scenes < 1:
-        parser.error("--steps and --train-scenes must be at least 1")
+    if args.steps < 1 or args.train_scenes < 0 or (args.train_scenes == 0 and not args.real_train_half):
+        parser.error("--steps must be at least 1, and --train-scenes too unless --real-train-half")
+    if args.real_train_half and not args.real_scenes:
+        parser.error("--real-train-half needs --real-scenes")
+    if not 0.0 <= args.real_share <= 1.0:
+        parser.error(f"--real-share must be in [0, 1], got {args.real_share}")
+    if args.train_scenes == 0:
+        args.real_share = 1.0
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -191,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     # Real rooms are scored on all their labelled points: their size is what a user's scan gives.
     real = [load_room(s, sys.maxsize, rng, device) for s in args.real_scenes]
+    real_train: List[Room] = []
+    if args.real_train_half:
+        real_train, real = (list(halves) for halves in zip(*(split_room(room) for room in real), strict=True))
     augmentation = InputAugmentationConfig()
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -261,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "test_scenes": [s.name for s in scenes[args.train_scenes :][: args.test_scenes]],
         "real_scenes": [s.name for s in args.real_scenes],
         "points_per_real_room": [int(room[1].numel()) for room in real],
+        "points_per_real_training_half": [int(room[1].numel()) for room in real_train],
         "points_per_room": [int(room[1].numel()) for room in train + test],
         "curve": [],
         "notes": list(args.note),
@@ -272,12 +315,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             row = {
                 "step": step,
                 "seconds": round(time.perf_counter() - began, 1),
-                "train": score(train[: args.score_train_scenes or None], "train"),
+                "train": score(train[: args.score_train_scenes or None], "train") if train else None,
             }
             if test:
                 row["held_out"] = score(test, "held_out")
             if real:
                 row["real"] = score(real, "real")
+            if real_train:
+                row["real_train_half"] = score(real_train, "real_train_half")
             report["curve"].append(row)
             # Per class at the latest scoring, with ns-eval's foreground mIoU (wall, floor, ceiling left out)
             report["latest_per_class"] = {
@@ -289,7 +334,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             write(report, args.out)
         if step == args.steps:
             break
-        room = train[step % len(train)]
+        if real_train and (
+            not train or float(torch.rand((), generator=generator, device=device)) < args.real_share
+        ):
+            room = real_train[step % len(real_train)]
+        else:
+            room = train[step % len(train)]
         loss = loss_of(sphere_crop(room, args.crop, generator) if args.crop else room)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,14 +369,23 @@ def write(report: Dict, out: Path) -> None:
         "",
     ]
     real = report.get("real_scenes") or []
-    if real:
+    halves = report.get("points_per_real_training_half") or []
+    if real and halves:
+        lines.insert(
+            -1,
+            f"- real rooms {real}, each cut in two at the median of its longer horizontal axis: one half trained on "
+            f"({halves} points; {s['real_share']} of the steps), the other scored ({report['points_per_real_room']} "
+            "points)",
+        )
+    elif real:
         lines.insert(
             -1, f"- real rooms, all their labelled points: {real}, {report['points_per_real_room']} points"
         )
     lines += [
         "| step | seconds | training rooms mIoU / acc | held-out rooms mIoU / acc |"
-        + (" real rooms mIoU / acc |" if real else ""),
-        "|---|---|---|---|" + ("---|" if real else ""),
+        + (" real rooms mIoU / acc |" if real and not halves else "")
+        + (" real rooms, scored half mIoU / acc | real rooms, trained half mIoU / acc |" if halves else ""),
+        "|---|---|---|---|" + ("---|" if real else "") + ("---|" if halves else ""),
     ]
 
     def cell(scored: Dict | None) -> str:
@@ -338,9 +397,14 @@ def write(report: Dict, out: Path) -> None:
             + cell(row["train"])
             + cell(row.get("held_out"))
             + (cell(row.get("real")) if real else "")
+            + (cell(row.get("real_train_half")) if halves else "")
         )
     latest = report.get("latest_per_class", {})
-    titles = {"held_out": "held-out rooms", "real": "real rooms"}
+    titles = {
+        "held_out": "held-out rooms",
+        "real": "real rooms, the half not trained on" if halves else "real rooms",
+        "real_train_half": "real rooms, the half trained on",
+    }
     for key, scored in latest.items():
         lines += ["", f"## Per class at step {report['curve'][-1]['step']}: {titles.get(key, key)}", ""]
         lines.append(per_class_table(scored))

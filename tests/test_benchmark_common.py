@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -560,6 +561,21 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
         report["notes"] == ["a line"]
         and "- note: a line" in (out / "splits" / "encoder_capacity.md").read_text()
     )
+    # One half of the real room trained on (alone: --train-scenes 0), the other scored.
+    encoder_capacity.main(["--collection", str(collection), "--out", str(out / "halves"), "--preset", "tiny",
+                           "--steps", "2", "--score-every", "2", "--train-scenes", "0", "--test-scenes", "0",
+                           "--real-scenes", str(real), "--real-train-half", "--device", "cpu"])  # fmt: skip
+    report = json.loads((out / "halves" / "encoder_capacity.json").read_text())
+    whole = encoder_capacity.load_room(real, 10**9, np.random.default_rng(0), torch.device("cpu"))
+    assert report["points_per_real_training_half"][0] + report["points_per_real_room"][0] == len(whole[1])
+    assert min(report["points_per_real_training_half"][0], report["points_per_real_room"][0]) > 0.45 * len(
+        whole[1]
+    )
+    assert report["curve"][0]["train"] is None and {"real", "real_train_half"} <= set(report["curve"][-1])
+    assert "the other scored" in (out / "halves" / "encoder_capacity.md").read_text()
+    lower, upper = encoder_capacity.split_room(whole)
+    axis = int((whole[0]["means"].amax(0) - whole[0]["means"].amin(0))[:2].argmax())
+    assert lower[0]["means"][:, axis].max() <= upper[0]["means"][:, axis].min()
     # A crop is the points nearest one of the room's (itself kept), untouched: for some kept point, every kept point
     # is nearer to it than every dropped one.
     means = torch.rand(500, 3)

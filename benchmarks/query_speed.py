@@ -182,10 +182,10 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     rows = [
         ("query@full, fused raster+fold (triton)", query(), 1, query()),
         (
-            "query@full, fused raster+fold (triton, Gram norm)",
-            query(factored=False),
+            "query@full, fused raster+fold (triton, factored norm)",
+            query(factored=True),
             1,
-            query(factored=False),
+            query(factored=True),
         ),
         ("query@full, triton render + fused fold", render_then_fused_fold, 1, render_then_fused_fold),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),

@@ -269,7 +269,7 @@ def check_benchmark_rows():
     rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
     assert [name for name, *_ in rows][:5] == [
         "query@full, fused raster+fold (triton)",
-        "query@full, fused raster+fold (triton, Gram norm)",
+        "query@full, fused raster+fold (triton, factored norm)",
         "query@full, triton render + fused fold",
         "render latent@full (triton)",
         "projection+binning only",

@@ -319,8 +319,10 @@ _EPILOGUE_BLOCK_HIDDEN = 64
 def fold_operands_for(folded, latent_channels: int, factored: Optional[bool] = None) -> FoldOperands:
     """The kernel operands of a ``FoldedQuery`` with one hidden layer, its first layer zero-padded to the kernel's
     width for ``latent_channels``-channel latents (kept on ``folded``: ``FoldedQuery.operands``); ``factored``: the
-    norm's form (``fused_query``'s module docstring; None: factored where the hidden width allows)."""
-    return folded.operands(_padded_width(latent_channels), factored)
+    norm's form (``fused_query``'s module docstring). None here means the Gram form: the epilogue works on a whole
+    tile (256 pixels of a 16-pixel tile), whose full ``[pixels, hidden]`` activations, which the factored form holds,
+    would not fit in registers."""
+    return folded.operands(_padded_width(latent_channels), bool(factored))
 
 
 # ---------------------------------------------------------------------------------------------------------

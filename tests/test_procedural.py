@@ -203,6 +203,23 @@ def test_files_and_labels(collection: tuple[Path, float]) -> None:
             assert len(np.unique(cloud.labels[cloud.instance_ids == instance])) == 1
 
 
+def test_floor_ceiling_and_walls_face_the_way_their_names_say(collection: tuple[Path, float]) -> None:
+    # z is up: a room's floor points lie on its lowest plane, its ceiling on its highest, and its walls stand
+    # upright; the points of those planes carry those labels (furniture standing on the floor aside).
+    root, _ = collection
+    ids = {name: class_id for class_id, name in NYU40.items()}
+    for entry in SceneCollection.load(root).scenes[:4]:
+        cloud = read_point_cloud(root / entry.path / "points_labeled.ply")
+        xyz, labels = cloud.xyz, cloud.labels
+        low, high = xyz[:, 2].min(), xyz[:, 2].max()
+        floor, ceiling, wall = (xyz[labels == ids[name]] for name in ("floor", "ceiling", "wall"))
+        assert len(floor) and len(ceiling) and len(wall)
+        assert np.abs(floor[:, 2] - low).max() < 0.01 and np.abs(ceiling[:, 2] - high).max() < 0.01
+        assert np.ptp(wall[:, 2]) > 0.9 * (high - low)  # from floor to ceiling
+        on_floor = labels[np.abs(xyz[:, 2] - low) < 0.005]
+        assert np.mean(on_floor == ids["floor"]) > 0.9, entry.path
+
+
 def test_depth_lies_on_the_labelled_surfaces(tmp_path: Path) -> None:
     """Back-projected depth lands on the labelled point cloud, on points of the pixel's class and instance."""
     from scipy.spatial import cKDTree

@@ -189,7 +189,9 @@ def assemble(
             axis, positive = divmod(face, 2)
             if two and axis == plan.split_axis and positive != r:
                 continue  # this end wall belongs to the other room
-            name, material = {2: ("floor", floor_material[r]), 5: ("ceiling", "ceiling")}.get(
+            # Face index = 2 * axis + (0 at the low end, 1 at the high end): z low (4) is the floor, z high (5) the
+            # ceiling, the rest walls.
+            name, material = {4: ("floor", floor_material[r]), 5: ("ceiling", "ceiling")}.get(
                 face, ("wall", "wall_paint")
             )
             surface = factory.surface(

@@ -350,7 +350,7 @@ def write(report: Dict, out: Path) -> None:
     (out / "encoder_capacity.json").write_text(json.dumps(report, indent=2))
     s = report["settings"]
     lines = [
-        "# Encoder capacity: a per-point fit to generated rooms' labelled points",
+        "# Encoder capacity: a per-point fit to labelled points",
         "",
         f"- device: {report['device']}; torch {report['torch']}; backbone {s['backbone']} ({s['preset']}), input "
         f"variant {s['variant']}, positions relative to the {s['position_reference']}; loss {s.get('loss', 'ce')}",
@@ -384,7 +384,11 @@ def write(report: Dict, out: Path) -> None:
     lines += [
         "| step | seconds | training rooms mIoU / acc | held-out rooms mIoU / acc |"
         + (" real rooms mIoU / acc |" if real and not halves else "")
-        + (" real rooms, scored half mIoU / acc | real rooms, trained half mIoU / acc |" if halves else ""),
+        + (
+            " real rooms, half not trained on mIoU / acc | real rooms, half trained on (real share) mIoU / acc |"
+            if halves
+            else ""
+        ),
         "|---|---|---|---|" + ("---|" if real else "") + ("---|" if halves else ""),
     ]
 
@@ -403,7 +407,7 @@ def write(report: Dict, out: Path) -> None:
     titles = {
         "held_out": "held-out rooms",
         "real": "real rooms, the half not trained on" if halves else "real rooms",
-        "real_train_half": "real rooms, the half trained on",
+        "real_train_half": "real rooms, the half trained on (at the real share of the steps)",
     }
     for key, scored in latest.items():
         lines += ["", f"## Per class at step {report['curve'][-1]['step']}: {titles.get(key, key)}", ""]

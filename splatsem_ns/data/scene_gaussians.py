@@ -12,8 +12,9 @@ Where a scene's Gaussians come from (``MultiSceneDataManagerConfig.gaussians``):
   mesh vertices, a generated scene's surface samples), and the only cloud of a capture without seed points.
 
 Each sample carries at most ``max_gaussians`` of them, so one large scene cannot blow up a batch: a seeded random
-subset, or (``gaussian_subset`` "views") those the sample's views see, at full density (``subset_in_views``). Batches join the scenes' Gaussians along the first axis with a ``batch`` index per Gaussian (Pointcept's
-layout), which the encoder takes as it is.
+subset, or (``gaussian_subset`` "views") those the sample's views see, at full density (``subset_in_views``).
+Batches join the scenes' Gaussians along the first axis with a ``batch`` index per Gaussian (Pointcept's layout),
+which the encoder takes as it is.
 """
 
 from __future__ import annotations

@@ -66,6 +66,12 @@ _LOG_CHECK_FROM = 200
 """Captures with at least this many images say how long checking them took (a visible step of start-up)."""
 
 
+def _cameras_coincide(meta: Dict[str, Any]) -> bool:
+    """Whether every frame's camera centre is the same point (one frame, or all taken from one spot)."""
+    centres = np.array([np.asarray(f["transform_matrix"], dtype=np.float64)[:3, 3] for f in meta["frames"]])
+    return len(centres) < 2 or float(np.ptp(centres, axis=0).max()) <= 1e-9
+
+
 class DatasetError(ValueError):
     """The dataset cannot be used as it is. The message names the file (and frame) and the problem."""
 
@@ -120,12 +126,16 @@ class SplatsemDataParser(Nerfstudio):
             # nerfstudio's parser would warn that splatfacto starts at random (or offer a COLMAP conversion);
             # its "already asked" flags keep it quiet, the seeds come from depth below.
             self.prompted_user, self.create_pc = True, False
-        fraction = self.config.train_split_fraction
+        fraction, auto_scale = self.config.train_split_fraction, self.config.auto_scale_poses
         self.config.train_split_fraction = self._train_split_fraction(meta)
+        # nerfstudio scales the poses by 1 / their largest centred camera offset, which is zero (or rounding noise,
+        # depending on the torch build) when every camera stands at one point, e.g. a capture of one view: leave
+        # such poses unscaled.
+        self.config.auto_scale_poses = auto_scale and not _cameras_coincide(meta)
         try:
             outputs = super()._generate_dataparser_outputs(split)
-        finally:
-            self.config.train_split_fraction = fraction  # the saved config keeps the user's value
+        finally:  # the saved config keeps the user's values
+            self.config.train_split_fraction, self.config.auto_scale_poses = fraction, auto_scale
         if split == "train":
             self._report_split(transforms_path, meta, outputs.image_filenames, data_dir)
 

@@ -12,6 +12,7 @@ which is what makes full-resolution queries fast. ``FoldedQuery`` gives the same
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -78,8 +79,14 @@ class FoldedQuery(nn.Module):
         tail = torch.promote_types(weight.dtype, torch.float32)
         self.query_bias = (queries @ bias).to(tail)  # [Q]
         self.bias_norm = (bias @ bias).to(tail)
-        self._last_layer = (weight, bias)  # for the kernels' factored norm, built on first use (operands())
+        self._last_layer = (weight, bias)  # for the kernels' factored norm (norm_terms)
         self._operands: Dict[Tuple[Optional[int], Optional[bool]], FoldOperands] = {}  # see operands()
+
+    @cached_property
+    def norm_terms(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The last layer's QR terms of the kernels' factored norm (``fused_query.norm_factor_terms``), computed on
+        first use and shared by every width and form ``operands`` lays out."""
+        return norm_factor_terms(*self._last_layer)
 
     def operands(self, channels: Optional[int] = None, factored: Optional[bool] = None) -> FoldOperands:
         """These terms laid out for the Triton kernels (``fused_query.fold_operands``; a head with one hidden layer),
@@ -90,7 +97,7 @@ class FoldedQuery(nn.Module):
         if key not in self._operands:
             self._operands[key] = fold_operands(
                 self.front_weights, self.front_biases, self.fold, self.query_bias, self.bias_norm,
-                self.num_positives, self.temperature, norm_factor_terms(*self._last_layer), channels=channels,
+                self.num_positives, self.temperature, self.norm_terms, channels=channels,
                 factored=factored,
             )  # fmt: skip
         return self._operands[key]

@@ -156,6 +156,9 @@ class Selection:
     region_radius: Optional[float] = None
     """A click's spatial limit, in scene units: only the matching Gaussians connected to the one nearest
     ``surface_point`` (``models.relevancy.grow_region``). None: every matching Gaussian."""
+    excluded: Tuple[Tuple["Selection", bool], ...] = ()
+    """What was hidden when the selection was made, as (selection, invert) rules: a click picks among the Gaussians
+    it could see, so those stay out of it (also after "Show all"), however alike their features are."""
     _cache: Dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def mask(self, model: nn.Module) -> Bool[Tensor, " N"]:
@@ -164,6 +167,9 @@ class Selection:
         if cached is not None and cached.shape[0] == model.num_points:
             return cached
         mask = self.matches(model)
+        hidden = hidden_by(self.excluded, model)
+        if hidden is not None:
+            mask = mask & ~hidden
         if (
             self.pixel_feature is not None
             and self.region_radius is not None
@@ -195,6 +201,17 @@ class Selection:
         self.description += " (connected region)"
         self.surface_point, self.region_radius = surface_point, radius
         self._cache.pop("mask", None)
+
+
+def hidden_by(rules: Sequence[Tuple[Selection, bool]], model: nn.Module) -> Optional[Bool[Tensor, " N"]]:
+    """The Gaussians of ``model`` that (selection, invert) rules hide: a selection's Gaussians, or with ``invert``
+    every Gaussian but those. None: no rules."""
+    hidden = None
+    for selection, invert in rules:
+        mask = selection.mask(model)
+        mask = ~mask if invert else mask
+        hidden = mask if hidden is None else hidden | mask
+    return hidden
 
 
 class SemanticQueryPanel(nn.Module):
@@ -620,12 +637,7 @@ class SemanticQueryPanel(nn.Module):
         )
         if not (force or stale):
             return
-        hidden = None
-        for selection, invert in self._hidden:
-            mask = selection.mask(model)
-            mask = ~mask if invert else mask
-            hidden = mask if hidden is None else hidden | mask
-        model.hidden_mask = hidden
+        model.hidden_mask = hidden_by(self._hidden, model)
         model.highlight_mask = self._highlighted.mask(model) if self._highlighted is not None else None
 
     def _push_semantic_scale(self, model: Optional[nn.Module]) -> None:
@@ -708,7 +720,7 @@ class SemanticQueryPanel(nn.Module):
             self.click_select.value = False
 
     def on_click(self, click: ViewerClick) -> Optional[Bool[Tensor, " N"]]:
-        """Select (and highlight) the Gaussians whose object-aware features match the clicked pixel's."""
+        """Select (and highlight) the visible Gaussians whose object-aware features match the clicked pixel's."""
         viewer = getattr(self.viewer_control, "viewer", None)
         # Pointer callbacks bypass the viewer's lock; take it, so a training step cannot change the
         # Gaussians during the click's render.
@@ -783,6 +795,7 @@ class SemanticQueryPanel(nn.Module):
                 teacher=teacher,
                 threshold=float(self.click_similarity.value),
                 pixel_feature=pixel_feature,
+                excluded=tuple(self._hidden),
             )
             mask = selection.mask(model)
             seed = None if weights is None else click_seed(model.means, mask, weights)

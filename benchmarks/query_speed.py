@@ -8,7 +8,8 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``query@full``: the same with the latent rendered at full resolution;
 - ``query@full, folded``: the viewer's full-resolution path: the latent rendered at full resolution and the text
   folded into the head (``models/folded_query.py``), in float32 and in bfloat16; no upsampling anywhere;
-- ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``);
+- ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``), with the norm in its default (Gram)
+  form and in the factored one; called directly, so a kernel that fails drops its row rather than timing a fallback;
 - ``triton``: the Triton rasterizer (``rendering/triton_rasterizer.py``): the latent render alone, that render
   followed by the one-kernel fold, and the fused path that composites each tile's latent in registers and ends in
   the fold (no latent written); with
@@ -203,6 +204,7 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
 
 
 def main() -> None:
+    from splatsem_ns.models.folded_query import _FAILED as _FOLD_FAILED
     from splatsem_ns.models.folded_query import FoldedQuery
     from splatsem_ns.models.fused_query import fused_available, fused_relevancy
     from splatsem_ns.models.relevancy import lerf_relevancy
@@ -296,9 +298,15 @@ def main() -> None:
 
         return run
 
-    @torch.no_grad()
-    def fold_only_gram():  # the fused kernel with the norm's earlier form (h^T G h), for comparison
-        return fused_relevancy(latent_full, folded[torch.bfloat16, "fused"].operands(factored=False))
+    def fused_kernel(factored: bool, render: bool):
+        # The one-kernel fold called directly, not through FoldedQuery's fallbacks: a kernel that fails to compile
+        # then drops its row instead of timing the unfused fold under its name.
+        @torch.no_grad()
+        def run():
+            latent = model.render_semantic_latent(cam, scale=1.0) if render else latent_full
+            return fused_relevancy(latent, folded[torch.bfloat16, "fused"].operands(factored=factored))
+
+        return run
 
     @torch.no_grad()
     def frame_and_query_full():
@@ -315,6 +323,14 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rows = {}
+    fused = fused_available(latent_full, folded[torch.bfloat16, "fused"].front_weights)
+    # Rows whose first run may fail (Triton kernels): (name, function, supersample, agreement check).
+    checked = [
+        (f"{what}, fused kernel{form}", fused_kernel(factored, render), 1, fused_kernel(factored, False))
+        for what, render in (("query@full", True), ("fold only", False))
+        for form, factored in (("", False), (", factored norm", True))
+        if fused  # no Triton or no GPU: nothing to time
+    ]
     paths = [
         ("query@full", query_full, 1),
         ("query@full, folded float32", query_full_folded(torch.float32), 1),
@@ -323,15 +339,7 @@ def main() -> None:
         ("render latent@full only", render_full, 1),
         ("fold only, bfloat16", fold_only(torch.bfloat16, False), 1),
         ("fold only, bfloat16 compiled", fold_only(torch.bfloat16, True), 1),
-        *(
-            [
-                ("query@full, fused kernel", query_full_folded(torch.bfloat16, "fused"), 1),
-                ("fold only, fused kernel", fold_only(torch.bfloat16, "fused"), 1),
-                ("fold only, fused kernel, Gram norm", fold_only_gram, 1),
-            ]
-            if fused_available(latent_full, folded[torch.bfloat16, "fused"].front_weights)
-            else []  # no Triton or no GPU: the flag would fall back and time the unfused fold
-        ),
+        *[row[:3] for row in checked],
         ("frame+query@full, folded bfloat16", frame_and_query_full, 1),
     ]
     # Supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig.semantic_supersample).
@@ -346,23 +354,19 @@ def main() -> None:
         reference = folded[torch.float32, False](latent_full).float()
         agreement = {
             str(key): float((folded[key](latent_full).float() - reference).abs().max())
-            for key in [(torch.bfloat16, False), (torch.bfloat16, True), (torch.bfloat16, "fused")]
+            for key in [(torch.bfloat16, False), (torch.bfloat16, True)]
         }
-        if fused_available(latent_full, folded[torch.bfloat16, "fused"].front_weights):
-            agreement["fused kernel, Gram norm"] = float((fold_only_gram().float() - reference).abs().max())
     # The Triton rasterizer's rows go after the fused kernel's, where this run's gsplat rows can be read beside them.
     triton_paths = triton_rows(
         model, cam, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H, args.triton_configs
     )
     at = [name for name, _, _ in paths].index("frame+query@full, folded bfloat16")
     paths[at:at] = [row[:3] for row in triton_paths]
-    dropped = set()
-    for (
-        name,
-        fn,
-        _,
-        check,
-    ) in triton_paths:  # also each row's first run: a failure drops that row, not the run
+    dropped = {}
+    for name, fn, _, check in [
+        *checked,
+        *triton_paths,
+    ]:  # each row's first run: a failure drops that row, not the run
         try:
             with torch.no_grad():
                 if check is not None:
@@ -370,8 +374,8 @@ def main() -> None:
                 else:
                     fn()
         except Exception as err:  # noqa: BLE001
-            print(f"Triton rasterizer row dropped: {name}: {type(err).__name__}: {err}", flush=True)
-            dropped.add(name)
+            print(f"Triton row dropped: {name}: {type(err).__name__}: {err}", flush=True)
+            dropped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     paths = [row for row in paths if row[0] not in dropped]
     print("max |relevancy - float32 fold|:", agreement, flush=True)
     for name, fn, k in paths:
@@ -392,6 +396,9 @@ def main() -> None:
         "frame_coverage_alpha_mean": round(coverage, 3),
         "peak_gpu_mem_gib": peak_memory_gib(),
         "results": rows,
+        "rows_dropped": dropped,
+        # FoldedQuery's fused flag falls back to the unfused fold if the kernel fails: rows timed through it say so.
+        "fused_fold_fell_back": "fused" in _FOLD_FAILED,
         "target": "at least 400 relevancy frames per second at full resolution (1280x720) with about 1M Gaussians",
     }
     (args.out / "query_speed.json").write_text(json.dumps(report, indent=2))
@@ -410,6 +417,20 @@ def main() -> None:
         "Max |relevancy - float32 fold of the gsplat latent| over the frame (relevancy in [0, 1]):",
         "",
         *[f"- {k}: {v:.3g}" for k, v in agreement.items()],
+        *(
+            ["", "Rows dropped (their first run failed):", "", *[f"- {k}: {v}" for k, v in dropped.items()]]
+            if dropped
+            else []
+        ),  # fmt: skip
+        *(
+            [
+                "",
+                "**The fused fold failed in this run**: rows through FoldedQuery's fused flag (the triton render + "
+                "fused fold row) timed the unfused fold.",
+            ]
+            if report["fused_fold_fell_back"]
+            else []
+        ),  # fmt: skip
     ]
     write_markdown(args.out / "query_speed.md", lines)
 

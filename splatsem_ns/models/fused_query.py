@@ -7,11 +7,14 @@ The eager and compiled paths write such intermediates several times, which is wh
 goes into.
 
 The norm is taken one of two ways (``FoldOperands.factored``):
-- factored (where the hidden width is a power of two): with the thin QR ``W = Q R``, ``|W h + b|^2 =
-  |R h + Q^T b|^2 + (|b|^2 - |Q^T b|^2)``, so ``h`` is computed once per block and the norm is one
-  ``[hidden, hidden]`` product whose squares are summed;
-- Gram: ``h^T G h + 2 (W^T b) . h + |b|^2`` with ``G = W^T W`` taken in column chunks, each chunk's ``h``
-  recomputed from the latent (no block of ``h`` wider than a chunk is ever held, for any hidden width).
+- Gram (the default): ``h^T G h + 2 (W^T b) . h + |b|^2`` with ``G = W^T W`` taken in column chunks, each chunk's
+  ``h`` recomputed from the latent (no block of ``h`` wider than a chunk is ever held, for any hidden width). On an
+  H200 it folds a 1280x720 latent in 0.76 ms (benchmarks/results/query_speed_h200_gram_fold.md);
+- factored (hidden widths that are powers of two, opt-in until timed): with the thin QR ``W = Q R``,
+  ``|W h + b|^2 = |R h + Q^T b|^2 + (|b|^2 - |Q^T b|^2)``, so ``h`` is computed once per block and the norm is one
+  ``[hidden, hidden]`` product whose squares are summed: fewer multiply-adds, but the whole ``[64, hidden]`` block
+  of ``h`` held at once (228 registers a thread at 256 hidden units in float16, against the Gram form's 168;
+  ``tests/test_triton_compiles.py`` prints both).
 
 The kernel runs on CUDA; ``TRITON_INTERPRET=1`` runs it on the CPU (slowly), which is how the tests check it
 against the eager fold.
@@ -70,7 +73,7 @@ class FoldOperands:
     """``|b|^2 - |Q^T b|^2`` (the part of the bias outside W's columns), float32."""
     num_positives: int
     temperature: float
-    factored: bool = True
+    factored: bool = False
     """The norm through ``norm_factor`` (one pass over h) rather than the Gram matrix; needs a power-of-two
     hidden width (Triton's block shapes)."""
 
@@ -110,7 +113,7 @@ def fold_operands(
     """The kernels' operands of a folded query (``FoldedQuery``'s terms, a head with one hidden layer).
     ``norm_terms``: (R^T [H, H], Q^T b [H], |b|^2 - |Q^T b|^2) of the last layer (``norm_factor_terms``).
     ``channels`` zero-pads the first layer to that latent width (a latent padded with zero channels).
-    ``factored``: the norm's form (see the module docstring); None: factored where the hidden width allows."""
+    ``factored``: the norm's form (see the module docstring); None: the Gram form, the one timed on the GPU."""
     (front_weight,), (front_bias,) = front_weights, front_biases
     hidden = front_weight.shape[1]
     queries = query_bias.shape[0]
@@ -134,7 +137,7 @@ def fold_operands(
                          f">= 16 (got {hidden}, {width})")  # fmt: skip
     power_of_two = (hidden & (hidden - 1)) == 0
     if factored is None:
-        factored = power_of_two
+        factored = False
     elif factored and not power_of_two:
         raise ValueError(f"the factored norm needs a power-of-two hidden width, got {hidden}")
     factor, offset, residual = norm_terms
@@ -240,48 +243,50 @@ if triton is not None:
         x = x.to(weight_ptr.dtype.element_ty)
         channel = tl.arange(0, CHANNELS)
         column = tl.arange(0, PADDED_QUERIES)
+        # Triton compiles both branches' names into one scope (a constexpr branch's early return does not end it), so
+        # the two forms share no variable whose shape differs between them, and the function returns once.
         if FACTORED:
             # h once for the block, then |R h + Q^T b|^2 one block of R's rows at a time.
             units = tl.arange(0, HIDDEN)
-            h = tl.dot(x, tl.load(weight_ptr + channel[:, None] * HIDDEN + units[None, :]))
-            h = tl.maximum(h + tl.load(bias_ptr + units)[None, :], 0.0).to(weight_ptr.dtype.element_ty)
-            dots = tl.dot(h, tl.load(query_ptr + units[:, None] * PADDED_QUERIES + column[None, :]))
+            h_all = tl.dot(x, tl.load(weight_ptr + channel[:, None] * HIDDEN + units[None, :]))
+            h_all = tl.maximum(h_all + tl.load(bias_ptr + units)[None, :], 0.0).to(
+                weight_ptr.dtype.element_ty
+            )
+            dots = tl.dot(h_all, tl.load(query_ptr + units[:, None] * PADDED_QUERIES + column[None, :]))
             norm2 = tl.zeros((x.shape[0],), dtype=tl.float32)
             for start in range(0, HIDDEN, BLOCK_HIDDEN):
                 unit = start + tl.arange(0, BLOCK_HIDDEN)
-                u = tl.dot(h, tl.load(factor_ptr + units[:, None] * HIDDEN + unit[None, :]))
+                u = tl.dot(h_all, tl.load(factor_ptr + units[:, None] * HIDDEN + unit[None, :]))
                 u += tl.load(offset_ptr + unit)[None, :]
                 norm2 += tl.sum(u * u, axis=1)
             norm2 += tl.load(residual_ptr)
-            return _relevancy_tail(
-                dots, norm2, query_bias_ptr, temperature, QUERIES, PADDED_QUERIES, POSITIVES
-            )
-        dots = tl.zeros((x.shape[0], PADDED_QUERIES), dtype=tl.float32)
-        norm2 = tl.zeros((x.shape[0],), dtype=tl.float32)
-        # Pass 1: the hidden activations chunk by chunk, for the query dots and the bias term of the norm.
-        for start in range(0, HIDDEN, BLOCK_HIDDEN):
-            unit = start + tl.arange(0, BLOCK_HIDDEN)
-            w = tl.load(weight_ptr + channel[:, None] * HIDDEN + unit[None, :])
-            h = tl.dot(x, w) + tl.load(bias_ptr + unit)[None, :]
-            h = tl.maximum(h, 0.0)
-            norm2 += 2.0 * tl.sum(h * tl.load(gram_bias_ptr + unit)[None, :], axis=1)
-            hc = h.to(weight_ptr.dtype.element_ty)
-            q = tl.load(query_ptr + unit[:, None] * PADDED_QUERIES + column[None, :])
-            dots += tl.dot(hc, q)
-        # Pass 2: h^T G h, one block of G's columns at a time; h of the columns' units is recomputed (cheap).
-        for out_start in range(0, HIDDEN, BLOCK_HIDDEN):
-            out_unit = out_start + tl.arange(0, BLOCK_HIDDEN)
-            w_out = tl.load(weight_ptr + channel[:, None] * HIDDEN + out_unit[None, :])
-            h_out = tl.maximum(tl.dot(x, w_out) + tl.load(bias_ptr + out_unit)[None, :], 0.0)
-            g = tl.zeros((x.shape[0], BLOCK_HIDDEN), dtype=tl.float32)
+        else:
+            dots = tl.zeros((x.shape[0], PADDED_QUERIES), dtype=tl.float32)
+            norm2 = tl.zeros((x.shape[0],), dtype=tl.float32)
+            # Pass 1: the hidden activations chunk by chunk, for the query dots and the bias term of the norm.
             for start in range(0, HIDDEN, BLOCK_HIDDEN):
                 unit = start + tl.arange(0, BLOCK_HIDDEN)
                 w = tl.load(weight_ptr + channel[:, None] * HIDDEN + unit[None, :])
-                h = tl.maximum(tl.dot(x, w) + tl.load(bias_ptr + unit)[None, :], 0.0)
-                block = tl.load(gram_ptr + unit[:, None] * HIDDEN + out_unit[None, :])
-                g += tl.dot(h.to(weight_ptr.dtype.element_ty), block)
-            norm2 += tl.sum(g * h_out, axis=1)
-        norm2 += tl.load(bias_norm_ptr)
+                h = tl.dot(x, w) + tl.load(bias_ptr + unit)[None, :]
+                h = tl.maximum(h, 0.0)
+                norm2 += 2.0 * tl.sum(h * tl.load(gram_bias_ptr + unit)[None, :], axis=1)
+                hc = h.to(weight_ptr.dtype.element_ty)
+                q = tl.load(query_ptr + unit[:, None] * PADDED_QUERIES + column[None, :])
+                dots += tl.dot(hc, q)
+            # Pass 2: h^T G h, one block of G's columns at a time; h of the columns' units is recomputed (cheap).
+            for out_start in range(0, HIDDEN, BLOCK_HIDDEN):
+                out_unit = out_start + tl.arange(0, BLOCK_HIDDEN)
+                w_out = tl.load(weight_ptr + channel[:, None] * HIDDEN + out_unit[None, :])
+                h_out = tl.maximum(tl.dot(x, w_out) + tl.load(bias_ptr + out_unit)[None, :], 0.0)
+                g = tl.zeros((x.shape[0], BLOCK_HIDDEN), dtype=tl.float32)
+                for start in range(0, HIDDEN, BLOCK_HIDDEN):
+                    unit = start + tl.arange(0, BLOCK_HIDDEN)
+                    w = tl.load(weight_ptr + channel[:, None] * HIDDEN + unit[None, :])
+                    h = tl.maximum(tl.dot(x, w) + tl.load(bias_ptr + unit)[None, :], 0.0)
+                    block = tl.load(gram_ptr + unit[:, None] * HIDDEN + out_unit[None, :])
+                    g += tl.dot(h.to(weight_ptr.dtype.element_ty), block)
+                norm2 += tl.sum(g * h_out, axis=1)
+            norm2 += tl.load(bias_norm_ptr)
         return _relevancy_tail(dots, norm2, query_bias_ptr, temperature, QUERIES, PADDED_QUERIES, POSITIVES)
 
     @triton.jit

@@ -243,6 +243,43 @@ def test_depth_lies_on_the_labelled_surfaces(tmp_path: Path) -> None:
             )
 
 
+def test_labelled_points_seen_only_keeps_what_the_views_see(tmp_path: Path) -> None:
+    """``labeled_points_seen_only`` keeps exactly the labelled points some view sees (as a scan's reconstruction):
+    the same samples as the full cloud, less the unseen ones, and every depth pixel still lands on a kept point."""
+    from scipy.spatial import cKDTree
+
+    from splatsem_ns.data.view_sampling import views_seeing
+
+    base = {**TINY, "labeled_points_per_m2": 1000.0, "num_views": 4}
+    full_dir, seen_dir = tmp_path / "full", tmp_path / "seen"
+    write_scene(full_dir, ProceduralSceneConfig(**base), seed=3, index=0)
+    write_scene(seen_dir, ProceduralSceneConfig(**base, labeled_points_seen_only=True), seed=3, index=0)
+    full = read_point_cloud(full_dir / "points_labeled.ply")
+    seen = read_point_cloud(seen_dir / "points_labeled.ply")
+    meta, views = _load_views(seen_dir)
+    intrinsics = np.array([[meta["fl_x"], 0, meta["cx"]], [0, meta["fl_y"], meta["cy"]], [0, 0, 1.0]])
+    cameras = [(intrinsics, view["c2w"], view["depth"]) for view in views]
+    # The same samples (the filter draws nothing from the scene's random stream), the unseen ones left out. Read
+    # back from the files (depth in whole millimetres, points in float32), a point on the tolerance's edge may flip.
+    distance, index = cKDTree(full.xyz).query(seen.xyz)
+    assert distance.max() < 1e-5 and len(np.unique(index)) == len(index)  # a subset of the full cloud
+    assert np.array_equal(seen.labels, full.labels[index])
+    kept = np.zeros(len(full.xyz), dtype=bool)
+    kept[index] = True
+    assert 0.1 < kept.mean() < 0.9, kept.mean()  # 4 views of a room see part of it
+    seen_here = views_seeing(full.xyz, cameras) > 0
+    assert (seen_here != kept).mean() < 1e-3, (seen_here != kept).sum()
+    # What a view shows is still covered: its back-projected depth lands on kept points of the pixel's class.
+    tree = cKDTree(seen.xyz)
+    for view in views:
+        distance, nearest = tree.query(_backproject(meta, view["c2w"], view["depth"]))
+        close = distance < 0.05
+        assert close.mean() > 0.85, close.mean()
+        assert (seen.labels[nearest[close]] == view["labels"].ravel()[close]).mean() > 0.9
+    record = json.loads((seen_dir / "transforms.json").read_text())["procedural_scene"]["generator"]
+    assert record["settings"]["labeled_points_seen_only"] is True
+
+
 def _footprint(placed) -> np.ndarray:
     """World corners [4, 2] of a placed model's footprint rectangle."""
     lo, hi = placed.model.bounds()

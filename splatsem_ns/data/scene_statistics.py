@@ -19,7 +19,7 @@ import numpy as np
 
 from splatsem_ns.data.ply_io import read_point_cloud
 from splatsem_ns.data.scene_frames import SceneFrames
-from splatsem_ns.data.view_sampling import project_points
+from splatsem_ns.data.view_sampling import views_seeing
 
 STATS_SIZE = (120, 160)
 """(height, width) the views are read at for the statistics."""
@@ -72,12 +72,4 @@ def scene_statistics(
 
 def _views_per_point(points: np.ndarray, views) -> np.ndarray:
     """How many of ``views`` see each point: inside the image and within 5 cm (+5%) of the measured depth."""
-    seen = np.zeros(len(points), dtype=np.int64)
-    height, width = STATS_SIZE
-    for view in views:
-        u, v, z = project_points(points, view.intrinsics, view.camera_to_world)
-        inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-        measured = np.zeros(len(points))
-        measured[inside] = view.depth[v[inside].astype(int), u[inside].astype(int)]
-        seen += inside & (measured > 0) & (np.abs(z - measured) <= 0.05 + 0.05 * measured)
-    return seen
+    return views_seeing(points, ((view.intrinsics, view.camera_to_world, view.depth) for view in views))

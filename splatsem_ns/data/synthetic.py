@@ -830,6 +830,9 @@ class SyntheticSceneCommand(SyntheticSceneConfig):
     """With --num-scenes: fraction of scenes in the validation split (a hash of the scene name decides)."""
     test_fraction: float = 0.05
     """With --num-scenes: fraction of scenes in the test split (a hash of the scene name decides)."""
+    labeled_points_seen_only: bool = False
+    """With --num-scenes: keep only the labelled points some view sees, as in a scan's reconstruction (ScanNet's
+    labelled points); by default every surface of the room, seen or not."""
 
     def __post_init__(self) -> None:
         pass  # each mode checks its own configuration (SyntheticSceneConfig, ProceduralSceneConfig)
@@ -843,6 +846,8 @@ def main() -> None:
     if command.num_scenes is not None:
         _write_collection(command)
         return
+    if command.labeled_points_seen_only:
+        raise SystemExit("--labeled-points-seen-only is a setting of collections (--num-scenes N)")
     # Fields the command leaves unset (None) take the single room's own defaults.
     fields = {
         f.name: f.default if getattr(command, f.name) is None else getattr(command, f.name)
@@ -884,6 +889,7 @@ def _write_collection(command: SyntheticSceneCommand) -> None:
                 if command.min_points_per_part is not None
                 else scene_defaults.min_points_per_part
             ),
+            labeled_points_seen_only=command.labeled_points_seen_only,
         )
         config = CollectionConfig(
             num_scenes=command.num_scenes,

@@ -16,7 +16,7 @@ context views barely overlap, the cost volume has nothing to match. So views are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -77,6 +77,25 @@ def project_points(
         u = intrinsics[0, 0] * local[:, 0] / z + intrinsics[0, 2]
         v = -intrinsics[1, 1] * local[:, 1] / z + intrinsics[1, 2]
     return u, v, z
+
+
+def views_seeing(
+    points: Float[np.ndarray, "M 3"],
+    cameras: Iterable[Tuple[Float[np.ndarray, "3 3"], Float[np.ndarray, "4 4"], Float[np.ndarray, "H W"]]],
+    tolerance: float = 0.05,
+) -> Int[np.ndarray, " M"]:
+    """How many of ``cameras`` (intrinsics, OpenGL camera-to-world, z-depth image in metres; 0 where nothing was
+    measured) see each point: in front, inside the image, and within ``tolerance`` metres plus that fraction of the
+    depth measured at its pixel (the surface the view shows there, not something in front of it)."""
+    seen = np.zeros(len(points), dtype=np.int64)
+    for intrinsics, camera_to_world, depth in cameras:
+        height, width = depth.shape
+        u, v, z = project_points(points, intrinsics, camera_to_world)
+        inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+        measured = np.zeros(len(points))
+        measured[inside] = depth[v[inside].astype(int), u[inside].astype(int)]
+        seen += inside & (measured > 0) & (np.abs(z - measured) <= tolerance + tolerance * measured)
+    return seen
 
 
 def view_overlap(frames: SceneFrames, tolerance: float = 0.05) -> Float[np.ndarray, "N N"]:

@@ -13,7 +13,8 @@ camera found no room to walk. The files it writes are the single-room generator'
     labels/NNNN.png      NYU40 class id per pixel, uint16 (every pixel labelled)
     instances/NNNN.png   instance id per pixel, uint16 (unique per object within the scene)
     points3D.ply         noisy points of surfaces the views saw (x y z red green blue), for Gaussian init
-    points_labeled.ply   surface samples (x y z red green blue label instance_id), hidden parts removed
+    points_labeled.ply   surface samples (x y z red green blue label instance_id), hidden parts removed (and, with
+                         ``labeled_points_seen_only``, those no view sees)
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from splatsem_ns.data.scene_files import (
     write_classes,
     write_view_files,
 )
+from splatsem_ns.data.view_sampling import views_seeing
 
 GENERATOR_VERSION = 1
 """Bumped whenever the same settings would give different scenes; recorded in every scene."""
@@ -97,6 +99,11 @@ class ProceduralSceneConfig:
     """Density of the labelled surface samples (``points_labeled.ply``)."""
     min_points_per_part: int = 20
     """Fewest labelled samples drawn on each primitive, so small parts are represented."""
+    labeled_points_seen_only: bool = False
+    """Keep only the labelled samples that some view sees (in front, inside the image, within 5 cm + 5% of the
+    view's depth there), as a scan reconstructs only what its camera passed: ScanNet's labelled points are the
+    vertices of such a reconstruction. Off: every surface of the layout that is not inside another solid, seen or
+    not (a walk of 24 views sees about a quarter of them, while ceilings and the walls behind the walk stay)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     """Room shapes and furnishing."""
     camera: CameraPathConfig = field(default_factory=CameraPathConfig)
@@ -470,9 +477,11 @@ def write_scene(out_dir: Path, config: ProceduralSceneConfig, seed: int, index: 
     per_view = [config.num_seed_points // config.num_views] * config.num_views
     per_view[0] += config.num_seed_points - sum(per_view)
     class_pixels = np.zeros(max(NYU40) + 1, dtype=np.int64)
-    frames, seed_xyz, seed_rgb = [], [], []
+    frames, seed_xyz, seed_rgb, depths = [], [], [], []
     for view_index, c2w in enumerate(scene.path.poses):
         view = render_view(scene, c2w, config)
+        if config.labeled_points_seen_only:
+            depths.append(view.depth)
         frames.append(
             write_view_files(
                 out_dir,
@@ -496,6 +505,14 @@ def write_scene(out_dir: Path, config: ProceduralSceneConfig, seed: int, index: 
     xyz, colours, labels, instances = labeled_points(
         scene, config.labeled_points_per_m2, config.min_points_per_part
     )
+    if config.labeled_points_seen_only:
+        camera = config.pinhole()
+        intrinsics = np.array([[camera.focal, 0, camera.cx], [0, camera.focal, camera.cy], [0, 0, 1.0]])
+        seen = (
+            views_seeing(xyz, ((intrinsics, c2w, d) for c2w, d in zip(scene.path.poses, depths, strict=True)))
+            > 0
+        )
+        xyz, colours, labels, instances = xyz[seen], colours[seen], labels[seen], instances[seen]
     write_point_cloud(out_dir / "points_labeled.ply", xyz, colours, labels=labels, instance_ids=instances)
     write_classes(out_dir, NYU40)
     stats = scene_statistics(scene, class_pixels, xyz.shape[0])

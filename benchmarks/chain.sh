@@ -12,7 +12,7 @@
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
-#   NSCENES (300), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
+#   NSCENES (300), GEN_ARGS (more splatsem-synthetic options, e.g. --labeled-points-seen-only), ENC_STEPS (856), ENC_MIN (8), ENC_DECAY (750), ENC_ARGS,
 #   AD_ITERS (5000), AD_EVAL ("0 500 2000"), AD_SCOPE ("latents head"), SS_CENTRED ("0 1"), SS_MIN (5), SS_DECAY (1500),
 #   SS_STEPS (100000): a step cap besides SS_MIN, so that semantic-splat runs compared across chains train equally long,
 #   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
@@ -73,7 +73,8 @@ run)
       built=$(find ~/.cache/torch_extensions -name gsplat_cuda.so 2>/dev/null | head -1)
       [ -n "$built" ] && gzip -c "$built" > "$RES/gsplat_cuda.so.gz" && log "gsplat built: $RES/gsplat_cuda.so.gz" ;;
     gen)
-      step gen splatsem-synthetic --out /tmp/coll --num-scenes "${NSCENES:-300}" --seed 0 --width 320 --height 240 ;;
+      # shellcheck disable=SC2086
+      step gen splatsem-synthetic --out /tmp/coll --num-scenes "${NSCENES:-300}" --seed 0 --width 320 --height 240 $GEN_ARGS ;;
     real)  # each carried ScanNet capture of $SCANNET, held out
       for pair in $SCANNET; do
         name=${pair%%:*}; scene=${pair#*:}

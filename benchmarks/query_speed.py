@@ -363,10 +363,8 @@ def main() -> None:
     at = [name for name, _, _ in paths].index("frame+query@full, folded bfloat16")
     paths[at:at] = [row[:3] for row in triton_paths]
     dropped = {}
-    for name, fn, _, check in [
-        *checked,
-        *triton_paths,
-    ]:  # each row's first run: a failure drops that row, not the run
+    # Each Triton row's first run: a failure drops that row, not the run.
+    for name, fn, _, check in [*checked, *triton_paths]:
         try:
             with torch.no_grad():
                 if check is not None:
@@ -417,21 +415,17 @@ def main() -> None:
         "Max |relevancy - float32 fold of the gsplat latent| over the frame (relevancy in [0, 1]):",
         "",
         *[f"- {k}: {v:.3g}" for k, v in agreement.items()],
-        *(
-            ["", "Rows dropped (their first run failed):", "", *[f"- {k}: {v}" for k, v in dropped.items()]]
-            if dropped
-            else []
-        ),  # fmt: skip
-        *(
-            [
-                "",
-                "**The fused fold failed in this run**: rows through FoldedQuery's fused flag (the triton render + "
-                "fused fold row) timed the unfused fold.",
-            ]
-            if report["fused_fold_fell_back"]
-            else []
-        ),  # fmt: skip
     ]
+    if dropped:
+        lines += [
+            "",
+            "Rows dropped (their first run failed):",
+            "",
+            *[f"- {k}: {v}" for k, v in dropped.items()],
+        ]
+    if report["fused_fold_fell_back"]:
+        lines += ["", "**The fused fold failed in this run**: rows through FoldedQuery's fused flag (the triton "
+                  "render + fused fold row) timed the unfused fold."]  # fmt: skip
     write_markdown(args.out / "query_speed.md", lines)
 
 

@@ -503,7 +503,7 @@ class ChorusSplatModel(SplatfactoModel):
 
     @torch.no_grad()
     def render_query_relevancy(
-        self, camera: Cameras, folded: FoldedQuery, factored: Optional[bool] = None, **kernel_options: int
+        self, camera: Cameras, folded: FoldedQuery, factored: bool = False, **kernel_options: int
     ) -> Optional[Float[Tensor, "h w P"]]:
         """The relevancy of ``folded`` over the semantic latent an eval-mode render gives (same Gaussians, same
         resolution, same normalisation), computed by one Triton kernel per frame that never writes the latent
@@ -511,7 +511,7 @@ class ChorusSplatModel(SplatfactoModel):
         other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent.
         ``kernel_options`` (``block_gaussians``, ``num_warps``, ``tile_size``: a power of two) tune the kernel; the
         defaults are its own and the render's tile size. ``factored``: the form of the head's norm
-        (``fused_query``'s module docstring; None: the kernel's choice)."""
+        (``fused_query``'s module docstring; default: the Gram form)."""
         if not self.query_relevancy_supported(folded, camera):
             return None
         inputs = self._viewer_semantic_inputs(camera)

@@ -88,10 +88,10 @@ class FoldedQuery(nn.Module):
         first use and shared by every width and form ``operands`` lays out."""
         return norm_factor_terms(*self._last_layer)
 
-    def operands(self, channels: Optional[int] = None, factored: Optional[bool] = None) -> FoldOperands:
+    def operands(self, channels: Optional[int] = None, factored: bool = False) -> FoldOperands:
         """These terms laid out for the Triton kernels (``fused_query.fold_operands``; a head with one hidden layer),
         the first layer zero-padded to ``channels`` (default: the head's width); ``factored``: the norm's form
-        (None: the kernels' choice). Built once per width and form and kept: the viewer asks every frame, and the
+        (default: the Gram form). Built once per width and form and kept: the viewer asks every frame, and the
         terms never change."""
         key = (channels, factored)
         if key not in self._operands:

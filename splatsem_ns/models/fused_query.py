@@ -108,12 +108,12 @@ def fold_operands(
     temperature: float,
     norm_terms: Tuple[Tensor, Tensor, Tensor],
     channels: Optional[int] = None,
-    factored: Optional[bool] = None,
+    factored: bool = False,
 ) -> FoldOperands:
     """The kernels' operands of a folded query (``FoldedQuery``'s terms, a head with one hidden layer).
     ``norm_terms``: (R^T [H, H], Q^T b [H], |b|^2 - |Q^T b|^2) of the last layer (``norm_factor_terms``).
     ``channels`` zero-pads the first layer to that latent width (a latent padded with zero channels).
-    ``factored``: the norm's form (see the module docstring); None: the Gram form, the one timed on the GPU."""
+    ``factored``: the norm's form (see the module docstring); default: the Gram form, the one timed on the GPU."""
     (front_weight,), (front_bias,) = front_weights, front_biases
     hidden = front_weight.shape[1]
     queries = query_bias.shape[0]
@@ -135,10 +135,7 @@ def fold_operands(
     if hidden % BLOCK_HIDDEN or width < 16 or width & (width - 1):
         raise ValueError(f"the fused query needs hidden % {BLOCK_HIDDEN} == 0 and a power-of-two latent width "
                          f">= 16 (got {hidden}, {width})")  # fmt: skip
-    power_of_two = (hidden & (hidden - 1)) == 0
-    if factored is None:
-        factored = False
-    elif factored and not power_of_two:
+    if factored and hidden & (hidden - 1):
         raise ValueError(f"the factored norm needs a power-of-two hidden width, got {hidden}")
     factor, offset, residual = norm_terms
     return FoldOperands(
@@ -154,7 +151,7 @@ def fold_operands(
         norm_residual=residual.float().reshape(1),
         num_positives=num_positives,
         temperature=float(temperature),
-        factored=bool(factored),
+        factored=factored,
     )
 
 

@@ -316,13 +316,13 @@ _EPILOGUE_BLOCK_HIDDEN = 64
 """Hidden units per block of the relevancy epilogue (the head's hidden width must be a multiple of it)."""
 
 
-def fold_operands_for(folded, latent_channels: int, factored: Optional[bool] = None) -> FoldOperands:
+def fold_operands_for(folded, latent_channels: int, factored: bool = False) -> FoldOperands:
     """The kernel operands of a ``FoldedQuery`` with one hidden layer, its first layer zero-padded to the kernel's
     width for ``latent_channels``-channel latents (kept on ``folded``: ``FoldedQuery.operands``); ``factored``: the
-    norm's form (``fused_query``'s module docstring). None here means the Gram form: the epilogue works on a whole
-    tile (256 pixels of a 16-pixel tile), whose full ``[pixels, hidden]`` activations, which the factored form holds,
-    would not fit in registers."""
-    return folded.operands(_padded_width(latent_channels), bool(factored))
+    norm's form (``fused_query``'s module docstring; default: the Gram form). The epilogue works on a whole tile (256
+    pixels of a 16-pixel tile), whose full ``[pixels, hidden]`` activations, which the factored form holds, do not
+    fit in registers (it spills: ``tests/test_triton_compiles.py``)."""
+    return folded.operands(_padded_width(latent_channels), factored)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,22 +27,14 @@ from splatsem_ns.rendering.torch_rasterizer import rasterize_gaussians_torch  # 
 try:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
 except ImportError:  # pragma: no cover - depends on the Triton release
-    pytest.skip("this Triton release has no GPUTarget/ASTSource", allow_module_level=True)
+    pytest.skip("this Triton release has no GPUTarget/ASTSource/mangle_type", allow_module_level=True)
 if os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover - the kernels would be interpreter objects
     pytest.skip("TRITON_INTERPRET is set: the kernels are not compiled", allow_module_level=True)
 
 TARGET = GPUTarget("cuda", 90, 32)
 """The H100/H200's architecture."""
-_POINTER_TYPES = {
-    torch.float32: "*fp32",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-    torch.uint8: "*u8",
-    torch.bool: "*i1",
-}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -56,26 +48,13 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def _scalar_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
-
-
 def compile_for_gpu(kernel, args: tuple, kwargs: Dict[str, Any]):
     """Compile ``kernel`` (a JITFunction) for ``TARGET`` as a launch with these arguments would."""
     names = list(kernel.arg_names)
     options = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
     constexprs = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
-    signature = {}
-    for name, value in zip(names, args, strict=False):  # the rest of the names are constexprs
-        signature[name] = (
-            _POINTER_TYPES[value.dtype] if isinstance(value, torch.Tensor) else _scalar_type(value)
-        )
+    # Each argument typed as Triton's launcher types it ("*fp32", "i32", ...); the rest of the names are constexprs.
+    signature = {name: mangle_type(value) for name, value in zip(names, args, strict=False)}
     missing = [n for n in names[len(args) :] if n not in constexprs]
     assert not missing, f"launch leaves {missing} unset"
     for name in names[len(args) :]:

@@ -8,14 +8,18 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``query@full``: the same with the latent rendered at full resolution;
 - ``query@full, folded``: the viewer's full-resolution path: the latent rendered at full resolution and the text
   folded into the head (``models/folded_query.py``), in float32 and in bfloat16; no upsampling anywhere;
-- ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``), with the norm in its default (Gram)
-  form and in the factored one; called directly, so a kernel that fails drops its row rather than timing a fallback;
+- ``fused kernel``: the fold as one Triton kernel (``models/fused_query.py``), with the norm in the Gram form and
+  in the factored one (``FoldedQuery``'s default for 16-bit operands); called directly, so a kernel that fails
+  drops its row rather than timing a fallback;
 - ``triton``: the Triton rasterizer (``rendering/triton_rasterizer.py``): the latent render alone, that render
-  followed by the one-kernel fold, and the fused path that composites each tile's latent in registers and ends in
-  the fold (no latent written); with
-  ``projection+binning only`` (gsplat's projection and tile intersection, which both renders start with) for the
-  breakdown;
-- ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on;
+  followed by the one-kernel fold, the fused path that composites each tile's latent in registers and ends in
+  the fold (no latent written) in both norm forms, and the model's own viewer path
+  (``viewer_latent_triton``: the latent through the Triton rasterizer, then ``FoldedQuery``'s fused fold), alone
+  and in a whole frame, where it reuses the RGB pass's projection; with ``projection+binning only`` (gsplat's
+  projection and tile intersection, which both renders start with) for the breakdown;
+- ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on, the latent
+  rendered by gsplat and folded eagerly (the viewer's path before ``viewer_latent_triton``), and
+  ``frame@full, RGB+depth only``, the same frame without the latent;
 - ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``;
 - with ``--supersample 1 4``, the teacher-grid paths again with the semantic pass supersampled 4 x 4.
 
@@ -157,12 +161,13 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
         )
 
     @torch.no_grad()
-    def render_latent():
+    def render_latent():  # normalised inside the kernel, as the model's viewer path renders it
         t = binning()
-        out, alpha = rasterize_features_triton(
-            t.means2d, t.conics, t.opacities, latent, t.isect_offsets, t.flatten_ids, W, H, tile
-        )
-        return out / alpha.clamp(min=normalize) if normalize is not None else out
+        out, _ = rasterize_features_triton(
+            t.means2d, t.conics, t.opacities, latent, t.isect_offsets, t.flatten_ids, W, H, tile,
+            normalize_min_alpha=normalize,
+        )  # fmt: skip
+        return out
 
     def query(**kernel_options):
         @torch.no_grad()
@@ -180,8 +185,24 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     def render_then_fused_fold():  # the latent render above, then the one-kernel fold, as two launches
         return fused_fold(render_latent()[0])
 
+    @torch.no_grad()
+    def viewer_query():  # the panel's relevancy with the latent left out of the frame: the model renders it alone
+        with full_resolution(model):
+            return fused_fold(model.render_viewer_latent(cam))
+
+    @torch.no_grad()
+    def viewer_frame_query():  # a whole viewer frame: RGB + depth, the latent from their projection, the fold
+        with full_resolution(model):
+            outputs = model.get_outputs(cam)
+            return outputs["rgb"], fused_fold(outputs["semantic_latent"])
+
     rows = [
-        ("query@full, fused raster+fold (triton)", query(), 1, query()),
+        (
+            "query@full, fused raster+fold (triton, Gram norm)",
+            query(factored=False),
+            1,
+            query(factored=False),
+        ),
         (
             "query@full, fused raster+fold (triton, factored norm)",
             query(factored=True),
@@ -189,8 +210,15 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
             query(factored=True),
         ),
         ("query@full, triton render + fused fold", render_then_fused_fold, 1, render_then_fused_fold),
+        ("query@full, viewer path (triton latent + fused fold)", viewer_query, 1, viewer_query),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),
         ("projection+binning only", binning, 1, None),
+        (
+            "frame+query@full, viewer path (latent from the RGB pass's projection)",
+            viewer_frame_query,
+            1,
+            lambda: viewer_frame_query()[1],
+        ),
     ]
     for config in configs:
         block, warps, *edge = (int(v) for v in config.split("x"))
@@ -310,13 +338,22 @@ def main() -> None:
 
     @torch.no_grad()
     def frame_and_query_full():
-        # A whole viewer frame with the panel's "Full resolution" on: RGB + depth + latent at 1280x720.
-        model.viewer_semantic_scale = 1.0
+        # A whole viewer frame with the panel's "Full resolution" on: RGB + depth + latent at 1280x720, the latent
+        # by gsplat (viewer_latent_triton off: this row's earlier meaning) and the eager bfloat16 fold.
+        model.viewer_semantic_scale, model.config.viewer_latent_triton = 1.0, False
         try:
             outputs = model.get_outputs(cam)
             return outputs["rgb"], folded[torch.bfloat16, False](outputs["semantic_latent"])
         finally:
-            model.viewer_semantic_scale = None
+            model.viewer_semantic_scale, model.config.viewer_latent_triton = None, True
+
+    @torch.no_grad()
+    def frame_only():  # the same frame without the latent: what a query adds to a frame is the difference
+        model.viewer_latent_deferred = True
+        try:
+            return model.get_outputs(cam)["rgb"]
+        finally:
+            model.viewer_latent_deferred = False
 
     with torch.no_grad():
         coverage = float(model.get_outputs(cam)["accumulation"].mean())
@@ -328,7 +365,7 @@ def main() -> None:
     checked = [
         (f"{what}, fused kernel{form}", fused_kernel(factored, render), 1, fused_kernel(factored, False))
         for what, render in (("query@full", True), ("fold only", False))
-        for form, factored in (("", False), (", factored norm", True))
+        for form, factored in ((", Gram norm", False), (", factored norm", True))
         if fused  # no Triton or no GPU: nothing to time
     ]
     paths = [
@@ -341,6 +378,7 @@ def main() -> None:
         ("fold only, bfloat16 compiled", fold_only(torch.bfloat16, True), 1),
         *[row[:3] for row in checked],
         ("frame+query@full, folded bfloat16", frame_and_query_full, 1),
+        ("frame@full, RGB+depth only", frame_only, 1),
     ]
     # Supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig.semantic_supersample).
     for k in args.supersample:

@@ -154,6 +154,7 @@ def test_the_tile_rasterizer_and_its_relevancy_epilogue_compile(recorded):
     geometry, width, height = _projected_scene()
     for precision in ("fp16", "tf32", "ieee"):
         triton_rasterizer.rasterize_features_triton(*geometry, width, height, precision=precision)
+    triton_rasterizer.rasterize_features_triton(*geometry, width, height, normalize_min_alpha=0.05)
     folded = _folded(positives=2, negatives=4)
     for factored in (False, True):
         for normalize in (None, 0.05):

@@ -56,5 +56,9 @@ def test_the_viewers_routed_relevancy_matches_the_unfused_path():
     _run("viewer_route")
 
 
+def test_the_viewers_latent_through_the_triton_rasterizer_matches_the_render_path():
+    _run("viewer_latent")
+
+
 def test_the_query_benchmarks_triton_rows_answer_at_full_resolution():
     _run("benchmark_rows")

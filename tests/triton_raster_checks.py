@@ -246,6 +246,67 @@ def check_viewer_route():
     assert pca.image.shape == (height, width, 3)  # other displays render the latent themselves
 
 
+def check_viewer_latent():
+    # viewer_latent_triton: the panel's full-resolution latent through the Triton rasterizer, inside a whole frame
+    # from the RGB pass's projection (no second projection), alone from its own; the same latent as the render path
+    # (float16 products); training-style renders (gradients on) and other scales keep the render path.
+    import warnings
+
+    from nerfstudio.cameras.cameras import Cameras, CameraType
+    from nerfstudio.data.scene_box import SceneBox
+
+    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
+    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
+    from splatsem_ns.rendering import triton_rasterizer
+    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
+    from splatsem_ns.teachers.registry import make_teacher_config
+
+    torch.manual_seed(0)
+    width, height, n = 36, 20, 300
+    spec = TeacherSpec("siglip2", 48, (4, 6), (height, width), True, make_teacher_config("siglip2-b16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ChorusSplatModelConfig(
+            semantic_source=LearnedLatentSourceConfig(latent_dim=16), projector_hidden_dim=64,
+            semantic_alpha_normalize=True, semantic_tile_size=16,  # the RGB pass's tiles: its projection applies
+        ).setup(
+            scene_box=SceneBox(torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])), num_train_data=1,
+            metadata={TEACHER_SPECS_KEY: {"siglip2": spec}},
+            seed_points=(torch.rand(n, 3) * 2 - 1, torch.full((n, 3), 128, dtype=torch.uint8)),
+        )  # fmt: skip
+    model.gauss_params["scales"].data = torch.log(torch.rand(n, 3) * 0.1 + 0.03)
+    model.gauss_params["semantic_latent"].data = torch.randn(n, 16)
+    model.eval()
+    model.hidden_mask = torch.rand(n) < 0.2  # the RGB pass and the latent draw the same subset
+    c2w = torch.eye(4)[:3][None]
+    c2w[0, 2, 3] = 3.0
+    camera = Cameras(camera_to_worlds=c2w, fx=30.0, fy=30.0, cx=width / 2, cy=height / 2, width=width,
+                     height=height, camera_type=CameraType.PERSPECTIVE)  # fmt: skip
+    projections, renders = [], []
+    project, render = triton_rasterizer.project_and_bin, triton_rasterizer.rasterize_features_triton
+    triton_rasterizer.project_and_bin = lambda *a, **k: projections.append(1) or project(*a, **k)
+    triton_rasterizer.rasterize_features_triton = lambda *a, **k: renders.append(1) or render(*a, **k)
+    model.viewer_semantic_scale = 1.0
+    with torch.no_grad():
+        model.config.viewer_latent_triton = False
+        reference = model.get_outputs(camera)["semantic_latent"]
+        assert not renders, "viewer_latent_triton off: the render path"
+        model.config.viewer_latent_triton = True
+        framed = model.get_outputs(camera)["semantic_latent"]
+        assert renders == [1] and not projections, (renders, projections)  # the RGB pass's projection reused
+        alone = model.render_viewer_latent(camera)
+        assert renders == [1, 1] and projections == [1], (renders, projections)
+    with torch.enable_grad():  # what training and gradient-based tools render: the render path
+        assert torch.equal(model.get_outputs(camera)["semantic_latent"].detach(), reference)
+    model.viewer_semantic_scale = None  # the panel not asking for full resolution
+    with torch.no_grad():
+        model.get_outputs(camera)
+    assert renders == [1, 1], renders
+    errors = [(x - reference).abs().max().item() for x in (framed, alone)]
+    print("viewer latent", errors, reference.abs().max().item())
+    assert framed.shape == reference.shape == (height, width, 16) and max(errors) < 1e-2, errors
+
+
 def check_benchmark_rows():
     # benchmarks/query_speed.py's Triton rows time what they say: relevancy at the camera's full resolution (the
     # viewer's "Full resolution"), agreeing with the float32 fold of the full-resolution latent, for every setting.
@@ -267,13 +328,15 @@ def check_benchmark_rows():
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
     rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
-    assert [name for name, *_ in rows][:5] == [
-        "query@full, fused raster+fold (triton)",
+    assert [name for name, *_ in rows][:7] == [
+        "query@full, fused raster+fold (triton, Gram norm)",
         "query@full, fused raster+fold (triton, factored norm)",
         "query@full, triton render + fused fold",
+        "query@full, viewer path (triton latent + fused fold)",
         "render latent@full (triton)",
         "projection+binning only",
-    ] and len(rows) == 7
+        "frame+query@full, viewer path (latent from the RGB pass's projection)",
+    ] and len(rows) == 9
     for name, _, _, check in rows:
         if check is None:
             continue

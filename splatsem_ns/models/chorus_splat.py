@@ -47,7 +47,9 @@ from splatsem_ns.models.smoothness import voxel_consensus_loss
 from splatsem_ns.models.strategy import SyncFreeDefaultStrategy
 from splatsem_ns.rendering import rasterize_gaussians
 from splatsem_ns.rendering.triton_rasterizer import (
+    ProjectedTiles,
     fold_operands_for,
+    render_features,
     render_relevancy,
     triton_raster_available,
 )
@@ -166,6 +168,15 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     render path above, then the one-kernel fold, which measured faster on an H200 at 1280x720 from 1M Gaussians
     (3.55 ms against 3.78 ms per frame in the same run: benchmarks/results/query_speed_h200_triton_tiles.md).
     Both give the same map (a test)."""
+    viewer_latent_triton: bool = True
+    """While the query panel asks for the latent at full resolution (``viewer_semantic_scale`` set; eval mode, no
+    gradients, no supersampling), render it with the forward-only Triton rasterizer (``rendering/triton_rasterizer.py``:
+    the feature sum on tensor cores in float16 products with float32 sums, the alpha normalisation inside the kernel)
+    instead of gsplat's, and, inside a whole eval-mode render, from the RGB pass's projection and tile binning
+    instead of projecting again. Measured on an H100 at 1280x720 from 1M Gaussians: 2.19-2.23 ms against 2.59-2.60
+    ms for gsplat's render of the latent, projection and binning 0.79-0.81 ms of either
+    (benchmarks/results/query_speed_h100_factored_run1.md and _run2.md). Where Triton cannot run, gsplat's render. Evaluation and
+    training renders are gsplat's either way."""
 
 
 class ChorusSplatModel(SplatfactoModel):
@@ -429,6 +440,7 @@ class ChorusSplatModel(SplatfactoModel):
                 full_H,
                 self._semantic_scale if self.training else self._eval_semantic_scale(),
                 pool,
+                rgb_info=None if self.training else self.info,
             )
         if not self.training:  # viewer outputs (semantic queries) computed from this render
             for hook in self.output_hooks:
@@ -503,7 +515,7 @@ class ChorusSplatModel(SplatfactoModel):
 
     @torch.no_grad()
     def render_query_relevancy(
-        self, camera: Cameras, folded: FoldedQuery, factored: bool = False, **kernel_options: int
+        self, camera: Cameras, folded: FoldedQuery, factored: Optional[bool] = None, **kernel_options: int
     ) -> Optional[Float[Tensor, "h w P"]]:
         """The relevancy of ``folded`` over the semantic latent an eval-mode render gives (same Gaussians, same
         resolution, same normalisation), computed by one Triton kernel per frame that never writes the latent
@@ -511,7 +523,7 @@ class ChorusSplatModel(SplatfactoModel):
         other than one hidden layer, a supersampled render, nothing visible): callers then fold the latent.
         ``kernel_options`` (``block_gaussians``, ``num_warps``, ``tile_size``: a power of two) tune the kernel; the
         defaults are its own and the render's tile size. ``factored``: the form of the head's norm
-        (``fused_query``'s module docstring; default: the Gram form)."""
+        (``fused_query``'s module docstring; None: ``FoldedQuery.factored_by_default``)."""
         if not self.query_relevancy_supported(folded, camera):
             return None
         inputs = self._viewer_semantic_inputs(camera)
@@ -555,11 +567,20 @@ class ChorusSplatModel(SplatfactoModel):
         scale: float,
         pool: bool = True,
         normalize: Optional[bool] = None,
+        rgb_info: Optional[Dict] = None,
     ) -> Float[Tensor, "h w D"]:
         """The latent rendered at ``scale`` of the image. Supersampled renders (k x k pixels per output pixel)
         are averaged back to ``scale`` when ``pool``, else returned at k times that resolution. ``normalize``
-        (default: ``semantic_alpha_normalize``) divides by the accumulated opacity."""
+        (default: ``semantic_alpha_normalize``) divides by the accumulated opacity. ``rgb_info``: the ``info`` of
+        an RGB render of the same Gaussians and camera, whose projection the viewer's Triton path may reuse."""
         w, h, k = self._semantic_render_size(width, height, scale)
+        normalize = self.config.semantic_alpha_normalize if normalize is None else normalize
+        tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
+        if self._viewer_triton_latent(k, tile):
+            return self._render_latent_triton(
+                means, quats, scales, opacities, latent, viewmat, _scale_intrinsics(K, (w / width, h / height)),
+                w, h, tile, normalize, rgb_info,
+            )  # fmt: skip
         if not self.config.semantic_grad_to_geometry:
             means, quats, scales, opacities = (
                 means.detach(),
@@ -579,16 +600,62 @@ class ChorusSplatModel(SplatfactoModel):
             height=k * h,
             rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
             backend=self.config.rasterizer_backend,
-            tile_size=semantic_tile_size(self.config.semantic_tile_size, k * w * k * h),
+            tile_size=tile,
         )
         if k > 1 and pool:
             rendered, alpha = (
                 torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
                 for x in (rendered, alpha)
             )
-        if self.config.semantic_alpha_normalize if normalize is None else normalize:
+        if normalize:
             # A weighted mean; below _MIN_ALPHA the pixel fades to zero instead of amplifying a stray Gaussian.
             rendered = rendered / alpha.clamp(min=_MIN_ALPHA)
+        return rendered[0]
+
+    def _viewer_triton_latent(self, k: int, tile: int) -> bool:
+        """Whether this semantic render is the query panel's full-resolution latent that ``viewer_latent_triton``
+        gives to the Triton rasterizer (see there)."""
+        return (
+            self.config.viewer_latent_triton
+            and not self.training
+            and not torch.is_grad_enabled()
+            and self.viewer_semantic_scale is not None
+            and k == 1
+            and tile >= 4
+            and not tile & (tile - 1)
+            and self.config.rasterizer_backend != "torch"
+            and triton_raster_available(self.device)
+        )
+
+    def _render_latent_triton(
+        self,
+        means: Float[Tensor, "N 3"],
+        quats: Float[Tensor, "N 4"],
+        scales: Float[Tensor, "N 3"],
+        opacities: Float[Tensor, " N"],
+        latent: Float[Tensor, "N D"],
+        viewmat: Float[Tensor, "1 4 4"],
+        K: Float[Tensor, "1 3 3"],
+        width: int,
+        height: int,
+        tile: int,
+        normalize: bool,
+        rgb_info: Optional[Dict],
+    ) -> Float[Tensor, "h w D"]:
+        """The viewer's full-resolution latent through the Triton rasterizer (``viewer_latent_triton``)."""
+        mode = self.config.semantic_rasterize_mode or self.config.rasterize_mode
+        shared = (
+            rgb_info is not None
+            and (rgb_info.get("width"), rgb_info.get("height"), rgb_info.get("tile_size"))
+            == (width, height, tile)
+            and mode == self.config.rasterize_mode
+            and rgb_info["means2d"].shape[:2] == (1, means.shape[0])
+        )
+        rendered, _ = render_features(
+            means, quats, scales, opacities, latent, viewmat, K, width, height,
+            tiles=ProjectedTiles.from_info(rgb_info) if shared else None,
+            normalize_min_alpha=_MIN_ALPHA if normalize else None, rasterize_mode=mode, tile_size=tile,
+        )  # fmt: skip
         return rendered[0]
 
     def _semantic_render_size(self, width: int, height: int, scale: float) -> Tuple[int, int, int]:

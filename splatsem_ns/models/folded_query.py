@@ -80,7 +80,7 @@ class FoldedQuery(nn.Module):
         self.query_bias = (queries @ bias).to(tail)  # [Q]
         self.bias_norm = (bias @ bias).to(tail)
         self._last_layer = (weight, bias)  # for the kernels' factored norm (norm_terms)
-        self._operands: Dict[Tuple[Optional[int], Optional[bool]], FoldOperands] = {}  # see operands()
+        self._operands: Dict[Tuple[Optional[int], bool], FoldOperands] = {}  # see operands()
 
     @cached_property
     def norm_terms(self) -> Tuple[Tensor, Tensor, Tensor]:
@@ -88,11 +88,22 @@ class FoldedQuery(nn.Module):
         first use and shared by every width and form ``operands`` lays out."""
         return norm_factor_terms(*self._last_layer)
 
-    def operands(self, channels: Optional[int] = None, factored: bool = False) -> FoldOperands:
+    @property
+    def factored_by_default(self) -> bool:
+        """Whether the kernels take the head's norm in the factored form unless told otherwise: for 16-bit operands
+        and a power-of-two hidden width (what it needs), the form measured faster. On an H100 at 1280x720 the fold
+        took 0.43-0.44 ms against the Gram form's 0.75-0.77 ms, with the same largest error against the float32
+        fold (benchmarks/results/query_speed_h100_factored_run1.md and _run2.md). The float32 variant spills registers
+        (``tests/test_triton_compiles.py``) and was not timed, so float32 keeps the Gram form."""
+        hidden = self.fold.shape[0]
+        return self.fold.dtype in (torch.float16, torch.bfloat16) and hidden & (hidden - 1) == 0
+
+    def operands(self, channels: Optional[int] = None, factored: Optional[bool] = None) -> FoldOperands:
         """These terms laid out for the Triton kernels (``fused_query.fold_operands``; a head with one hidden layer),
         the first layer zero-padded to ``channels`` (default: the head's width); ``factored``: the norm's form
-        (default: the Gram form). Built once per width and form and kept: the viewer asks every frame, and the
-        terms never change."""
+        (None: ``factored_by_default``). Built once per width and form and kept: the viewer asks every frame, and
+        the terms never change."""
+        factored = self.factored_by_default if factored is None else factored
         key = (channels, factored)
         if key not in self._operands:
             self._operands[key] = fold_operands(

@@ -7,14 +7,18 @@ The eager and compiled paths write such intermediates several times, which is wh
 goes into.
 
 The norm is taken one of two ways (``FoldOperands.factored``):
-- Gram (the default): ``h^T G h + 2 (W^T b) . h + |b|^2`` with ``G = W^T W`` taken in column chunks, each chunk's
-  ``h`` recomputed from the latent (no block of ``h`` wider than a chunk is ever held, for any hidden width). On an
-  H200 it folds a 1280x720 latent in 0.76 ms (benchmarks/results/query_speed_h200_gram_fold.md);
-- factored (hidden widths that are powers of two, opt-in until timed): with the thin QR ``W = Q R``,
+- Gram: ``h^T G h + 2 (W^T b) . h + |b|^2`` with ``G = W^T W`` taken in column chunks, each chunk's ``h``
+  recomputed from the latent (no block of ``h`` wider than a chunk is ever held, for any hidden width). It folds a
+  1280x720 latent in 0.76 ms on an H200 (benchmarks/results/query_speed_h200_gram_fold.md) and 0.75-0.77 ms on an
+  H100;
+- factored (hidden widths that are powers of two): with the thin QR ``W = Q R``,
   ``|W h + b|^2 = |R h + Q^T b|^2 + (|b|^2 - |Q^T b|^2)``, so ``h`` is computed once per block and the norm is one
   ``[hidden, hidden]`` product whose squares are summed: fewer multiply-adds, but the whole ``[64, hidden]`` block
   of ``h`` held at once (228 registers a thread at 256 hidden units in float16, against the Gram form's 168;
-  ``tests/test_triton_compiles.py`` prints both).
+  ``tests/test_triton_compiles.py`` prints both). It folds the same latent in 0.43-0.44 ms on an H100
+  (benchmarks/results/query_speed_h100_factored_run1.md and _run2.md), so ``FoldedQuery`` takes it by default where it
+  applies (``FoldedQuery.factored_by_default``); ``fold_operands`` itself defaults to the Gram form, which
+  takes any hidden width.
 
 The kernel runs on CUDA; ``TRITON_INTERPRET=1`` runs it on the CPU (slowly), which is how the tests check it
 against the eager fold.
@@ -113,7 +117,8 @@ def fold_operands(
     """The kernels' operands of a folded query (``FoldedQuery``'s terms, a head with one hidden layer).
     ``norm_terms``: (R^T [H, H], Q^T b [H], |b|^2 - |Q^T b|^2) of the last layer (``norm_factor_terms``).
     ``channels`` zero-pads the first layer to that latent width (a latent padded with zero channels).
-    ``factored``: the norm's form (see the module docstring); default: the Gram form, the one timed on the GPU."""
+    ``factored``: the norm's form (see the module docstring); default: the Gram form, which takes any hidden
+    width."""
     (front_weight,), (front_bias,) = front_weights, front_biases
     hidden = front_weight.shape[1]
     queries = query_bias.shape[0]

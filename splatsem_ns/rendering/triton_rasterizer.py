@@ -191,6 +191,7 @@ def rasterize_features_triton(
     height: int,
     tile_size: int = 16,
     *,
+    normalize_min_alpha: Optional[float] = None,
     precision: DotPrecision = "fp16",
     block_gaussians: int = BLOCK_GAUSSIANS,
     num_warps: int = NUM_WARPS,
@@ -210,6 +211,9 @@ def rasterize_features_triton(
         width: Image width W.
         height: Image height H.
         tile_size: Tile edge, a power of two >= 4 (the tiles of ``isect_offsets``).
+        normalize_min_alpha: None returns the features as composited (a weighted sum); a number divides them by the
+            accumulated alpha clamped below at that number, inside the kernel (``semantic_alpha_normalize``): one
+            pass less over the ``[C, H, W, D]`` output than dividing afterwards.
         precision: Inputs of the feature product (``DotPrecision``).
         block_gaussians: Gaussians per compositing step (power of two >= 16).
         num_warps: Warps per tile program.
@@ -231,7 +235,9 @@ def rasterize_features_triton(
         render,
         alpha,
         *launch.sizes,
+        0.0 if normalize_min_alpha is None else float(normalize_min_alpha),
         OUT_CHANNELS=channels,
+        NORMALIZE=normalize_min_alpha is not None,
         num_warps=num_warps,
         **launch.constants,
     )
@@ -316,12 +322,13 @@ _EPILOGUE_BLOCK_HIDDEN = 64
 """Hidden units per block of the relevancy epilogue (the head's hidden width must be a multiple of it)."""
 
 
-def fold_operands_for(folded, latent_channels: int, factored: bool = False) -> FoldOperands:
+def fold_operands_for(folded, latent_channels: int, factored: Optional[bool] = None) -> FoldOperands:
     """The kernel operands of a ``FoldedQuery`` with one hidden layer, its first layer zero-padded to the kernel's
     width for ``latent_channels``-channel latents (kept on ``folded``: ``FoldedQuery.operands``); ``factored``: the
-    norm's form (``fused_query``'s module docstring; default: the Gram form). The epilogue works on a whole tile (256
-    pixels of a 16-pixel tile), whose full ``[pixels, hidden]`` activations, which the factored form holds, do not
-    fit in registers (it spills: ``tests/test_triton_compiles.py``)."""
+    norm's form (``fused_query``'s module docstring; None: ``FoldedQuery.factored_by_default``). The epilogue works
+    on a whole tile (256 pixels of a 16-pixel tile), whose full ``[pixels, hidden]`` activations, which the factored
+    form holds, do not fit in registers (it spills: ``tests/test_triton_compiles.py``); it still measured slightly
+    faster than the Gram epilogue on an H100 (3.49-3.52 ms against 3.57-3.63 ms, two runs)."""
     return folded.operands(_padded_width(latent_channels), factored)
 
 
@@ -342,6 +349,16 @@ class ProjectedTiles:
     """After the antialiasing compensation, if any."""
     isect_offsets: Int[Tensor, "C TH TW"]
     flatten_ids: Int[Tensor, " M"]
+
+    @classmethod
+    def from_info(cls, info: Dict[str, Any]) -> "ProjectedTiles":
+        """The projection and binning a ``rasterize_gaussians`` call made (its returned ``info``; gsplat's meta or
+        the PyTorch rasterizer's, ``packed=False``), for another render of the same Gaussians, camera, size, tile
+        size and rasterize mode, which then skips them."""
+        return cls(
+            info["means2d"].detach(), info["conics"].detach(), info["opacities"].detach(),
+            info["isect_offsets"], info["flatten_ids"],
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -392,6 +409,47 @@ def project_and_bin(
     if compensations is not None:
         opacities_cn = opacities_cn * compensations
     return ProjectedTiles(means2d, conics, opacities_cn, isect_offsets, flatten_ids)
+
+
+@torch.no_grad()
+def render_features(
+    means: Float[Tensor, "N 3"],
+    quats: Float[Tensor, "N 4"],
+    scales: Float[Tensor, "N 3"],
+    opacities: Float[Tensor, " N"],
+    features: Float[Tensor, "N D"],
+    viewmats: Float[Tensor, "C 4 4"],
+    Ks: Float[Tensor, "C 3 3"],
+    width: int,
+    height: int,
+    *,
+    tiles: Optional[ProjectedTiles] = None,
+    normalize_min_alpha: Optional[float] = None,
+    eps2d: float = 0.3,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    rasterize_mode: RasterizeMode = "classic",
+    tile_size: int = 16,
+    backend: ProjectionBackend = "auto",
+    precision: DotPrecision = "fp16",
+    block_gaussians: int = BLOCK_GAUSSIANS,
+    num_warps: int = NUM_WARPS,
+) -> Tuple[Float[Tensor, "C H W D"], Float[Tensor, "C H W 1"]]:
+    """Features of every pixel of C cameras straight from the Gaussians, forward only: ``project_and_bin`` (or
+    ``tiles``, the projection of another render of the same Gaussians and camera at the same size and tile size)
+    then ``rasterize_features_triton``. The same render as ``rasterize_gaussians`` with the same settings (divided
+    by ``alpha.clamp(min=normalize_min_alpha)`` if set), up to the rounding of ``precision``."""
+    if tiles is None:
+        tiles = project_and_bin(
+            means, quats, scales, opacities, viewmats, Ks, width, height,
+            eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, rasterize_mode=rasterize_mode,
+            tile_size=tile_size, backend=backend,
+        )  # fmt: skip
+    return rasterize_features_triton(
+        tiles.means2d, tiles.conics, tiles.opacities, features, tiles.isect_offsets, tiles.flatten_ids,
+        width, height, tile_size, normalize_min_alpha=normalize_min_alpha, precision=precision,
+        block_gaussians=block_gaussians, num_warps=num_warps,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -550,6 +608,7 @@ if triton is not None:
         width,
         height,
         camera_offset,
+        min_alpha,
         TILE: tl.constexpr,
         PIXELS: tl.constexpr,
         CHANNELS: tl.constexpr,
@@ -557,12 +616,15 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         DOT_FP16: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        NORMALIZE: tl.constexpr,
     ):
         acc, trans, camera, row, col, inside = _composite_tile(
             means_ptr, conics_ptr, opacities_ptr, features_ptr, offsets_ptr, ids_ptr,
             n_isects, n_tiles, tiles_x, tiles_per_camera, width, height, camera_offset,
             TILE, PIXELS, CHANNELS, BLOCK_G, DOT_FP16, INPUT_PRECISION,
         )  # fmt: skip
+        if NORMALIZE:  # as the relevancy kernel below does
+            acc = acc / tl.maximum(1.0 - trans, min_alpha)[:, None]
         pixel = (camera.to(tl.int64) * height + row) * width + col
         channel = tl.arange(0, CHANNELS)
         tl.store(

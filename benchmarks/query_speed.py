@@ -13,10 +13,11 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
   drops its row rather than timing a fallback;
 - ``triton``: the Triton rasterizer (``rendering/triton_rasterizer.py``): the latent render alone, that render
   followed by the one-kernel fold, the fused path that composites each tile's latent in registers and ends in
-  the fold (no latent written) in both norm forms, and the model's own viewer path
-  (``viewer_latent_triton``: the latent through the Triton rasterizer, then ``FoldedQuery``'s fused fold), alone
-  and in a whole frame, where it reuses the RGB pass's projection; with ``projection+binning only`` (gsplat's
-  projection and tile intersection, which both renders start with) for the breakdown;
+  the fold (no latent written) in both norm forms, and the model's own viewer path (the latent rendered by the
+  model, then ``FoldedQuery``'s fused fold), alone and in a whole frame, with the latent by gsplat (the default)
+  and by the Triton rasterizer (``viewer_latent_triton``, which in a frame reuses the RGB pass's projection); with
+  ``projection+binning only`` (gsplat's projection and tile intersection, which both renders start with) for the
+  breakdown. The model's rows include its per-frame host work (camera, intrinsics), the bare rows do not;
 - ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on, the latent
   rendered by gsplat and folded eagerly (the viewer's path before ``viewer_latent_triton``), and
   ``frame@full, RGB+depth only``, the same frame without the latent;
@@ -116,13 +117,14 @@ def time_it(fn, frames: int, warmup: int) -> float:
 
 
 @contextmanager
-def full_resolution(model):
-    """The viewer's "Full resolution" setting: eval-mode semantic renders at the camera's own resolution."""
-    model.viewer_semantic_scale = 1.0
+def full_resolution(model, triton_latent: bool = False):
+    """The viewer's "Full resolution" setting: eval-mode semantic renders at the camera's own resolution, their
+    latent through the Triton rasterizer if ``triton_latent`` (``viewer_latent_triton``), else gsplat's."""
+    model.viewer_semantic_scale, model.config.viewer_latent_triton = 1.0, triton_latent
     try:
         yield
     finally:
-        model.viewer_semantic_scale = None
+        model.viewer_semantic_scale, model.config.viewer_latent_triton = None, False
 
 
 def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: Sequence[str] = ()):
@@ -185,16 +187,22 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     def render_then_fused_fold():  # the latent render above, then the one-kernel fold, as two launches
         return fused_fold(render_latent()[0])
 
-    @torch.no_grad()
-    def viewer_query():  # the panel's relevancy with the latent left out of the frame: the model renders it alone
-        with full_resolution(model):
-            return fused_fold(model.render_viewer_latent(cam))
+    def viewer_query(triton_latent: bool):
+        @torch.no_grad()
+        def run():  # the panel's relevancy with the latent left out of the frame: the model renders it alone
+            with full_resolution(model, triton_latent):
+                return fused_fold(model.render_viewer_latent(cam))
 
-    @torch.no_grad()
-    def viewer_frame_query():  # a whole viewer frame: RGB + depth, the latent from their projection, the fold
-        with full_resolution(model):
-            outputs = model.get_outputs(cam)
-            return outputs["rgb"], fused_fold(outputs["semantic_latent"])
+        return run
+
+    def viewer_frame_query(triton_latent: bool):
+        @torch.no_grad()
+        def run():  # a whole viewer frame: RGB + depth, the latent (with triton_latent: from their projection), fold
+            with full_resolution(model, triton_latent):
+                outputs = model.get_outputs(cam)
+                return outputs["rgb"], fused_fold(outputs["semantic_latent"])
+
+        return run
 
     rows = [
         (
@@ -210,14 +218,21 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
             query(factored=True),
         ),
         ("query@full, triton render + fused fold", render_then_fused_fold, 1, render_then_fused_fold),
-        ("query@full, viewer path (triton latent + fused fold)", viewer_query, 1, viewer_query),
+        ("query@full, viewer path, gsplat latent + fused fold", viewer_query(False), 1, viewer_query(False)),
+        ("query@full, viewer path, triton latent + fused fold", viewer_query(True), 1, viewer_query(True)),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),
         ("projection+binning only", binning, 1, None),
         (
-            "frame+query@full, viewer path (latent from the RGB pass's projection)",
-            viewer_frame_query,
+            "frame+query@full, viewer path, gsplat latent + fused fold",
+            viewer_frame_query(False),
             1,
-            lambda: viewer_frame_query()[1],
+            lambda: viewer_frame_query(False)()[1],
+        ),
+        (
+            "frame+query@full, viewer path, triton latent from the RGB pass's projection + fused fold",
+            viewer_frame_query(True),
+            1,
+            lambda: viewer_frame_query(True)()[1],
         ),
     ]
     for config in configs:
@@ -339,13 +354,10 @@ def main() -> None:
     @torch.no_grad()
     def frame_and_query_full():
         # A whole viewer frame with the panel's "Full resolution" on: RGB + depth + latent at 1280x720, the latent
-        # by gsplat (viewer_latent_triton off: this row's earlier meaning) and the eager bfloat16 fold.
-        model.viewer_semantic_scale, model.config.viewer_latent_triton = 1.0, False
-        try:
+        # by gsplat and the eager bfloat16 fold (the viewer's path before the fused fold).
+        with full_resolution(model):
             outputs = model.get_outputs(cam)
             return outputs["rgb"], folded[torch.bfloat16, False](outputs["semantic_latent"])
-        finally:
-            model.viewer_semantic_scale, model.config.viewer_latent_triton = None, True
 
     @torch.no_grad()
     def frame_only():  # the same frame without the latent: what a query adds to a frame is the difference

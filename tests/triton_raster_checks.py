@@ -328,15 +328,17 @@ def check_benchmark_rows():
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
     rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
-    assert [name for name, *_ in rows][:7] == [
+    assert [name for name, *_ in rows][:9] == [
         "query@full, fused raster+fold (triton, Gram norm)",
         "query@full, fused raster+fold (triton, factored norm)",
         "query@full, triton render + fused fold",
-        "query@full, viewer path (triton latent + fused fold)",
+        "query@full, viewer path, gsplat latent + fused fold",
+        "query@full, viewer path, triton latent + fused fold",
         "render latent@full (triton)",
         "projection+binning only",
-        "frame+query@full, viewer path (latent from the RGB pass's projection)",
-    ] and len(rows) == 9
+        "frame+query@full, viewer path, gsplat latent + fused fold",
+        "frame+query@full, viewer path, triton latent from the RGB pass's projection + fused fold",
+    ] and len(rows) == 11
     for name, _, _, check in rows:
         if check is None:
             continue
@@ -345,7 +347,8 @@ def check_benchmark_rows():
         error = (answer - reference).abs().max().item()
         print(name, error)
         assert error < 5e-3, (name, error)
-    assert model.viewer_semantic_scale is None  # the rows leave the viewer's setting as they found it
+    # The rows leave the viewer's settings as they found them.
+    assert model.viewer_semantic_scale is None and not model.config.viewer_latent_triton
 
 
 if __name__ == "__main__":

@@ -168,15 +168,17 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     render path above, then the one-kernel fold, which measured faster on an H200 at 1280x720 from 1M Gaussians
     (3.55 ms against 3.78 ms per frame in the same run: benchmarks/results/query_speed_h200_triton_tiles.md).
     Both give the same map (a test)."""
-    viewer_latent_triton: bool = True
+    viewer_latent_triton: bool = False
     """While the query panel asks for the latent at full resolution (``viewer_semantic_scale`` set; eval mode, no
-    gradients, no supersampling), render it with the forward-only Triton rasterizer (``rendering/triton_rasterizer.py``:
-    the feature sum on tensor cores in float16 products with float32 sums, the alpha normalisation inside the kernel)
-    instead of gsplat's, and, inside a whole eval-mode render, from the RGB pass's projection and tile binning
-    instead of projecting again. Measured on an H100 at 1280x720 from 1M Gaussians: 2.19-2.23 ms against 2.59-2.60
-    ms for gsplat's render of the latent, projection and binning 0.79-0.81 ms of either
-    (benchmarks/results/query_speed_h100_factored_run1.md and _run2.md). Where Triton cannot run, gsplat's render. Evaluation and
-    training renders are gsplat's either way."""
+    gradients, no supersampling), render it with the forward-only Triton rasterizer
+    (``rendering/triton_rasterizer.py``: the feature sum on tensor cores in float16 products with float32 sums, the
+    alpha normalisation inside the kernel) instead of gsplat's, and, inside a whole eval-mode render, from the RGB
+    pass's projection and tile binning instead of projecting again. Off by default: on an H100 at 1280x720 from 1M
+    Gaussians (benchmarks/results/query_speed_h100_viewer_path.md, one run), the panel's relevancy with the latent
+    rendered alone took 3.81 ms this way, against 3.44 ms for the model's gsplat render of the latent and the same
+    fused fold; a whole frame with the query took 5.21 ms (the frame alone 2.88 ms), and the same frame with
+    gsplat's latent was not timed in that run. Evaluation and training renders are gsplat's either way; where
+    Triton cannot run, gsplat's."""
 
 
 class ChorusSplatModel(SplatfactoModel):

@@ -180,9 +180,9 @@ def check_render_relevancy():
         assert err < 1e-5, err
 
 
-def check_viewer_route():
-    # The query panel's relevancy through the fused rasterizer against the panel's unfused path (latent rendered
-    # by the model, then folded), with a hidden selection, a non-multiple-of-16 view and alpha normalisation.
+def _viewer_model(width=36, height=20, n=300, **config):
+    """A small chorus-splat model in eval mode (one 48-channel teacher, a 16-channel latent, a 64-unit head, alpha
+    normalisation) and a camera 3 units back that sees its Gaussians."""
     import warnings
 
     from nerfstudio.cameras.cameras import Cameras, CameraType
@@ -192,16 +192,14 @@ def check_viewer_route():
     from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
     from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
     from splatsem_ns.teachers.registry import make_teacher_config
-    from splatsem_ns.viewer.query_panel import QuerySnapshot, SemanticQueryPanel
 
     torch.manual_seed(0)
-    width, height, n = 36, 20, 300
     spec = TeacherSpec("siglip2", 48, (4, 6), (height, width), True, make_teacher_config("siglip2-b16"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = ChorusSplatModelConfig(
             semantic_source=LearnedLatentSourceConfig(latent_dim=16), projector_hidden_dim=64,
-            semantic_alpha_normalize=True,
+            semantic_alpha_normalize=True, **config,
         ).setup(
             scene_box=SceneBox(torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])), num_train_data=1,
             metadata={TEACHER_SPECS_KEY: {"siglip2": spec}},
@@ -214,6 +212,16 @@ def check_viewer_route():
     c2w[0, 2, 3] = 3.0
     camera = Cameras(camera_to_worlds=c2w, fx=30.0, fy=30.0, cx=width / 2, cy=height / 2, width=width,
                      height=height, camera_type=CameraType.PERSPECTIVE)  # fmt: skip
+    return model, camera
+
+
+def check_viewer_route():
+    # The query panel's relevancy through the fused rasterizer against the panel's unfused path (latent rendered
+    # by the model, then folded), with a hidden selection, a non-multiple-of-16 view and alpha normalisation.
+    from splatsem_ns.viewer.query_panel import QuerySnapshot, SemanticQueryPanel
+
+    width, height, n = 36, 20, 300
+    model, camera = _viewer_model(width, height, n)
     panel = SemanticQueryPanel([], build_teacher=None, get_model=lambda: model)
     texts = torch.nn.functional.normalize(torch.randn(3, 48), dim=-1)
     panel.embed = lambda teacher, phrases, device=None: texts[[{"a": 0, "b": 1, "c": 2}[p] for p in phrases]]
@@ -250,42 +258,16 @@ def check_viewer_latent():
     # viewer_latent_triton: the panel's full-resolution latent through the Triton rasterizer, inside a whole frame
     # from the RGB pass's projection (no second projection), alone from its own; the same latent as the render path
     # (float16 products); training-style renders (gradients on) and other scales keep the render path.
-    import warnings
+    from splatsem_ns.models import chorus_splat
 
-    from nerfstudio.cameras.cameras import Cameras, CameraType
-    from nerfstudio.data.scene_box import SceneBox
-
-    from splatsem_ns.models.chorus_splat import ChorusSplatModelConfig
-    from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig
-    from splatsem_ns.rendering import triton_rasterizer
-    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
-    from splatsem_ns.teachers.registry import make_teacher_config
-
-    torch.manual_seed(0)
     width, height, n = 36, 20, 300
-    spec = TeacherSpec("siglip2", 48, (4, 6), (height, width), True, make_teacher_config("siglip2-b16"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = ChorusSplatModelConfig(
-            semantic_source=LearnedLatentSourceConfig(latent_dim=16), projector_hidden_dim=64,
-            semantic_alpha_normalize=True, semantic_tile_size=16,  # the RGB pass's tiles: its projection applies
-        ).setup(
-            scene_box=SceneBox(torch.tensor([[-2.0, -2.0, -2.0], [2.0, 2.0, 2.0]])), num_train_data=1,
-            metadata={TEACHER_SPECS_KEY: {"siglip2": spec}},
-            seed_points=(torch.rand(n, 3) * 2 - 1, torch.full((n, 3), 128, dtype=torch.uint8)),
-        )  # fmt: skip
-    model.gauss_params["scales"].data = torch.log(torch.rand(n, 3) * 0.1 + 0.03)
-    model.gauss_params["semantic_latent"].data = torch.randn(n, 16)
-    model.eval()
+    # The RGB pass's tile size for the latent too, so its projection applies.
+    model, camera = _viewer_model(width, height, n, semantic_tile_size=16)
     model.hidden_mask = torch.rand(n) < 0.2  # the RGB pass and the latent draw the same subset
-    c2w = torch.eye(4)[:3][None]
-    c2w[0, 2, 3] = 3.0
-    camera = Cameras(camera_to_worlds=c2w, fx=30.0, fy=30.0, cx=width / 2, cy=height / 2, width=width,
-                     height=height, camera_type=CameraType.PERSPECTIVE)  # fmt: skip
     projections, renders = [], []
-    project, render = triton_rasterizer.project_and_bin, triton_rasterizer.rasterize_features_triton
-    triton_rasterizer.project_and_bin = lambda *a, **k: projections.append(1) or project(*a, **k)
-    triton_rasterizer.rasterize_features_triton = lambda *a, **k: renders.append(1) or render(*a, **k)
+    project, render = chorus_splat.project_and_bin, chorus_splat.rasterize_features_triton
+    chorus_splat.project_and_bin = lambda *a, **k: projections.append(1) or project(*a, **k)
+    chorus_splat.rasterize_features_triton = lambda *a, **k: renders.append(1) or render(*a, **k)
     model.viewer_semantic_scale = 1.0
     with torch.no_grad():
         model.config.viewer_latent_triton = False

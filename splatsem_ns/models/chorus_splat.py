@@ -49,7 +49,8 @@ from splatsem_ns.rendering import rasterize_gaussians
 from splatsem_ns.rendering.triton_rasterizer import (
     ProjectedTiles,
     fold_operands_for,
-    render_features,
+    project_and_bin,
+    rasterize_features_triton,
     render_relevancy,
     triton_raster_available,
 )
@@ -578,11 +579,25 @@ class ChorusSplatModel(SplatfactoModel):
         w, h, k = self._semantic_render_size(width, height, scale)
         normalize = self.config.semantic_alpha_normalize if normalize is None else normalize
         tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
-        if self._viewer_triton_latent(k, tile):
-            return self._render_latent_triton(
-                means, quats, scales, opacities, latent, viewmat, _scale_intrinsics(K, (w / width, h / height)),
-                w, h, tile, normalize, rgb_info,
+        if self._viewer_triton_latent(k, tile):  # the panel's full-resolution latent (viewer_latent_triton)
+            mode = self.config.semantic_rasterize_mode or self.config.rasterize_mode
+            shared = (
+                rgb_info is not None
+                and (rgb_info.get("width"), rgb_info.get("height"), rgb_info.get("tile_size")) == (w, h, tile)
+                and mode == self.config.rasterize_mode
+                and rgb_info["means2d"].shape[:2] == (1, means.shape[0])
+            )
+            if shared:  # the same Gaussians, camera, size and tiles as the RGB pass: its projection holds
+                tiles = ProjectedTiles.from_info(rgb_info)
+            else:
+                K = _scale_intrinsics(K, (w / width, h / height))
+                tiles = project_and_bin(means, quats, scales, opacities, viewmat, K, w, h, rasterize_mode=mode,
+                                        tile_size=tile)  # fmt: skip
+            rendered, _ = rasterize_features_triton(
+                tiles.means2d, tiles.conics, tiles.opacities, latent, tiles.isect_offsets, tiles.flatten_ids, w, h,
+                tile, normalize_min_alpha=_MIN_ALPHA if normalize else None,
             )  # fmt: skip
+            return rendered[0]
         if not self.config.semantic_grad_to_geometry:
             means, quats, scales, opacities = (
                 means.detach(),
@@ -628,37 +643,6 @@ class ChorusSplatModel(SplatfactoModel):
             and self.config.rasterizer_backend != "torch"
             and triton_raster_available(self.device)
         )
-
-    def _render_latent_triton(
-        self,
-        means: Float[Tensor, "N 3"],
-        quats: Float[Tensor, "N 4"],
-        scales: Float[Tensor, "N 3"],
-        opacities: Float[Tensor, " N"],
-        latent: Float[Tensor, "N D"],
-        viewmat: Float[Tensor, "1 4 4"],
-        K: Float[Tensor, "1 3 3"],
-        width: int,
-        height: int,
-        tile: int,
-        normalize: bool,
-        rgb_info: Optional[Dict],
-    ) -> Float[Tensor, "h w D"]:
-        """The viewer's full-resolution latent through the Triton rasterizer (``viewer_latent_triton``)."""
-        mode = self.config.semantic_rasterize_mode or self.config.rasterize_mode
-        shared = (
-            rgb_info is not None
-            and (rgb_info.get("width"), rgb_info.get("height"), rgb_info.get("tile_size"))
-            == (width, height, tile)
-            and mode == self.config.rasterize_mode
-            and rgb_info["means2d"].shape[:2] == (1, means.shape[0])
-        )
-        rendered, _ = render_features(
-            means, quats, scales, opacities, latent, viewmat, K, width, height,
-            tiles=ProjectedTiles.from_info(rgb_info) if shared else None,
-            normalize_min_alpha=_MIN_ALPHA if normalize else None, rasterize_mode=mode, tile_size=tile,
-        )  # fmt: skip
-        return rendered[0]
 
     def _semantic_render_size(self, width: int, height: int, scale: float) -> Tuple[int, int, int]:
         """The semantic render's output size (w, h) at ``scale`` of a ``width`` x ``height`` image, and its

@@ -412,47 +412,6 @@ def project_and_bin(
 
 
 @torch.no_grad()
-def render_features(
-    means: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    scales: Float[Tensor, "N 3"],
-    opacities: Float[Tensor, " N"],
-    features: Float[Tensor, "N D"],
-    viewmats: Float[Tensor, "C 4 4"],
-    Ks: Float[Tensor, "C 3 3"],
-    width: int,
-    height: int,
-    *,
-    tiles: Optional[ProjectedTiles] = None,
-    normalize_min_alpha: Optional[float] = None,
-    eps2d: float = 0.3,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
-    rasterize_mode: RasterizeMode = "classic",
-    tile_size: int = 16,
-    backend: ProjectionBackend = "auto",
-    precision: DotPrecision = "fp16",
-    block_gaussians: int = BLOCK_GAUSSIANS,
-    num_warps: int = NUM_WARPS,
-) -> Tuple[Float[Tensor, "C H W D"], Float[Tensor, "C H W 1"]]:
-    """Features of every pixel of C cameras straight from the Gaussians, forward only: ``project_and_bin`` (or
-    ``tiles``, the projection of another render of the same Gaussians and camera at the same size and tile size)
-    then ``rasterize_features_triton``. The same render as ``rasterize_gaussians`` with the same settings (divided
-    by ``alpha.clamp(min=normalize_min_alpha)`` if set), up to the rounding of ``precision``."""
-    if tiles is None:
-        tiles = project_and_bin(
-            means, quats, scales, opacities, viewmats, Ks, width, height,
-            eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, rasterize_mode=rasterize_mode,
-            tile_size=tile_size, backend=backend,
-        )  # fmt: skip
-    return rasterize_features_triton(
-        tiles.means2d, tiles.conics, tiles.opacities, features, tiles.isect_offsets, tiles.flatten_ids,
-        width, height, tile_size, normalize_min_alpha=normalize_min_alpha, precision=precision,
-        block_gaussians=block_gaussians, num_warps=num_warps,
-    )  # fmt: skip
-
-
-@torch.no_grad()
 def render_relevancy(
     means: Float[Tensor, "N 3"],
     quats: Float[Tensor, "N 4"],

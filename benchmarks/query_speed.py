@@ -246,6 +246,45 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     return rows
 
 
+def profile_rows(rows, out: Path, frames: int) -> dict:
+    """Each ``(name, fn)`` run ``frames`` times under torch.profiler, after the timing: what a row spends on the
+    host (the per-frame work around the kernels) beside what its kernels take on the GPU. The operator tables go
+    to ``out/profile_<n>.txt``; returned: the file and the per-frame totals by row name."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiles = {}
+    for index, (name, fn) in enumerate(rows):
+        fn()  # warm (compiled paths, caches)
+        sync()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(frames):
+                fn()
+            sync()
+        averages = prof.key_averages()
+        host_us = sum(event.self_cpu_time_total for event in averages)
+        gpu_us = sum(getattr(event, "self_device_time_total", 0) for event in averages)
+        sort_gpu = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        path = out / f"profile_{index}.txt"
+        path.write_text(
+            f"# {name}: {frames} frames under torch.profiler\n\n"
+            f"host {host_us / frames / 1000:.3f} ms a frame (operators' own CPU time), "
+            f"GPU {gpu_us / frames / 1000:.3f} ms a frame (their kernels)\n\n"
+            "## By host time\n\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=40)
+            + "\n\n## By GPU time\n\n"
+            + averages.table(sort_by=sort_gpu, row_limit=30)
+            + "\n"
+        )
+        profiles[name] = {
+            "file": path.name,
+            "host_ms_per_frame": round(host_us / frames / 1000, 3),
+            "gpu_ms_per_frame": round(gpu_us / frames / 1000, 3),
+        }
+        print(f"profiled {name}: {profiles[name]}", flush=True)
+    return profiles
+
+
 def main() -> None:
     from splatsem_ns.models.folded_query import _FAILED as _FOLD_FAILED
     from splatsem_ns.models.folded_query import FoldedQuery
@@ -277,6 +316,17 @@ def main() -> None:
         default=["16x4", "16x8", "32x4", "64x8", "32x4x8", "16x2x8"],
         help="extra settings of the fused Triton path to time, BLOCKxWARPS[xTILE] (Gaussians per step x warps per "
         "tile program [x tile edge in pixels; smaller tiles keep the epilogue's registers smaller])",
+    )
+    parser.add_argument(
+        "--profile-rows",
+        nargs="*",
+        default=[
+            "query@full, viewer path, gsplat latent + fused fold",
+            "query@full, viewer path, triton latent + fused fold",
+            "query@full, triton render + fused fold",
+        ],  # fmt: skip
+        help="rows to run again under torch.profiler after the timing (operators by host and by GPU time, per "
+        "frame), each into profile_<n>.txt beside the report; none: no profiles",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -431,6 +481,9 @@ def main() -> None:
         ms = time_it(fn, args.frames, args.warmup)
         rows[name] = {"ms": round(ms, 3), "fps": round(1000.0 / ms, 1)}
         print(name, rows[name], flush=True)
+    profiles = profile_rows(
+        [(name, fn) for name, fn, _ in paths if name in args.profile_rows], args.out, args.frames
+    )
     report = {
         "benchmark": "query_speed",
         "device": device_name(),
@@ -445,6 +498,7 @@ def main() -> None:
         "peak_gpu_mem_gib": peak_memory_gib(),
         "results": rows,
         "rows_dropped": dropped,
+        "profiles": profiles,
         # FoldedQuery's fused flag falls back to the unfused fold if the kernel fails: rows timed through it say so.
         "fused_fold_fell_back": "fused" in _FOLD_FAILED,
         "target": "at least 400 relevancy frames per second at full resolution (1280x720) with about 1M Gaussians",
@@ -473,6 +527,11 @@ def main() -> None:
             "",
             *[f"- {k}: {v}" for k, v in dropped.items()],
         ]
+    if profiles:
+        lines += ["", "Rows run again under torch.profiler (host: the operators' own CPU time per frame; GPU: their "
+                  "kernels' time per frame):", "",
+                  *[f"- {k}: {v['file']} (host {v['host_ms_per_frame']} ms, GPU {v['gpu_ms_per_frame']} ms a "
+                    f"frame)" for k, v in profiles.items()]]  # fmt: skip
     if report["fused_fold_fell_back"]:
         lines += ["", "**The fused fold failed in this run**: rows through FoldedQuery's fused flag (the triton "
                   "render + fused fold row) timed the unfused fold."]  # fmt: skip

@@ -586,3 +586,17 @@ def test_encoder_capacity_scores_and_fits_a_room(tmp_path: Path) -> None:
     kept[labels] = True
     distance = torch.cdist(means[kept], means)  # [kept, all]
     assert bool((distance[:, kept].amax(1) <= distance[:, ~kept].amin(1)).any())
+
+
+def test_query_speed_profiles_the_rows_it_is_asked_for(tmp_path: Path) -> None:
+    # query_speed.py --profile-rows: each row run again under torch.profiler, its tables written beside the report.
+    import query_speed
+
+    calls = []
+    profiles = query_speed.profile_rows(
+        [("matmul", lambda: calls.append(1) or torch.ones(64, 64) @ torch.ones(64, 64))], tmp_path, frames=3
+    )
+    assert len(calls) == 4  # one warm-up, then the profiled frames
+    assert profiles["matmul"]["file"] == "profile_0.txt" and profiles["matmul"]["host_ms_per_frame"] > 0
+    text = (tmp_path / "profile_0.txt").read_text()
+    assert text.startswith("# matmul: 3 frames") and "aten::mm" in text

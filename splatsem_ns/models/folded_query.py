@@ -91,10 +91,11 @@ class FoldedQuery(nn.Module):
     @property
     def factored_by_default(self) -> bool:
         """Whether the kernels take the head's norm in the factored form unless told otherwise: for 16-bit operands
-        and a power-of-two hidden width (what it needs), the form measured faster. On an H100 at 1280x720 the fold
-        took 0.43-0.44 ms against the Gram form's 0.75-0.77 ms, with the same largest error against the float32
-        fold (benchmarks/results/query_speed_h100_factored_run1.md and _run2.md). The float32 variant spills registers
-        (``tests/test_triton_compiles.py``) and was not timed, so float32 keeps the Gram form."""
+        and a power-of-two hidden width (what it needs), the form measured faster. On H100s at 1280x720 the fold took
+        0.43-0.55 ms against the Gram form's 0.75-0.81 ms, with the same largest error against the float32 fold
+        (benchmarks/results/query_speed_h100_factored_run1.md, _run2.md and query_speed_h100_viewer_path.md: three
+        runs, two machines). The float32 variant spills registers (``tests/test_triton_compiles.py``) and was not
+        timed, so float32 keeps the Gram form."""
         hidden = self.fold.shape[0]
         return self.fold.dtype in (torch.float16, torch.bfloat16) and hidden & (hidden - 1) == 0
 

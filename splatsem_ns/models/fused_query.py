@@ -9,16 +9,16 @@ goes into.
 The norm is taken one of two ways (``FoldOperands.factored``):
 - Gram: ``h^T G h + 2 (W^T b) . h + |b|^2`` with ``G = W^T W`` taken in column chunks, each chunk's ``h``
   recomputed from the latent (no block of ``h`` wider than a chunk is ever held, for any hidden width). It folds a
-  1280x720 latent in 0.76 ms on an H200 (benchmarks/results/query_speed_h200_gram_fold.md) and 0.75-0.77 ms on an
-  H100;
+  1280x720 latent in 0.76 ms on an H200 (benchmarks/results/query_speed_h200_gram_fold.md) and 0.75-0.81 ms on
+  H100s;
 - factored (hidden widths that are powers of two): with the thin QR ``W = Q R``,
   ``|W h + b|^2 = |R h + Q^T b|^2 + (|b|^2 - |Q^T b|^2)``, so ``h`` is computed once per block and the norm is one
   ``[hidden, hidden]`` product whose squares are summed: fewer multiply-adds, but the whole ``[64, hidden]`` block
   of ``h`` held at once (228 registers a thread at 256 hidden units in float16, against the Gram form's 168;
-  ``tests/test_triton_compiles.py`` prints both). It folds the same latent in 0.43-0.44 ms on an H100
-  (benchmarks/results/query_speed_h100_factored_run1.md and _run2.md), so ``FoldedQuery`` takes it by default where it
-  applies (``FoldedQuery.factored_by_default``); ``fold_operands`` itself defaults to the Gram form, which
-  takes any hidden width.
+  ``tests/test_triton_compiles.py`` prints both). It folds the same latent in 0.43-0.55 ms on H100s, in the same
+  runs (benchmarks/results/query_speed_h100_factored_run1.md, _run2.md, query_speed_h100_viewer_path.md), so
+  ``FoldedQuery`` takes it by default where it applies (``FoldedQuery.factored_by_default``); ``fold_operands``
+  itself defaults to the Gram form, which takes any hidden width.
 
 The kernel runs on CUDA; ``TRITON_INTERPRET=1`` runs it on the CPU (slowly), which is how the tests check it
 against the eager fold.

@@ -328,7 +328,7 @@ def fold_operands_for(folded, latent_channels: int, factored: Optional[bool] = N
     norm's form (``fused_query``'s module docstring; None: ``FoldedQuery.factored_by_default``). The epilogue works
     on a whole tile (256 pixels of a 16-pixel tile), whose full ``[pixels, hidden]`` activations, which the factored
     form holds, do not fit in registers (it spills: ``tests/test_triton_compiles.py``); it still measured slightly
-    faster than the Gram epilogue on an H100 (3.49-3.52 ms against 3.57-3.63 ms, two runs)."""
+    faster than the Gram epilogue on H100s (3.49-3.96 ms against 3.57-4.10 ms, each pair in one run; three runs)."""
     return folded.operands(_padded_width(latent_channels), factored)
 
 

@@ -19,8 +19,11 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
   ``projection+binning only`` (gsplat's projection and tile intersection, which both renders start with) for the
   breakdown. The model's rows include its per-frame host work (camera, intrinsics), the bare rows do not;
 - ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on, the latent
-  rendered by gsplat and folded eagerly (the viewer's path before ``viewer_latent_triton``), and
-  ``frame@full, RGB+depth only``, the same frame without the latent;
+  rendered by gsplat from a projection of its own and folded eagerly (the viewer's path before the fused fold);
+  the same with the fused fold (``gsplat latent projected again``: the frame before
+  ``semantic_shares_rgb_projection``, against the triton rows' ``viewer path, gsplat latent`` frame, which
+  composites the latent through the RGB pass's projection); and ``frame@full, RGB+depth only``, the frame without
+  the latent;
 - ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``;
 - with ``--supersample 1 4``, the teacher-grid paths again with the semantic pass supersampled 4 x 4.
 
@@ -401,13 +404,20 @@ def main() -> None:
 
         return run
 
-    @torch.no_grad()
-    def frame_and_query_full():
+    def frame_and_query_full(fold):
         # A whole viewer frame with the panel's "Full resolution" on: RGB + depth + latent at 1280x720, the latent
-        # by gsplat and the eager bfloat16 fold (the viewer's path before the fused fold).
-        with full_resolution(model):
-            outputs = model.get_outputs(cam)
-            return outputs["rgb"], folded[torch.bfloat16, False](outputs["semantic_latent"])
+        # by gsplat from a projection of its own (semantic_shares_rgb_projection off), then ``fold``.
+        @torch.no_grad()
+        def run():
+            with full_resolution(model):
+                model.config.semantic_shares_rgb_projection = False
+                try:
+                    outputs = model.get_outputs(cam)
+                    return outputs["rgb"], fold(outputs["semantic_latent"])
+                finally:
+                    model.config.semantic_shares_rgb_projection = True
+
+        return run
 
     @torch.no_grad()
     def frame_only():  # the same frame without the latent: what a query adds to a frame is the difference
@@ -439,7 +449,12 @@ def main() -> None:
         ("fold only, bfloat16", fold_only(torch.bfloat16, False), 1),
         ("fold only, bfloat16 compiled", fold_only(torch.bfloat16, True), 1),
         *[row[:3] for row in checked],
-        ("frame+query@full, folded bfloat16", frame_and_query_full, 1),
+        ("frame+query@full, folded bfloat16", frame_and_query_full(folded[torch.bfloat16, False]), 1),
+        (
+            "frame+query@full, gsplat latent projected again + fused fold",
+            frame_and_query_full(folded[torch.bfloat16, "fused"]),
+            1,
+        ),
         ("frame@full, RGB+depth only", frame_only, 1),
     ]
     # Supersampling renders k x k pixels per teacher cell (see ChorusSplatModelConfig.semantic_supersample).

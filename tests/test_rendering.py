@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from splatsem_ns.rendering import rasterize_gaussians, rasterize_gaussians_torch
+from splatsem_ns.rendering import rasterize_from_projection, rasterize_gaussians, rasterize_gaussians_torch
 
 WIDTH, HEIGHT = 40, 28  # 3 x 2 tiles of 16 px, the last row and column only partly inside the image
 
@@ -530,6 +530,38 @@ def test_info_has_gsplat_keys_shapes_and_dtypes():
     starts = torch.searchsorted(tiles, keys).view(C, 2, 3)
     assert (starts == info["isect_offsets"]).all()
     assert info["backend"] == "torch"
+
+
+def _projection_reuse_case(backend: str, device: str):
+    """An RGB+ED render with SH colours (as a viewer frame), then 35 other channels through its projection and
+    through a render of their own with the same settings."""
+    scene = make_scene(n=60, channels=35, n_cams=2, dtype=torch.float32, seed=21)
+    scene = {k: v.to(device) for k, v in scene.items()}
+    g = torch.Generator().manual_seed(3)
+    sh = (0.5 * torch.randn(60, 16, 3, generator=g)).to(device)
+    geometry = [scene[k] for k in ("means", "quats", "scales", "opacities")]
+    cams = (scene["viewmats"], scene["Ks"], WIDTH, HEIGHT)
+    kwargs = {"rasterize_mode": "antialiased", "backend": backend}
+    with torch.no_grad():
+        _, _, info = rasterize_gaussians(*geometry, sh, *cams, sh_degree=3, render_mode="RGB+ED", **kwargs)
+        shared = rasterize_from_projection(info, scene["colors"])
+        render, alpha, _ = rasterize_gaussians(*geometry, scene["colors"], *cams, **kwargs)
+    return shared, (render, alpha)
+
+
+def test_features_through_an_earlier_projection_match_their_own_render():
+    # rendering.rasterize_from_projection: the same compositing on the same projection, so the same numbers.
+    (features, alpha), (render, render_alpha) = _projection_reuse_case("torch", "cpu")
+    assert features.shape == render.shape == (2, HEIGHT, WIDTH, 35) and alpha.shape == (2, HEIGHT, WIDTH, 1)
+    assert torch.equal(features, render) and torch.equal(alpha, render_alpha)
+    assert alpha.max() > 0.9  # something was composited
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's CUDA kernels need a GPU")
+def test_features_through_an_earlier_gsplat_projection_match_their_own_render():
+    (features, alpha), (render, render_alpha) = _projection_reuse_case("gsplat", "cuda")
+    torch.testing.assert_close(features, render, rtol=0, atol=1e-6)
+    torch.testing.assert_close(alpha, render_alpha, rtol=0, atol=1e-6)
 
 
 def test_auto_backend_uses_torch_on_cpu_and_gsplat_needs_cuda():

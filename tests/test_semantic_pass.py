@@ -244,3 +244,35 @@ def test_full_frame_semantic_renders_use_full_frame_tiles() -> None:
     assert semantic_tile_size(4, 256 * 192) == 4  # training's pass at the teachers' resolution (ScanNet)
     assert semantic_tile_size(4, 1280 * 720) == 16  # the viewer's full-resolution query
     assert semantic_tile_size(32, 1280 * 720) == 32
+
+
+def test_full_resolution_eval_latent_reuses_the_rgb_pass_projection(monkeypatch) -> None:
+    # semantic_shares_rgb_projection: an eval-mode frame whose latent has the RGB pass's size and tiles projects
+    # the Gaussians once, and gives the same latent as projecting them again; training and renders with gradients
+    # (click weights) project for themselves.
+    from splatsem_ns.rendering import torch_rasterizer
+
+    model = tiny_chorus_model(semantic_tile_size=16, semantic_alpha_normalize=True)
+    model.eval()
+    model.hidden_mask = torch.arange(model.num_points) % 5 == 0  # both passes draw the same visible subset
+    model.viewer_semantic_scale = 1.0  # the query panel's full resolution
+    projections = []
+    project = torch_rasterizer.project_gaussians
+    monkeypatch.setattr(
+        torch_rasterizer, "project_gaussians", lambda *a, **k: projections.append(1) or project(*a, **k)
+    )
+
+    def frame_latent(share: bool, grad: bool = False) -> torch.Tensor:
+        model.config.semantic_shares_rgb_projection = share
+        projections.clear()
+        with torch.set_grad_enabled(grad):
+            latent = model.get_outputs(tiny_camera())["semantic_latent"].detach()
+        return latent, len(projections)
+
+    (shared, once), (separate, twice) = frame_latent(True), frame_latent(False)
+    assert (once, twice) == (1, 2)
+    assert shared.shape == (48, 64, model.semantic_source.latent_dim) and shared.abs().sum() > 0
+    assert torch.equal(shared, separate)
+    assert frame_latent(True, grad=True)[1] == 2
+    model.viewer_semantic_scale = None  # training's semantic scale: another size, its own projection
+    assert frame_latent(True)[1] == 2

@@ -45,7 +45,7 @@ from splatsem_ns.models.optional_lpips import NaNMetric, optional_lpips
 from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig, SemanticSourceConfig
 from splatsem_ns.models.smoothness import voxel_consensus_loss
 from splatsem_ns.models.strategy import SyncFreeDefaultStrategy
-from splatsem_ns.rendering import rasterize_gaussians
+from splatsem_ns.rendering import rasterize_from_projection, rasterize_gaussians
 from splatsem_ns.rendering.triton_rasterizer import (
     ProjectedTiles,
     fold_operands_for,
@@ -169,12 +169,20 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     render path above, then the one-kernel fold, which measured faster on an H200 at 1280x720 from 1M Gaussians
     (3.55 ms against 3.78 ms per frame in the same run: benchmarks/results/query_speed_h200_triton_tiles.md).
     Both give the same map (a test)."""
+    semantic_shares_rgb_projection: bool = True
+    """In eval-mode renders without gradients whose latent has the RGB pass's size and tiles (the query panel at
+    full resolution, or any evaluation at render scale 1 without supersampling), composite the latent through the
+    RGB pass's projection and tile binning (``rendering.rasterize_from_projection``) instead of projecting the same
+    Gaussians through the same camera again: the same compositing kernel on the same inputs, so the same latent (a
+    test), with one projection and tile sort fewer per frame. Those took 0.79-0.90 ms at 1280x720 from 1M Gaussians
+    on H100s when timed alone ("projection+binning only", benchmarks/results/query_speed_h100_*.md); what sharing
+    saves inside a frame has not been timed yet."""
     viewer_latent_triton: bool = False
     """While the query panel asks for the latent at full resolution (``viewer_semantic_scale`` set; eval mode, no
     gradients, no supersampling), render it with the forward-only Triton rasterizer
     (``rendering/triton_rasterizer.py``: the feature sum on tensor cores in float16 products with float32 sums, the
-    alpha normalisation inside the kernel) instead of gsplat's, and, inside a whole eval-mode render, from the RGB
-    pass's projection and tile binning instead of projecting again. Off by default: on an H100 at 1280x720 from 1M
+    alpha normalisation inside the kernel) instead of gsplat's; inside a whole eval-mode render from the RGB pass's
+    projection and tile binning, as gsplat's latent is (``semantic_shares_rgb_projection``). Off by default: on an H100 at 1280x720 from 1M
     Gaussians (benchmarks/results/query_speed_h100_viewer_path.md, one run), the panel's relevancy with the latent
     rendered alone took 3.81 ms this way, against 3.44 ms for the model's gsplat render of the latent and the same
     fused fold; a whole frame with the query took 5.21 ms (the frame alone 2.88 ms), and the same frame with
@@ -575,20 +583,28 @@ class ChorusSplatModel(SplatfactoModel):
         """The latent rendered at ``scale`` of the image. Supersampled renders (k x k pixels per output pixel)
         are averaged back to ``scale`` when ``pool``, else returned at k times that resolution. ``normalize``
         (default: ``semantic_alpha_normalize``) divides by the accumulated opacity. ``rgb_info``: the ``info`` of
-        an RGB render of the same Gaussians and camera, whose projection the viewer's Triton path may reuse."""
+        an RGB render of the same Gaussians and camera, whose projection this render reuses where it applies
+        (``semantic_shares_rgb_projection``)."""
         w, h, k = self._semantic_render_size(width, height, scale)
         normalize = self.config.semantic_alpha_normalize if normalize is None else normalize
         tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
+        mode = self.config.semantic_rasterize_mode or self.config.rasterize_mode
+        # The RGB pass's projection, where it is this render's: the same Gaussians, camera, size, tiles and mode.
+        shared = (
+            rgb_info
+            if self.config.semantic_shares_rgb_projection
+            and rgb_info is not None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and k == 1
+            and (rgb_info.get("width"), rgb_info.get("height"), rgb_info.get("tile_size")) == (w, h, tile)
+            and mode == self.config.rasterize_mode
+            and rgb_info["means2d"].shape[:2] == (1, means.shape[0])
+            else None
+        )
         if self._viewer_triton_latent(k, tile):  # the panel's full-resolution latent (viewer_latent_triton)
-            mode = self.config.semantic_rasterize_mode or self.config.rasterize_mode
-            shared = (
-                rgb_info is not None
-                and (rgb_info.get("width"), rgb_info.get("height"), rgb_info.get("tile_size")) == (w, h, tile)
-                and mode == self.config.rasterize_mode
-                and rgb_info["means2d"].shape[:2] == (1, means.shape[0])
-            )
-            if shared:  # the same Gaussians, camera, size and tiles as the RGB pass: its projection holds
-                tiles = ProjectedTiles.from_info(rgb_info)
+            if shared is not None:
+                tiles = ProjectedTiles.from_info(shared)
             else:
                 K = _scale_intrinsics(K, (w / width, h / height))
                 tiles = project_and_bin(means, quats, scales, opacities, viewmat, K, w, h, rasterize_mode=mode,
@@ -598,27 +614,30 @@ class ChorusSplatModel(SplatfactoModel):
                 tile, normalize_min_alpha=_MIN_ALPHA if normalize else None,
             )  # fmt: skip
             return rendered[0]
-        if not self.config.semantic_grad_to_geometry:
-            means, quats, scales, opacities = (
-                means.detach(),
-                quats.detach(),
-                scales.detach(),
-                opacities.detach(),
+        if shared is not None:
+            rendered, alpha = rasterize_from_projection(shared, latent)
+        else:
+            if not self.config.semantic_grad_to_geometry:
+                means, quats, scales, opacities = (
+                    means.detach(),
+                    quats.detach(),
+                    scales.detach(),
+                    opacities.detach(),
+                )
+            rendered, alpha, _ = rasterize_gaussians(
+                means=means,
+                quats=quats,
+                scales=scales,
+                opacities=opacities,
+                colors=latent,
+                viewmats=viewmat.detach(),
+                Ks=_scale_intrinsics(K, (k * w / width, k * h / height)),
+                width=k * w,
+                height=k * h,
+                rasterize_mode=mode,
+                backend=self.config.rasterizer_backend,
+                tile_size=tile,
             )
-        rendered, alpha, _ = rasterize_gaussians(
-            means=means,
-            quats=quats,
-            scales=scales,
-            opacities=opacities,
-            colors=latent,
-            viewmats=viewmat.detach(),
-            Ks=_scale_intrinsics(K, (k * w / width, k * h / height)),
-            width=k * w,
-            height=k * h,
-            rasterize_mode=self.config.semantic_rasterize_mode or self.config.rasterize_mode,
-            backend=self.config.rasterizer_backend,
-            tile_size=tile,
-        )
         if k > 1 and pool:
             rendered, alpha = (
                 torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)

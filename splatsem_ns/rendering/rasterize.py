@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Dict, Literal, Optional, Tuple
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from splatsem_ns.rendering.torch_rasterizer import RasterizeMode, RenderMode, rasterize_gaussians_torch
+from splatsem_ns.rendering.torch_rasterizer import (
+    RasterizeMode,
+    RenderMode,
+    TileBins,
+    composite_tiles_torch,
+    rasterize_gaussians_torch,
+)
 
 Backend = Literal["auto", "gsplat", "torch"]
 
@@ -136,3 +143,43 @@ def rasterize_gaussians(
     )
     info["backend"] = "gsplat"
     return render, alpha, info
+
+
+def rasterize_from_projection(
+    info: Dict, colors: Float[Tensor, "N D"]
+) -> Tuple[Float[Tensor, "C H W D"], Float[Tensor, "C H W 1"]]:
+    """Other per-Gaussian features (e.g. a semantic latent) composited through the projection and tile binning
+    that an earlier :func:`rasterize_gaussians` call made (its ``info``): the same Gaussians seen by the same
+    cameras at the same size, tile size and rasterize mode, which then need no second projection. The compositing
+    is that call's own: gsplat's ``rasterize_to_pixels`` after a gsplat render, the PyTorch path's after a torch
+    one, so the result equals rendering ``colors`` with :func:`rasterize_gaussians` and those settings.
+
+    Returns:
+        The composited features [C, H, W, D] (no background) and the accumulated alpha [C, H, W, 1].
+    """
+    C = info["n_cameras"]
+    colors = colors.expand(C, -1, -1) if colors.dim() == 2 else colors  # [C, N, D]
+    width, height = info["width"], info["height"]
+    if info.get("backend") == "gsplat":
+        from gsplat.cuda._wrapper import rasterize_to_pixels
+
+        # 32 channels at a time, as gsplat.rasterization's default channel_chunk does.
+        parts = [
+            rasterize_to_pixels(
+                info["means2d"],
+                info["conics"],
+                colors[..., i : i + 32],
+                info["opacities"],
+                width,
+                height,
+                info["tile_size"],
+                info["isect_offsets"],
+                info["flatten_ids"],
+            )  # fmt: skip
+            for i in range(0, colors.shape[-1], 32)
+        ]
+        return torch.cat([render for render, _ in parts], dim=-1), parts[0][1]
+    render, trans = composite_tiles_torch(
+        info["means2d"], info["conics"], info["opacities"], colors, TileBins.from_info(info), width, height
+    )
+    return render, 1.0 - trans

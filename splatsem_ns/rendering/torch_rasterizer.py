@@ -172,6 +172,26 @@ class TileBins:
         """gsplat's per-tile start offsets (int32)."""
         return self.tile_starts.view(self.n_cameras, self.tile_height, self.tile_width).to(torch.int32)
 
+    @classmethod
+    def from_info(cls, info: Dict) -> "TileBins":
+        """The bins of a :func:`rasterize_gaussians_torch` call, rebuilt from the ``info`` it returned (the
+        intersections are sorted by tile, so each tile's run starts at its offset)."""
+        starts = info["isect_offsets"].reshape(-1).long()
+        flatten_ids = info["flatten_ids"].long()
+        counts = torch.diff(starts, append=starts.new_tensor([flatten_ids.numel()]))
+        return cls(
+            tile_size=info["tile_size"],
+            tile_width=info["tile_width"],
+            tile_height=info["tile_height"],
+            n_cameras=info["n_cameras"],
+            tiles_per_gauss=info["tiles_per_gauss"],
+            tile_ids=torch.repeat_interleave(torch.arange(starts.numel(), device=starts.device), counts),
+            flatten_ids=flatten_ids,
+            isect_ids=info["isect_ids"],
+            tile_counts=counts,
+            tile_starts=starts,
+        )
+
 
 @torch.no_grad()
 def bin_gaussians_to_tiles(
@@ -518,6 +538,47 @@ def _check_inputs(
             raise ValueError(f"{where}: {name} contains non-finite values (NaN or inf).")
 
 
+def composite_tiles_torch(
+    means2d: Float[Tensor, "C N 2"],
+    conics: Float[Tensor, "C N 3"],
+    opacities: Float[Tensor, "C N"],
+    colors: Float[Tensor, "C N D"],
+    bins: TileBins,
+    width: int,
+    height: int,
+    max_pairs_per_chunk: Optional[int] = None,
+    absgrad_buffer: Optional[Tensor] = None,
+) -> Tuple[Float[Tensor, "C H W D"], Float[Tensor, "C H W 1"]]:
+    """gsplat's ``rasterize_to_pixels`` (``packed=False``, no backgrounds or masks) in PyTorch: the features
+    composited front to back through projected Gaussians and their tile ``bins``, and the final transmittance
+    (``1 - alpha``). Differentiable; ``absgrad_buffer`` [C * N, 2] gathers AbsGS gradients in backward.
+    ``max_pairs_per_chunk``: as :func:`rasterize_gaussians_torch`'s."""
+    C, N = opacities.shape
+    dtype, D = means2d.dtype, colors.shape[-1]
+    if max_pairs_per_chunk is None:
+        max_pairs_per_chunk = 2**25 if means2d.device.type == "cuda" else 2**21
+    chunks = _plan_chunks(bins, max_pairs_per_chunk, dtype)
+    ts, tile_width, tile_height = bins.tile_size, bins.tile_width, bins.tile_height
+    render_tiles, trans_tiles = _TileCompositing.apply(
+        means2d.reshape(C * N, 2),
+        conics.reshape(C * N, 3),
+        opacities.reshape(C * N).to(dtype),
+        colors.reshape(C * N, D).to(dtype),
+        chunks,
+        bins.n_tiles,
+        ts * ts,
+        absgrad_buffer,
+        max_pairs_per_chunk,
+    )
+
+    def to_image(tiles: Tensor) -> Tensor:  # [C * TH * TW, P, X] -> [C, H, W, X]
+        X = tiles.shape[-1]
+        image = tiles.view(C, tile_height, tile_width, ts, ts, X).permute(0, 1, 3, 2, 4, 5)
+        return image.reshape(C, tile_height * ts, tile_width * ts, X)[:, :height, :width]
+
+    return to_image(render_tiles), to_image(trans_tiles[..., None])
+
+
 def rasterize_gaussians_torch(
     means: Float[Tensor, "N 3"],
     quats: Float[Tensor, "N 4"],
@@ -600,7 +661,7 @@ def rasterize_gaussians_torch(
         rasterize_mode,
     )
     N, C = means.shape[0], viewmats.shape[0]
-    device, dtype = means.device, means.dtype
+    dtype = means.dtype
 
     radii, means2d, depths, conics, compensations = project_gaussians(
         means,
@@ -635,35 +696,14 @@ def rasterize_gaussians_torch(
         colors_cn = depths[..., None]
         if backgrounds is not None:
             backgrounds = backgrounds.new_zeros(C, 1)
-    D = colors_cn.shape[-1]
 
     tile_width = math.ceil(width / tile_size)
     tile_height = math.ceil(height / tile_size)
     bins = bin_gaussians_to_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
-    if max_pairs_per_chunk is None:
-        max_pairs_per_chunk = 2**25 if device.type == "cuda" else 2**21
-    chunks = _plan_chunks(bins, max_pairs_per_chunk, dtype)
-
     absgrad_buffer = means.new_zeros(C * N, 2) if absgrad else None
-    render_tiles, trans_tiles = _TileCompositing.apply(
-        means2d.reshape(C * N, 2),
-        conics.reshape(C * N, 3),
-        opacities_cn.reshape(C * N).to(dtype),
-        colors_cn.reshape(C * N, D).to(dtype),
-        chunks,
-        bins.n_tiles,
-        tile_size * tile_size,
-        absgrad_buffer,
-        max_pairs_per_chunk,
+    render, trans = composite_tiles_torch(
+        means2d, conics, opacities_cn, colors_cn, bins, width, height, max_pairs_per_chunk, absgrad_buffer
     )
-
-    def to_image(tiles: Tensor) -> Tensor:  # [C * TH * TW, P, X] -> [C, H, W, X]
-        X = tiles.shape[-1]
-        image = tiles.view(C, tile_height, tile_width, tile_size, tile_size, X).permute(0, 1, 3, 2, 4, 5)
-        return image.reshape(C, tile_height * tile_size, tile_width * tile_size, X)[:, :height, :width]
-
-    render = to_image(render_tiles)
-    trans = to_image(trans_tiles[..., None])
     if backgrounds is not None:
         render = render + trans * backgrounds.to(dtype)[:, None, None, :]
     alpha = 1.0 - trans

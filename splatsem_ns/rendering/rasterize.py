@@ -175,7 +175,7 @@ def rasterize_from_projection(
                 info["tile_size"],
                 info["isect_offsets"],
                 info["flatten_ids"],
-            )  # fmt: skip
+            )
             for i in range(0, colors.shape[-1], 32)
         ]
         return torch.cat([render for render, _ in parts], dim=-1), parts[0][1]

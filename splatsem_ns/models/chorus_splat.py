@@ -53,6 +53,7 @@ from splatsem_ns.rendering.triton_rasterizer import (
     rasterize_features_triton,
     render_relevancy,
     triton_raster_available,
+    triton_tile_size_ok,
 )
 from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, TeacherSpec
 
@@ -521,8 +522,8 @@ class ChorusSplatModel(SplatfactoModel):
         width, height = int(camera.width.item()), int(camera.height.item())
         w, h, k = self._semantic_render_size(width, height, self._eval_semantic_scale())
         tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
-        # Supersampled renders are pooled before the query; the kernel's tiles are powers of two of >= 16 pixels.
-        return k == 1 and tile >= 4 and not tile & (tile - 1)
+        # Supersampled renders are pooled before the query.
+        return k == 1 and triton_tile_size_ok(tile)
 
     @torch.no_grad()
     def render_query_relevancy(
@@ -657,8 +658,7 @@ class ChorusSplatModel(SplatfactoModel):
             and not torch.is_grad_enabled()
             and self.viewer_semantic_scale is not None
             and k == 1
-            and tile >= 4
-            and not tile & (tile - 1)
+            and triton_tile_size_ok(tile)
             and self.config.rasterizer_backend != "torch"
             and triton_raster_available(self.device)
         )

@@ -77,9 +77,14 @@ def triton_raster_available(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_tile_size_ok(tile_size: int) -> bool:
+    """Whether the kernels take tiles of this edge: a power of two >= 4 (at least ``tl.dot``'s 16 rows of pixels)."""
+    return tile_size >= 4 and not tile_size & (tile_size - 1)
+
+
 def _check_tile_size(tile_size: int) -> int:
     pixels = tile_size * tile_size
-    if tile_size < 4 or tile_size & (tile_size - 1):
+    if not triton_tile_size_ok(tile_size):
         raise ValueError(f"the Triton rasterizer needs a power-of-two tile size >= 4 (tl.dot's 16 rows), "
                          f"got {tile_size}")  # fmt: skip
     return pixels

@@ -120,14 +120,18 @@ def time_it(fn, frames: int, warmup: int) -> float:
 
 
 @contextmanager
-def full_resolution(model, triton_latent: bool = False):
+def full_resolution(model, triton_latent: bool = False, share_projection: bool = True):
     """The viewer's "Full resolution" setting: eval-mode semantic renders at the camera's own resolution, their
-    latent through the Triton rasterizer if ``triton_latent`` (``viewer_latent_triton``), else gsplat's."""
-    model.viewer_semantic_scale, model.config.viewer_latent_triton = 1.0, triton_latent
+    latent through the Triton rasterizer if ``triton_latent`` (``viewer_latent_triton``), else gsplat's, inside a
+    frame through the RGB pass's projection if ``share_projection`` (``semantic_shares_rgb_projection``)."""
+    config = model.config
+    model.viewer_semantic_scale = 1.0
+    config.viewer_latent_triton, config.semantic_shares_rgb_projection = triton_latent, share_projection
     try:
         yield
     finally:
-        model.viewer_semantic_scale, model.config.viewer_latent_triton = None, False
+        model.viewer_semantic_scale = None
+        config.viewer_latent_triton, config.semantic_shares_rgb_projection = False, True
 
 
 def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: Sequence[str] = ()):
@@ -409,13 +413,9 @@ def main() -> None:
         # by gsplat from a projection of its own (semantic_shares_rgb_projection off), then ``fold``.
         @torch.no_grad()
         def run():
-            with full_resolution(model):
-                model.config.semantic_shares_rgb_projection = False
-                try:
-                    outputs = model.get_outputs(cam)
-                    return outputs["rgb"], fold(outputs["semantic_latent"])
-                finally:
-                    model.config.semantic_shares_rgb_projection = True
+            with full_resolution(model, share_projection=False):
+                outputs = model.get_outputs(cam)
+                return outputs["rgb"], fold(outputs["semantic_latent"])
 
         return run
 

@@ -41,6 +41,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -270,7 +271,13 @@ def profile_rows(rows, out: Path, frames: int) -> dict:
             sync()
         averages = prof.key_averages()
         host_us = sum(event.self_cpu_time_total for event in averages)
-        gpu_us = sum(getattr(event, "self_device_time_total", 0) for event in averages)
+        # Kernels and copies only: an operator that launches a kernel carries that kernel's time as its own too.
+        gpu_us = sum(
+            event.self_device_time_total
+            for event in averages
+            if event.device_type != torch.autograd.DeviceType.CPU
+            and not getattr(event, "is_user_annotation", False)
+        )
         sort_gpu = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         path = out / f"profile_{index}.txt"
         path.write_text(
@@ -290,6 +297,64 @@ def profile_rows(rows, out: Path, frames: int) -> dict:
         }
         print(f"profiled {name}: {profiles[name]}", flush=True)
     return profiles
+
+
+def sync_points(fn) -> list:
+    """Where one call of ``fn`` makes the host wait for the GPU: each synchronising CUDA call that PyTorch sees
+    (``torch.cuda.set_sync_debug_mode``: reading a value back, a blocking copy), as (ms since the call began, the
+    warning, the project's and its libraries' frames of the Python stack). A wait whose GPU work is still queued
+    stops the host from preparing the rest of the frame meanwhile, so the times show which one costs. Syncs inside
+    C++ extensions (gsplat's intersection count) do not reach Python's warnings and are not listed."""
+    fn()  # warm
+    sync()
+    points = []
+    keep = ("splatsem_ns", "nerfstudio", "gsplat", "query_speed")
+
+    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 (warnings' signature)
+        if "called a synchronizing" not in str(message):  # not set_sync_debug_mode's own notice
+            return
+        stack = [
+            f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+            for frame in traceback.extract_stack()[:-1]
+            if any(part in frame.filename for part in keep)
+        ]
+        points.append(
+            (round(1000 * (time.perf_counter() - began), 3), str(message).splitlines()[0], stack[-6:])
+        )
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        began = time.perf_counter()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+        sync()
+        points.append(
+            (round(1000 * (time.perf_counter() - began), 3), "end (after the final synchronise)", [])
+        )
+    return points
+
+
+def trace_sync_rows(rows, out: Path) -> dict:
+    """``sync_points`` of each ``(name, fn)``, each into ``out/syncs_<n>.txt``; returned: file and count by row."""
+    traces = {}
+    if not torch.cuda.is_available():
+        return traces
+    for index, (name, fn) in enumerate(rows):
+        points = sync_points(fn)
+        path = out / f"syncs_{index}.txt"
+        lines = [f"# {name}: synchronising calls of one frame (ms since it began)", ""]
+        for ms, message, stack in points:
+            lines += [f"{ms:9.3f} ms  {message}", *[f"             {frame}" for frame in stack]]
+        path.write_text("\n".join(lines) + "\n")
+        traces[name] = {"file": path.name, "syncs": len(points) - 1, "ms": points[-1][0]}
+        print(f"sync trace {name}: {traces[name]}", flush=True)
+    return traces
 
 
 def main() -> None:
@@ -331,9 +396,11 @@ def main() -> None:
             "query@full, viewer path, gsplat latent + fused fold",
             "query@full, viewer path, triton latent + fused fold",
             "query@full, triton render + fused fold",
+            "frame+query@full, viewer path, gsplat latent + fused fold",
         ],  # fmt: skip
         help="rows to run again under torch.profiler after the timing (operators by host and by GPU time, per "
-        "frame), each into profile_<n>.txt beside the report; none: no profiles",
+        "frame), each into profile_<n>.txt beside the report, and once more with their synchronising calls traced "
+        "(syncs_<n>.txt, GPU only); none: neither",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -499,6 +566,7 @@ def main() -> None:
     profiles = profile_rows(
         [(name, fn) for name, fn, _ in paths if name in args.profile_rows], args.out, args.frames
     )
+    syncs = trace_sync_rows([(name, fn) for name, fn, _ in paths if name in args.profile_rows], args.out)
     report = {
         "benchmark": "query_speed",
         "device": device_name(),
@@ -514,6 +582,7 @@ def main() -> None:
         "results": rows,
         "rows_dropped": dropped,
         "profiles": profiles,
+        "sync_traces": syncs,
         # FoldedQuery's fused flag falls back to the unfused fold if the kernel fails: rows timed through it say so.
         "fused_fold_fell_back": "fused" in _FOLD_FAILED,
         "target": "at least 400 relevancy frames per second at full resolution (1280x720) with about 1M Gaussians",
@@ -547,6 +616,10 @@ def main() -> None:
                   "kernels' time per frame):", "",
                   *[f"- {k}: {v['file']} (host {v['host_ms_per_frame']} ms, GPU {v['gpu_ms_per_frame']} ms a "
                     f"frame)" for k, v in profiles.items()]]  # fmt: skip
+    if syncs:
+        lines += ["", "The same rows' synchronising calls in one frame (`torch.cuda.set_sync_debug_mode`; gsplat's own, "
+                  "inside its extension, not seen):", "",
+                  *[f"- {k}: {v['file']} ({v['syncs']} syncs, {v['ms']} ms traced)" for k, v in syncs.items()]]  # fmt: skip
     if report["fused_fold_fell_back"]:
         lines += ["", "**The fused fold failed in this run**: rows through FoldedQuery's fused flag (the triton "
                   "render + fused fold row) timed the unfused fold."]  # fmt: skip

@@ -6,7 +6,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras
 from support import tiny_camera, tiny_chorus_model
 
-from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, HostCameraCache
+from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, HostCameraCache, camera_intrinsics
 
 
 def _cameras() -> Cameras:
@@ -83,3 +83,95 @@ def test_the_datamanager_hands_each_training_camera_its_host_entry(tmp_path):
         K, width, height = host.intrinsics()
         assert torch.equal(K, camera.get_intrinsics_matrices())
         assert (width, height) == (int(camera.width.item()), int(camera.height.item()))
+
+
+@pytest.mark.parametrize("index", [slice(None), slice(1, 2), 2])
+def test_camera_intrinsics_match_nerfstudios(index):
+    """``camera_intrinsics``: nerfstudio's matrix (values, shape, dtype) for a batch, one camera and a camera
+    indexed to shape (), and the first camera's size."""
+    cameras = _cameras()[index]
+    K, width, height = camera_intrinsics(cameras)
+    expected = cameras.get_intrinsics_matrices()
+    assert K.shape == expected.shape and K.dtype == expected.dtype
+    assert torch.equal(K, expected)
+    first = cameras.reshape((-1,))[0]
+    assert (width, height) == (int(first.width.item()), int(first.height.item()))
+
+
+def test_eval_renders_never_build_the_intrinsics_on_the_host(monkeypatch):
+    """chorus-splat's eval renders (the viewer's frame, its latent alone, a feature render) take the matrix from
+    ``camera_intrinsics``: nerfstudio's ``get_intrinsics_matrices``, which reads a device camera back four times,
+    is not called, and every render is what it was with it."""
+    model = tiny_chorus_model()
+    model.eval()
+    camera = tiny_camera()
+    with torch.no_grad():
+        before = model.get_outputs(camera)
+        latent_before = model.render_viewer_latent(camera)
+        features_before = model.render_features(camera, torch.ones(model.num_points, 3), scale=1.0)
+
+    def host_matrix(self):
+        raise AssertionError("get_intrinsics_matrices called in an eval render")
+
+    monkeypatch.setattr(Cameras, "get_intrinsics_matrices", host_matrix)
+    with torch.no_grad():
+        after = model.get_outputs(camera)
+        latent_after = model.render_viewer_latent(camera)
+        features_after = model.render_features(camera, torch.ones(model.num_points, 3), scale=1.0)
+    for key in ("rgb", "depth", "accumulation", "semantic_latent"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    torch.testing.assert_close(latent_after, latent_before, rtol=0, atol=0)
+    torch.testing.assert_close(features_after, features_before, rtol=0, atol=0)
+
+
+_DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_the_eval_background_is_moved_to_the_device_once(device):
+    """An eval render keeps splatfacto's eval background, moved to the model's device once instead of copied there
+    every frame (a copy that waits for the RGB render), and the viewer's ``set_background`` still replaces it."""
+    model = tiny_chorus_model().to(device)
+    model.eval()
+    host_background = model.background_color.clone()
+    camera = tiny_camera().to(device)
+    with torch.no_grad():
+        first = model.get_outputs(camera)
+    kept = model.background_color
+    assert kept.device == model.device and torch.equal(kept.cpu(), host_background)
+    torch.testing.assert_close(first["background"][0, 0].cpu(), host_background)
+    with torch.no_grad():
+        model.get_outputs(camera)
+    assert model.background_color is kept  # not copied again
+    model.set_background(torch.tensor([1.0, 0.0, 0.0], device=device))
+    with torch.no_grad():
+        red = model.get_outputs(camera)
+    torch.testing.assert_close(red["background"][0, 0].cpu(), torch.tensor([1.0, 0.0, 0.0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the GPU's synchronising calls")
+def test_the_viewers_latent_waits_for_the_gpu_once_in_the_models_code():
+    """On the GPU, the viewer's latent render (``render_viewer_latent``) makes the host wait once in the project's
+    own code: reading the camera's size, before anything of the frame is queued. Syncs inside gsplat's extension
+    (its intersection count) do not reach Python's warnings and are not counted."""
+    import warnings
+
+    model = tiny_chorus_model().to("cuda")
+    model.eval()
+    camera = tiny_camera().to("cuda")
+    with torch.no_grad():
+        model.render_viewer_latent(camera)  # warm
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                model.render_viewer_latent(camera)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message) and "splatsem_ns" in w.filename]
+    assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]

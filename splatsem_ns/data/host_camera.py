@@ -6,6 +6,9 @@ back from the device and copies the matrix up again, and ``int(camera.width.item
 makes the host wait until the GPU has run every kernel queued so far, which in a step bound by the host's dispatch
 costs the overlap of the two. The dataset's own cameras stay on the host, so this module reads them there, once per
 image and downscale factor, keeps the matrix on the device, and the datamanager hands it on with the camera.
+
+Cameras that come without that (the viewer's, evaluation's) go through ``camera_intrinsics``: the matrix built where
+the camera lives, and the size read back in one transfer instead of six.
 """
 
 from __future__ import annotations
@@ -19,6 +22,23 @@ from torch import Tensor
 
 HOST_CAMERA_KEY = "host_camera"
 """Key of a training camera's ``HostCamera`` in ``Cameras.metadata``."""
+
+
+def camera_intrinsics(camera: Cameras) -> Tuple[Float[Tensor, "*batch 3 3"], int, int]:
+    """``camera.get_intrinsics_matrices()`` built on the camera's own device, and the width and height of its first
+    camera. nerfstudio builds the matrix on the host, so for a camera on the GPU it reads fx, fy, cx and cy back
+    one by one and copies the matrix up again: four waits for the GPU and a blocking copy, where this makes one
+    (the size, read as a pair). Same values, shape ([*batch, 3, 3]) and dtype (float32) as nerfstudio's."""
+    fx, fy, cx, cy = (value.squeeze(-1).float() for value in (camera.fx, camera.fy, camera.cx, camera.cy))
+    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
+    K = torch.stack((fx, zero, cx, zero, fy, cy, zero, zero, one), dim=-1).unflatten(-1, (3, 3))
+    return (K, *camera_size(camera))
+
+
+def camera_size(camera: Cameras) -> Tuple[int, int]:
+    """Width and height of ``camera``'s first camera, read in one transfer (two ``.item()`` calls wait twice)."""
+    width, height = torch.stack((camera.width.reshape(-1)[0], camera.height.reshape(-1)[0])).tolist()
+    return int(width), int(height)
 
 
 class HostCameraCache:

@@ -31,7 +31,7 @@ from torch.nn import Parameter
 
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
-from splatsem_ns.data.host_camera import HOST_CAMERA_KEY
+from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, camera_intrinsics, camera_size
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
@@ -346,9 +346,7 @@ class ChorusSplatModel(SplatfactoModel):
 
         crop_ids = self._visible_ids()
         if crop_ids is not None and crop_ids.sum() == 0:
-            return self.get_empty_outputs(
-                int(camera.width.item()), int(camera.height.item()), self.background_color
-            )
+            return self.get_empty_outputs(*camera_size(camera), self.background_color)
         params = {k: (v[crop_ids] if crop_ids is not None else v) for k, v in self.gauss_params.items()}
         latent = self.semantic_source(self.gauss_params)
         if crop_ids is not None:
@@ -361,8 +359,8 @@ class ChorusSplatModel(SplatfactoModel):
         if host is not None:
             full_K, full_W, full_H = host.intrinsics()
         else:
-            full_K = camera.get_intrinsics_matrices().to(self.device)
-            full_W, full_H = int(camera.width.item()), int(camera.height.item())
+            full_K, full_W, full_H = camera_intrinsics(camera)
+            full_K = full_K.to(self.device)
         # Same rounding as splatfacto's, so renders match its downscaled ground truth pixel for pixel.
         scale = self._get_downscale_factor()
         if scale == 1:  # past coarse-to-fine (or without it): the full camera, without reading it twice
@@ -371,8 +369,8 @@ class ChorusSplatModel(SplatfactoModel):
             K, W, H = host.intrinsics(scale)
         else:
             camera.rescale_output_resolution(1 / scale)
-            K = camera.get_intrinsics_matrices().to(self.device)
-            W, H = int(camera.width.item()), int(camera.height.item())
+            K, W, H = camera_intrinsics(camera)
+            K = K.to(self.device)
             camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
 
@@ -459,6 +457,14 @@ class ChorusSplatModel(SplatfactoModel):
                 outputs.update(hook(self, camera, outputs))
         return outputs
 
+    def _get_background_color(self) -> Float[Tensor, " 3"]:
+        # splatfacto keeps the eval background on the host and copies it up every frame; that copy waits for the RGB
+        # render just queued, so the semantic pass could not be queued behind it. Moved once, it stays on the device
+        # (``set_background``, which the viewer calls, replaces it as before).
+        if self.config.background_color == "random" and not self.training:
+            self.background_color = self.background_color.to(self.device)
+        return super()._get_background_color()
+
     def is_semantic_step(self, step: int) -> bool:
         """Whether training step ``step`` runs the semantic half (see ``semantic_every``)."""
         return step % max(1, self.config.semantic_every) == 0
@@ -477,9 +483,8 @@ class ChorusSplatModel(SplatfactoModel):
         """What an eval-mode render passes to ``_render_semantic_latent`` (visible Gaussians, camera, scale), or
         None when nothing is visible."""
         camera = camera.to(self.device)
-        # The camera's numbers first: reading them waits for the GPU, which has nothing of this frame queued yet.
-        K = camera.get_intrinsics_matrices().to(self.device)
-        width, height = int(camera.width.item()), int(camera.height.item())
+        # The camera's size first: reading it waits for the GPU, which has nothing of this frame queued yet.
+        K, width, height = camera_intrinsics(camera)
         ids = self._visible_ids()
         if ids is not None and ids.sum() == 0:
             return None
@@ -519,7 +524,7 @@ class ChorusSplatModel(SplatfactoModel):
             return False
         if camera is None:
             return True
-        width, height = int(camera.width.item()), int(camera.height.item())
+        width, height = camera_size(camera)
         w, h, k = self._semantic_render_size(width, height, self._eval_semantic_scale())
         tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
         # Supersampled renders are pooled before the query.
@@ -702,6 +707,7 @@ class ChorusSplatModel(SplatfactoModel):
         """Per-Gaussian ``features`` rendered through one camera as the semantic pass does (geometry fixed), at
         ``scale`` of its resolution (default: training's)."""
         camera = camera.to(self.device)
+        K, width, height = camera_intrinsics(camera)
         return self._render_semantic_latent(
             self.means.detach(),
             self.quats.detach(),
@@ -709,9 +715,9 @@ class ChorusSplatModel(SplatfactoModel):
             torch.sigmoid(self.opacities).squeeze(-1).detach(),
             features,
             get_viewmat(camera.camera_to_worlds),
-            camera.get_intrinsics_matrices().to(self.device),
-            int(camera.width.item()),
-            int(camera.height.item()),
+            K,
+            width,
+            height,
             self._semantic_scale if scale is None else float(scale),
             normalize=normalize,
         )

@@ -41,7 +41,6 @@ import json
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -300,43 +299,25 @@ def profile_rows(rows, out: Path, frames: int) -> dict:
 
 
 def sync_points(fn) -> list:
-    """Where one call of ``fn`` makes the host wait for the GPU: each synchronising CUDA call that PyTorch sees
-    (``torch.cuda.set_sync_debug_mode``: reading a value back, a blocking copy), as (ms since the call began, the
-    warning, the project's and its libraries' frames of the Python stack). A wait whose GPU work is still queued
-    stops the host from preparing the rest of the frame meanwhile, so the times show which one costs. Syncs inside
-    C++ extensions (gsplat's intersection count) do not reach Python's warnings and are not listed."""
+    """Where one call of ``fn`` makes the host wait for the GPU (``step_regions.watched_syncs``: reading a value
+    back, a blocking copy), as (ms since the call began, the innermost frames of this project and its libraries). A
+    wait while GPU work is still queued stops the host from preparing the rest of the frame meanwhile, so the times
+    show which one costs."""
+    from step_regions import frame_name, watched_syncs
+
     fn()  # warm
     sync()
     points = []
-    keep = ("splatsem_ns", "nerfstudio", "gsplat", "query_speed")
+    began = time.perf_counter()
 
-    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 (warnings' signature)
-        if "called a synchronizing" not in str(message):  # not set_sync_debug_mode's own notice
-            return
-        stack = [
-            f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} {frame.name}"
-            for frame in traceback.extract_stack()[:-1]
-            if any(part in frame.filename for part in keep)
-        ]
-        points.append(
-            (round(1000 * (time.perf_counter() - began), 3), str(message).splitlines()[0], stack[-6:])
-        )
+    def record(frames) -> None:
+        points.append((round(1000 * (time.perf_counter() - began), 3), [frame_name(f) for f in frames[-6:]]))
 
-    shown = warnings.showwarning
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
+    with watched_syncs(record):
         began = time.perf_counter()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = shown
-        sync()
-        points.append(
-            (round(1000 * (time.perf_counter() - began), 3), "end (after the final synchronise)", [])
-        )
+        fn()
+    sync()
+    points.append((round(1000 * (time.perf_counter() - began), 3), ["end (after the final synchronise)"]))
     return points
 
 
@@ -349,8 +330,8 @@ def trace_sync_rows(rows, out: Path) -> dict:
         points = sync_points(fn)
         path = out / f"syncs_{index}.txt"
         lines = [f"# {name}: synchronising calls of one frame (ms since it began)", ""]
-        for ms, message, stack in points:
-            lines += [f"{ms:9.3f} ms  {message}", *[f"             {frame}" for frame in stack]]
+        for ms, stack in points:
+            lines += [f"{ms:9.3f} ms  {stack[-1]}", *[f"             {frame}" for frame in stack[-2::-1]]]
         path.write_text("\n".join(lines) + "\n")
         traces[name] = {"file": path.name, "syncs": len(points) - 1, "ms": points[-1][0]}
         print(f"sync trace {name}: {traces[name]}", flush=True)

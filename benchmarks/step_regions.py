@@ -132,20 +132,26 @@ def wrap_callbacks(regions: Any, callbacks: Sequence[Any]) -> None:
         regions.wrap(callback, "func", f"callback: {name}")
 
 
+SYNC_WARNING = "called a synchronizing"
+"""What the warning of ``torch.cuda.set_sync_debug_mode("warn")`` says for each sync (its other notices do not)."""
+
+
 @contextmanager
-def sync_locations(counter: Counter) -> Iterator[None]:
-    """Count each host-device synchronisation by the innermost watched source line that caused it."""
+def watched_syncs(on_sync: Callable[[List[traceback.FrameSummary]], None]) -> Iterator[None]:
+    """Call ``on_sync`` with the watched packages' frames of the Python stack (outermost first) at each host-device
+    synchronisation PyTorch sees meanwhile (``torch.cuda.set_sync_debug_mode``). Syncs inside C++ extensions
+    (gsplat's intersection count) do not reach Python's warnings and are not seen. Does nothing without CUDA."""
     if not torch.cuda.is_available():
         yield
         return
     previous = torch.cuda.get_sync_debug_mode()
     original_show = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1] if any(p in f.filename for p in WATCHED_PACKAGES)]
-        where = frames[-1] if frames else None
-        key = f"{_short(where.filename)}:{where.lineno} {where.name}" if where else f"{filename}:{lineno}"
-        counter[key] += 1
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 (warnings' signature)
+        if SYNC_WARNING in str(message):
+            on_sync(
+                [f for f in traceback.extract_stack()[:-1] if any(p in f.filename for p in WATCHED_PACKAGES)]
+            )
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -156,6 +162,22 @@ def sync_locations(counter: Counter) -> Iterator[None]:
         finally:
             torch.cuda.set_sync_debug_mode(previous)
             warnings.showwarning = original_show
+
+
+def frame_name(frame: traceback.FrameSummary) -> str:
+    """``package/path.py:line function`` of a stack frame."""
+    return f"{_short(frame.filename)}:{frame.lineno} {frame.name}"
+
+
+@contextmanager
+def sync_locations(counter: Counter) -> Iterator[None]:
+    """Count each host-device synchronisation by the innermost watched source line that caused it."""
+
+    def count(frames: List[traceback.FrameSummary]) -> None:
+        counter[frame_name(frames[-1]) if frames else "(outside the watched packages)"] += 1
+
+    with watched_syncs(count):
+        yield
 
 
 def sync_markdown(counter: Counter, steps: int) -> List[str]:

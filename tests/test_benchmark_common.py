@@ -600,3 +600,40 @@ def test_query_speed_profiles_the_rows_it_is_asked_for(tmp_path: Path) -> None:
     assert profiles["matmul"]["file"] == "profile_0.txt" and profiles["matmul"]["host_ms_per_frame"] > 0
     text = (tmp_path / "profile_0.txt").read_text()
     assert text.startswith("# matmul: 3 frames") and "aten::mm" in text
+
+
+def test_sync_traces_keep_only_the_syncs_and_time_them(tmp_path: Path, monkeypatch) -> None:
+    # step_regions.watched_syncs (behind step_speed's per-line counts and query_speed's sync traces): each warning of
+    # torch.cuda.set_sync_debug_mode("warn") that reports a sync, not its other notices. The GPU is faked here: the
+    # debug mode is set, and the warnings below stand in for the ones PyTorch raises at each sync.
+    import warnings
+    from collections import Counter
+
+    import query_speed
+    import step_regions
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+    monkeypatch.setattr(query_speed, "sync", lambda: None)
+
+    def frame() -> None:
+        warnings.warn(
+            "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing",
+            stacklevel=1,
+        )
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    counts = Counter()
+    with step_regions.sync_locations(counts):
+        frame()
+    assert sum(counts.values()) == 2 and modes == ["warn", 0]
+    points = query_speed.sync_points(frame)
+    assert len(points) == 3 and points[-1][1] == ["end (after the final synchronise)"]
+    assert points[0][0] <= points[1][0] <= points[2][0]
+    assert points[0][1][-1].startswith("benchmarks/query_speed.py")  # the innermost watched frame: the call
+    traces = query_speed.trace_sync_rows([("frame", frame)], tmp_path)
+    assert traces["frame"]["syncs"] == 2
+    assert (tmp_path / "syncs_0.txt").read_text().count(" ms  ") == 3

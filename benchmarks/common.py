@@ -77,7 +77,8 @@ def set_field(config, key: str, value: str) -> None:
 
 def parse_field(config, name: str, value: str):
     """``value`` (a string from the command line) converted to the declared type of ``config.name``: bools take
-    true/false, Optional fields also take "none", Literal fields keep their (string) choices."""
+    true/false, Optional fields also take "none", Literal fields keep their (string) choices, tuples take their
+    entries separated by ";" (a "," ends the field in a run spec)."""
     try:
         hint = typing.get_type_hints(type(config)).get(name, type(getattr(config, name)))
     except (NameError, TypeError):  # an annotation that does not resolve here: go by the current value
@@ -98,6 +99,8 @@ def parse_field(config, name: str, value: str):
         return str(value).lower() in ("true", "1")
     if hint in (int, float, str, Path):
         return hint(value)
+    if typing.get_origin(hint) is tuple or isinstance(getattr(config, name), tuple):  # entries split at ";"
+        return tuple(entry for entry in str(value).split(";") if entry)
     return type(getattr(config, name))(value)
 
 

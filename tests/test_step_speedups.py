@@ -357,3 +357,79 @@ def test_splatfacto_losses_match_splatfacto_without_the_host_copy(settings, step
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert "win" in dict(model.ssim.named_buffers()) and "ssim.win" not in model.state_dict()
+
+
+def test_compile_options_are_checked_when_the_model_is_built(monkeypatch):
+    """``compile_options``: KEY=VALUE entries become torch.compile's inductor options (bools and numbers typed),
+    reach torch.compile with the distillation, and a misspelt option, an entry without "=", or options beside
+    ``compile_mode`` fail when the model is built, not at the first step's compile."""
+    from splatsem_ns.models.compile_options import inductor_options
+
+    assert inductor_options(()) is None
+    assert inductor_options(
+        ("cpp_wrapper=true", "combo_kernels=False", "max_autotune_gemm_search_space=DEFAULT")
+    ) == {
+        "cpp_wrapper": True,
+        "combo_kernels": False,
+        "max_autotune_gemm_search_space": "DEFAULT",
+    }
+    for entries, mode, message in [
+        (("cpp_wraper=true",), None, "no option 'cpp_wraper'"),
+        (("cpp_wrapper",), None, "KEY=VALUE"),
+        (("cpp_wrapper=true",), "reduce-overhead", "one or the other"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            inductor_options(entries, mode)
+        with pytest.raises(ValueError, match=message):
+            tiny_chorus_model(compile_options=entries, compile_mode=mode)
+
+    model = tiny_chorus_model(compile_options=("cpp_wrapper=true",))
+    model.train()
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    cuda_latent = types.SimpleNamespace(is_cuda=True)  # compile_distillation compiles on CUDA only
+    assert model._distillation_function(cuda_latent) == model.distillation_losses
+    assert calls == [{"mode": None, "options": {"cpp_wrapper": True}}]
+
+
+def test_a_run_spec_passes_tuple_fields_split_at_semicolons(tmp_path):
+    """``train_speed.py --methods 'cpp=chorus-splat:compile_options=cpp_wrapper=true;combo_kernels=true'``."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import parse_method, trainer_config
+
+    label, method, overrides = parse_method(
+        "cpp=chorus-splat:compile_options=cpp_wrapper=true;combo_kernels=true"
+    )
+    assert (label, method) == ("cpp", "chorus-splat")
+    cfg = trainer_config(method, tmp_path, tmp_path / "out", 10, ["labels"], overrides=overrides)
+    assert cfg.pipeline.model.compile_options == ("cpp_wrapper=true", "combo_kernels=true")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile_distillation compiles on CUDA only")
+@pytest.mark.parametrize("options", [(), ("cpp_wrapper=true",), ("combo_kernels=true",)])
+def test_the_compiled_distillation_gives_the_eager_losses_and_gradients(options):
+    """On the GPU, the distillation losses through torch.compile (inductor's defaults, and with the options
+    ``compile_options`` exists for) equal the eager ones, with the same gradient for the latent."""
+    torch.manual_seed(0)
+    model = tiny_chorus_model(compile_options=options).to("cuda")
+    model.train()
+    latent = torch.randn(24, 32, model.config.semantic_source.latent_dim, device="cuda")
+    targets = {
+        name: torch.nn.functional.normalize(torch.randn(6, 8, head.feature_dim, device="cuda"), dim=-1)
+        for name, head in model.projector_heads.items()
+    }
+    pixels = torch.randperm(24 * 32, device="cuda")[:200]
+    results = []
+    for function in (model.distillation_losses, model._distillation_function(latent)):
+        leaf = latent.clone().requires_grad_(True)
+        losses = function(leaf, targets, pixels, None, None)
+        sum(losses.values()).backward()
+        results.append(({k: v.detach() for k, v in losses.items()}, leaf.grad))
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-6)

@@ -32,6 +32,7 @@ from torch.nn import Parameter
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, camera_intrinsics, camera_size
+from splatsem_ns.models.compile_options import inductor_options
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
@@ -152,6 +153,11 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     """``torch.compile`` mode of ``compile_distillation``: None (inductor's default: fused kernels, launched from
     Python every step) or "reduce-overhead" (the same kernels replayed as a CUDA graph, which removes most of their
     host-side launch cost; the render's size must then stay fixed, as it does without coarse-to-fine)."""
+    compile_options: Tuple[str, ...] = ()
+    """Inductor options of ``compile_distillation`` as KEY=VALUE, instead of ``compile_mode``: e.g.
+    ``cpp_wrapper=true`` (the compiled graph launches its kernels from generated C++ rather than Python, whose
+    per-launch cost is most of the compiled losses' host time in a step's profile) or ``combo_kernels=true``
+    (independent kernels fused side by side into fewer launches). Checked when the model is built. Untimed."""
     semantic_every: int = 1
     """Run the semantic half of a training step (the latent render, the distillation losses, the voxel prior, and
     serving the teachers' features) on every this many steps; the RGB pass, its losses and the depth loss run every
@@ -211,6 +217,7 @@ class ChorusSplatModel(SplatfactoModel):
                 "The seed point cloud is empty: nothing to initialise Gaussians from. Give a point cloud "
                 "with points, or train with --pipeline.model.random-init True."
             )
+        inductor_options(self.config.compile_options, self.config.compile_mode)  # a bad option fails here
         with optional_lpips():
             super().populate_modules()
         # gsplat's densification statistics without its three host synchronisations per step (same settings).
@@ -940,8 +947,9 @@ class ChorusSplatModel(SplatfactoModel):
         if not (self.config.compile_distillation and latent.is_cuda):
             return self.distillation_losses
         if self._compiled_distillation is None:
+            options = inductor_options(self.config.compile_options, self.config.compile_mode)
             self._compiled_distillation = torch.compile(
-                self.distillation_losses, mode=self.config.compile_mode
+                self.distillation_losses, mode=self.config.compile_mode, options=options
             )
         return self._compiled_distillation
 

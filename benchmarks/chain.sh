@@ -8,7 +8,7 @@
 # $RES/chain.log. When $OUT is set, `start` and `wait` also copy every small text result into $OUT/res.tgz.
 # Settings (environment):
 #   STEPS      steps, in order (default: gsplat gen real encoder adapt speed; also semantic, ffinit, mixedsemantic,
-#              capacity, query, profile, memory, ddp)
+#              capacity, query, profile, memory, ddp, gputests)
 #   RES        results folder (default /tmp/res)
 #   SETUP      a script to source first (e.g. one that installs wheels and sets SPLATSEM_DATA)
 #   GSPLAT_PREBUILT  a gsplat_cuda.so(.gz) saved by an earlier `gsplat` step: loaded instead of compiling
@@ -150,6 +150,8 @@ run)
     ddp)
       # shellcheck disable=SC2086
       step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;
+    gputests)  # the tests that only run on a GPU (pytest's gpu marker), with skips and failures named
+      step gputests python -m pytest -q -p no:cacheprovider -rsf -m gpu tests ;;
     *) log "unknown step $s" ;;
     esac
   done

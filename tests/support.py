@@ -7,6 +7,24 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import pytest
+import torch
+
+GPU_MARKS = (
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)"),
+)
+"""What a GPU-only test carries: the ``gpu`` marker (``pytest -m gpu`` runs them all, as benchmarks/chain.sh's
+``gputests`` step does) and a skip where there is no CUDA device. ``pytest.param(..., marks=GPU_MARKS)`` for one
+parameter, ``gpu_only`` for a whole test."""
+
+
+def gpu_only(test):
+    """Mark a test GPU-only (``GPU_MARKS``)."""
+    for mark in GPU_MARKS:
+        test = mark(test)
+    return test
+
 
 def command(name: str) -> str:
     """Path of a console script installed next to the running interpreter."""

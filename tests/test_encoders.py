@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import gpu_only
 
 from splatsem_ns.encoders import (
     BACKBONES,
@@ -554,7 +555,7 @@ def test_gaussian_encoder_point_variant():
         encoder(gaussians["means"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@gpu_only
 def test_cuda_matches_cpu():
     x = random_sites(channels=4, seed=10, dtype=torch.float32)
     for name in ("SpUNet-v1", "PTv3-lite-v1"):

@@ -4,7 +4,7 @@ camera's, at every downscale factor, and the same renders."""
 import pytest
 import torch
 from nerfstudio.cameras.cameras import Cameras
-from support import tiny_camera, tiny_chorus_model
+from support import GPU_MARKS, gpu_only, tiny_camera, tiny_chorus_model
 
 from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, HostCameraCache, camera_intrinsics
 
@@ -126,7 +126,7 @@ def test_eval_renders_never_build_the_intrinsics_on_the_host(monkeypatch):
 
 _DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    pytest.param("cuda", marks=GPU_MARKS),
 ]
 
 
@@ -152,7 +152,7 @@ def test_the_eval_background_is_moved_to_the_device_once(device):
     torch.testing.assert_close(red["background"][0, 0].cpu(), torch.tensor([1.0, 0.0, 0.0]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the GPU's synchronising calls")
+@gpu_only
 def test_the_viewers_latent_waits_for_the_gpu_once_in_the_models_code():
     """On the GPU, the viewer's latent render (``render_viewer_latent``) makes the host wait once in the project's
     own code: reading the camera's size, before anything of the frame is queued. Syncs inside gsplat's extension

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+from support import gpu_only
 from torch import Tensor
 
 from splatsem_ns.rendering import rasterize_from_projection, rasterize_gaussians, rasterize_gaussians_torch
@@ -557,7 +558,7 @@ def test_features_through_an_earlier_projection_match_their_own_render():
     assert alpha.max() > 0.9  # something was composited
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's CUDA kernels need a GPU")
+@gpu_only
 def test_features_through_an_earlier_gsplat_projection_match_their_own_render():
     (features, alpha), (render, render_alpha) = _projection_reuse_case("gsplat", "cuda")
     torch.testing.assert_close(features, render, rtol=0, atol=1e-6)
@@ -669,7 +670,7 @@ def test_default_strategy_runs_on_torch_info(absgrad):
     assert len(params["means"]) > 50
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's CUDA kernels need a GPU")
+@gpu_only
 @pytest.mark.parametrize("rasterize_mode", ["classic", "antialiased"])
 @pytest.mark.parametrize("channels", [3, 35])
 def test_torch_path_matches_gsplat_on_cuda(rasterize_mode, channels):

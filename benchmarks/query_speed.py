@@ -17,7 +17,9 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
   model, then ``FoldedQuery``'s fused fold), alone and in a whole frame, with the latent by gsplat (the default)
   and by the Triton rasterizer (``viewer_latent_triton``, which in a frame reuses the RGB pass's projection); with
   ``projection+binning only`` (gsplat's projection and tile intersection, which both renders start with) for the
-  breakdown. The model's rows include its per-frame host work (camera, intrinsics), the bare rows do not;
+  breakdown. The model's rows include its per-frame host work (camera, intrinsics), the bare rows do not; the rows
+  ending ``camera read as before`` are the model's viewer path reading the camera (and, in a frame, the background)
+  the way it did before those reads stopped waiting for the GPU (``camera_read_as_before``);
 - ``frame+query@full, folded bfloat16``: a whole viewer frame with the panel's "Full resolution" on, the latent
   rendered by gsplat from a projection of its own and folded eagerly (the viewer's path before the fused fold);
   the same with the fused fold (``gsplat latent projected again``: the frame before
@@ -42,7 +44,7 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -134,6 +136,33 @@ def full_resolution(model, triton_latent: bool = False, share_projection: bool =
         config.viewer_latent_triton, config.semantic_shares_rgb_projection = False, True
 
 
+@contextmanager
+def camera_read_as_before(model):
+    """Eval renders as they read the camera and background before they stopped waiting for the GPU there: the
+    intrinsics matrix built on the host by nerfstudio (four reads of the device camera and a blocking copy), the size
+    read with two ``.item()`` calls, and splatfacto's eval background copied from the host every frame. Rows ending
+    "camera read as before" time that beside the default in the same run."""
+    import types
+
+    from nerfstudio.models.splatfacto import SplatfactoModel
+
+    import splatsem_ns.models.chorus_splat as chorus
+
+    def host_read(camera):
+        K = camera.get_intrinsics_matrices().to(camera.device)
+        return K, int(camera.width.item()), int(camera.height.item())
+
+    saved, background = chorus.camera_intrinsics, model.background_color
+    chorus.camera_intrinsics = host_read
+    model.background_color = background.cpu()
+    model._get_background_color = types.MethodType(SplatfactoModel._get_background_color, model)
+    try:
+        yield
+    finally:
+        chorus.camera_intrinsics, model.background_color = saved, background
+        del model._get_background_color
+
+
 def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: Sequence[str] = ()):
     """Rows of the Triton rasterizer, as (name, fn, supersample, relevancy map for the agreement or None); none
     where it cannot run (no Triton, no GPU, a head it does not take), so the run goes on without them. The
@@ -194,18 +223,24 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     def render_then_fused_fold():  # the latent render above, then the one-kernel fold, as two launches
         return fused_fold(render_latent()[0])
 
-    def viewer_query(triton_latent: bool):
+    def viewer_query(triton_latent: bool, as_before: bool = False):
         @torch.no_grad()
         def run():  # the panel's relevancy with the latent left out of the frame: the model renders it alone
-            with full_resolution(model, triton_latent):
+            with (
+                full_resolution(model, triton_latent),
+                camera_read_as_before(model) if as_before else nullcontext(),
+            ):
                 return fused_fold(model.render_viewer_latent(cam))
 
         return run
 
-    def viewer_frame_query(triton_latent: bool):
+    def viewer_frame_query(triton_latent: bool, as_before: bool = False):
         @torch.no_grad()
         def run():  # a whole viewer frame: RGB + depth, the latent (with triton_latent: from their projection), fold
-            with full_resolution(model, triton_latent):
+            with (
+                full_resolution(model, triton_latent),
+                camera_read_as_before(model) if as_before else nullcontext(),
+            ):
                 outputs = model.get_outputs(cam)
                 return outputs["rgb"], fused_fold(outputs["semantic_latent"])
 
@@ -226,6 +261,12 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
         ),
         ("query@full, triton render + fused fold", render_then_fused_fold, 1, render_then_fused_fold),
         ("query@full, viewer path, gsplat latent + fused fold", viewer_query(False), 1, viewer_query(False)),
+        (
+            "query@full, viewer path, gsplat latent + fused fold, camera read as before",
+            viewer_query(False, as_before=True),
+            1,
+            viewer_query(False, as_before=True),
+        ),
         ("query@full, viewer path, triton latent + fused fold", viewer_query(True), 1, viewer_query(True)),
         ("render latent@full (triton)", render_latent, 1, latent_then_fold),
         ("projection+binning only", binning, 1, None),
@@ -234,6 +275,12 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
             viewer_frame_query(False),
             1,
             lambda: viewer_frame_query(False)()[1],
+        ),
+        (
+            "frame+query@full, viewer path, gsplat latent + fused fold, camera read as before",
+            viewer_frame_query(False, as_before=True),
+            1,
+            lambda: viewer_frame_query(False, as_before=True)()[1],
         ),
         (
             "frame+query@full, viewer path, triton latent from the RGB pass's projection + fused fold",
@@ -378,6 +425,7 @@ def main() -> None:
             "query@full, viewer path, triton latent + fused fold",
             "query@full, triton render + fused fold",
             "frame+query@full, viewer path, gsplat latent + fused fold",
+            "query@full, viewer path, gsplat latent + fused fold, camera read as before",
         ],  # fmt: skip
         help="rows to run again under torch.profiler after the timing (operators by host and by GPU time, per "
         "frame), each into profile_<n>.txt beside the report, and once more with their synchronising calls traced "

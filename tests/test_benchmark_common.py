@@ -637,3 +637,38 @@ def test_sync_traces_keep_only_the_syncs_and_time_them(tmp_path: Path, monkeypat
     traces = query_speed.trace_sync_rows([("frame", frame)], tmp_path)
     assert traces["frame"]["syncs"] == 2
     assert (tmp_path / "syncs_0.txt").read_text().count(" ms  ") == 3
+
+
+def test_query_speed_reads_the_camera_as_before_only_inside_its_rows() -> None:
+    # query_speed.py's "camera read as before" rows: inside them the model builds the intrinsics on the host and
+    # copies the eval background from the host each frame, with the same render; afterwards the model is as it was.
+    import query_speed
+    from nerfstudio.cameras.cameras import Cameras
+    from support import tiny_camera, tiny_chorus_model
+
+    model = tiny_chorus_model()
+    model.eval()
+    camera = tiny_camera()
+    with torch.no_grad():
+        expected = model.get_outputs(camera)
+    background = model.background_color
+    built = []
+    original = Cameras.get_intrinsics_matrices
+
+    def counted(self):
+        built.append(1)
+        return original(self)
+
+    Cameras.get_intrinsics_matrices = counted
+    try:
+        with query_speed.camera_read_as_before(model), torch.no_grad():
+            before = model.get_outputs(camera)
+        assert built and model.background_color is background and "_get_background_color" not in vars(model)
+        built.clear()
+        with torch.no_grad():
+            model.get_outputs(camera)
+        assert not built
+    finally:
+        Cameras.get_intrinsics_matrices = original
+    for key in ("rgb", "depth", "semantic_latent"):
+        torch.testing.assert_close(before[key], expected[key], rtol=0, atol=0)

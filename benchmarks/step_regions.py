@@ -114,7 +114,7 @@ def trainer_regions(trainer) -> List[Tuple[Any, str, str]]:
             (model, "_render_semantic_latent", "forward: semantic pass"),
             (getattr(model, "semantic_source", None), "forward", "forward: semantic source"),
             (chorus, "depth_l1_loss", "losses: depth"),
-            (chorus, "voxel_consensus_loss", "losses: voxel prior"),
+            (model, "_voxel_prior_loss", "losses: voxel prior"),
             (model, "_distillation_loss_dict", "losses: distillation"),
             (getattr(model, "finite_watch", None), "record", "losses: finite watch"),
         ]

@@ -406,3 +406,69 @@ def test_a_run_spec_passes_tuple_fields_split_at_semicolons(tmp_path):
     assert (label, method) == ("cpp", "chorus-splat")
     cfg = trainer_config(method, tmp_path, tmp_path / "out", 10, ["labels"], overrides=overrides)
     assert cfg.pipeline.model.compile_options == ("cpp_wrapper=true", "combo_kernels=true")
+
+
+def _voxel_prior_inputs(count: int, device: str = "cpu"):
+    generator = torch.Generator().manual_seed(count)
+    latent = torch.randn(count, 32, generator=generator).to(device).requires_grad_()
+    means = torch.rand(count, 3, generator=generator).to(device)
+    weights = torch.rand(count, generator=generator).to(device)
+    return latent, means, weights, 0.1, torch.rand(3, generator=generator).to(device) * 0.1
+
+
+def test_the_voxel_prior_compiles_as_one_graph_for_any_gaussian_count():
+    """``compile_voxel_prior`` compiles ``voxel_consensus_loss`` whole (``fullgraph``) with dynamic shapes: the
+    capture (the eager backend, which needs no compiler) has no graph break and gives the eager loss and gradient
+    at two Gaussian counts, as densification changes it."""
+    from splatsem_ns.models.smoothness import voxel_consensus_loss
+
+    captured = torch.compile(voxel_consensus_loss, backend="aot_eager", dynamic=True, fullgraph=True)
+    for count in (900, 1300):
+        latent, *rest = _voxel_prior_inputs(count)
+        eager = voxel_consensus_loss(latent, *rest)
+        (eager_grad,) = torch.autograd.grad(eager, latent)
+        compiled = captured(latent, *rest)
+        (compiled_grad,) = torch.autograd.grad(compiled, latent)
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_compile_voxel_prior_compiles_once_on_cuda_only(monkeypatch):
+    """The model's voxel prior goes through one ``torch.compile`` (dynamic shapes, whole graph, the configured
+    options) when ``compile_voxel_prior`` is on and the latents are on CUDA, and stays eager otherwise. CUDA is
+    faked (``is_cuda``) and the compile recorded, so the compiled call here runs the eager function."""
+    calls = []
+    model = tiny_chorus_model(compile_voxel_prior=True, compile_options=("combo_kernels=true",))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append((fn.__name__, kwargs)) or fn)
+    model.train()
+    torch.manual_seed(0)
+    eager = model._voxel_prior_loss()  # CPU: eager
+    assert calls == [] and model._compiled_voxel_prior is None
+    with monkeypatch.context() as cuda:
+        cuda.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        torch.manual_seed(0)
+        through_compile = model._voxel_prior_loss()
+        model._voxel_prior_loss()
+    expected = {"mode": None, "options": {"combo_kernels": True}, "dynamic": True, "fullgraph": True}
+    assert calls == [("voxel_consensus_loss", expected)]  # compiled once, reused
+    torch.testing.assert_close(through_compile, eager)
+
+
+@gpu_only
+def test_the_compiled_voxel_prior_on_cuda_matches_eager():
+    from splatsem_ns.models.smoothness import voxel_consensus_loss
+
+    model = tiny_chorus_model(compile_voxel_prior=True).cuda()
+    model.train()
+    torch.manual_seed(0)
+    compiled = model._voxel_prior_loss()
+    assert model._compiled_voxel_prior is not None
+    for count in (900, 1300):
+        latent, *rest = _voxel_prior_inputs(count, "cuda")
+        eager = voxel_consensus_loss(latent, *rest)
+        (eager_grad,) = torch.autograd.grad(eager, latent)
+        result = model._compiled_voxel_prior(latent, *rest)
+        (result_grad,) = torch.autograd.grad(result, latent)
+        torch.testing.assert_close(result, eager, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result_grad, eager_grad, rtol=1e-3, atol=1e-7)
+    assert torch.isfinite(compiled)

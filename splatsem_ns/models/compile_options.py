@@ -1,4 +1,4 @@
-"""Inductor options for chorus-splat's compiled distillation (``ChorusSplatModelConfig.compile_options``), given on the
+"""Inductor options for chorus-splat's compiled losses (``ChorusSplatModelConfig.compile_options``), given on the
 command line as KEY=VALUE strings and checked before training starts rather than at the first step's compile."""
 
 from __future__ import annotations

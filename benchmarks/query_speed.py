@@ -357,8 +357,9 @@ def sync_points(fn) -> list:
     points = []
     began = time.perf_counter()
 
-    def record(frames) -> None:
-        points.append((round(1000 * (time.perf_counter() - began), 3), [frame_name(f) for f in frames[-6:]]))
+    def record(frames, origin: str) -> None:
+        names = [frame_name(f) for f in frames[-6:]] or [origin]
+        points.append((round(1000 * (time.perf_counter() - began), 3), names))
 
     with watched_syncs(record):
         began = time.perf_counter()

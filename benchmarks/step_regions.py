@@ -137,10 +137,11 @@ SYNC_WARNING = "called a synchronizing"
 
 
 @contextmanager
-def watched_syncs(on_sync: Callable[[List[traceback.FrameSummary]], None]) -> Iterator[None]:
-    """Call ``on_sync`` with the watched packages' frames of the Python stack (outermost first) at each host-device
-    synchronisation PyTorch sees meanwhile (``torch.cuda.set_sync_debug_mode``). Syncs inside C++ extensions
-    (gsplat's intersection count) do not reach Python's warnings and are not seen. Does nothing without CUDA."""
+def watched_syncs(on_sync: Callable[[List[traceback.FrameSummary], str], None]) -> Iterator[None]:
+    """Call ``on_sync`` at each host-device synchronisation PyTorch sees meanwhile
+    (``torch.cuda.set_sync_debug_mode``) with the watched packages' frames of the Python stack (outermost first) and
+    the warning's own ``file:line`` (where the stack has none of them). Syncs inside C++ extensions (gsplat's
+    intersection count) do not reach Python's warnings and are not seen. Does nothing without CUDA."""
     if not torch.cuda.is_available():
         yield
         return
@@ -149,9 +150,10 @@ def watched_syncs(on_sync: Callable[[List[traceback.FrameSummary]], None]) -> It
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 (warnings' signature)
         if SYNC_WARNING in str(message):
-            on_sync(
-                [f for f in traceback.extract_stack()[:-1] if any(p in f.filename for p in WATCHED_PACKAGES)]
-            )
+            frames = [
+                f for f in traceback.extract_stack()[:-1] if any(p in f.filename for p in WATCHED_PACKAGES)
+            ]
+            on_sync(frames, f"{filename}:{lineno}")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -173,8 +175,8 @@ def frame_name(frame: traceback.FrameSummary) -> str:
 def sync_locations(counter: Counter) -> Iterator[None]:
     """Count each host-device synchronisation by the innermost watched source line that caused it."""
 
-    def count(frames: List[traceback.FrameSummary]) -> None:
-        counter[frame_name(frames[-1]) if frames else "(outside the watched packages)"] += 1
+    def count(frames: List[traceback.FrameSummary], origin: str) -> None:
+        counter[frame_name(frames[-1]) if frames else origin] += 1
 
     with watched_syncs(count):
         yield

@@ -310,17 +310,19 @@ def check_benchmark_rows():
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
     rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
-    assert [name for name, *_ in rows][:9] == [
+    assert [name for name, *_ in rows][:11] == [
         "query@full, fused raster+fold (triton, Gram norm)",
         "query@full, fused raster+fold (triton, factored norm)",
         "query@full, triton render + fused fold",
         "query@full, viewer path, gsplat latent + fused fold",
+        "query@full, viewer path, gsplat latent + fused fold, camera read as before",
         "query@full, viewer path, triton latent + fused fold",
         "render latent@full (triton)",
         "projection+binning only",
         "frame+query@full, viewer path, gsplat latent + fused fold",
+        "frame+query@full, viewer path, gsplat latent + fused fold, camera read as before",
         "frame+query@full, viewer path, triton latent from the RGB pass's projection + fused fold",
-    ] and len(rows) == 11
+    ] and len(rows) == 13
     for name, _, _, check in rows:
         if check is None:
             continue
@@ -329,8 +331,12 @@ def check_benchmark_rows():
         error = (answer - reference).abs().max().item()
         print(name, error)
         assert error < 5e-3, (name, error)
-    # The rows leave the viewer's settings as they found them.
+    # The rows leave the viewer's settings, the camera reading and the background as they found them.
     assert model.viewer_semantic_scale is None and not model.config.viewer_latent_triton
+    import splatsem_ns.models.chorus_splat as chorus
+    from splatsem_ns.data.host_camera import camera_intrinsics
+
+    assert chorus.camera_intrinsics is camera_intrinsics and "_get_background_color" not in vars(model)
 
 
 if __name__ == "__main__":

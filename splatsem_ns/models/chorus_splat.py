@@ -187,20 +187,20 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     full resolution, or any evaluation at render scale 1 without supersampling), composite the latent through the
     RGB pass's projection and tile binning (``rendering.rasterize_from_projection``) instead of projecting the same
     Gaussians through the same camera again: the same compositing kernel on the same inputs, so the same latent (a
-    test), with one projection and tile sort fewer per frame. Those took 0.79-0.90 ms at 1280x720 from 1M Gaussians
-    on H100s when timed alone ("projection+binning only", benchmarks/results/query_speed_h100_*.md); what sharing
-    saves inside a frame has not been timed yet."""
+    test), with one projection and tile sort fewer per frame: a frame with the query at 1280x720 from 1M Gaussians
+    took 3.80-3.88 ms against 4.61-4.64 ms projecting again (two H100 runs,
+    benchmarks/results/query_speed_h100_shared_projection_run1.md, _run2.md)."""
     viewer_latent_triton: bool = False
     """While the query panel asks for the latent at full resolution (``viewer_semantic_scale`` set; eval mode, no
     gradients, no supersampling), render it with the forward-only Triton rasterizer
     (``rendering/triton_rasterizer.py``: the feature sum on tensor cores in float16 products with float32 sums, the
     alpha normalisation inside the kernel) instead of gsplat's; inside a whole eval-mode render from the RGB pass's
-    projection and tile binning, as gsplat's latent is (``semantic_shares_rgb_projection``). Off by default: on an H100 at 1280x720 from 1M
-    Gaussians (benchmarks/results/query_speed_h100_viewer_path.md, one run), the panel's relevancy with the latent
-    rendered alone took 3.81 ms this way, against 3.44 ms for the model's gsplat render of the latent and the same
-    fused fold; a whole frame with the query took 5.21 ms (the frame alone 2.88 ms), and the same frame with
-    gsplat's latent was not timed in that run. Evaluation and training renders are gsplat's either way; where
-    Triton cannot run, gsplat's."""
+    projection and tile binning, as gsplat's latent is (``semantic_shares_rgb_projection``). Off by default: on
+    H100s at 1280x720 from 1M Gaussians it was slower than gsplat's in every run that timed it, with the latent
+    rendered alone (3.34-3.81 ms against 2.83-3.44 ms with the same fused fold; three runs) and in a whole frame with
+    the query (4.36-4.65 ms against 3.80-3.88 ms; two runs); its render kernel took 1.40 ms of GPU time where gsplat's compositing took 0.89 ms
+    (benchmarks/results/query_speed_h100_viewer_path.md, query_speed_h100_shared_projection_run1.md, _run2.md).
+    Evaluation and training renders are gsplat's either way; where Triton cannot run, gsplat's."""
 
 
 class ChorusSplatModel(SplatfactoModel):

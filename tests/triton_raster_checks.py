@@ -232,6 +232,10 @@ def check_viewer_route():
     unfused = panel._answer(model, snapshot, outputs).relevancy  # no camera: the rendered latent, folded
     folded = FoldedQuery(model.projector_heads["siglip2"], texts[:1], texts[1:])
     assert model.render_query_relevancy(camera, folded) is not None  # the route can be taken here
+    model.viewer_semantic_scale = None  # training's scale, supersampled: the kernel does not take it
+    assert not model.query_relevancy_supported(folded, camera)
+    assert model.render_query_relevancy(camera, folded) is None
+    model.viewer_semantic_scale = 1.0
     # By default (query_fused_raster off) the panel folds the rendered latent and never calls the fused kernel.
     fused_kernel = model.render_query_relevancy
     model.render_query_relevancy = None  # calling it now would fail the test

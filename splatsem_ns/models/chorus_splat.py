@@ -536,9 +536,10 @@ class ChorusSplatModel(SplatfactoModel):
             return False
         if folded.front_weights[0].shape[1] % 64:  # the relevancy epilogue's block of hidden units
             return False
-        if camera is None:
-            return True
-        width, height = camera_size(camera)
+        return camera is None or self._query_relevancy_fits(*camera_size(camera))
+
+    def _query_relevancy_fits(self, width: int, height: int) -> bool:
+        """Whether ``render_query_relevancy``'s kernel takes an eval render of a ``width`` x ``height`` camera."""
         w, h, k = self._semantic_render_size(width, height, self._eval_semantic_scale())
         tile = semantic_tile_size(self.config.semantic_tile_size, k * w * k * h)
         # Supersampled renders are pooled before the query.
@@ -555,10 +556,10 @@ class ChorusSplatModel(SplatfactoModel):
         ``kernel_options`` (``block_gaussians``, ``num_warps``, ``tile_size``: a power of two) tune the kernel; the
         defaults are its own and the render's tile size. ``factored``: the form of the head's norm
         (``fused_query``'s module docstring; None: ``FoldedQuery.factored_by_default``)."""
-        if not self.query_relevancy_supported(folded, camera):
+        if not self.query_relevancy_supported(folded):
             return None
-        inputs = self._viewer_semantic_inputs(camera)
-        if inputs is None:
+        inputs = self._viewer_semantic_inputs(camera)  # reads the camera's size once, for the check below too
+        if inputs is None or not self._query_relevancy_fits(inputs["width"], inputs["height"]):
             return None
         width, height, scale = inputs["width"], inputs["height"], inputs["scale"]
         w, h, _ = self._semantic_render_size(width, height, scale)  # k == 1 here (supported above)

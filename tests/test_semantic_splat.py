@@ -250,16 +250,21 @@ def _ddp_worker(local_rank: int, world_size: int, config, global_rank: int = 0) 
             "moved": float((end - start).abs().max()),
             "samples": [s.tolist() for s in samples],
         }
+        torch.save(end, Path(config.result_file).with_suffix(".weights.pt"))
         Path(config.result_file).write_text(json.dumps(result))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["semantic-splat", "chorus-pretrain"])
-def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method):
+def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method, monkeypatch):
     """Two processes on gloo, as ``--machine.num-devices 2`` starts them: each draws its own samples, DDP averages
     the gradients, both end with the same weights, which training changed, and the checkpoint they wrote loads in
-    one process on the CPU."""
+    one process on the CPU: through ``eval_setup`` (how ns-eval, ns-viewer and the exporters load a run) with the
+    ranks' final weights exactly, and through the network restore that splatsem-encode and feed-forward init use."""
     import copy
+    import sys
+
+    from nerfstudio.utils.eval_utils import eval_setup
 
     from splatsem_ns.engine.distributed import spawn_on_gloo
     from splatsem_ns.method_configs.chorus_pretrain import chorus_pretrain
@@ -297,6 +302,15 @@ def test_two_ranks_on_gloo_hold_identical_weights(collection, tmp_path, method):
     assert rank0 and rank1 and not rank0 & rank1, "each rank draws its own samples"
     restored = restore_network_model(config.get_base_dir() / "config.yml", f"ns-train {method}", "cpu")
     assert set(restored.projector_heads) == {"labels", "instances"}
+    monkeypatch.setattr(sys, "argv", ["ns-eval"])
+    _, pipeline, _, step = eval_setup(config.get_base_dir() / "config.yml", test_mode="test")
+    assert step == config.max_num_iterations - 1 and not any(
+        k.startswith("module.") for k in pipeline.model.state_dict()
+    )
+    loaded = torch.cat([p.detach().flatten() for p in pipeline.model.parameters()])
+    assert torch.equal(loaded, torch.load(tmp_path / "result.weights.pt")), (
+        "the checkpoint lost the ranks' weights"
+    )
 
 
 @pytest.mark.slow

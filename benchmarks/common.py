@@ -6,7 +6,7 @@ import gc
 import random
 import typing
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -160,13 +160,39 @@ def release_earlier_runs() -> int:
     """Free what earlier runs in this process left, and restart the peak-memory count; returns the bytes the GPU
     still holds. A nerfstudio trainer holds reference cycles (callbacks bound to the pipeline, among others), so
     ``del trainer`` frees its tensors only when Python's cyclic collector next runs: without this, a run measured
-    after another counted up to 1 GiB of its predecessor's tensors as its own peak (train_speed_h200_rounds_cut.md)."""
+    after another counted up to 1 GiB of its predecessor's tensors as its own peak (train_speed_h200_rounds_cut.md).
+
+    Also forgets what ``torch.compile`` built for earlier runs and zeroes its counts (``compile_counts``). Dynamo
+    keeps compiled code per function, not per model, so a later run of the same losses reused an earlier run's
+    code where the compile settings matched, and every variant that differed added an entry, up to Dynamo's limit
+    of 8 per function, past which the function silently runs eagerly. Each run now compiles as it would in a process
+    of its own (inductor's on-disk cache still spares it most of the compile time, which warm-up leaves out)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     gc.collect()
+    torch._dynamo.reset()
+    counters.clear()
     if not torch.cuda.is_available():
         return 0
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated()
+
+
+def compile_counts() -> Dict[str, int]:
+    """What ``torch.compile`` did since ``release_earlier_runs``: functions (frames) Dynamo compiled, and failed to;
+    graph breaks (each resumes in a new frame, eagerly between); the graphs inductor built; and the graphs that
+    asked for CUDA graphs (``compile_mode=reduce-overhead``) and ran without them, with inductor's reason logged."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_compiled": counters["frames"]["ok"],
+        "frames_failed": counters["frames"]["total"] - counters["frames"]["ok"],
+        "graph_breaks": sum(counters["graph_break"].values()) + sum(counters["resumes"].values()),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
 
 
 def device_name() -> str:

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     build_trainer,
+    compile_counts,
     device_name,
     parse_method,
     peak_memory_gib,
@@ -84,6 +85,7 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
         "peak_gpu_mem_gib_setup": setup_peak,
         "gpu_mem_gib_held_before": round(resident / 2**30, 3),
         "num_gaussians_final": int(model.num_points),
+        "compile": compile_counts(),
     }
     if method == "chorus-splat":
         result["teachers"] = {
@@ -284,6 +286,22 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
                 for key in ("time_per_iter", "mean_time_per_iter", "peak_gpu_memory")
             ]
             lines.append(f"| {label} | {' | '.join(cells)} |")
+    compiled = [r for r in results if r.get("compile", {}).get("frames_compiled")]
+    if compiled:
+        lines += [
+            "",
+            "torch.compile in each run (from a reset: Dynamo's frames compiled, graph breaks, graphs built, and "
+            "graphs that ran without the CUDA graphs they asked for):",
+            "",
+            "| run | frames | graph breaks | graphs | CUDA-graph skips |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {name_of(r)} | {c['frames_compiled']} | {c['graph_breaks']} | {c['unique_graphs']} "
+                f"| {c['cudagraph_skips']} |"
+                for r in compiled
+                for c in [r["compile"]]
+            ],
+        ]
     for baseline, other in others.items():
         lines += [
             "",

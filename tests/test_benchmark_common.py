@@ -331,6 +331,18 @@ def test_repeated_speed_rounds_pair_each_run_with_its_own_rounds_baseline(tmp_pa
     assert (
         "| chorus-splat (round 0) |" in text and "| 1.5 | 1.5 | 1.5 |" in text
     )  # a row shows its round's ratio
+    # Reports saved before the counts existed, and runs that compiled nothing, have no compile table.
+    assert "torch.compile in each run" not in text
+    counts = {
+        "frames_compiled": 2,
+        "frames_failed": 0,
+        "graph_breaks": 0,
+        "unique_graphs": 4,
+        "cudagraph_skips": 1,
+    }
+    results[1]["compile"] = counts
+    train_speed.write_report(report, tmp_path)
+    assert "| chorus-splat (round 0) | 2 | 0 | 4 | 1 |" in (tmp_path / "train_speed.md").read_text()
     # A single-round report (and one saved before rounds existed) reads as before: no round in the names.
     single = {
         **report,
@@ -672,3 +684,45 @@ def test_query_speed_reads_the_camera_as_before_only_inside_its_rows() -> None:
         Cameras.get_intrinsics_matrices = original
     for key in ("rgb", "depth", "semantic_latent"):
         torch.testing.assert_close(before[key], expected[key], rtol=0, atol=0)
+
+
+def test_each_run_compiles_afresh_and_counts_only_its_own_compiles() -> None:
+    """``release_earlier_runs`` forgets earlier runs' compiled code, so a run compiles as in a process of its own
+    (Dynamo keeps code per function: a later run reused it, and past 8 variants ran the function eagerly), and
+    ``compile_counts`` counts that run's frames, graphs and graph breaks only."""
+    import torch
+    from common import compile_counts, release_earlier_runs
+
+    built = []
+
+    def backend(graph, example_inputs):
+        built.append(graph)
+        return graph.forward
+
+    def loss(x):
+        return (x * 2).sum()
+
+    def broken(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y.sum()
+
+    release_earlier_runs()
+    compiled = torch.compile(loss, backend=backend)
+    compiled(torch.ones(3))
+    compiled(torch.ones(3))
+    assert compile_counts() == {
+        "frames_compiled": 1,
+        "frames_failed": 0,
+        "graph_breaks": 0,
+        "unique_graphs": 1,
+        "cudagraph_skips": 0,
+    }
+    release_earlier_runs()
+    assert compile_counts()["frames_compiled"] == 0
+    torch.compile(loss, backend=backend)(torch.ones(3))
+    assert len(built) == 2, "the second run was served the first run's compiled code"
+    release_earlier_runs()
+    torch.compile(broken, backend=backend)(torch.ones(3))
+    counts = compile_counts()
+    assert counts["graph_breaks"] >= 1 and counts["unique_graphs"] == 2

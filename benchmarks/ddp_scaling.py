@@ -45,6 +45,7 @@ def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0)
         "rank": global_rank,
         "steps": len(clock.stamps),
         "step_s": clock.step_seconds(),
+        "data_wait": clock.data_wait(config.warmup_steps),  # type: ignore[attr-defined]
         "peak_gpu_memory_gib": peak_memory_gib(),
         "loss_curve": clock.losses,
     }
@@ -66,6 +67,7 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     config.machine.device_type = args.device
     config.machine.seed = args.seed
     config.rank_log_dir = str(out / "ranks")  # type: ignore[attr-defined]
+    config.warmup_steps = args.warmup  # type: ignore[attr-defined]
     config.save_config()
     if args.device == "cpu" and gpus > 1:
         # nerfstudio's launcher asserts CUDA for more than one process: on the CPU the ranks are spawned as it
@@ -85,6 +87,9 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
         "ms_per_step_median": None if median is None else round(1000 * median, 2),
         "scenes_per_s": None if median is None else round(args.global_batch / median, 2),
         "peak_gpu_memory_gib_per_rank": [r["peak_gpu_memory_gib"] for r in ranks],
+        # Each rank's own loader: the share of its steps spent waiting for a batch says whether loading keeps up.
+        "data_wait_share_per_rank": [r["data_wait"]["data_wait_share"] for r in ranks],
+        "data_wait_ms_median_per_rank": [r["data_wait"]["data_wait_ms_median"] for r in ranks],
         "loss_curve": ranks[0]["loss_curve"],
     }
 
@@ -104,15 +109,18 @@ def write(report: Dict[str, Any], out: Path) -> None:
         f"seed {report['seed']}, {report['steps']} steps; step times past the first {report['warmup']}",
         "- targets: at least 1.8x on 2 GPUs and 3.4x on 4, loss curves within seed noise of the 1-GPU run",
         "",
-        "| GPUs | samples per GPU | ms / step (median) | scenes / s | speed-up | peak memory per GPU (GiB) | last logged loss |",
-        "|---|---|---|---|---|---|---|",
+        "| GPUs | samples per GPU | ms / step (median) | scenes / s | speed-up | peak memory per GPU (GiB) "
+        "| waiting for data, share of step per GPU | last logged loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         last = r["loss_curve"][-1]["loss"] if r["loss_curve"] else None
+        waits = r.get("data_wait_share_per_rank")  # reports from before the loader was timed have none
         lines.append(
             f"| {r['gpus']} | {r['per_gpu_batch']} | {r['ms_per_step_median']} | {r['scenes_per_s']} | "
             f"{r['speedup'] if r['speedup'] is not None else '-'} | "
-            f"{', '.join(str(m) for m in r['peak_gpu_memory_gib_per_rank'])} | {last} |"
+            f"{', '.join(str(m) for m in r['peak_gpu_memory_gib_per_rank'])} | "
+            f"{', '.join(str(w) for w in waits) if waits else '-'} | {last} |"
         )
     lines += [f"\n- note: {n}" for n in report["notes"]]
     write_markdown(out / "ddp_scaling.md", lines)

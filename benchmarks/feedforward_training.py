@@ -172,8 +172,21 @@ class StepClock:
         self.trainer, self.every, self.budget_s, self.terms = trainer, every, budget_s, terms
         self.stamps: List[float] = []
         self.losses: List[Dict[str, float]] = []
+        self.data_waits: List[float] = []
         self._last: Optional[tuple] = None
         original = trainer.train_iteration
+        datamanager = trainer.pipeline.datamanager
+        next_train = datamanager.next_train
+
+        def timed_next_train(step: int):
+            # The host waits here for the loader's next batch (and queues its copy to the device); the GPU is idle
+            # by then, since each step ends with a sync (_record), so this is time the loader did not keep up.
+            start = time.perf_counter()
+            served = next_train(step)
+            self.data_waits.append(time.perf_counter() - start)
+            return served
+
+        datamanager.next_train = timed_next_train
 
         def train_iteration(step: int):
             loss, loss_dict, metrics = original(step)
@@ -198,6 +211,20 @@ class StepClock:
     def step_seconds(self) -> List[float]:
         """Seconds between consecutive steps' ends."""
         return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
+
+    def data_wait(self, skip: int = 0) -> Dict[str, Optional[float]]:
+        """Past the first ``skip`` timed steps: the median ms a step waited for its batch, and the share of the
+        steps' time spent waiting (near 0: loading keeps up; the step's own work sets the pace)."""
+        steps = self.step_seconds()[skip:]
+        waits = self.data_waits[
+            1 + skip : 1 + skip + len(steps)
+        ]  # step i's interval holds the next step's wait
+        if not steps or not waits:
+            return {"data_wait_ms_median": None, "data_wait_share": None}
+        return {
+            "data_wait_ms_median": round(1000 * statistics.median(waits), 2),
+            "data_wait_share": round(sum(waits) / sum(steps), 4),
+        }
 
 
 def train(args, out: Path, report: Dict[str, Any], method: str):
@@ -224,7 +251,8 @@ def train(args, out: Path, report: Dict[str, Any], method: str):
         trainer.save_checkpoint(trainer.step)
         report["run_config"] = str(trainer.base_dir / "config.yml")
     deltas = clock.step_seconds()
-    deltas = deltas[20:] if len(deltas) > 40 else deltas[1:]  # past the warm-up, where there is one
+    skip = 20 if len(deltas) > 40 else 1  # past the warm-up, where there is one
+    deltas = deltas[skip:]
     batch = args.batch_size
     report["training"] = {
         "steps": len(clock.stamps),
@@ -232,6 +260,7 @@ def train(args, out: Path, report: Dict[str, Any], method: str):
         "first_step_s": round(clock.stamps[0] - start_training, 1) if clock.stamps else None,
         "ms_per_step_median": round(1000 * statistics.median(deltas), 1) if deltas else None,
         "scenes_per_s": round(batch / statistics.median(deltas), 2) if deltas else None,
+        **clock.data_wait(skip),
         "peak_gpu_memory_gib": peak_memory_gib(),
         "loss_curve": clock.losses,
     }

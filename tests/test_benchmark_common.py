@@ -185,6 +185,10 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     assert one["steps"] == 3 and one["scenes_per_s"] > 0 and one["speedup"] == 1.0 and one["loss_curve"]
     assert two["steps"] == 3 and two["per_gpu_batch"] == 1 and two["speedup"] > 0 and two["loss_curve"]
     assert len(two["peak_gpu_memory_gib_per_rank"]) == 2  # both ranks wrote their log
+    # Each rank times its own loader: the share of its steps spent waiting for a batch.
+    assert len(two["data_wait_share_per_rank"]) == 2
+    assert all(0.0 <= w < 1.0 for w in one["data_wait_share_per_rank"] + two["data_wait_share_per_rank"])
+    assert "waiting for data" in (tmp_path / "out" / "ddp_scaling.md").read_text()
     # Three: more processes than this machine has CPUs, or not a divisor of the global batch; either way a note.
     assert (
         len(report["notes"]) == 1
@@ -203,17 +207,31 @@ def test_the_training_budget_starts_after_the_first_step(monkeypatch) -> None:
     now = [0.0]
     monkeypatch.setattr(feedforward_training.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(feedforward_training, "sync", lambda: None)
+
+    def next_train(step: int):
+        now[0] += waits[step]  # the loader's batch is not ready yet
+        return {}, {}
+
+    waits = [3.0, 1.0, 0.0, 0.5]
+    datamanager = types.SimpleNamespace(next_train=next_train)
     trainer = types.SimpleNamespace(
-        train_iteration=lambda step: (0.0, {}, {}), callbacks=[], stop_training=False
+        train_iteration=lambda step: (0.0, {}, {}),
+        callbacks=[],
+        stop_training=False,
+        pipeline=types.SimpleNamespace(datamanager=datamanager),
     )
     clock = feedforward_training.StepClock(trainer, budget_s=10.0)
     record = trainer.callbacks[-1].func
     ends = [100.0, 104.0, 109.0, 111.0]  # the first step took 100 s
     for step, end in enumerate(ends):
+        datamanager.next_train(step)  # as the pipeline asks for each step's batch
         now[0] = end
         record(step=step)
         assert trainer.stop_training == (end > 110.0), (step, end)
     assert clock.step_seconds() == [4.0, 5.0, 2.0]
+    # What each step waited for its batch: 1 + 0 + 0.5 s of the 11 s after the first step; 2.5 s past one more.
+    assert clock.data_wait() == {"data_wait_ms_median": 500.0, "data_wait_share": round(1.5 / 11.0, 4)}
+    assert clock.data_wait(1) == {"data_wait_ms_median": 250.0, "data_wait_share": round(0.5 / 7.0, 4)}
 
 
 @pytest.mark.parametrize("method", ["chorus-pretrain", "semantic-splat"])

@@ -45,6 +45,7 @@ from splatsem_ns.models.heads import (
 from splatsem_ns.models.optional_lpips import NaNMetric, optional_lpips
 from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig, SemanticSourceConfig
 from splatsem_ns.models.smoothness import voxel_consensus_loss
+from splatsem_ns.models.ssim import photometric_loss
 from splatsem_ns.models.strategy import SyncFreeDefaultStrategy
 from splatsem_ns.rendering import rasterize_from_projection, rasterize_gaussians
 from splatsem_ns.rendering.triton_rasterizer import (
@@ -158,12 +159,23 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     with dynamic shapes (the Gaussian count changes with densification), with ``compile_mode`` and
     ``compile_options``: its twenty-odd small operators over every Gaussian fuse into a few kernels. In the H100
     step profile the prior took 1.5 ms of host time a step. Off until timed."""
+    stacked_ssim: bool = True
+    """splatfacto's SSIM loss with its five Gaussian blurs stacked into two (``models/ssim.py``): the same value and
+    gradient to float rounding (a test), in four convolution launches forward and two backward instead of ten and
+    six, for a step bound by the host's launches. False: pytorch_msssim's, as splatfacto computes it. Images
+    smaller than the 11-pixel window (early coarse-to-fine steps of tiny scenes) always take pytorch_msssim's,
+    which skips the blur along a dimension that short."""
+    compile_photometric_loss: bool = False
+    """On CUDA, run splatfacto's main loss (L1 and the stacked SSIM, ``models/ssim.photometric_loss``) through
+    ``torch.compile`` as one graph, with ``compile_mode`` and ``compile_options``: its forty-odd elementwise
+    operators and their backward fuse into a few kernels around the four blurs (cuDNN's). Needs ``stacked_ssim``.
+    Off until timed."""
     compile_options: Tuple[str, ...] = ()
-    """Inductor options of the compiled losses (``compile_distillation``, ``compile_voxel_prior``) as KEY=VALUE,
-    instead of ``compile_mode``: e.g. ``cpp_wrapper=true`` (the compiled graphs launch their kernels from generated
-    C++ rather than Python; in the H100 step profile the generated Python took 1.7 of the compiled distillation's
-    4.2 ms of host time) or ``combo_kernels=true`` (independent kernels fused side by side into fewer launches).
-    Checked when the model is built. Untimed."""
+    """Inductor options of the compiled losses (``compile_distillation``, ``compile_voxel_prior``,
+    ``compile_photometric_loss``) as KEY=VALUE, instead of ``compile_mode``: e.g. ``cpp_wrapper=true`` (the
+    compiled graphs launch their kernels from generated C++ rather than Python; in the H100 step profile the
+    generated Python took 1.7 of the compiled distillation's 4.2 ms of host time) or ``combo_kernels=true``
+    (independent kernels fused side by side into fewer launches). Checked when the model is built. Untimed."""
     semantic_every: int = 1
     """Run the semantic half of a training step (the latent render, the distillation losses, the voxel prior, and
     serving the teachers' features) on every this many steps; the RGB pass, its losses and the depth loss run every
@@ -224,6 +236,11 @@ class ChorusSplatModel(SplatfactoModel):
                 "with points, or train with --pipeline.model.random-init True."
             )
         inductor_options(self.config.compile_options, self.config.compile_mode)  # a bad option fails here
+        if self.config.compile_photometric_loss and not self.config.stacked_ssim:
+            raise ValueError(
+                "compile_photometric_loss compiles the stacked SSIM: it needs stacked_ssim True "
+                "(--pipeline.model.stacked-ssim True)."
+            )
         with optional_lpips():
             super().populate_modules()
         # gsplat's densification statistics without its three host synchronisations per step (same settings).
@@ -287,6 +304,7 @@ class ChorusSplatModel(SplatfactoModel):
         self.training_image_names: List[str] = []  # set by the pipeline, to name an image in errors
         self._compiled_distillation = None  # built on the first CUDA training step (compile_distillation)
         self._compiled_voxel_prior = None  # likewise (compile_voxel_prior)
+        self._compiled_photometric_loss = None  # likewise (compile_photometric_loss)
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
         self.hidden_mask: Optional[Tensor] = None
         self.highlight_mask: Optional[Tensor] = None
@@ -808,10 +826,7 @@ class ChorusSplatModel(SplatfactoModel):
             mask = self._downscale_if_required(batch["mask"]).to(self.device)
             assert mask.shape[:2] == gt_img.shape[:2] == pred_img.shape[:2]
             gt_img, pred_img = gt_img * mask, pred_img * mask
-        l1 = torch.abs(gt_img - pred_img).mean()
-        dissimilarity = 1 - self.ssim(
-            gt_img.permute(2, 0, 1)[None, ...], pred_img.permute(2, 0, 1)[None, ...]
-        )
+        main_loss = self._photometric_loss(gt_img, pred_img)
         if self.config.use_scale_regularization and self.step % 10 == 0:
             scale_exp = torch.exp(self.scales)
             ratio = scale_exp.amax(dim=-1) / scale_exp.amin(dim=-1)
@@ -821,7 +836,7 @@ class ChorusSplatModel(SplatfactoModel):
         else:
             scale_reg = pred_img.new_zeros(())
         loss_dict = {
-            "main_loss": (1 - self.config.ssim_lambda) * l1 + self.config.ssim_lambda * dissimilarity,
+            "main_loss": main_loss,
             "scale_reg": scale_reg,
         }
         if self.training:
@@ -829,6 +844,31 @@ class ChorusSplatModel(SplatfactoModel):
             if self.config.use_bilateral_grid:
                 loss_dict["tv_loss"] = 10 * total_variation_loss(self.bil_grids.grids)
         return loss_dict
+
+    def _photometric_loss(
+        self, target: Float[Tensor, "H W 3"], render: Float[Tensor, "H W 3"]
+    ) -> Float[Tensor, ""]:
+        """splatfacto's main loss, ``(1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM)`` (see ``stacked_ssim`` and
+        ``compile_photometric_loss``)."""
+        lam = self.config.ssim_lambda
+        if not self._stacks_ssim(render.shape[0], render.shape[1]):
+            l1 = torch.abs(target - render).mean()
+            ssim = self.ssim(target.permute(2, 0, 1)[None], render.permute(2, 0, 1)[None])
+            return (1 - lam) * l1 + lam * (1 - ssim)
+        function = photometric_loss
+        if self.config.compile_photometric_loss and render.is_cuda:
+            if self._compiled_photometric_loss is None:
+                self._compiled_photometric_loss = self._compile(photometric_loss, fullgraph=True)
+            function = self._compiled_photometric_loss
+        window = self.ssim.win[0].flatten()  # splatfacto's own window, on the model's device
+        return function(target, render, window, lam, self.ssim.data_range, self.ssim.K)
+
+    def _stacks_ssim(self, height: int, width: int) -> bool:
+        """Whether the SSIM loss takes the stacked blurs (``stacked_ssim``): not for pytorch_msssim's other forms
+        (per-channel clamping, per-image scores), which are not splatfacto's, nor for images smaller than the
+        window."""
+        plain = self.ssim.size_average and not self.ssim.nonnegative_ssim
+        return self.config.stacked_ssim and plain and min(height, width) >= self.ssim.win.shape[-1]
 
     def _distillation_loss_dict(self, outputs, batch, targets: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """The ``distill_<teacher>`` losses of one training batch (see ``distillation_losses``)."""

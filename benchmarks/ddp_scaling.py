@@ -5,12 +5,14 @@
 
 Each GPU count runs ``ns-train METHOD``'s configuration through nerfstudio's own launcher (``launch``, as
 ``--machine.num-devices N`` does) with ``global-batch / N`` samples per rank, so every step sees the same number of
-scenes. Every rank records the wall time of each step, its peak GPU memory and the loss (rank 0's loss is
-reported). The report (``"benchmark": "ddp_scaling"``) has a row per GPU count: training scenes per second (global
-batch / median step time past the warm-up), the speed-up over the 1-GPU row, peak memory per GPU, and the loss
-curve, rewritten after each run. GPU counts above what the machine has are skipped with a note. With ``--device
-cpu`` each "GPU" is a process on the gloo backend, up to the CPU count (a check of the script and its multi-process
-path, not a measurement).
+scenes. Every rank records the wall time of each step, the time it waited for its loader's batch, its peak GPU
+memory and its loss. The report (``"benchmark": "ddp_scaling"``) has a row per GPU count, rewritten after each run:
+training scenes per second (global batch / median step time past the warm-up), the speed-up over the 1-GPU row,
+peak memory per GPU, each rank's share of step time spent waiting for data, and the loss curve (the ranks' mean,
+the global batch's loss) with its gap to the 1-GPU curve. ``--seed-noise-runs K`` adds K 1-GPU runs with other
+seeds, whose gaps to the 1-GPU curve are the seed noise each row's gap is held to. GPU counts above what the
+machine has are skipped with a note. With ``--device cpu`` each "GPU" is a process on the gloo backend, up to the
+CPU count (a check of the script and its multi-process path, not a measurement).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -54,18 +56,20 @@ def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0)
     (folder / f"rank{global_rank}.json").write_text(json.dumps(result))
 
 
-def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
-    """One GPU count: train through nerfstudio's launcher and summarise the ranks' logs."""
+def run(gpus: int, args, report: Dict[str, Any], seed_offset: int = 0) -> Dict[str, Any]:
+    """One GPU count: train through nerfstudio's launcher and summarise the ranks' logs. ``seed_offset`` > 0 moves
+    both seeds (the weights' and the sample stream's) for a seed-noise run."""
     from nerfstudio.scripts.train import launch
 
     from splatsem_ns.engine.distributed import spawn_on_gloo
 
     args.batch_size = args.global_batch // gpus
-    out = args.out / f"gpus{gpus}"
+    out = args.out / (f"gpus{gpus}" if not seed_offset else f"gpus{gpus}_seed{args.seed + seed_offset}")
     config = train_config(args, out, args.method)
     config.machine.num_devices = gpus
     config.machine.device_type = args.device
-    config.machine.seed = args.seed
+    config.machine.seed = args.seed + seed_offset
+    config.pipeline.datamanager.seed += seed_offset
     config.rank_log_dir = str(out / "ranks")  # type: ignore[attr-defined]
     config.warmup_steps = args.warmup  # type: ignore[attr-defined]
     config.save_config()
@@ -81,6 +85,7 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
     median = statistics.median(steady) if steady else None
     return {
         "gpus": gpus,
+        "seed": args.seed + seed_offset,
         "per_gpu_batch": args.batch_size,
         "global_batch": args.global_batch,
         "steps": ranks[0]["steps"],
@@ -90,16 +95,56 @@ def run(gpus: int, args, report: Dict[str, Any]) -> Dict[str, Any]:
         # Each rank's own loader: the share of its steps spent waiting for a batch says whether loading keeps up.
         "data_wait_share_per_rank": [r["data_wait"]["data_wait_share"] for r in ranks],
         "data_wait_ms_median_per_rank": [r["data_wait"]["data_wait_ms_median"] for r in ranks],
-        "loss_curve": ranks[0]["loss_curve"],
+        "loss_curve": global_batch_curve([r["loss_curve"] for r in ranks]),
     }
+
+
+def global_batch_curve(curves: List[List[Dict[str, float]]]) -> List[Dict[str, float]]:
+    """The ranks' logged losses averaged step by step: each rank's is the mean over its share of the global batch,
+    so their mean is the global batch's loss, as the 1-GPU run logs it (rank 0's alone averages fewer samples and
+    is noisier)."""
+    steps = [point["step"] for point in curves[0]]
+    by_rank = [{point["step"]: point["loss"] for point in curve} for curve in curves]
+    return [
+        {"step": step, "loss": round(statistics.fmean(rank[step] for rank in by_rank), 5)}
+        for step in steps
+        if all(step in rank for rank in by_rank)
+    ]
+
+
+def curve_gap(curve: List[Dict[str, float]], reference: List[Dict[str, float]]) -> Optional[float]:
+    """Mean absolute difference of two loss curves over the steps both logged, relative to the reference's mean
+    loss there; None when they share no step."""
+    theirs = {point["step"]: point["loss"] for point in reference}
+    pairs = [(point["loss"], theirs[point["step"]]) for point in curve if point["step"] in theirs]
+    if not pairs:
+        return None
+    scale = statistics.fmean(abs(b) for _, b in pairs) or 1.0
+    return round(statistics.fmean(abs(a - b) for a, b in pairs) / scale, 4)
 
 
 def write(report: Dict[str, Any], out: Path) -> None:
     rows = report["rows"]
     base = next((r for r in rows if r["gpus"] == 1 and r["scenes_per_s"]), None)
+    # Seed noise: how far 1-GPU runs with other seeds land from the 1-GPU run, the yardstick for the other counts.
+    noise = (
+        [curve_gap(r["loss_curve"], base["loss_curve"]) for r in report.get("seed_noise_runs", [])]
+        if base
+        else []
+    )
+    noise = [n for n in noise if n is not None]
+    report["seed_noise_gap"] = max(noise) if noise else None
     for r in rows:
         r["speedup"] = (
             round(r["scenes_per_s"] / base["scenes_per_s"], 2) if base and r["scenes_per_s"] else None
+        )
+        r["loss_gap_to_1gpu"] = (
+            curve_gap(r["loss_curve"], base["loss_curve"]) if base and r is not base else None
+        )
+        r["loss_within_seed_noise"] = (
+            r["loss_gap_to_1gpu"] <= report["seed_noise_gap"]
+            if r["loss_gap_to_1gpu"] is not None and report["seed_noise_gap"] is not None
+            else None
         )
     (out / "ddp_scaling.json").write_text(json.dumps(report, indent=1))
     lines = [
@@ -109,9 +154,13 @@ def write(report: Dict[str, Any], out: Path) -> None:
         f"seed {report['seed']}, {report['steps']} steps; step times past the first {report['warmup']}",
         "- targets: at least 1.8x on 2 GPUs and 3.4x on 4, loss curves within seed noise of the 1-GPU run",
         "",
+        "- loss curves: each row's mean absolute gap to the 1-GPU curve over the logged steps, relative to its mean "
+        "loss; seed noise is the largest such gap of 1-GPU runs with other seeds "
+        f"({len(report.get('seed_noise_runs', []))} run(s): {report.get('seed_noise_gap')})",
+        "",
         "| GPUs | samples per GPU | ms / step (median) | scenes / s | speed-up | peak memory per GPU (GiB) "
-        "| waiting for data, share of step per GPU | last logged loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| waiting for data, share of step per GPU | loss gap to 1 GPU | within seed noise | last logged loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         last = r["loss_curve"][-1]["loss"] if r["loss_curve"] else None
@@ -120,10 +169,15 @@ def write(report: Dict[str, Any], out: Path) -> None:
             f"| {r['gpus']} | {r['per_gpu_batch']} | {r['ms_per_step_median']} | {r['scenes_per_s']} | "
             f"{r['speedup'] if r['speedup'] is not None else '-'} | "
             f"{', '.join(str(m) for m in r['peak_gpu_memory_gib_per_rank'])} | "
-            f"{', '.join(str(w) for w in waits) if waits else '-'} | {last} |"
+            f"{', '.join(str(w) for w in waits) if waits else '-'} | {_cell(r.get('loss_gap_to_1gpu'))} | "
+            f"{_cell(r.get('loss_within_seed_noise'))} | {last} |"
         )
     lines += [f"\n- note: {n}" for n in report["notes"]]
     write_markdown(out / "ddp_scaling.md", lines)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def main() -> None:
@@ -132,6 +186,13 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--global-batch", type=int, default=8, help="samples per step over all GPUs")
     parser.add_argument("--warmup", type=int, default=50, help="steps left out of the timing")
+    parser.add_argument(
+        "--seed-noise-runs",
+        type=int,
+        default=0,
+        help="1-GPU runs with other seeds (weights and sample stream) after the 1-GPU row: how far their loss "
+        "curves land from it is the seed noise that the other counts' curves are held to",
+    )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu")
     )
@@ -158,6 +219,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "rows": [],
+        "seed_noise_runs": [],
         "notes": [],
     }
     for gpus in args.gpus:
@@ -173,6 +235,14 @@ def main() -> None:
             traceback.print_exc()
             report["notes"].append(f"{gpus} GPUs failed: {type(err).__name__}: {err}")
         write(report, args.out)
+        if gpus == 1:
+            for offset in range(1, args.seed_noise_runs + 1):
+                try:
+                    report["seed_noise_runs"].append(run(1, args, report, seed_offset=offset))
+                except Exception as err:
+                    traceback.print_exc()
+                    report["notes"].append(f"seed-noise run {offset} failed: {type(err).__name__}: {err}")
+                write(report, args.out)
     write(report, args.out)
 
 

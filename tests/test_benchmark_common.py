@@ -173,7 +173,8 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_scaling.py"),
          "--collection", str(collection), "--out", str(tmp_path / "out"), "--gpus", "1", "2", "3", "--global-batch", "2",
-         "--steps", "3", "--warmup", "0", "--tiny", "--size", "48", "64", "--loader-workers", "0", "--device", "cpu"],
+         "--steps", "3", "--warmup", "0", "--tiny", "--size", "48", "64", "--loader-workers", "0", "--device", "cpu",
+         "--seed-noise-runs", "1"],
         capture_output=True, text=True, env=offline_env(), timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -189,12 +190,33 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     assert len(two["data_wait_share_per_rank"]) == 2
     assert all(0.0 <= w < 1.0 for w in one["data_wait_share_per_rank"] + two["data_wait_share_per_rank"])
     assert "waiting for data" in (tmp_path / "out" / "ddp_scaling.md").read_text()
+    # A 1-GPU run with other seeds gives the seed noise that the 2-process curve is held to.
+    (noise,) = report["seed_noise_runs"]
+    assert noise["gpus"] == 1 and noise["seed"] == one["seed"] + 1 and noise["loss_curve"]
+    assert report["seed_noise_gap"] is not None and report["seed_noise_gap"] >= 0.0
+    assert one["loss_gap_to_1gpu"] is None and isinstance(two["loss_gap_to_1gpu"], float)
+    assert two["loss_within_seed_noise"] == (two["loss_gap_to_1gpu"] <= report["seed_noise_gap"])
     # Three: more processes than this machine has CPUs, or not a divisor of the global batch; either way a note.
     assert (
         len(report["notes"]) == 1
         and report["notes"][0].startswith("3 GPUs")
         and "not run" in report["notes"][0]
     )
+
+
+def test_loss_curves_are_compared_over_the_steps_both_logged() -> None:
+    from ddp_scaling import curve_gap, global_batch_curve
+
+    # The ranks' curves averaged where every rank logged: the global batch's loss.
+    ranks = [[{"step": 0, "loss": 2.0}, {"step": 50, "loss": 1.0}], [{"step": 0, "loss": 3.0}]]
+    assert global_batch_curve(ranks) == [{"step": 0, "loss": 2.5}]
+
+    reference = [{"step": 0, "loss": 2.0}, {"step": 50, "loss": 1.0}, {"step": 100, "loss": 1.0}]
+    curve = [{"step": 0, "loss": 2.5}, {"step": 50, "loss": 0.5}, {"step": 150, "loss": 9.0}]
+    # |0.5| and |0.5| over steps 0 and 50, relative to the reference's mean loss there (1.5).
+    assert curve_gap(curve, reference) == round(0.5 / 1.5, 4)
+    assert curve_gap(reference, reference) == 0.0
+    assert curve_gap([{"step": 7, "loss": 1.0}], reference) is None
 
 
 def test_the_training_budget_starts_after_the_first_step(monkeypatch) -> None:

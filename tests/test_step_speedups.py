@@ -472,3 +472,31 @@ def test_the_compiled_voxel_prior_on_cuda_matches_eager():
         torch.testing.assert_close(result, eager, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(result_grad, eager_grad, rtol=1e-3, atol=1e-7)
     assert torch.isfinite(compiled)
+
+
+def test_the_compiled_distillation_compiles_once_over_a_training_run(tmp_path, monkeypatch):
+    """Through the real trainer and datamanager (each step's own teacher features, consistency weights, pixel draw
+    and area weights), Dynamo captures the distillation once, whole: a guard on something that changes from step
+    to step would recompile it every step on the GPU, and past Dynamo's 8 entries run it eagerly without a word.
+    The capture runs on the CPU with the eager backend, which needs no compiler."""
+    import sys
+    from pathlib import Path
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import release_earlier_runs
+    from step_ops import build
+
+    release_earlier_runs()  # Dynamo's state and counts from other tests
+    trainer = build("chorus-splat", tmp_path, 24)
+    model = trainer.pipeline.model
+    counted = CompileCounterWithBackend("aot_eager")
+    captured = torch.compile(model.distillation_losses, backend=counted)
+    calls = []
+    monkeypatch.setattr(model, "_distillation_function", lambda latent: calls.append(1) or captured)
+    trainer.train()
+    assert len(calls) >= 20  # the semantic half ran on (nearly) every step
+    assert counted.frame_count == 1, f"compiled {counted.frame_count} times in {len(calls)} steps"
+    assert not counters["graph_break"] and not counters["resumes"]

@@ -23,13 +23,14 @@ import statistics
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, peak_memory_gib, write_markdown  # noqa: E402
-from feedforward_training import StepClock, train_config, training_parser  # noqa: E402
+from feedforward_training import StepClock, profile_training, train_config, training_parser  # noqa: E402
 
 
 def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0) -> None:
@@ -39,6 +40,17 @@ def timed_worker(local_rank: int, world_size: int, config, global_rank: int = 0)
 
     trainer = ChorusTrainer(config, local_rank=local_rank, world_size=world_size)
     trainer.setup()
+    profile = getattr(config, "profile", None)
+    if profile is not None and global_rank == 0:
+        # Rank 0's step by region, under torch.profiler and with its syncs counted (the other ranks wait for it at
+        # each all-reduce): where a multi-GPU step's time goes, NCCL's kernels included. Before the clock, so that
+        # its wrappers do not time the clock's sync.
+        profile_training(
+            trainer,
+            SimpleNamespace(**profile),
+            Path(config.rank_log_dir).parent,
+            f"{config.method_name}_{world_size}gpus",
+        )
     clock = StepClock(trainer, terms=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -72,6 +84,11 @@ def run(gpus: int, args, report: Dict[str, Any], seed_offset: int = 0) -> Dict[s
     config.pipeline.datamanager.seed += seed_offset
     config.rank_log_dir = str(out / "ranks")  # type: ignore[attr-defined]
     config.warmup_steps = args.warmup  # type: ignore[attr-defined]
+    config.profile = (  # type: ignore[attr-defined]
+        {"profile_at": args.profile_at, "profile_steps": args.profile_steps, "batch_size": args.batch_size}
+        if args.profile_at > 0
+        else None
+    )
     config.save_config()
     if args.device == "cpu" and gpus > 1:
         # nerfstudio's launcher asserts CUDA for more than one process: on the CPU the ranks are spawned as it
@@ -80,8 +97,15 @@ def run(gpus: int, args, report: Dict[str, Any], seed_offset: int = 0) -> Dict[s
     else:
         launch(timed_worker, gpus, 1, 0, "auto", config=config, device_type=args.device)
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(gpus)]
-    # A step ends when its slowest rank's does; DDP keeps them in step, so rank 0's times stand for all.
-    steady = ranks[0]["step_s"][args.warmup :] or ranks[0]["step_s"]
+    # A step ends when its slowest rank's does; DDP keeps them in step, so rank 0's times stand for all. Steps that
+    # the profile's windows slowed (region timers, the profiler, the sync count: see step_regions.ProfileWindows)
+    # are left out; step_s[i] is step i + 1's time.
+    slowed = range(args.profile_at - args.profile_steps, args.profile_at + args.profile_steps + 5)
+    steps = ranks[0]["step_s"]
+    steady = [
+        t for i, t in enumerate(steps) if i >= args.warmup and not (args.profile_at > 0 and i + 1 in slowed)
+    ]
+    steady = steady or steps
     median = statistics.median(steady) if steady else None
     return {
         "gpus": gpus,

@@ -163,7 +163,8 @@ def test_semantic_report_scores_along_training(tmp_path: Path) -> None:
 
 def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -> None:
     """ddp_scaling.py: a row for one process and one for two (here gloo processes on the CPU, so the script's
-    multi-process path runs before any multi-GPU machine does), a note for a count it cannot run."""
+    multi-process path runs before any multi-GPU machine does), each with rank 0's step profiled, and a note for a
+    count it cannot run."""
     import json
     import subprocess
 
@@ -173,8 +174,8 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_scaling.py"),
          "--collection", str(collection), "--out", str(tmp_path / "out"), "--gpus", "1", "2", "3", "--global-batch", "2",
-         "--steps", "3", "--warmup", "0", "--tiny", "--size", "48", "64", "--loader-workers", "0", "--device", "cpu",
-         "--seed-noise-runs", "1"],
+         "--steps", "9", "--warmup", "0", "--tiny", "--size", "48", "64", "--loader-workers", "0", "--device", "cpu",
+         "--seed-noise-runs", "1", "--profile-at", "2", "--profile-steps", "1"],
         capture_output=True, text=True, env=offline_env(), timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -183,8 +184,12 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
         "notes"
     ]
     one, two = report["rows"]
-    assert one["steps"] == 3 and one["scenes_per_s"] > 0 and one["speedup"] == 1.0 and one["loss_curve"]
-    assert two["steps"] == 3 and two["per_gpu_batch"] == 1 and two["speedup"] > 0 and two["loss_curve"]
+    assert one["steps"] == 9 and one["scenes_per_s"] > 0 and one["speedup"] == 1.0 and one["loss_curve"]
+    assert two["steps"] == 9 and two["per_gpu_batch"] == 1 and two["speedup"] > 0 and two["loss_curve"]
+    # Rank 0's step profiled in each count, the all-reduce of the gradients among its operators.
+    profile = (tmp_path / "out" / "gpus2" / "profile_semantic_splat_2gpus.txt").read_text()
+    assert "backward" in profile and "all_reduce" in profile
+    assert (tmp_path / "out" / "gpus1" / "profile_semantic_splat_1gpus.txt").is_file()
     assert len(two["peak_gpu_memory_gib_per_rank"]) == 2  # both ranks wrote their log
     # Each rank times its own loader: the share of its steps spent waiting for a batch.
     assert len(two["data_wait_share_per_rank"]) == 2

@@ -17,7 +17,9 @@
 #   SS_STEPS (100000): a step cap besides SS_MIN, so that semantic-splat runs compared across chains train equally long,
 #   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
 #   FF_ITERS (3000), FF_EVAL ("0 500 1500"): the `ffinit` step's chorus-splat runs,
-#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500), DDP_ARGS,
+#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500),
+#   DDP_ARGS (semantic-splat on the `gen` step's collection on 1, 2 and 4 GPUs, global batch 8, 1000 steps, one
+#   seed-noise run, rank 0 profiled from step 600),
 #   CAP_TRAIN (275), CAP_STEPS (3000), CAP_ARGS: the `capacity` step (encoder_capacity.py)
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(dirname "$HERE"); RES=${RES:-/tmp/res}
 
@@ -149,7 +151,8 @@ run)
         --max-points 1000000 --score-train-scenes 32 --augment --real-scenes "${reals[@]}" $CAP_ARGS ;;
     ddp)
       # shellcheck disable=SC2086
-      step ddp python benchmarks/ddp_scaling.py $DDP_ARGS --out "$RES/ddp" ;;
+      step ddp python benchmarks/ddp_scaling.py ${DDP_ARGS:---collection /tmp/coll/collection.json --gpus 1 2 4 \
+        --global-batch 8 --steps 1000 --seed-noise-runs 1 --profile-at 600} --out "$RES/ddp" ;;
     gputests)  # the tests that only run on a GPU (pytest's gpu marker), with skips and failures named
       step gputests python -m pytest -q -p no:cacheprovider -rsf -m gpu tests ;;
     *) log "unknown step $s" ;;

@@ -178,8 +178,8 @@ def write(report: Dict[str, Any], out: Path) -> None:
         f"seed {report['seed']}, {report['steps']} steps; step times past the first {report['warmup']}",
         "- targets: at least 1.8x on 2 GPUs and 3.4x on 4, loss curves within seed noise of the 1-GPU run",
         "",
-        "- loss curves: each row's mean absolute gap to the 1-GPU curve over the logged steps, relative to its mean "
-        "loss; seed noise is the largest such gap of 1-GPU runs with other seeds "
+        "- loss curves: each row's mean absolute gap to the 1-GPU curve over the steps both logged, relative to the "
+        "1-GPU curve's mean loss there; seed noise is the largest such gap of 1-GPU runs with other seeds "
         f"({len(report.get('seed_noise_runs', []))} run(s): {report.get('seed_noise_gap')})",
         "",
         "| GPUs | samples per GPU | ms / step (median) | scenes / s | speed-up | peak memory per GPU (GiB) "

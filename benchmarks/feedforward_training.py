@@ -216,9 +216,8 @@ class StepClock:
         """Past the first ``skip`` timed steps: the median ms a step waited for its batch, and the share of the
         steps' time spent waiting (near 0: loading keeps up; the step's own work sets the pace)."""
         steps = self.step_seconds()[skip:]
-        waits = self.data_waits[
-            1 + skip : 1 + skip + len(steps)
-        ]  # step i's interval holds the next step's wait
+        # step_seconds()[i] is step i + 1's time, which includes data_waits[i + 1].
+        waits = self.data_waits[1 + skip : 1 + skip + len(steps)]
         if not steps or not waits:
             return {"data_wait_ms_median": None, "data_wait_share": None}
         return {

@@ -10,7 +10,7 @@ from pytorch_msssim import SSIM
 from support import gpu_only, tiny_chorus_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from splatsem_ns.models.ssim import gaussian_window, photometric_loss, stacked_ssim
+from splatsem_ns.models.ssim import blur_weights, gaussian_window, photometric_loss, stacked_ssim
 
 
 def _images(shape, dtype):
@@ -30,7 +30,7 @@ def test_stacked_ssim_gives_pytorch_msssims_value_and_gradient(shape, dtype, ato
     reference = SSIM(data_range=1.0, size_average=True, channel=shape[1]).to(dtype)
     expected = reference(target, render)
     (expected_grad,) = torch.autograd.grad(expected, render)
-    ours = stacked_ssim(target, render, gaussian_window().to(dtype))
+    ours = stacked_ssim(target, render, blur_weights(gaussian_window().to(dtype), 3 * shape[1]))
     (ours_grad,) = torch.autograd.grad(ours, render)
     torch.testing.assert_close(ours, expected, atol=atol, rtol=0)
     torch.testing.assert_close(ours_grad, expected_grad, atol=atol * 1e-2, rtol=1e-5)
@@ -41,10 +41,21 @@ def test_the_window_is_pytorch_msssims():
     torch.testing.assert_close(gaussian_window(), SSIM(channel=1).win.flatten())
 
 
-def test_images_smaller_than_the_window_are_refused():
+def test_images_smaller_than_the_window_and_too_few_weights_are_refused():
     target, render = _images((1, 3, 10, 64), torch.float32)
     with pytest.raises(ValueError, match="at least 11x11"):
-        stacked_ssim(target, render, gaussian_window())
+        stacked_ssim(target, render, blur_weights(gaussian_window(), 9))
+    target, render = _images((1, 3, 20, 64), torch.float32)
+    with pytest.raises(ValueError, match="cover 6 channels; 9"):
+        stacked_ssim(target, render, blur_weights(gaussian_window(), 6))
+
+
+def test_the_blur_weights_are_contiguous_for_every_group():
+    """cuDNN copies weights that are not contiguous at every call: the weights of both stacked groups (6 and 9
+    channels) are contiguous slices of the ones built once."""
+    vertical, horizontal = blur_weights(gaussian_window(), 9)
+    assert vertical.shape == (9, 1, 11, 1) and horizontal.shape == (9, 1, 1, 11)
+    assert all(w[:channels].is_contiguous() for w in (vertical, horizontal) for channels in (6, 9))
 
 
 class _Convolutions(TorchDispatchMode):
@@ -97,7 +108,7 @@ def test_the_photometric_loss_compiles_as_one_graph():
     """``compile_photometric_loss`` compiles ``photometric_loss`` whole (``fullgraph``): the capture (the eager
     backend, which needs no compiler) has no graph break and gives the eager loss and gradient."""
     target, render = (im[0].permute(1, 2, 0) for im in _images((1, 3, 48, 64), torch.float32))
-    arguments = (gaussian_window(), 0.2, 1.0, (0.01, 0.03))
+    arguments = (blur_weights(gaussian_window(), 9), 0.2, 1.0, (0.01, 0.03))
     eager = photometric_loss(target, render, *arguments)
     (eager_grad,) = torch.autograd.grad(eager, render)
     captured = torch.compile(photometric_loss, backend="aot_eager", fullgraph=True)(

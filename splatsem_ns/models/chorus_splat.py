@@ -45,7 +45,7 @@ from splatsem_ns.models.heads import (
 from splatsem_ns.models.optional_lpips import NaNMetric, optional_lpips
 from splatsem_ns.models.semantic_source import LearnedLatentSourceConfig, SemanticSourceConfig
 from splatsem_ns.models.smoothness import voxel_consensus_loss
-from splatsem_ns.models.ssim import photometric_loss
+from splatsem_ns.models.ssim import BlurWeights, blur_weights, photometric_loss
 from splatsem_ns.models.strategy import SyncFreeDefaultStrategy
 from splatsem_ns.rendering import rasterize_from_projection, rasterize_gaussians
 from splatsem_ns.rendering.triton_rasterizer import (
@@ -305,6 +305,7 @@ class ChorusSplatModel(SplatfactoModel):
         self._compiled_distillation = None  # built on the first CUDA training step (compile_distillation)
         self._compiled_voxel_prior = None  # likewise (compile_voxel_prior)
         self._compiled_photometric_loss = None  # likewise (compile_photometric_loss)
+        self._ssim_weights: Optional[BlurWeights] = None  # stacked_ssim's blur, built at its first use
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
         self.hidden_mask: Optional[Tensor] = None
         self.highlight_mask: Optional[Tensor] = None
@@ -860,8 +861,17 @@ class ChorusSplatModel(SplatfactoModel):
             if self._compiled_photometric_loss is None:
                 self._compiled_photometric_loss = self._compile(photometric_loss, fullgraph=True)
             function = self._compiled_photometric_loss
-        window = self.ssim.win[0].flatten()  # splatfacto's own window, on the model's device
-        return function(target, render, window, lam, self.ssim.data_range, self.ssim.K)
+        return function(
+            target, render, self._ssim_blur_weights(render), lam, self.ssim.data_range, self.ssim.K
+        )
+
+    def _ssim_blur_weights(self, render: Tensor) -> BlurWeights:
+        """The stacked SSIM's blur weights, from splatfacto's own window, built once per device and dtype."""
+        weights = self._ssim_weights
+        if weights is None or (weights[0].device, weights[0].dtype) != (render.device, render.dtype):
+            window = self.ssim.win[0].flatten().to(device=render.device, dtype=render.dtype)
+            self._ssim_weights = weights = blur_weights(window, 3 * render.shape[-1])
+        return weights
 
     def _stacks_ssim(self, height: int, width: int) -> bool:
         """Whether the SSIM loss takes the stacked blurs (``stacked_ssim``): not for pytorch_msssim's other forms

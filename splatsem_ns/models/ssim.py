@@ -31,25 +31,44 @@ def gaussian_window(size: int = _WINDOW, sigma: float = _SIGMA) -> Float[Tensor,
     return window / window.sum()
 
 
+BlurWeights = Tuple[Float[Tensor, "K 1 size 1"], Float[Tensor, "K 1 1 size"]]
+"""A separable blur's depthwise weights for up to K channels: down the columns, then along the rows."""
+
+
+def blur_weights(window: Float[Tensor, " size"], channels: int) -> BlurWeights:
+    """The depthwise weights of the separable blur by ``window`` for up to ``channels`` channels, each contiguous:
+    cuDNN copies weights that are not (an expanded view, say) into new memory at every call, forward and backward,
+    so they are built once (and sliced, which keeps them contiguous, for fewer channels)."""
+    size = window.shape[-1]
+    return (
+        window.reshape(1, 1, size, 1).repeat(channels, 1, 1, 1),
+        window.reshape(1, 1, 1, size).repeat(channels, 1, 1, 1),
+    )
+
+
 def stacked_ssim(
     target: Float[Tensor, "N C H W"],
     render: Float[Tensor, "N C H W"],
-    window: Float[Tensor, " size"],
+    weights: BlurWeights,
     data_range: float = 1.0,
     k: Tuple[float, float] = _K,
 ) -> Float[Tensor, ""]:
     """Mean SSIM of ``target`` against ``render`` over every channel and valid (unpadded) pixel, as
     ``pytorch_msssim.ssim(target, render, data_range, size_average=True)``, with the five blurred maps from two
-    stacked blurs. No gradient flows to ``target`` (a ground-truth image). Images smaller than the window are
-    refused (splatfacto's never are)."""
+    stacked blurs (``weights``: ``blur_weights`` of the window for at least 3 C channels, on the images' device and
+    dtype). No gradient flows to ``target`` (a ground-truth image). Images smaller than the window are refused
+    (splatfacto's never are)."""
     c, h, w = render.shape[1:]
-    size = window.shape[-1]
+    size = weights[0].shape[2]
     if h < size or w < size:
         raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {h}x{w}")
+    if weights[0].shape[0] < 3 * c:
+        raise ValueError(
+            f"the blur weights cover {weights[0].shape[0]} channels; {3 * c} are blurred together"
+        )
     target = target.detach()
-    taps = window.to(device=render.device, dtype=render.dtype)
-    mu1, xx = _blur(torch.cat([target, target * target], dim=1), taps).split(c, dim=1)
-    mu2, yy, xy = _blur(torch.cat([render, render * render, target * render], dim=1), taps).split(c, dim=1)
+    mu1, xx = _blur(torch.cat([target, target * target], dim=1), weights).split(c, dim=1)
+    mu2, yy, xy = _blur(torch.cat([render, render * render, target * render], dim=1), weights).split(c, dim=1)
     c1, c2 = (k[0] * data_range) ** 2, (k[1] * data_range) ** 2
     mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2
     cs_map = (2 * (xy - mu1_mu2) + c2) / ((xx - mu1_sq) + (yy - mu2_sq) + c2)
@@ -57,18 +76,19 @@ def stacked_ssim(
     return ssim_map.mean()
 
 
-def _blur(maps: Float[Tensor, "N K H W"], taps: Float[Tensor, " size"]) -> Float[Tensor, "N K h w"]:
+def _blur(maps: Float[Tensor, "N K H W"], weights: BlurWeights) -> Float[Tensor, "N K h w"]:
     """Each channel blurred by itself (groups = channels), down the columns then along the rows, unpadded, in
     pytorch_msssim's order."""
-    channels, size = maps.shape[1], taps.shape[-1]
-    maps = F.conv2d(maps, taps.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
-    return F.conv2d(maps, taps.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
+    channels = maps.shape[1]
+    vertical, horizontal = weights
+    maps = F.conv2d(maps, vertical[:channels], groups=channels)
+    return F.conv2d(maps, horizontal[:channels], groups=channels)
 
 
 def photometric_loss(
     target: Float[Tensor, "H W 3"],
     render: Float[Tensor, "H W 3"],
-    window: Float[Tensor, " size"],
+    weights: BlurWeights,
     ssim_lambda: float,
     data_range: float = 1.0,
     k: Tuple[float, float] = _K,
@@ -76,5 +96,5 @@ def photometric_loss(
     """splatfacto's main loss, ``(1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM)``, with the stacked SSIM: one
     function of the two images, so that ``compile_photometric_loss`` can compile it whole."""
     l1 = torch.abs(target - render).mean()
-    ssim = stacked_ssim(target.permute(2, 0, 1)[None], render.permute(2, 0, 1)[None], window, data_range, k)
+    ssim = stacked_ssim(target.permute(2, 0, 1)[None], render.permute(2, 0, 1)[None], weights, data_range, k)
     return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim)

@@ -162,14 +162,23 @@ def release_earlier_runs() -> int:
     ``del trainer`` frees its tensors only when Python's cyclic collector next runs: without this, a run measured
     after another counted up to 1 GiB of its predecessor's tensors as its own peak (train_speed_h200_rounds_cut.md).
 
-    Also forgets what ``torch.compile`` built for earlier runs and zeroes its counts (``compile_counts``). Dynamo
-    keeps compiled code per function, not per model, so a later run of the same losses reused an earlier run's
-    code where the compile settings matched, and every variant that differed added an entry, up to Dynamo's limit
-    of 8 per function, past which the function silently runs eagerly. Each run now compiles as it would in a process
-    of its own (inductor's on-disk cache still spares it most of the compile time, which warm-up leaves out)."""
+    Also drops earlier runs' event writers (see below), forgets what ``torch.compile`` built for earlier runs and
+    zeroes its counts (``compile_counts``). Dynamo keeps compiled code per function, not per model, so a later run of
+    the same losses reused an earlier run's code where the compile settings matched, and every variant that
+    differed added an entry, up to Dynamo's limit of 8 per function, past which the function silently runs eagerly.
+    Each run now compiles as it would in a process of its own (inductor's on-disk cache still spares it most of the
+    compile time, which warm-up leaves out)."""
     import torch._dynamo
+    from nerfstudio.utils import writer
     from torch._dynamo.utils import counters
 
+    # nerfstudio's event writers are process-global and never removed: each run set up after others also wrote its
+    # scalars into every earlier run's event file, on the timed steps that log. Each run sets up its own.
+    for earlier in writer.EVENT_WRITERS:
+        if hasattr(earlier, "tb_writer"):
+            earlier.tb_writer.close()
+    writer.EVENT_WRITERS.clear()
+    writer.EVENT_STORAGE.clear()
     gc.collect()
     torch._dynamo.reset()
     counters.clear()

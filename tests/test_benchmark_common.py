@@ -186,9 +186,12 @@ def test_the_scaling_benchmark_times_each_gpu_count_it_can_run(tmp_path: Path) -
     one, two = report["rows"]
     assert one["steps"] == 9 and one["scenes_per_s"] > 0 and one["speedup"] == 1.0 and one["loss_curve"]
     assert two["steps"] == 9 and two["per_gpu_batch"] == 1 and two["speedup"] > 0 and two["loss_curve"]
-    # Rank 0's step profiled in each count, the all-reduce of the gradients among its operators.
+    # Rank 0's step profiled in each count. (Which operators its tables list first is arbitrary on the CPU, which
+    # has no GPU times to sort by, so the all-reduce is not looked for here.)
     profile = (tmp_path / "out" / "gpus2" / "profile_semantic_splat_2gpus.txt").read_text()
-    assert "backward" in profile and "all_reduce" in profile
+    assert (
+        profile.startswith("# semantic-splat_2gpus: 1 profiled steps after 2") and "| backward |" in profile
+    )
     assert (tmp_path / "out" / "gpus1" / "profile_semantic_splat_1gpus.txt").is_file()
     assert len(two["peak_gpu_memory_gib_per_rank"]) == 2  # both ranks wrote their log
     # Each rank times its own loader: the share of its steps spent waiting for a batch.

@@ -290,3 +290,29 @@ def test_ranks_agree_on_a_stop_so_they_stop_after_the_same_step(tmp_path):
 
     spawn_on_gloo(_agree, 2, str(tmp_path / "agreed"))
     assert [(tmp_path / f"agreed.{r}").read_text() for r in (0, 1)] == [str(int(signal.SIGTERM))] * 2
+
+
+def test_event_writers_set_up_inside_own_event_writers_end_with_it(tmp_path, monkeypatch):
+    """splatsem-fit-collection trains one scene after another in one process, each run in a temporary folder:
+    nerfstudio's process-global event writers must not outlive a run, or the next run writes its scalars into the
+    earlier run's event file, and fails once that folder is gone."""
+    import shutil
+
+    from nerfstudio.utils import writer
+
+    from splatsem_ns.engine.one_scene import own_event_writers
+
+    for name, empty in (("EVENT_WRITERS", []), ("EVENT_STORAGE", []), ("GLOBAL_BUFFER", {})):
+        monkeypatch.setattr(writer, name, empty)  # nothing of other tests' runs
+    with own_event_writers():
+        writer.setup_event_writer(False, True, False, tmp_path / "run", "run")
+        assert len(writer.EVENT_WRITERS) == 1
+        writer.put_scalar("loss", 1.0, 0)
+        writer.write_out_storage()
+    assert writer.EVENT_WRITERS == [] and writer.EVENT_STORAGE == []
+    shutil.rmtree(tmp_path / "run")  # as fit_collection's temporary folder, once the fit is over
+    writer.setup_event_writer(False, True, False, tmp_path / "next", "next")
+    writer.put_scalar("loss", 2.0, 1)
+    writer.write_out_storage()  # the next run writes its own events only
+    writer.EVENT_WRITERS[0].tb_writer.close()
+    assert not (tmp_path / "run").exists() and any((tmp_path / "next").iterdir())

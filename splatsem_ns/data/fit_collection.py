@@ -82,7 +82,7 @@ class FitCollection:
         print(
             f"{len(scenes)} scenes, {len(scenes) - len(todo)} already fitted, {len(todo)} to fit.", flush=True
         )
-        # One folder for every run: nerfstudio's event writer is process-global and outlives each trainer.
+        # Each scene's run (config, events) goes to a throw-away folder; the fitted Gaussians go to the scene.
         with tempfile.TemporaryDirectory(prefix="fit_collection_") as runs:
             for entry in logged_progress(
                 todo, f"fitting scenes ({self.method}, {self.steps} steps)", unit="scenes"
@@ -99,11 +99,14 @@ class FitCollection:
 
     def _fit(self, collection: SceneCollection, entry: SceneEntry, runs: Path) -> Dict:
         """Train one scene and write its Gaussians; a failure is returned as ``{"error": ...}``, not raised."""
+        from splatsem_ns.engine.one_scene import own_event_writers
+
         folder = collection.scene_path(entry)
         start = time.perf_counter()
         try:
-            trainer = _trainer(self.method, folder, runs / entry.name, self.steps, self.teachers)
-            trainer.train()
+            with own_event_writers():  # this scene's events go to its own run only, and stop with it
+                trainer = _trainer(self.method, folder, runs / entry.name, self.steps, self.teachers)
+                trainer.train()
             model = trainer.pipeline.model
             outputs = trainer.pipeline.datamanager.train_dataparser_outputs
             count = write_scene_gaussians(

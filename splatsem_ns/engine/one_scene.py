@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -58,3 +59,30 @@ def setup_trainer(config):
     with optional_lpips():
         trainer.setup()
     return trainer
+
+
+@contextmanager
+def own_event_writers() -> Iterator[None]:
+    """Keep the event writers that trainers set up inside the block to the block.
+
+    nerfstudio's event writers are process-global: every trainer set up appends its own (tensorboard's among them)
+    and none is ever removed, so each later trainer of the process also writes its scalars into every earlier
+    run's event file, and fails once such a run's folder is gone (a temporary one, say). On exit the writers added
+    inside the block are closed and nerfstudio's writer state is as it was before."""
+    from nerfstudio.utils import writer
+
+    writers, storage, buffer = (
+        list(writer.EVENT_WRITERS),
+        list(writer.EVENT_STORAGE),
+        dict(writer.GLOBAL_BUFFER),
+    )
+    try:
+        yield
+    finally:
+        for added in writer.EVENT_WRITERS:
+            if not any(added is kept for kept in writers) and hasattr(added, "tb_writer"):
+                added.tb_writer.close()
+        writer.EVENT_WRITERS[:] = writers
+        writer.EVENT_STORAGE[:] = storage
+        writer.GLOBAL_BUFFER.clear()
+        writer.GLOBAL_BUFFER.update(buffer)

@@ -856,11 +856,10 @@ class ChorusSplatModel(SplatfactoModel):
             l1 = torch.abs(target - render).mean()
             ssim = self.ssim(target.permute(2, 0, 1)[None], render.permute(2, 0, 1)[None])
             return (1 - lam) * l1 + lam * (1 - ssim)
-        function = photometric_loss
-        if self.config.compile_photometric_loss and render.is_cuda:
-            if self._compiled_photometric_loss is None:
-                self._compiled_photometric_loss = self._compile(photometric_loss, fullgraph=True)
-            function = self._compiled_photometric_loss
+        function = self._compiled_on_cuda(
+            "_compiled_photometric_loss", photometric_loss, self.config.compile_photometric_loss, render,
+            fullgraph=True,
+        )  # fmt: skip
         return function(
             target, render, self._ssim_blur_weights(render), lam, self.ssim.data_range, self.ssim.K
         )
@@ -1001,25 +1000,31 @@ class ChorusSplatModel(SplatfactoModel):
         voxel's, on a grid shifted at random (drawn here, outside the compiled graph)."""
         voxel = self.config.semantic_smoothness_voxel * self.scene_scale
         latent = self.semantic_source(self.gauss_params)
-        function = voxel_consensus_loss
-        if self.config.compile_voxel_prior and latent.is_cuda:
-            if self._compiled_voxel_prior is None:
-                self._compiled_voxel_prior = self._compile(voxel_consensus_loss, dynamic=True, fullgraph=True)
-            function = self._compiled_voxel_prior
+        function = self._compiled_on_cuda(
+            "_compiled_voxel_prior", voxel_consensus_loss, self.config.compile_voxel_prior, latent,
+            dynamic=True, fullgraph=True,
+        )  # fmt: skip
         weights = torch.sigmoid(self.opacities).squeeze(-1)
         return function(latent, self.means, weights, voxel, torch.rand(3, device=self.device) * voxel)
 
     def _distillation_function(self, latent: Tensor):
-        if not (self.config.compile_distillation and latent.is_cuda):
-            return self.distillation_losses
-        if self._compiled_distillation is None:
-            self._compiled_distillation = self._compile(self.distillation_losses)
-        return self._compiled_distillation
+        return self._compiled_on_cuda(
+            "_compiled_distillation", self.distillation_losses, self.config.compile_distillation, latent
+        )
 
-    def _compile(self, function, **kwargs):
-        """``torch.compile`` of ``function`` with ``compile_mode`` and ``compile_options``."""
-        options = inductor_options(self.config.compile_options, self.config.compile_mode)
-        return torch.compile(function, mode=self.config.compile_mode, options=options, **kwargs)
+    def _compiled_on_cuda(self, attribute: str, function, enabled: bool, tensor: Tensor, **kwargs):
+        """``function`` through ``torch.compile`` (with ``compile_mode``, ``compile_options`` and ``kwargs``) where
+        ``enabled`` and ``tensor`` is on CUDA, compiled once and kept in ``attribute``; else ``function`` itself."""
+        if not (enabled and tensor.is_cuda):
+            return function
+        if getattr(self, attribute) is None:
+            options = inductor_options(self.config.compile_options, self.config.compile_mode)
+            setattr(
+                self,
+                attribute,
+                torch.compile(function, mode=self.config.compile_mode, options=options, **kwargs),
+            )
+        return getattr(self, attribute)
 
     def get_image_metrics_and_images(self, outputs, batch):
         if self.lpips is not None:

@@ -58,8 +58,8 @@ class HostCameraCache:
             camera = self.cameras[index : index + 1].to("cpu")
             if downscale != 1:
                 camera.rescale_output_resolution(1 / downscale)
-            K = camera.get_intrinsics_matrices().to(self.device)  # once per image and factor
-            self._cache[key] = (K, int(camera.width.item()), int(camera.height.item()))
+            K, width, height = camera_intrinsics(camera)  # once per image and factor, on the host
+            self._cache[key] = (K.to(self.device), width, height)
         return self._cache[key]
 
     def for_camera(self, index: int) -> "HostCamera":

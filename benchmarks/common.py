@@ -172,12 +172,11 @@ def release_earlier_runs() -> int:
     from nerfstudio.utils import writer
     from torch._dynamo.utils import counters
 
+    from splatsem_ns.engine.one_scene import drop_event_writers
+
     # nerfstudio's event writers are process-global and never removed: each run set up after others also wrote its
     # scalars into every earlier run's event file, on the timed steps that log. Each run sets up its own.
-    for earlier in writer.EVENT_WRITERS:
-        if hasattr(earlier, "tb_writer"):
-            earlier.tb_writer.close()
-    writer.EVENT_WRITERS.clear()
+    drop_event_writers()
     writer.EVENT_STORAGE.clear()
     gc.collect()
     torch._dynamo.reset()

@@ -79,10 +79,18 @@ def own_event_writers() -> Iterator[None]:
     try:
         yield
     finally:
-        for added in writer.EVENT_WRITERS:
-            if not any(added is kept for kept in writers) and hasattr(added, "tb_writer"):
-                added.tb_writer.close()
-        writer.EVENT_WRITERS[:] = writers
+        drop_event_writers(keep=writers)
         writer.EVENT_STORAGE[:] = storage
         writer.GLOBAL_BUFFER.clear()
         writer.GLOBAL_BUFFER.update(buffer)
+
+
+def drop_event_writers(keep: Sequence = ()) -> None:
+    """Close nerfstudio's process-global event writers other than ``keep`` (tensorboard's files are flushed) and
+    leave only those registered (``own_event_writers``)."""
+    from nerfstudio.utils import writer
+
+    for event_writer in writer.EVENT_WRITERS:
+        if not any(event_writer is kept for kept in keep) and hasattr(event_writer, "tb_writer"):
+            event_writer.tb_writer.close()
+    writer.EVENT_WRITERS[:] = list(keep)

@@ -226,13 +226,19 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
 
     host_background = model.background_color.cpu()  # for the "camera read as before" rows
 
+    @contextmanager
+    def viewer_path(triton_latent: bool, as_before: bool):
+        """The panel's full-resolution settings, with the camera read as before where asked."""
+        with (
+            full_resolution(model, triton_latent),
+            camera_read_as_before(model, host_background) if as_before else nullcontext(),
+        ):
+            yield
+
     def viewer_query(triton_latent: bool, as_before: bool = False):
         @torch.no_grad()
         def run():  # the panel's relevancy with the latent left out of the frame: the model renders it alone
-            with (
-                full_resolution(model, triton_latent),
-                camera_read_as_before(model, host_background) if as_before else nullcontext(),
-            ):
+            with viewer_path(triton_latent, as_before):
                 return fused_fold(model.render_viewer_latent(cam))
 
         return run
@@ -240,10 +246,7 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
     def viewer_frame_query(triton_latent: bool, as_before: bool = False):
         @torch.no_grad()
         def run():  # a whole viewer frame: RGB + depth, the latent (with triton_latent: from their projection), fold
-            with (
-                full_resolution(model, triton_latent),
-                camera_read_as_before(model, host_background) if as_before else nullcontext(),
-            ):
+            with viewer_path(triton_latent, as_before):
                 outputs = model.get_outputs(cam)
                 return outputs["rgb"], fused_fold(outputs["semantic_latent"])
 

@@ -229,10 +229,12 @@ class _CountingTeacher(Teacher):
     """Mean colour per 8x8 patch; counts the images it encodes and can stop part-way (an interruption)."""
 
     stop_after = -1
+    built = 0  # teachers constructed (a network load, for a real teacher)
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.feature_dim, self.feature_stride, self.encoded = 3, 8, 0
+        _CountingTeacher.built += 1
 
     def encode_image(self, images):
         if 0 <= _CountingTeacher.stop_after <= self.encoded:
@@ -257,9 +259,11 @@ def test_collection_extraction_resumes_after_an_interruption(collection, tmp_pat
     assert set(fingerprints["count"]) == {name for name, _ in scenes}
     folder = TeacherFeatureCache(tmp_path, "count", _CountingConfig().setup().fingerprint()).folder
     assert len(list(folder.glob("*.npy"))) == NUM_SCENES * NUM_VIEWS
-    _CountingTeacher.total = 0
-    extract_collection_features(scenes, [_CountingConfig()], (48, 64), tmp_path, batch_size=4)
+    _CountingTeacher.total = _CountingTeacher.built = 0
+    again = extract_collection_features(scenes, [_CountingConfig()], (48, 64), tmp_path, batch_size=4)
     assert _CountingTeacher.total == 0
+    assert _CountingTeacher.built == 0, "with every image cached, the teacher is never loaded"
+    assert again == fingerprints
 
 
 @pytest.mark.slow

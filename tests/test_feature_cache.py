@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from splatsem_ns.teachers import cache as cache_module
-from splatsem_ns.teachers.base import Teacher, TeacherConfig
+from splatsem_ns.teachers.base import DeferredTeacher, Teacher, TeacherConfig, defers_loading
 from splatsem_ns.teachers.cache import (
     FOOTER_MAGIC,
     FOOTER_SIZE,
@@ -446,3 +446,82 @@ def test_a_renamed_teacher_reuses_its_cached_features(tmp_path):
     wider = CountingTeacherConfig(name="counter", input_size=64).setup()
     _extract(wider, images, tmp_path)
     assert wider.encoded == 4
+
+
+def _deferred(config: TeacherConfig, built: list) -> DeferredTeacher:
+    """``config``'s teacher, deferred; ``built`` collects each teacher the deferral builds."""
+
+    def build(cfg: TeacherConfig) -> Teacher:
+        teacher = cfg.setup()
+        built.append(teacher)
+        return teacher
+
+    return DeferredTeacher(config, build)
+
+
+def test_a_deferred_teacher_is_built_only_for_missing_features(tmp_path):
+    """With every image cached the network is never built, and the features are the ones the built teacher
+    cached; one changed image builds it once and extracts that image alone."""
+    images = _images(4)
+    first = _extract(CountingTeacherConfig().setup(), images, tmp_path)["count"]
+    built: list = []
+    again = _extract(_deferred(CountingTeacherConfig(), built), images, tmp_path)["count"]
+    assert built == []
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    images[1] = images[1].flip(0).contiguous()
+    deferred = _deferred(CountingTeacherConfig(), built)
+    _extract(deferred, images, tmp_path)
+    assert len(built) == 1 and built[0].encoded == 1 and deferred.built
+
+
+def test_only_teachers_fingerprinted_by_their_config_are_deferred():
+    from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
+
+    assert defers_loading(CountingTeacherConfig())
+    assert not defers_loading(LabelsTeacherConfig())  # reads the scene before it has a fingerprint
+    with pytest.raises(ValueError, match="reads the scene"):
+        DeferredTeacher(LabelsTeacherConfig(), lambda cfg: cfg.setup())
+
+
+def test_a_second_run_with_cached_features_loads_no_network(tmp_path, monkeypatch):
+    """The datamanager builds only the label proxy (it reads the scene) when every training image's features
+    are cached: the network teacher stays unloaded, and the features and the heads' specs are the first run's."""
+    import warnings
+
+    from splatsem_ns.data.datamanager import ChorusDataManager, ChorusDataManagerConfig
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+    from splatsem_ns.teachers.base import TEACHER_SPECS_KEY
+
+    scene = generate_synthetic_scene(
+        tmp_path / "scene", SyntheticSceneConfig(num_views=6, width=40, height=30)
+    )
+    built: list = []
+    original = ChorusDataManager.build_teacher
+
+    def counted(self, config):
+        built.append(config.name)
+        return original(self, config)
+
+    monkeypatch.setattr(ChorusDataManager, "build_teacher", counted)
+
+    def setup():
+        config = ChorusDataManagerConfig(
+            data=scene.parent, teachers=("labels", "tiny-dinov2"), feature_cache_dir=tmp_path / "cache"
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return config.setup(device="cpu", test_mode="val")
+
+    first = setup()
+    names = sorted(first._features)
+    assert sorted(built) == names  # the first run extracts with both
+    built.clear()
+    second = setup()
+    network = [n for n in names if n != "labels"]
+    assert built == ["labels"] and len(network) == 1
+    for name in names:
+        for a, b in zip(first._features[name], second._features[name], strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    specs = first.train_dataset.metadata[TEACHER_SPECS_KEY], second.train_dataset.metadata[TEACHER_SPECS_KEY]
+    assert specs[0] == specs[1]

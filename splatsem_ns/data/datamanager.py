@@ -35,8 +35,17 @@ from splatsem_ns.data.dataparser import (
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY, load_depth_image
 from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, HostCameraCache
 from splatsem_ns.evaluation.voting import ViewLabels
-from splatsem_ns.teachers.base import TEACHER_SPECS_KEY, SceneView, Teacher, TeacherConfig, TeacherSpec
-from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
+from splatsem_ns.teachers.base import (
+    TEACHER_SPECS_KEY,
+    DeferredTeacher,
+    SceneView,
+    Teacher,
+    TeacherConfig,
+    TeacherSpec,
+    defers_loading,
+    reads_the_scene,
+)
+from splatsem_ns.teachers.cache import AnyTeacher, default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, check_teacher_names, configured_teachers
 
@@ -142,8 +151,13 @@ class ChorusDataManager(FullImageDatamanager):
         device = self.device if self.config.teacher_device == "auto" else self.config.teacher_device
         return config.setup().to(device).eval()
 
-    def _build_teachers(self) -> List[Teacher]:
-        return [self.build_teacher(cfg) for cfg in self.teacher_configs()]
+    def _teachers(self) -> List[AnyTeacher]:
+        """The configured teachers: the label proxies built (they read the scene before they have a cache key), the
+        networks deferred until an image's features are missing from the cache."""
+        return [
+            DeferredTeacher(cfg, self.build_teacher) if defers_loading(cfg) else self.build_teacher(cfg)
+            for cfg in self.teacher_configs()
+        ]
 
     def scene_views(self) -> List[SceneView]:
         """Every train and eval view as the model sees it (undistorted images and their cameras)."""
@@ -185,10 +199,11 @@ class ChorusDataManager(FullImageDatamanager):
 
     def _prepare_teacher_features(self) -> None:
         cache_root = self.config.feature_cache_dir or default_cache_root()
-        teachers = self._build_teachers()
-        if any(type(t).prepare_scene is not Teacher.prepare_scene for t in teachers):
+        teachers = self._teachers()
+        scene_readers = [t for t in teachers if isinstance(t, Teacher) and reads_the_scene(t)]
+        if scene_readers:
             views, metadata = self.scene_views(), self.scene_metadata()
-            for teacher in teachers:
+            for teacher in scene_readers:
                 teacher.prepare_scene(views, metadata)
         images = self.cached_train
         self._features = extract_teacher_features(
@@ -212,11 +227,13 @@ class ChorusDataManager(FullImageDatamanager):
                 config=teacher.config,
             )
         self.train_dataset.metadata[TEACHER_SPECS_KEY] = specs
+        unloaded = [t.name for t in teachers if isinstance(t, DeferredTeacher) and not t.built]
         CONSOLE.log(
             f"Teacher features ready in {cache_root}: "
             + ", ".join(
                 f"{s.name} {s.feature_dim}x{s.feature_grid[0]}x{s.feature_grid[1]}" for s in specs.values()
             )
+            + (f" (all cached; not loaded: {', '.join(unloaded)})" if unloaded else "")
         )
         # Teachers are not needed while training; give their memory back to the Gaussians.
         del teachers

@@ -46,7 +46,6 @@ from typing import (
     Sequence,
     Tuple,
     Type,
-    Union,
 )
 
 import numpy as np
@@ -76,7 +75,16 @@ from splatsem_ns.data.scene_gaussians import (
 from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sample_overlap, view_overlap
 from splatsem_ns.files import write_atomically
 from splatsem_ns.progress import ProgressLog, logged_progress
-from splatsem_ns.teachers.base import SceneView, Teacher, TeacherConfig, TeacherSpec, declared_text_encoder
+from splatsem_ns.teachers.base import (
+    DeferredTeacher,
+    SceneView,
+    Teacher,
+    TeacherConfig,
+    TeacherSpec,
+    declared_text_encoder,
+    defers_loading,
+    reads_the_scene,
+)
 from splatsem_ns.teachers.cache import (
     TeacherFeatureCache,
     cache_teacher_features,
@@ -687,13 +695,6 @@ Fingerprints = Dict[str, Dict[str, str]]
 """teacher name -> scene name -> the teacher's fingerprint for that scene (its cache folder and keys)."""
 
 
-def reads_the_scene(teacher: Union[Teacher, type]) -> bool:
-    """Whether a teacher (or teacher class) depends on the scene it encodes (the label proxies): it is then prepared
-    per scene, and its fingerprint, so its cache folder, differs per scene."""
-    klass = teacher if isinstance(teacher, type) else type(teacher)
-    return klass.prepare_scene is not Teacher.prepare_scene
-
-
 def scene_views(frames: SceneFrames, size: Tuple[int, int]) -> List[SceneView]:
     """A scene's views as served, for teachers that read the scene (``Teacher.prepare_scene``). Those teachers
     resize label and depth images to the image size without cropping, so the served size must keep the stored
@@ -746,7 +747,12 @@ def _extract_shard(
     """Verify and extract the features of every view of ``scenes`` ((name, folder) pairs) for every teacher;
     returns each teacher's fingerprint per scene. ``counter``: a shared ``multiprocessing.Value`` advanced per
     image done (all teachers count)."""
-    teachers = [cfg.setup().to(device).eval() for cfg in teacher_configs]
+
+    def build(cfg: TeacherConfig) -> Teacher:
+        return cfg.setup().to(device).eval()
+
+    # The networks are loaded only if some image's features are missing (a resumed or repeated run loads none).
+    teachers = [DeferredTeacher(cfg, build) if defers_loading(cfg) else build(cfg) for cfg in teacher_configs]
     fingerprints: Fingerprints = {t.name: {} for t in teachers}
 
     def advance(n: int) -> None:
@@ -756,8 +762,8 @@ def _extract_shard(
 
     # Teachers that read the scene are prepared, and cached, scene by scene; the others see the whole shard at
     # once (one progress display, full batches).
-    per_scene = [t for t in teachers if reads_the_scene(t)]
-    shared = [t for t in teachers if not reads_the_scene(t)]
+    per_scene = [t for t in teachers if isinstance(t, Teacher) and reads_the_scene(t)]
+    shared = [t for t in teachers if t not in per_scene]
     all_frames = {name: SceneFrames.load(Path(folder)) for name, folder in scenes}
     images = [(name, view) for name, frames in all_frames.items() for view in range(len(frames))]
 

@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Optional, Sequence, Tuple, Type
+from typing import Callable, ClassVar, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from jaxtyping import Float
@@ -154,6 +154,67 @@ class Teacher(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return module_device(self)
+
+
+def reads_the_scene(teacher: Union[Teacher, type]) -> bool:
+    """Whether a teacher (or teacher class) depends on the scene it encodes (the label proxies): it is then prepared
+    per scene, and its fingerprint, so its cache folder, differs per scene."""
+    klass = teacher if isinstance(teacher, type) else type(teacher)
+    return klass.prepare_scene is not Teacher.prepare_scene
+
+
+class DeferredTeacher:
+    """A teacher known by its config until its network is needed: the feature cache looks its images up by the
+    config's fingerprint, so a run whose features are all cached never loads the network (its weights from disk
+    or the hub, and its memory on the device). ``get`` builds it on first use, with ``build``.
+
+    Only for teachers whose fingerprint is their config's (``defers_loading``); the label proxies read the scene
+    before they have one, and are cheap to build."""
+
+    def __init__(self, config: TeacherConfig, build: Callable[[TeacherConfig], Teacher]) -> None:
+        if not defers_loading(config):
+            raise ValueError(
+                f"Teacher '{config.name}': its features depend on more than its config (it reads the scene)."
+            )
+        self.config = config
+        self._build = build
+        self._teacher: Optional[Teacher] = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def built(self) -> bool:
+        """Whether ``get`` has built the network."""
+        return self._teacher is not None
+
+    def fingerprint(self) -> str:
+        return self.config.fingerprint()
+
+    @property
+    def has_text_encoder(self) -> bool:
+        """As the teacher class declares it; a class that decides it when built is built to say."""
+        declared = declared_text_encoder(self.config)
+        return bool(self.get().has_text_encoder) if declared is None else declared
+
+    def get(self) -> Teacher:
+        """The teacher, built on the first call."""
+        if self._teacher is None:
+            self._teacher = self._build(self.config)
+        return self._teacher
+
+
+def defers_loading(config: TeacherConfig) -> bool:
+    """Whether ``config``'s teacher can stay unbuilt until it must extract features (``DeferredTeacher``): its class
+    neither reads the scene nor fingerprints itself otherwise than by its config."""
+    klass = getattr(config, "_target", None)
+    return (
+        isinstance(klass, type)
+        and issubclass(klass, Teacher)
+        and not reads_the_scene(klass)
+        and klass.fingerprint is Teacher.fingerprint
+    )
 
 
 def module_device(module: nn.Module) -> torch.device:

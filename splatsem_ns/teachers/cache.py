@@ -43,7 +43,7 @@ import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from splatsem_ns.files import remove_quietly, stage_file, write_atomically
 from splatsem_ns.progress import ProgressLog
-from splatsem_ns.teachers.base import Teacher, image_to_float_chw
+from splatsem_ns.teachers.base import DeferredTeacher, Teacher, image_to_float_chw
 
 FORMAT_VERSION = 2
 """Version of the file format; part of the folder name, so caches of another format are never read."""
@@ -277,8 +277,12 @@ class TeacherFeatureCache:
             ) from err
 
 
+AnyTeacher = Union[Teacher, DeferredTeacher]
+"""A built teacher, or one that is built only if an image's features are missing from the cache."""
+
+
 def extract_teacher_features(
-    teachers: Sequence[Teacher],
+    teachers: Sequence[AnyTeacher],
     num_images: int,
     get_image: Callable[[int], Tensor],
     cache_root: Path,
@@ -288,7 +292,8 @@ def extract_teacher_features(
     """Make sure every image has valid cached features for every teacher; return memory maps of all of them.
 
     Args:
-        teachers: the teachers to run (already on their device).
+        teachers: the teachers to run (already on their device), or ``DeferredTeacher`` s, built only if some
+            image's features are missing.
         num_images: number of training images.
         get_image: index -> ``[H, W, 3]`` image, uint8 or float in [0, 1] (what the model trains on).
         cache_root: cache folder shared between runs.
@@ -313,7 +318,7 @@ def extract_teacher_features(
 
 
 def cache_teacher_features(
-    teacher: Teacher,
+    teacher: AnyTeacher,
     cache: TeacherFeatureCache,
     keys: Sequence[str],
     get_image: Callable[[int], Tensor],
@@ -327,7 +332,7 @@ def cache_teacher_features(
     of any size (each memory map holds a file descriptor).
 
     Args:
-        teacher: the teacher (on its device).
+        teacher: the teacher (on its device), or a ``DeferredTeacher``, built here only if an image is missing.
         cache: its cache (``TeacherFeatureCache(root, teacher.name, teacher.fingerprint())``).
         keys: one key per image.
         get_image: index -> ``[H, W, 3]`` image, only called for the images to extract.
@@ -345,6 +350,8 @@ def cache_teacher_features(
     if not todo:
         return 0
     cache.check_writable()
+    if isinstance(teacher, DeferredTeacher):
+        teacher = teacher.get()
     done = num_images - len(todo)
     if show_progress:
         CONSOLE.log(

@@ -173,7 +173,9 @@ def release_earlier_runs() -> int:
     from torch._dynamo.utils import counters
 
     from splatsem_ns.engine.one_scene import drop_event_writers
+    from splatsem_ns.models.compile_options import release_held_options
 
+    release_held_options()  # a run that failed inside an iteration left its compile options held
     # nerfstudio's event writers are process-global and never removed: each run set up after others also wrote its
     # scalars into every earlier run's event file, on the timed steps that log. Each run sets up its own.
     drop_event_writers()

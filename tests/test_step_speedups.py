@@ -82,7 +82,13 @@ def test_compiled_distillation_on_cuda_matches_eager(options):
     eager = _losses_and_grads(model, model.distillation_losses, latent, targets)
     compiled_fn = model._distillation_function(latent)
     assert compiled_fn is model._compiled_distillation is not None
-    _assert_same(eager, _losses_and_grads(model, compiled_fn, latent, targets), atol=1e-4)
+    # As in training, where the options are held through the iteration (its backward compiles the losses' backward).
+    model._hold_compile_options(True)
+    try:
+        compiled = _losses_and_grads(model, compiled_fn, latent, targets)
+    finally:
+        model._hold_compile_options(False)
+    _assert_same(eager, compiled, atol=1e-4)
 
 
 def test_chorus_splat_uses_fused_adam_everywhere_with_splatfacto_rates():
@@ -390,6 +396,67 @@ def test_compile_options_are_checked_when_the_model_is_built(monkeypatch):
     cuda_latent = types.SimpleNamespace(is_cuda=True)  # compile_distillation compiles on CUDA only
     assert model._distillation_function(cuda_latent) == model.distillation_losses
     assert calls == [{"mode": None, "options": {"cpp_wrapper": True}}]
+
+
+def test_held_options_patch_inductor_and_restore_it():
+    """``HeldOptions`` sets the options process-wide and restores what they replaced; entering again after a span
+    that never exited (an iteration that raised) does not stack, and exiting twice is harmless."""
+    import torch._inductor.config as inductor_config
+
+    from splatsem_ns.models.compile_options import HeldOptions, release_held_options
+
+    before = (inductor_config.cpp_wrapper, inductor_config.combo_kernels)
+    held = HeldOptions({"cpp_wrapper": not before[0], "combo_kernels": not before[1]})
+    with held:
+        assert held.held and (inductor_config.cpp_wrapper, inductor_config.combo_kernels) == (
+            not before[0],
+            not before[1],
+        )
+    assert not held.held and (inductor_config.cpp_wrapper, inductor_config.combo_kernels) == before
+    held.enter()
+    held.enter()  # the previous span never exited
+    held.exit()
+    held.exit()
+    assert (inductor_config.cpp_wrapper, inductor_config.combo_kernels) == before
+    # Runs that raised inside their iterations left two holds of the same option: released last entered first.
+    first, second = HeldOptions({"cpp_wrapper": not before[0]}), HeldOptions({"cpp_wrapper": before[0]})
+    first.enter()
+    second.enter()
+    release_held_options()
+    assert not (first.held or second.held) and inductor_config.cpp_wrapper == before[0]
+
+
+def test_compile_options_are_held_through_each_cuda_training_iteration(monkeypatch):
+    """With ``compile_options``, the model's callbacks hold them from before each training iteration to after it (the
+    trainer's backward compiles the compiled losses' backward), on CUDA only; without options there is no such
+    callback."""
+    import torch._inductor.config as inductor_config
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+
+    def callbacks(model, location):
+        attributes = TrainingCallbackAttributes(
+            optimizers=None, grad_scaler=None, pipeline=None, trainer=None
+        )
+        return [c for c in model.get_training_callbacks(attributes) if location in c.where_to_run]
+
+    plain = tiny_chorus_model()
+    assert plain.held_compile_options is None
+    model = tiny_chorus_model(compile_options=("cpp_wrapper=true",))
+    before = TrainingCallbackLocation.BEFORE_TRAIN_ITERATION
+    after = TrainingCallbackLocation.AFTER_TRAIN_ITERATION
+    for location in (before, after):
+        assert len(callbacks(model, location)) == len(callbacks(plain, location)) + 1
+    hold, release = callbacks(model, before)[0], callbacks(model, after)[-1]  # first before, last after
+    default = inductor_config.cpp_wrapper
+    hold.run_callback_at_location(0, before)
+    assert inductor_config.cpp_wrapper == default, "nothing is compiled on the CPU: nothing held"
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    try:
+        hold.run_callback_at_location(1, before)
+        assert inductor_config.cpp_wrapper is True and model.held_compile_options.held
+    finally:
+        release.run_callback_at_location(1, after)
+    assert inductor_config.cpp_wrapper == default and not model.held_compile_options.held
 
 
 def test_a_run_spec_passes_tuple_fields_split_at_semicolons(tmp_path):

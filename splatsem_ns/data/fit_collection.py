@@ -100,6 +100,7 @@ class FitCollection:
     def _fit(self, collection: SceneCollection, entry: SceneEntry, runs: Path) -> Dict:
         """Train one scene and write its Gaussians; a failure is returned as ``{"error": ...}``, not raised."""
         from splatsem_ns.engine.one_scene import own_event_writers
+        from splatsem_ns.models.compile_options import release_held_options
 
         folder = collection.scene_path(entry)
         start = time.perf_counter()
@@ -119,6 +120,8 @@ class FitCollection:
         except Exception as err:  # noqa: BLE001 (one broken scene must not stop the collection)
             traceback.print_exc()
             return {"error": f"{type(err).__name__}: {err}", "seconds": round(time.perf_counter() - start, 1)}
+        finally:
+            release_held_options()  # a scene that failed inside an iteration must not leave its compile options held
 
 
 def _trainer(method: str, scene: Path, out: Path, steps: int, teachers: Tuple[str, ...]):

@@ -32,7 +32,7 @@ from torch.nn import Parameter
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, camera_intrinsics, camera_size
-from splatsem_ns.models.compile_options import inductor_options
+from splatsem_ns.models.compile_options import HeldOptions, inductor_options
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
@@ -175,7 +175,10 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     ``compile_photometric_loss``) as KEY=VALUE, instead of ``compile_mode``: e.g. ``cpp_wrapper=true`` (the
     compiled graphs launch their kernels from generated C++ rather than Python; in the H100 step profile the
     generated Python took 1.7 of the compiled distillation's 4.2 ms of host time) or ``combo_kernels=true``
-    (independent kernels fused side by side into fewer launches). Checked when the model is built. Untimed."""
+    (independent kernels fused side by side into fewer launches). Checked when the model is built, and held
+    process-wide through each CUDA training iteration, so that torch also compiles the losses' backward with them
+    (``compile_options.HeldOptions``; without that, ``cpp_wrapper=true`` failed on the GPU under torch 2.11).
+    Untimed."""
     semantic_every: int = 1
     """Run the semantic half of a training step (the latent render, the distillation losses, the voxel prior, and
     serving the teachers' features) on every this many steps; the RGB pass, its losses and the depth loss run every
@@ -235,7 +238,11 @@ class ChorusSplatModel(SplatfactoModel):
                 "The seed point cloud is empty: nothing to initialise Gaussians from. Give a point cloud "
                 "with points, or train with --pipeline.model.random-init True."
             )
-        inductor_options(self.config.compile_options, self.config.compile_mode)  # a bad option fails here
+        options = inductor_options(
+            self.config.compile_options, self.config.compile_mode
+        )  # a bad one fails here
+        # Held through each CUDA training iteration, so the compiled losses' backward compiles with them too.
+        self.held_compile_options = HeldOptions(options) if options else None
         if self.config.compile_photometric_loss and not self.config.stacked_ssim:
             raise ValueError(
                 "compile_photometric_loss compiles the stacked SSIM: it needs stacked_ssim True "
@@ -904,6 +911,21 @@ class ChorusSplatModel(SplatfactoModel):
                     update_every_num_iters=self.config.finite_check_every,
                 )
             )
+        if self.held_compile_options is not None:
+            # First before and last after the trainer's iteration, whose backward pass runs the compiled losses'.
+            callbacks.insert(
+                0,
+                TrainingCallback(
+                    [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                    lambda step: self._hold_compile_options(True),
+                ),
+            )
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                    lambda step: self._hold_compile_options(False),
+                )
+            )
         return callbacks
 
     def distillation_losses(
@@ -1011,6 +1033,17 @@ class ChorusSplatModel(SplatfactoModel):
         return self._compiled_on_cuda(
             "_compiled_distillation", self.distillation_losses, self.config.compile_distillation, latent
         )
+
+    def _hold_compile_options(self, hold: bool) -> None:
+        """Hold ``compile_options`` process-wide (see ``HeldOptions``) from before a training iteration to after it,
+        on CUDA, where the losses are compiled; release them after."""
+        held = self.held_compile_options
+        if held is None:
+            return
+        if hold and self.device.type == "cuda":
+            held.enter()
+        else:
+            held.exit()
 
     def _compiled_on_cuda(self, attribute: str, function, enabled: bool, tensor: Tensor, **kwargs):
         """``function`` through ``torch.compile`` (with ``compile_mode``, ``compile_options`` and ``kwargs``) where

@@ -3,7 +3,7 @@ command line as KEY=VALUE strings and checked before training starts rather than
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 OptionValue = Union[bool, int, float, str]
 
@@ -50,3 +50,56 @@ def _value(text: str) -> OptionValue:
         except ValueError:
             pass
     return text
+
+
+class HeldOptions:
+    """Inductor options held process-wide over a span of code, e.g. one training iteration (``with held: ...``, or
+    ``enter()`` and ``exit()`` from two callbacks).
+
+    ``torch.compile(options=...)`` applies its options only while it compiles the forward. Up to torch 2.11 the
+    backward is compiled later, lazily, at the first backward pass, outside those options: with ``cpp_wrapper=true``
+    it is generated as C++ without the kernel binaries that C++ loads, and fails with "CudaKernelParamCache not
+    populated" (pytorch/pytorch#178845; fixed in later releases). Holding the same options while the backward runs
+    makes it compile as the forward did. Once compiled, neither pass reads them again."""
+
+    def __init__(self, options: Dict[str, OptionValue]) -> None:
+        self.options = dict(options)
+        self._patch = None
+
+    @property
+    def held(self) -> bool:
+        return self._patch is not None
+
+    def enter(self) -> None:
+        """Hold the options (again, if a span that raised never exited)."""
+        import torch._inductor.config as inductor_config
+
+        self.exit()
+        self._patch = inductor_config.patch(self.options)
+        self._patch.__enter__()
+        _HELD.append(self)
+
+    def exit(self) -> None:
+        """Restore what the options replaced; nothing when not held."""
+        if self._patch is not None:
+            patch, self._patch = self._patch, None
+            patch.__exit__(None, None, None)
+            _HELD.remove(self)
+
+    def __enter__(self) -> "HeldOptions":
+        self.enter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.exit()
+
+
+_HELD: List[HeldOptions] = []
+"""The options held now, in the order they were entered."""
+
+
+def release_held_options() -> None:
+    """Exit every ``HeldOptions`` still held, the last entered first: a training run that raised inside an iteration
+    leaves its options held process-wide, which a later run in the same process must not inherit."""
+    while _HELD:
+        _HELD[-1].exit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import random
 import typing
@@ -113,6 +114,24 @@ def add_point_shape_argument(parser, how: str) -> None:
         choices=("ball", "surfel"),
         help=f"shape of the Gaussians made from a point cloud, {how}",
     )
+
+
+def scene_run_parser(
+    doc: Optional[str], teachers: Optional[Sequence[str]] = None, data_required: bool = True
+) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark that trains on one scene takes: ``--data`` (the scene), ``--out``,
+    ``--teachers`` (default ``teachers``, else chorus-splat's defaults), ``--random-weights`` and ``--seed``."""
+    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=data_required, help="the scene (a nerfstudio data folder)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--teachers", nargs="+", default=list(teachers or DEFAULT_TEACHERS))
+    parser.add_argument(
+        "--random-weights", action="store_true", help="random-weight teachers: no downloads, for speed only"
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    return parser
 
 
 def build_trainer(cfg):

@@ -23,7 +23,6 @@ PyTorch rasterizer, whose memory is not gsplat's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from common import (  # noqa: E402
     device_name,
     parse_method,
     release_earlier_runs,
+    scene_run_parser,
     seed_everything,
     trainer_config,
     write_markdown,
@@ -277,20 +277,11 @@ def markdown(report: Dict[str, Any]) -> List[str]:
 
 
 def main() -> None:
-    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True, type=Path)
+    parser = scene_run_parser(__doc__)
     parser.add_argument("--method", nargs="+", default=["splatfacto", "chorus-splat"])
     parser.add_argument("--start", type=int, default=1500, help="steps trained before the recording")
     parser.add_argument("--steps", type=int, default=3, help="steps recorded")
     parser.add_argument("--max-entries", type=int, default=500_000, help="allocator events kept")
-    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
         help="cpu: the same report from the operators' own allocations (slow; a check of the script, and of the CPU "

@@ -11,31 +11,21 @@ counts the host-device synchronisations of ``--sync-steps`` iterations by source
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_trainer, parse_method, seed_everything, trainer_config  # noqa: E402
+from common import build_trainer, parse_method, scene_run_parser, seed_everything, trainer_config  # noqa: E402
 from step_regions import ProfileWindows, StepRegions, trainer_regions, wrap_callbacks  # noqa: E402
 
 
 def main() -> None:
-    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True, type=Path)
+    parser = scene_run_parser(__doc__)
     parser.add_argument("--method", nargs="+", default=["chorus-splat"])
     parser.add_argument("--start", type=int, default=600)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sync-steps", type=int, default=5)
-    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # One folder for every method's run: nerfstudio's event writer is process-global and still points at the

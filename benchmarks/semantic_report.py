@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     parse_method,
     peak_memory_gib,
     release_earlier_runs,
+    scene_run_parser,
     seed_everything,
     trainer_config,
 )
@@ -367,18 +368,11 @@ def target_lines(report: dict, run: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True, type=Path)
+    parser = scene_run_parser(__doc__, teachers=("labels", "labels-instance"))
     parser.add_argument("--iterations", type=int, default=15000)
-    parser.add_argument("--teachers", nargs="+", default=["labels", "labels-instance"])
-    parser.add_argument("--random-weights", action="store_true", help="random-weight teachers (speed only)")
     parser.add_argument(
         "--eval-mode", default="interval", help="dataparser eval_mode (interval: every 8th view)"
     )
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--diagnostic-render-scales",
         nargs="*",

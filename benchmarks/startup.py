@@ -12,7 +12,6 @@ DIR/feature_cache on the first call) the first run extracts the features and the
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from common import (  # noqa: E402
     build_trainer,
     device_name,
     release_earlier_runs,
+    scene_run_parser,
     seed_everything,
     sync,
     trainer_config,
@@ -71,18 +71,10 @@ def markdown(report: Dict[str, Any]) -> List[str]:
 
 def main() -> None:
     from splatsem_ns.data.datamanager import ChorusDataManager
-    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = scene_run_parser(__doc__)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
-    parser.add_argument("--random-weights", action="store_true", help="random-weight teachers (no downloads)")
     parser.add_argument("--cpu", action="store_true", help="set up on the CPU even where CUDA is present")
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--feature-cache", type=Path, help="teacher-feature cache (default: OUT/feature_cache)"
     )

@@ -14,7 +14,6 @@ trained ones; the features are meaningless, which does not matter for speed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,6 +33,7 @@ from common import (
     parse_method,
     peak_memory_gib,
     release_earlier_runs,
+    scene_run_parser,
     seed_everything,
     sync,
     trainer_config,
@@ -103,20 +103,11 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
 
 
 def main() -> None:
-    from splatsem_ns.teachers.registry import DEFAULT_TEACHERS
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data")
-    parser.add_argument("--out", required=True, type=Path)
+    parser = scene_run_parser(__doc__, data_required=False)
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument(
         "--warmup", type=int, default=500, help="iterations left out of the timing statistics"
     )
-    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS))
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--methods",
         nargs="+",

@@ -774,3 +774,29 @@ def test_each_run_compiles_afresh_and_counts_only_its_own_compiles() -> None:
     torch.compile(broken, backend=backend)(torch.ones(3))
     counts = compile_counts()
     assert counts["graph_breaks"] >= 1 and counts["unique_graphs"] == 2
+
+
+def test_startup_benchmark_reports_which_runs_loaded_a_teacher_network(tmp_path):
+    """``benchmarks/startup.py``: the first set-up with an empty feature cache builds every teacher, the next one
+    only the label proxy (it reads the scene); both rows are in the report."""
+    import json
+    import subprocess
+
+    from support import offline_env
+
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    scene = generate_synthetic_scene(
+        tmp_path / "scene", SyntheticSceneConfig(num_views=6, width=40, height=30)
+    )
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "startup.py"),
+         "--data", str(scene.parent), "--out", str(tmp_path / "out"), "--runs", "2", "--cpu",
+         "--teachers", "labels", "tiny-dinov2"],
+        capture_output=True, text=True, env=offline_env(), timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "startup.json").read_text())
+    assert report["benchmark"] == "startup"
+    assert [sorted(r["teachers_built"]) for r in report["runs"]] == [["dinov2", "labels"], ["labels"]]
+    assert "| 1 |" in (tmp_path / "out" / "startup.md").read_text()

@@ -174,7 +174,7 @@ class DeferredTeacher:
     def __init__(self, config: TeacherConfig, build: Callable[[TeacherConfig], Teacher]) -> None:
         if not defers_loading(config):
             raise ValueError(
-                f"Teacher '{config.name}': its features depend on more than its config (it reads the scene)."
+                f"Teacher '{config.name}': its features depend on more than its config (it reads the scene, or fingerprints itself)."
             )
         self.config = config
         self._build = build

@@ -5,9 +5,10 @@
 
 Each run builds the whole trainer (dataparser, images, teacher features, depth, the cross-view consistency check,
 the model) in one process, as ``ns-train`` does before its first step; with an empty feature cache (the default,
-DIR/feature_cache on the first call) the first run extracts the features and the later ones find them cached. Reports each run's seconds and which teacher networks it built
-(``ChorusDataManager.build_teacher`` calls). The first run also pays the process's first imports. The JSON
-(``"benchmark": "startup"``) and markdown are rewritten after each run.
+DIR/feature_cache on the first call) the first run extracts the features and the later ones find them cached.
+Reports each run's seconds and which teacher networks it built (``ChorusDataManager.build_teacher`` calls). The
+first run also pays the process's first imports. The JSON (``"benchmark": "startup"``) and markdown are rewritten
+after each run.
 """
 
 from __future__ import annotations

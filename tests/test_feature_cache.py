@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from splatsem_ns.teachers import cache as cache_module
-from splatsem_ns.teachers.base import DeferredTeacher, Teacher, TeacherConfig, defers_loading
+from splatsem_ns.teachers.base import DeferredTeacher, Teacher, TeacherConfig, defers_loading, reads_the_scene
 from splatsem_ns.teachers.cache import (
     FOOTER_MAGIC,
     FOOTER_SIZE,
@@ -479,6 +479,7 @@ def test_only_teachers_fingerprinted_by_their_config_are_deferred():
     from splatsem_ns.teachers.labels_teacher import LabelsTeacherConfig
 
     assert defers_loading(CountingTeacherConfig())
+    assert not reads_the_scene(DeferredTeacher(CountingTeacherConfig(), lambda cfg: cfg.setup()))
     assert not defers_loading(LabelsTeacherConfig())  # reads the scene before it has a fingerprint
     with pytest.raises(ValueError, match="reads the scene"):
         DeferredTeacher(LabelsTeacherConfig(), lambda cfg: cfg.setup())

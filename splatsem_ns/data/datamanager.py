@@ -42,10 +42,10 @@ from splatsem_ns.teachers.base import (
     Teacher,
     TeacherConfig,
     TeacherSpec,
-    defers_loading,
     reads_the_scene,
+    teachers_to_extract,
 )
-from splatsem_ns.teachers.cache import AnyTeacher, default_cache_root, extract_teacher_features
+from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, check_teacher_names, configured_teachers
 
@@ -151,14 +151,6 @@ class ChorusDataManager(FullImageDatamanager):
         device = self.device if self.config.teacher_device == "auto" else self.config.teacher_device
         return config.setup().to(device).eval()
 
-    def _teachers(self) -> List[AnyTeacher]:
-        """The configured teachers: the label proxies built (they read the scene before they have a cache key), the
-        networks deferred until an image's features are missing from the cache."""
-        return [
-            DeferredTeacher(cfg, self.build_teacher) if defers_loading(cfg) else self.build_teacher(cfg)
-            for cfg in self.teacher_configs()
-        ]
-
     def scene_views(self) -> List[SceneView]:
         """Every train and eval view as the model sees it (undistorted images and their cameras)."""
         views = []
@@ -199,8 +191,8 @@ class ChorusDataManager(FullImageDatamanager):
 
     def _prepare_teacher_features(self) -> None:
         cache_root = self.config.feature_cache_dir or default_cache_root()
-        teachers = self._teachers()
-        scene_readers = [t for t in teachers if isinstance(t, Teacher) and reads_the_scene(t)]
+        teachers = teachers_to_extract(self.teacher_configs(), self.build_teacher)
+        scene_readers = [t for t in teachers if reads_the_scene(t)]
         if scene_readers:
             views, metadata = self.scene_views(), self.scene_metadata()
             for teacher in scene_readers:

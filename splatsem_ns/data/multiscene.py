@@ -76,14 +76,13 @@ from splatsem_ns.data.view_sampling import ViewChoiceConfig, choose_views, sampl
 from splatsem_ns.files import write_atomically
 from splatsem_ns.progress import ProgressLog, logged_progress
 from splatsem_ns.teachers.base import (
-    DeferredTeacher,
     SceneView,
     Teacher,
     TeacherConfig,
     TeacherSpec,
     declared_text_encoder,
-    defers_loading,
     reads_the_scene,
+    teachers_to_extract,
 )
 from splatsem_ns.teachers.cache import (
     TeacherFeatureCache,
@@ -752,7 +751,7 @@ def _extract_shard(
         return cfg.setup().to(device).eval()
 
     # The networks are loaded only if some image's features are missing (a resumed or repeated run loads none).
-    teachers = [DeferredTeacher(cfg, build) if defers_loading(cfg) else build(cfg) for cfg in teacher_configs]
+    teachers = teachers_to_extract(teacher_configs, build)
     fingerprints: Fingerprints = {t.name: {} for t in teachers}
 
     def advance(n: int) -> None:
@@ -762,8 +761,8 @@ def _extract_shard(
 
     # Teachers that read the scene are prepared, and cached, scene by scene; the others see the whole shard at
     # once (one progress display, full batches).
-    per_scene = [t for t in teachers if isinstance(t, Teacher) and reads_the_scene(t)]
-    shared = [t for t in teachers if t not in per_scene]
+    per_scene = [t for t in teachers if reads_the_scene(t)]
+    shared = [t for t in teachers if not reads_the_scene(t)]
     all_frames = {name: SceneFrames.load(Path(folder)) for name, folder in scenes}
     images = [(name, view) for name, frames in all_frames.items() for view in range(len(frames))]
 

@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from jaxtyping import Float
@@ -156,9 +156,11 @@ class Teacher(nn.Module, ABC):
         return module_device(self)
 
 
-def reads_the_scene(teacher: Union[Teacher, type]) -> bool:
+def reads_the_scene(teacher: Union[Teacher, "DeferredTeacher", type]) -> bool:
     """Whether a teacher (or teacher class) depends on the scene it encodes (the label proxies): it is then prepared
-    per scene, and its fingerprint, so its cache folder, differs per scene."""
+    per scene, and its fingerprint, so its cache folder, differs per scene. Never a ``DeferredTeacher``."""
+    if isinstance(teacher, DeferredTeacher):
+        return False  # only teachers that do not read the scene are deferred
     klass = teacher if isinstance(teacher, type) else type(teacher)
     return klass.prepare_scene is not Teacher.prepare_scene
 
@@ -174,7 +176,8 @@ class DeferredTeacher:
     def __init__(self, config: TeacherConfig, build: Callable[[TeacherConfig], Teacher]) -> None:
         if not defers_loading(config):
             raise ValueError(
-                f"Teacher '{config.name}': its features depend on more than its config (it reads the scene, or fingerprints itself)."
+                f"Teacher '{config.name}': its features depend on more than its config (it reads the scene, or "
+                "fingerprints itself)."
             )
         self.config = config
         self._build = build
@@ -203,6 +206,19 @@ class DeferredTeacher:
         if self._teacher is None:
             self._teacher = self._build(self.config)
         return self._teacher
+
+
+AnyTeacher = Union[Teacher, DeferredTeacher]
+"""A built teacher, or one that is built only if an image's features are missing from the cache."""
+
+
+def teachers_to_extract(
+    configs: Sequence[TeacherConfig], build: Callable[[TeacherConfig], Teacher]
+) -> List[AnyTeacher]:
+    """One teacher per config for feature extraction: the networks deferred until an image's features are missing
+    from the cache (``DeferredTeacher``), the others (the label proxies, which read the scene before they have a
+    cache key) built now with ``build``."""
+    return [DeferredTeacher(cfg, build) if defers_loading(cfg) else build(cfg) for cfg in configs]
 
 
 def defers_loading(config: TeacherConfig) -> bool:

@@ -43,7 +43,7 @@ import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from splatsem_ns.files import remove_quietly, stage_file, write_atomically
 from splatsem_ns.progress import ProgressLog
-from splatsem_ns.teachers.base import DeferredTeacher, Teacher, image_to_float_chw
+from splatsem_ns.teachers.base import AnyTeacher, DeferredTeacher, image_to_float_chw
 
 FORMAT_VERSION = 2
 """Version of the file format; part of the folder name, so caches of another format are never read."""
@@ -275,10 +275,6 @@ class TeacherFeatureCache:
             raise RuntimeError(
                 f"Cached features {path} of teacher '{self.teacher_name}' are unreadable ({err})."
             ) from err
-
-
-AnyTeacher = Union[Teacher, DeferredTeacher]
-"""A built teacher, or one that is built only if an image's features are missing from the cache."""
 
 
 def extract_teacher_features(

@@ -521,6 +521,36 @@ def test_compile_voxel_prior_compiles_once_on_cuda_only(monkeypatch):
     torch.testing.assert_close(through_compile, eager)
 
 
+def test_the_models_voxel_prior_is_not_recompiled_as_densification_changes_the_count(monkeypatch):
+    """The model hands the compiled voxel prior plain tensors: Dynamo keeps an ``nn.Parameter``'s sizes static
+    whatever ``dynamic`` says, so passing the Gaussians' Parameters recompiled at every new count, and past Dynamo's
+    recompile limit (8) ``fullgraph`` failed the run. Here the count changes 12 times; the capture (the eager
+    backend, no compiler needed, CUDA faked for the model's check) compiles at most twice."""
+    from torch import nn
+    from torch._dynamo.testing import CompileCounter
+
+    from splatsem_ns.models.smoothness import voxel_consensus_loss
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = tiny_chorus_model(compile_voxel_prior=True)
+    model.train()
+    model._compiled_voxel_prior = torch.compile(
+        voxel_consensus_loss, backend=counter, dynamic=True, fullgraph=True
+    )
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for count in range(60, 180, 10):
+        for name, param in list(model.gauss_params.items()):
+            model.gauss_params[name] = nn.Parameter(torch.randn(count, *param.shape[1:]))
+        loss = model._voxel_prior_loss()
+        loss.backward()
+        assert (
+            model.gauss_params[model.semantic_source.PARAM_NAME].grad is not None
+        )  # the view kept the gradient
+    assert counter.frame_count <= 2
+    torch._dynamo.reset()
+
+
 @gpu_only
 def test_the_compiled_voxel_prior_on_cuda_matches_eager():
     from splatsem_ns.models.smoothness import voxel_consensus_loss

@@ -1027,7 +1027,16 @@ class ChorusSplatModel(SplatfactoModel):
             dynamic=True, fullgraph=True,
         )  # fmt: skip
         weights = torch.sigmoid(self.opacities).squeeze(-1)
-        return function(latent, self.means, weights, voxel, torch.rand(3, device=self.device) * voxel)
+        # Plain tensors, not the Parameters: Dynamo keeps a Parameter's sizes static whatever ``dynamic`` says
+        # (force_parameter_static_shapes), so each densification would recompile, and past its recompile limit
+        # ``fullgraph`` fails the run. A view keeps the latent's gradient; the means only place the voxels.
+        return function(
+            latent.view_as(latent),
+            self.means.detach(),
+            weights,
+            voxel,
+            torch.rand(3, device=self.device) * voxel,
+        )
 
     def _distillation_function(self, latent: Tensor):
         return self._compiled_on_cuda(

@@ -139,9 +139,18 @@ def test_compile_photometric_loss_compiles_once_on_cuda_only(monkeypatch):
     torch.testing.assert_close(through_compile, eager)
 
 
-def test_compiling_the_photometric_loss_needs_the_stacked_ssim():
-    with pytest.raises(ValueError, match="needs stacked_ssim"):
-        tiny_chorus_model(compile_photometric_loss=True, stacked_ssim=False)
+def test_without_the_stacked_ssim_the_photometric_loss_stays_eager(monkeypatch):
+    """``compile_photometric_loss`` (on by default) compiles the stacked SSIM only: ``stacked_ssim=False`` is still
+    a valid choice, and its loss (pytorch_msssim's, splatfacto's value) is not compiled, even on CUDA (faked)."""
+    calls = []
+    model = tiny_chorus_model(compile_photometric_loss=True, stacked_ssim=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn.__name__) or fn)
+    target, render = (im[0].permute(1, 2, 0) for im in _images((1, 3, 48, 64), torch.float32))
+    eager = model._photometric_loss(target, render)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    torch.testing.assert_close(model._photometric_loss(target, render), eager)
+    assert calls == [] and model._compiled_photometric_loss is None
+    torch.testing.assert_close(eager, _splatfactos_main_loss(model, target, render), atol=1e-7, rtol=0)
 
 
 @gpu_only

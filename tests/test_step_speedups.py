@@ -367,9 +367,9 @@ def test_splatfacto_losses_match_splatfacto_without_the_host_copy(settings, step
 
 def test_compile_options_are_checked_when_the_model_is_built(monkeypatch):
     """``compile_options``: KEY=VALUE entries become torch.compile's inductor options (bools and numbers typed),
-    reach torch.compile with the distillation, and a misspelt option, an entry without "=", or options beside
+    reach torch.compile with the distillation, and a misspelt option, an entry without "=", or an unknown
     ``compile_mode`` fail when the model is built, not at the first step's compile."""
-    from splatsem_ns.models.compile_options import inductor_options
+    from splatsem_ns.models.compile_options import compile_arguments, inductor_options
 
     assert inductor_options(()) is None
     assert inductor_options(
@@ -382,12 +382,23 @@ def test_compile_options_are_checked_when_the_model_is_built(monkeypatch):
     for entries, mode, message in [
         (("cpp_wraper=true",), None, "no option 'cpp_wraper'"),
         (("cpp_wrapper",), None, "KEY=VALUE"),
-        (("cpp_wrapper=true",), "reduce-overhead", "one or the other"),
+        (("cpp_wrapper=true",), "reduce-overheads", "Unrecognized mode"),
+        ((), "reduce-overheads", "Unrecognized mode"),
     ]:
         with pytest.raises(ValueError, match=message):
-            inductor_options(entries, mode)
+            compile_arguments(entries, mode)
         with pytest.raises(ValueError, match=message):
             tiny_chorus_model(compile_options=entries, compile_mode=mode)
+    # torch.compile takes a mode or options, not both: a mode beside options goes in as the options it stands for,
+    # so that compile_mode still works with the default compile_options.
+    assert compile_arguments(("cpp_wrapper=true",), "reduce-overhead") == {
+        "mode": None,
+        "options": {"triton.cudagraphs": True, "cpp_wrapper": True},
+    }
+    assert compile_arguments((), "reduce-overhead") == {"mode": "reduce-overhead", "options": None}
+    assert compile_arguments(("triton.cudagraphs=false",), "reduce-overhead")["options"] == {
+        "triton.cudagraphs": False
+    }
 
     model = tiny_chorus_model(compile_options=("cpp_wrapper=true",))
     model.train()
@@ -439,7 +450,7 @@ def test_compile_options_are_held_through_each_cuda_training_iteration(monkeypat
         )
         return [c for c in model.get_training_callbacks(attributes) if location in c.where_to_run]
 
-    plain = tiny_chorus_model()
+    plain = tiny_chorus_model(compile_options=())
     assert plain.held_compile_options is None
     model = tiny_chorus_model(compile_options=("cpp_wrapper=true",))
     before = TrainingCallbackLocation.BEFORE_TRAIN_ITERATION

@@ -32,7 +32,7 @@ from torch.nn import Parameter
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, camera_intrinsics, camera_size
-from splatsem_ns.models.compile_options import HeldOptions, inductor_options
+from splatsem_ns.models.compile_options import HeldOptions, compile_arguments, inductor_options
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
@@ -153,32 +153,39 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     compile_mode: Optional[str] = None
     """``torch.compile`` mode of ``compile_distillation``: None (inductor's default: fused kernels, launched from
     Python every step) or "reduce-overhead" (the same kernels replayed as a CUDA graph, which removes most of their
-    host-side launch cost; the render's size must then stay fixed, as it does without coarse-to-fine)."""
-    compile_voxel_prior: bool = False
+    host-side launch cost; the render's size must then stay fixed, as it does without coarse-to-fine). Beside
+    ``compile_options`` it is passed as the options it stands for, with ``compile_options`` on top."""
+    compile_voxel_prior: bool = True
     """On CUDA, run the voxel prior (``semantic_smoothness_weight``) through ``torch.compile`` too, as one graph
     with dynamic shapes (the Gaussian count changes with densification), with ``compile_mode`` and
     ``compile_options``: its twenty-odd small operators over every Gaussian fuse into a few kernels. In the H100
-    step profile the prior took 1.5 ms of host time a step. Off until timed."""
+    step profile the prior took 1.5 ms of host time a step. Timed with the other two compile levers in
+    docs/benchmarks.md (Training step); False: eager."""
     stacked_ssim: bool = True
     """splatfacto's SSIM loss with its five Gaussian blurs stacked into two (``models/ssim.py``): the same value and
     gradient to float rounding (a test), in four convolution launches forward and two backward instead of ten and
     six, for a step bound by the host's launches. False: pytorch_msssim's, as splatfacto computes it. Images
     smaller than the 11-pixel window (early coarse-to-fine steps of tiny scenes) always take pytorch_msssim's,
     which skips the blur along a dimension that short."""
-    compile_photometric_loss: bool = False
+    compile_photometric_loss: bool = True
     """On CUDA, run splatfacto's main loss (L1 and the stacked SSIM, ``models/ssim.photometric_loss``) through
     ``torch.compile`` as one graph, with ``compile_mode`` and ``compile_options``: its forty-odd elementwise
-    operators and their backward fuse into a few kernels around the four blurs (cuDNN's). Needs ``stacked_ssim``.
-    Off until timed."""
-    compile_options: Tuple[str, ...] = ()
+    operators and their backward fuse into a few kernels around the four blurs (cuDNN's). It compiles the stacked
+    SSIM only: with ``stacked_ssim`` False the loss stays eager.
+    On its own it lowered peak training memory from 1.48x splatfacto's to 1.21x on an H100 (the fused loss keeps
+    fewer full-image temporaries for backward)."""
+    compile_options: Tuple[str, ...] = ("cpp_wrapper=true",)
     """Inductor options of the compiled losses (``compile_distillation``, ``compile_voxel_prior``,
-    ``compile_photometric_loss``) as KEY=VALUE, instead of ``compile_mode``: e.g. ``cpp_wrapper=true`` (the
+    ``compile_photometric_loss``) as KEY=VALUE: e.g. ``cpp_wrapper=true`` (the default: the
     compiled graphs launch their kernels from generated C++ rather than Python; in the H100 step profile the
     generated Python took 1.7 of the compiled distillation's 4.2 ms of host time) or ``combo_kernels=true``
     (independent kernels fused side by side into fewer launches). Checked when the model is built, and held
     process-wide through each CUDA training iteration, so that torch also compiles the losses' backward with them
     (``compile_options.HeldOptions``; without that, ``cpp_wrapper=true`` failed on the GPU under torch 2.11).
-    Untimed."""
+    With ``compile_voxel_prior`` and ``compile_photometric_loss`` it took chorus-splat from 1.44x splatfacto's step
+    time to 1.14x on an H100 (docs/benchmarks.md), but the first training step then compiled for 45-60 s on a
+    fresh process instead of about 7 s; short runs (a few thousand steps) lose more than they gain. Empty
+    (``--pipeline.model.compile-options``, nothing after it): inductor's defaults."""
     semantic_every: int = 1
     """Run the semantic half of a training step (the latent render, the distillation losses, the voxel prior, and
     serving the teachers' features) on every this many steps; the RGB pass, its losses and the depth loss run every
@@ -238,16 +245,11 @@ class ChorusSplatModel(SplatfactoModel):
                 "The seed point cloud is empty: nothing to initialise Gaussians from. Give a point cloud "
                 "with points, or train with --pipeline.model.random-init True."
             )
-        options = inductor_options(
-            self.config.compile_options, self.config.compile_mode
-        )  # a bad one fails here
+        # A bad option or mode fails here, not at the first step's compile.
+        self._compile_arguments = compile_arguments(self.config.compile_options, self.config.compile_mode)
+        options = inductor_options(self.config.compile_options)
         # Held through each CUDA training iteration, so the compiled losses' backward compiles with them too.
         self.held_compile_options = HeldOptions(options) if options else None
-        if self.config.compile_photometric_loss and not self.config.stacked_ssim:
-            raise ValueError(
-                "compile_photometric_loss compiles the stacked SSIM: it needs stacked_ssim True "
-                "(--pipeline.model.stacked-ssim True)."
-            )
         with optional_lpips():
             super().populate_modules()
         # gsplat's densification statistics without its three host synchronisations per step (same settings).
@@ -1060,12 +1062,7 @@ class ChorusSplatModel(SplatfactoModel):
         if not (enabled and tensor.is_cuda):
             return function
         if getattr(self, attribute) is None:
-            options = inductor_options(self.config.compile_options, self.config.compile_mode)
-            setattr(
-                self,
-                attribute,
-                torch.compile(function, mode=self.config.compile_mode, options=options, **kwargs),
-            )
+            setattr(self, attribute, torch.compile(function, **self._compile_arguments, **kwargs))
         return getattr(self, attribute)
 
     def get_image_metrics_and_images(self, outputs, batch):

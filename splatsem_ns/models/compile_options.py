@@ -8,22 +8,15 @@ from typing import Dict, List, Optional, Sequence, Union
 OptionValue = Union[bool, int, float, str]
 
 
-def inductor_options(entries: Sequence[str], mode: Optional[str] = None) -> Optional[Dict[str, OptionValue]]:
+def inductor_options(entries: Sequence[str]) -> Optional[Dict[str, OptionValue]]:
     """``entries`` ("cpp_wrapper=true", "combo_kernels=true", ...) as the ``options`` dict of ``torch.compile``:
     true/false become bools, numbers numbers, anything else stays a string. None when there are none.
 
     Raises:
-        ValueError: for an entry without "=", an option inductor does not have, or options given together with
-            ``mode`` (``torch.compile`` takes one or the other; "reduce-overhead" is the option
-            ``triton.cudagraphs=true``).
+        ValueError: for an entry without "=" or an option inductor does not have.
     """
     if not entries:
         return None
-    if mode is not None:
-        raise ValueError(
-            f"compile_options {list(entries)} and compile_mode={mode!r} were both given; torch.compile takes one or "
-            "the other (compile_mode=reduce-overhead is the option triton.cudagraphs=true)."
-        )
     from torch._inductor import list_options
 
     known = set(list_options())
@@ -39,6 +32,30 @@ def inductor_options(entries: Sequence[str], mode: Optional[str] = None) -> Opti
             )
         options[key] = _value(value.strip())
     return options
+
+
+def compile_arguments(entries: Sequence[str], mode: Optional[str] = None) -> Dict[str, object]:
+    """``torch.compile``'s ``mode`` and ``options`` for ``compile_options`` ``entries`` and ``compile_mode``.
+
+    ``torch.compile`` refuses both at once, and the options have defaults, so a mode given beside them is passed as
+    the options it stands for (``torch._inductor.list_mode_options``: "reduce-overhead" is
+    ``triton.cudagraphs=true``), with the entries on top.
+
+    Raises:
+        ValueError: for a bad entry (``inductor_options``) or a mode inductor does not have.
+    """
+    options = inductor_options(entries)
+    if mode is None:
+        return {"mode": None, "options": options}
+    from torch._inductor import list_mode_options
+
+    try:
+        implied = list_mode_options(mode)
+    except RuntimeError as error:  # "Unrecognized mode=..., should be one of: ..."
+        raise ValueError(f"compile_mode: {error}") from None
+    if options is None:
+        return {"mode": mode, "options": None}
+    return {"mode": None, "options": {**implied, **options}}
 
 
 def _value(text: str) -> OptionValue:

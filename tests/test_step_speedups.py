@@ -532,6 +532,27 @@ def test_compile_voxel_prior_compiles_once_on_cuda_only(monkeypatch):
     torch.testing.assert_close(through_compile, eager)
 
 
+def test_the_first_compile_is_announced_once(monkeypatch):
+    """The compiled losses stall the first CUDA steps for up to a minute: the first compile says so (and how to turn
+    it off), once per model, not once per compiled function. CUDA is faked and the compile recorded."""
+    import splatsem_ns.models.chorus_splat as chorus_splat
+
+    logged = []
+    monkeypatch.setattr(chorus_splat.CONSOLE, "log", lambda *args, **kwargs: logged.append(" ".join(args)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    model = tiny_chorus_model()
+    model.train()
+    model._voxel_prior_loss()  # CPU: eager, nothing to say
+    assert logged == []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    model._voxel_prior_loss()
+    model._distillation_function(model.means)
+    model._voxel_prior_loss()
+    assert (
+        len(logged) == 1 and "first training steps" in logged[0] and "compile-voxel-prior False" in logged[0]
+    )
+
+
 def test_the_models_voxel_prior_is_not_recompiled_as_densification_changes_the_count(monkeypatch):
     """The model hands the compiled voxel prior plain tensors: Dynamo keeps an ``nn.Parameter``'s sizes static
     whatever ``dynamic`` says, so passing the Gaussians' Parameters recompiled at every new count, and past Dynamo's

@@ -26,6 +26,7 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocati
 from nerfstudio.model_components.lib_bilagrid import total_variation_loss
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils import writer
+from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor, nn
 from torch.nn import Parameter
 
@@ -314,6 +315,7 @@ class ChorusSplatModel(SplatfactoModel):
         self._compiled_distillation = None  # built on the first CUDA training step (compile_distillation)
         self._compiled_voxel_prior = None  # likewise (compile_voxel_prior)
         self._compiled_photometric_loss = None  # likewise (compile_photometric_loss)
+        self._announced_compile = False  # the first compile says the first steps will be slow
         self._ssim_weights: Optional[BlurWeights] = None  # stacked_ssim's blur, built at its first use
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
         self.hidden_mask: Optional[Tensor] = None
@@ -1062,6 +1064,16 @@ class ChorusSplatModel(SplatfactoModel):
         if not (enabled and tensor.is_cuda):
             return function
         if getattr(self, attribute) is None:
+            if not self._announced_compile:
+                # The first steps stall while inductor compiles (45-60 s on an H100 with the default levers): say so,
+                # or a user sees a frozen progress bar.
+                self._announced_compile = True
+                CONSOLE.log(
+                    "Compiling chorus-splat's losses for the GPU: the first training steps take up to a minute "
+                    "(inductor caches the result for later runs). For a short run, turn it off with "
+                    "--pipeline.model.compile-options --pipeline.model.compile-voxel-prior False "
+                    "--pipeline.model.compile-photometric-loss False --pipeline.model.compile-distillation False."
+                )
             setattr(self, attribute, torch.compile(function, **self._compile_arguments, **kwargs))
         return getattr(self, attribute)
 

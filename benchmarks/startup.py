@@ -6,7 +6,8 @@
 Each run builds the whole trainer (dataparser, images, teacher features, depth, the cross-view consistency check,
 the model) in one process, as ``ns-train`` does before its first step; with an empty feature cache (the default,
 DIR/feature_cache on the first call) the first run extracts the features and the later ones find them cached.
-Reports each run's seconds and which teacher networks it built (``ChorusDataManager.build_teacher`` calls). The
+Reports each run's seconds, which teacher networks it built (``ChorusDataManager.build_teacher`` calls) and for how
+many teachers it ran the cross-view consistency check (the others read the weights an earlier run stored). The
 first run also pays the process's first imports. The JSON (``"benchmark": "startup"``) and markdown are rewritten
 after each run.
 """
@@ -32,8 +33,8 @@ from common import (  # noqa: E402
 )
 
 
-def timed_setup(args, index: int, built: List[str]) -> Dict[str, Any]:
-    """Set up one trainer; its seconds and the teacher networks it built."""
+def timed_setup(args, index: int, built: List[str], checked: List[int]) -> Dict[str, Any]:
+    """Set up one trainer; its seconds, the teacher networks it built and the consistency checks it ran."""
     seed_everything(args.seed)
     cfg = trainer_config(
         "chorus-splat", Path(args.data), args.out, 100, args.teachers, args.random_weights, {}
@@ -45,12 +46,18 @@ def timed_setup(args, index: int, built: List[str]) -> Dict[str, Any]:
         cfg.machine.device_type = "cpu"
     release_earlier_runs()
     built.clear()
+    checked.clear()
     start = time.perf_counter()
     trainer = build_trainer(cfg)
     sync()
     seconds = time.perf_counter() - start
     del trainer
-    return {"run": index, "setup_s": round(seconds, 2), "teachers_built": list(built)}
+    return {
+        "run": index,
+        "setup_s": round(seconds, 2),
+        "teachers_built": list(built),
+        "consistency_checks_run": len(checked),
+    }
 
 
 def markdown(report: Dict[str, Any]) -> List[str]:
@@ -62,15 +69,19 @@ def markdown(report: Dict[str, Any]) -> List[str]:
         f"- feature cache: `{report['feature_cache']}`; run 0 also pays the process's first imports; a run that built"
         " a teacher network extracted features with it",
         "",
-        "| run | set-up (s) | teacher networks built |",
-        "|---|---|---|",
+        "| run | set-up (s) | teacher networks built | consistency checks run |",
+        "|---|---|---|---|",
     ]
     for row in report["runs"]:
-        lines.append(f"| {row['run']} | {row['setup_s']} | {', '.join(row['teachers_built']) or 'none'} |")
+        lines.append(
+            f"| {row['run']} | {row['setup_s']} | {', '.join(row['teachers_built']) or 'none'} "
+            f"| {row['consistency_checks_run']} |"
+        )
     return lines
 
 
 def main() -> None:
+    import splatsem_ns.data.datamanager as datamanager
     from splatsem_ns.data.datamanager import ChorusDataManager
 
     parser = scene_run_parser(__doc__)
@@ -90,6 +101,14 @@ def main() -> None:
         return original(self, config)
 
     ChorusDataManager.build_teacher = counted
+    checked: List[int] = []
+    check = datamanager.consistency_weights
+
+    def counted_check(*check_args, **kwargs):
+        checked.append(1)
+        return check(*check_args, **kwargs)
+
+    datamanager.consistency_weights = counted_check
     report: Dict[str, Any] = {
         "benchmark": "startup",
         "data": args.data,
@@ -100,7 +119,7 @@ def main() -> None:
         "runs": [],
     }
     for index in range(args.runs):
-        report["runs"].append(timed_setup(args, index, built))
+        report["runs"].append(timed_setup(args, index, built, checked))
         (args.out / "startup.json").write_text(json.dumps(report, indent=2))
         write_markdown(args.out / "startup.md", markdown(report))
 

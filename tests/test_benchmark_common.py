@@ -777,8 +777,9 @@ def test_each_run_compiles_afresh_and_counts_only_its_own_compiles() -> None:
 
 
 def test_startup_benchmark_reports_which_runs_loaded_a_teacher_network(tmp_path):
-    """``benchmarks/startup.py``: the first set-up with an empty feature cache builds every teacher, the next one
-    only the label proxy (it reads the scene); both rows are in the report."""
+    """``benchmarks/startup.py``: the first set-up with an empty feature cache builds every teacher and runs the
+    consistency check of each, the next one builds only the label proxy (it reads the scene) and reads the stored
+    weights; both rows are in the report."""
     import json
     import subprocess
 
@@ -799,4 +800,5 @@ def test_startup_benchmark_reports_which_runs_loaded_a_teacher_network(tmp_path)
     report = json.loads((tmp_path / "out" / "startup.json").read_text())
     assert report["benchmark"] == "startup"
     assert [sorted(r["teachers_built"]) for r in report["runs"]] == [["dinov2", "labels"], ["labels"]]
+    assert [r["consistency_checks_run"] for r in report["runs"]] == [2, 0]
     assert "| 1 |" in (tmp_path / "out" / "startup.md").read_text()

@@ -147,19 +147,31 @@ def test_datamanager_serves_each_views_weights():
 
 def _synthetic_manager(root, enabled: bool = True, num_views: int = 10):
     """The datamanager of a synthetic room distilling the labels proxy teacher (the room has depth)."""
-    import warnings
-
-    from splatsem_ns.data.datamanager import ChorusDataManagerConfig
     from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
 
     config = SyntheticSceneConfig(num_views=num_views, width=48, height=36)
-    scene = generate_synthetic_scene(root / "scene", config)
+    generate_synthetic_scene(root / "scene", config)
+    return _scene_manager(root, enabled=enabled)
+
+
+def _scene_manager(root, **consistency):
+    """The datamanager of the room ``_synthetic_manager`` generated under ``root``, with these consistency
+    settings, its feature cache in ``root/cache``."""
+    import warnings
+
+    from splatsem_ns.data.datamanager import ChorusDataManagerConfig
+    from splatsem_ns.teachers.consistency_cache import ConsistencyCacheWarning
+
     cfg = ChorusDataManagerConfig(
-        data=scene.parent, teachers=("labels",), feature_cache_dir=root / "cache", eval_image_indices=None
+        data=root / "scene", teachers=("labels",), feature_cache_dir=root / "cache", eval_image_indices=None
     )
-    cfg.teacher_consistency.enabled = enabled
+    for name, value in consistency.items():
+        setattr(cfg.teacher_consistency, name, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        warnings.simplefilter(
+            "always", ConsistencyCacheWarning
+        )  # the tests of the stored weights look for it
         return cfg.setup(device="cpu", test_mode="val")
 
 
@@ -263,3 +275,120 @@ def test_large_captures_check_each_view_against_its_nearest_cameras_only(monkeyp
     monkeypatch.setattr(consistency, "visible_cells", counting)
     consistency_weights([_wall_features(v) for v in views], views, many, depth_tolerance=0.05)
     assert len(projected) == 12 * 3
+
+
+def test_the_key_covers_every_input_of_the_check():
+    """The stored weights' key changes with the features, a depth image, a camera's pose or intrinsics, a setting
+    of the check or the tolerance, and is the same for the same inputs."""
+    import copy
+    import dataclasses
+
+    from splatsem_ns.teachers.consistency_cache import consistency_key
+
+    views = _views()
+    features = [_wall_features(v) for v in views]
+    config = ConsistencyConfig()
+    key = consistency_key(features, views, config, 0.1)
+    assert key == consistency_key(
+        [f.clone() for f in features], copy.deepcopy(views), ConsistencyConfig(), 0.1
+    )
+
+    def changed_view(index: int, **fields):
+        changed = copy.deepcopy(views)
+        changed[index] = dataclasses.replace(changed[index], **fields)
+        return changed
+
+    moved = views[1].camera_to_world.copy()
+    moved[0, 3] += 1e-6
+    deeper = views[2].depth.copy()
+    deeper[5, 5] += 0.01
+    other_features = [f.clone() for f in features]
+    other_features[0][3, 3, 0] += 1e-3
+    variants = [
+        consistency_key(other_features, views, config, 0.1),
+        consistency_key(features, changed_view(1, camera_to_world=moved), config, 0.1),
+        consistency_key(features, changed_view(0, K=views[0].K * 1.01), config, 0.1),
+        consistency_key(features, changed_view(2, depth=deeper), config, 0.1),
+        consistency_key(features, views, ConsistencyConfig(segments=7), config and 0.1),
+        consistency_key(features, views, config, 0.2),
+    ]
+    assert key not in variants and len(set(variants)) == len(variants)
+
+
+def _count_checks(monkeypatch) -> list:
+    import splatsem_ns.data.datamanager as datamanager
+
+    calls = []
+    real = datamanager.consistency_weights
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datamanager, "consistency_weights", counted)
+    return calls
+
+
+def test_a_second_start_up_reads_the_weights_an_earlier_run_stored(tmp_path, monkeypatch, capsys):
+    """The check runs at the first start-up and is stored beside the features; the next start-up of the same
+    scene serves the same weights without running it. A changed setting of the check runs it again."""
+    checks = _count_checks(monkeypatch)
+    first = _synthetic_manager(tmp_path)
+    assert len(checks) == 1
+    capsys.readouterr()
+    second = _scene_manager(tmp_path)
+    assert len(checks) == 1, "the second start-up ran the check again"
+    assert "(stored by an earlier run)" in " ".join(capsys.readouterr().out.split())
+    for a, b in zip(first._weights["labels"], second._weights["labels"], strict=True):
+        assert a.dtype == b.dtype == np.float16
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "cache" / "consistency-1").is_dir()
+    _scene_manager(tmp_path, min_agreement=0.5)
+    assert len(checks) == 2, "a changed setting must run the check again"
+
+
+def test_a_damaged_stored_result_is_reported_and_computed_again(tmp_path, monkeypatch):
+    from splatsem_ns.teachers.consistency_cache import ConsistencyCacheWarning
+
+    checks = _count_checks(monkeypatch)
+    first = _synthetic_manager(tmp_path)
+    (stored,) = (tmp_path / "cache" / "consistency-1").glob("labels-*.npz")
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a member: its CRC no longer matches
+    stored.write_bytes(bytes(data))
+    with pytest.warns(ConsistencyCacheWarning, match="not used"):
+        second = _scene_manager(tmp_path)
+    assert len(checks) == 2
+    for a, b in zip(first._weights["labels"], second._weights["labels"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stored_maps_that_do_not_fit_the_views_are_not_used(tmp_path):
+    from splatsem_ns.teachers.consistency_cache import ConsistencyCache, ConsistencyCacheWarning
+
+    cache = ConsistencyCache(tmp_path)
+    cache.save("t", "k", [np.ones((2, 3), np.float16)] * 2)
+    assert [m.shape for m in cache.load("t", "k", [(2, 3), (2, 3)])] == [(2, 3), (2, 3)]
+    assert cache.load("t", "other", [(2, 3)]) is None  # nothing stored: no warning
+    for grids, problem in [
+        ([(2, 3)] * 3, "unreadable"),
+        ([(2, 3)], "2 maps for 1 views"),
+        ([(3, 2)] * 2, "view 0"),
+    ]:
+        with pytest.warns(ConsistencyCacheWarning, match=problem):
+            assert cache.load("t", "k", grids) is None
+    cache.save("t", "bad", [np.full((2, 3), 2.0, np.float16)])
+    with pytest.warns(ConsistencyCacheWarning, match="outside"):
+        assert cache.load("t", "bad", [(2, 3)]) is None
+
+
+def test_a_cache_that_refuses_the_write_costs_only_the_speed_up(tmp_path, monkeypatch, capsys):
+    import splatsem_ns.teachers.consistency_cache as consistency_cache
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(consistency_cache, "write_atomically", refuse)
+    manager = _synthetic_manager(tmp_path)
+    assert len(manager._weights["labels"]) == len(manager.train_dataset)
+    assert "Could not store the consistency weights" in " ".join(capsys.readouterr().out.split())

@@ -47,6 +47,7 @@ from splatsem_ns.teachers.base import (
 )
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
+from splatsem_ns.teachers.consistency_cache import ConsistencyCache, consistency_key
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, check_teacher_names, configured_teachers
 
 
@@ -75,7 +76,8 @@ class ChorusDataManagerConfig(FullImageDatamanagerConfig):
     teacher_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where teachers run during extraction; "auto" follows the training device."""
     feature_cache_dir: Optional[Path] = None
-    """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``."""
+    """Feature cache folder; default ``$SPLATSEM_CACHE`` or ``~/.cache/splatsem_ns/teacher_features``. It also
+    holds the cross-view consistency weights (``teachers.consistency_cache``)."""
     extraction_batch_size: int = 4
     """Images per teacher forward pass during extraction."""
     pinned_features_gib: float = 2.0
@@ -280,22 +282,27 @@ class ChorusDataManager(FullImageDatamanager):
         ]
         # The tolerance is given in the dataset's original units; the cameras and depths are in scene units.
         tolerance = cfg.depth_tolerance * float(self.train_dataparser_outputs.dataparser_scale)
+        # Stored beside the features: the check is deterministic, and its inputs are all in the key.
+        cache = ConsistencyCache(self.config.feature_cache_dir or default_cache_root())
         result = {}
         for name, maps in self._features.items():
-            weights = consistency_weights(
-                [torch.from_numpy(np.asarray(m)) for m in maps],
-                views,
-                cfg,
-                tolerance,
-                progress=f"Cross-view consistency: {name}",
-            )
-            dropped = float(np.mean([1.0 - w.mean() for w in weights]))
+            features = [torch.from_numpy(np.asarray(m)) for m in maps]
+            key = consistency_key(features, views, cfg, tolerance)
+            weights = cache.load(name, key, [tuple(f.shape[:2]) for f in features])
+            stored = weights is not None
+            if weights is None:
+                weights = consistency_weights(
+                    features, views, cfg, tolerance, progress=f"Cross-view consistency: {name}"
+                )
+                weights = [w.astype(np.float16) for w in weights]
+                cache.save(name, key, weights)
+            dropped = float(np.mean([1.0 - w.astype(np.float32).mean() for w in weights]))
             touched = sum(bool((w == 0).any()) for w in weights)
             CONSOLE.log(
                 f"Cross-view consistency: {name}: weight 0 on {dropped:.1%} of the feature cells, in {touched} "
-                f"of {len(weights)} views."
+                f"of {len(weights)} views" + (" (stored by an earlier run)." if stored else ".")
             )
-            result[name] = [w.astype(np.float16) for w in weights]
+            result[name] = weights
         return result
 
     def teacher_weights(self, image_idx: int) -> Dict[str, torch.Tensor]:

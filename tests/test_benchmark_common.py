@@ -403,6 +403,32 @@ def test_repeated_speed_rounds_pair_each_run_with_its_own_rounds_baseline(tmp_pa
     assert "round" not in (tmp_path / "single.md").read_text()
 
 
+def test_the_speed_report_shows_what_compiles_added_to_a_run(tmp_path: Path) -> None:
+    """The steady statistics leave the compiles out; the report also gives the first step's seconds and the loop's
+    seconds beyond its steps at the steady mean, the latter also for reports saved before the first was kept."""
+    import train_speed
+
+    compiled = {**_speed_row("chorus-splat", 10.0, 3.0), "iterations": 1000, "train_s": 62.0, "first_step_s": 48.5}
+    older = {**_speed_row("splatfacto", 8.0, 2.0), "iterations": 1000, "train_s": 8.5}
+    assert train_speed.beyond_steady_s(compiled) == 52.0  # 62 s less 1000 steps of 10 ms
+    assert train_speed.beyond_steady_s(older) == 0.5
+    report = {
+        "data": "scene",
+        "device": "cpu",
+        "torch": "x",
+        "iterations": 1000,
+        "warmup_excluded": 2,
+        "settings": "s",
+        "teachers": ["labels"],
+        "random_teacher_weights": True,
+        "results": [older, compiled],
+    }
+    train_speed.write_report(report, tmp_path)
+    text = (tmp_path / "train_speed.md").read_text()
+    assert "| first step (s) | beyond steady steps (s) |" in text
+    assert "| 1.0 | 48.5 | 52.0 |" in text and "| 1.0 | - | 0.5 |" in text
+
+
 def test_an_earlier_runs_cyclic_garbage_is_freed_before_the_next_run_is_measured() -> None:
     """A trainer holds reference cycles, so ``del`` alone leaves its tensors allocated until the cyclic collector
     runs; a run measured after it would count them as its own peak. ``release_earlier_runs`` frees them first."""

@@ -408,7 +408,12 @@ def test_the_speed_report_shows_what_compiles_added_to_a_run(tmp_path: Path) -> 
     seconds beyond its steps at the steady mean, the latter also for reports saved before the first was kept."""
     import train_speed
 
-    compiled = {**_speed_row("chorus-splat", 10.0, 3.0), "iterations": 1000, "train_s": 62.0, "first_step_s": 48.5}
+    compiled = {
+        **_speed_row("chorus-splat", 10.0, 3.0),
+        "iterations": 1000,
+        "train_s": 62.0,
+        "first_step_s": 48.5,
+    }
     older = {**_speed_row("splatfacto", 8.0, 2.0), "iterations": 1000, "train_s": 8.5}
     assert train_speed.beyond_steady_s(compiled) == 52.0  # 62 s less 1000 steps of 10 ms
     assert train_speed.beyond_steady_s(older) == 0.5

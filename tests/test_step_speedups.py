@@ -553,6 +553,30 @@ def test_the_first_compile_is_announced_once(monkeypatch):
     )
 
 
+def test_cpp_wrapper_without_a_cpp_compiler_fails_at_once_and_says_how_to_go_on(monkeypatch):
+    """Where no C++ compiler exists, ``cpp_wrapper=true`` (a default) stops before the first compile with a message
+    that names the fix; without it, the same model compiles. CUDA is faked and the compile recorded."""
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor import exc
+
+    def no_compiler(*args, **kwargs):
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    model = tiny_chorus_model()
+    model.train()
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler was found.*--pipeline.model.compile-options"):
+        model._voxel_prior_loss()
+    assert calls == []
+    without = tiny_chorus_model(compile_options=())
+    without.train()
+    without._voxel_prior_loss()
+    assert len(calls) == 1 and calls[0]["options"] is None
+
+
 def test_the_models_voxel_prior_is_not_recompiled_as_densification_changes_the_count(monkeypatch):
     """The model hands the compiled voxel prior plain tensors: Dynamo keeps an ``nn.Parameter``'s sizes static
     whatever ``dynamic`` says, so passing the Gaussians' Parameters recompiled at every new count, and past Dynamo's

@@ -33,7 +33,12 @@ from torch.nn import Parameter
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
 from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, camera_intrinsics, camera_size
-from splatsem_ns.models.compile_options import HeldOptions, compile_arguments, inductor_options
+from splatsem_ns.models.compile_options import (
+    HeldOptions,
+    compile_arguments,
+    inductor_options,
+    require_cpp_compiler,
+)
 from splatsem_ns.models.finite_guard import NonFiniteWatch
 from splatsem_ns.models.folded_query import FoldedQuery
 from splatsem_ns.models.heads import (
@@ -1064,6 +1069,9 @@ class ChorusSplatModel(SplatfactoModel):
         if not (enabled and tensor.is_cuda):
             return function
         if getattr(self, attribute) is None:
+            options = self._compile_arguments["options"] or {}
+            if options.get("cpp_wrapper"):
+                require_cpp_compiler()
             if not self._announced_compile:
                 # The first steps stall while inductor compiles (45-60 s on an H100 with the default levers): say so,
                 # or a user sees a frozen progress bar.

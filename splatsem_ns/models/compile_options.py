@@ -58,6 +58,26 @@ def compile_arguments(entries: Sequence[str], mode: Optional[str] = None) -> Dic
     return {"mode": None, "options": {**implied, **options}}
 
 
+def require_cpp_compiler() -> None:
+    """Fail at once, and say how to go on, where ``cpp_wrapper=true`` (a default) cannot build its C++: without a
+    C++ compiler inductor fails only inside the first step's compile, with a message about its own config.
+
+    Raises:
+        RuntimeError: no working C++ compiler (inductor looks for ``$CXX``, else ``g++``).
+    """
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler as error:
+        raise RuntimeError(
+            f"compile_options cpp_wrapper=true (on by default) builds the compiled losses' launchers as C++, and "
+            f"no C++ compiler was found ({error}). Install one (e.g. apt install g++, or set CXX), or train "
+            "without it: --pipeline.model.compile-options (nothing after it)."
+        ) from None
+
+
 def _value(text: str) -> OptionValue:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"

@@ -17,7 +17,8 @@
 #   SS_STEPS (100000): a step cap besides SS_MIN, so that semantic-splat runs compared across chains train equally long,
 #   SS_MIXED (0.1) and SS_MIXED_CENTRED (1): the real share and centred weight of the `mixedsemantic` step,
 #   FF_ITERS (3000), FF_EVAL ("0 500 1500"): the `ffinit` step's chorus-splat runs,
-#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), MEM_START (1500),
+#   SPEED_ITERS (2000), SPEED_REPEATS (3), SPEED_METHODS ("splatfacto chorus-splat"), SPEED_INTERLEAVE (0: off; K: one
+#   more round with the methods' trainers taking turns of K steps), MEM_START (1500),
 #   DDP_ARGS (semantic-splat on the `gen` step's collection on 1, 2 and 4 GPUs, global batch 8, 1000 steps, one
 #   seed-noise run, rank 0 profiled from step 600),
 #   CAP_TRAIN (275), CAP_STEPS (3000), CAP_ARGS: the `capacity` step (encoder_capacity.py)
@@ -131,7 +132,7 @@ run)
       # shellcheck disable=SC2086
       step speed python benchmarks/train_speed.py --data "$SPLATSEM_DATA/scannet_scene0000_00" --out "$RES/speed" \
         --iterations "${SPEED_ITERS:-2000}" --random-weights --repeats "${SPEED_REPEATS:-3}" \
-        --methods ${SPEED_METHODS:-splatfacto chorus-splat} ;;
+        --interleave "${SPEED_INTERLEAVE:-0}" --methods ${SPEED_METHODS:-splatfacto chorus-splat} ;;
     query)  # relevancy frames per second at full resolution, every path side by side in one process
       step query python benchmarks/query_speed.py --out "$RES/query" ;;
     profile)  # where a training step's host and GPU time go, splatfacto beside chorus-splat

@@ -10,6 +10,13 @@ Full-size teacher architectures with random weights (``--random-weights``) cost 
 trained ones; the features are meaningless, which does not matter for speed.
 
     python benchmarks/train_speed.py --data ../shared/data/scannet_scene0000_00 --out /tmp/speed --random-weights
+
+A shared machine's speed drifts by tens of percent over minutes, more than the levers being compared, and runs made
+one after another see different machines. ``--interleave K`` adds one more round in which every method's trainer is
+built first and they then train in turns of K steps (one thread each, only one running at a time), so neighbouring
+blocks of the methods see the same machine; the report gives each method's ratio per pair of neighbouring blocks
+(its block against splatfacto's), median and spread. Peak memory comes from the sequential rounds only: the
+interleaved trainers share the GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -104,6 +112,138 @@ def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dic
     return result
 
 
+class Baton:
+    """Strict turns between threads: only the thread holding the turn runs. ``pass_on`` hands the turn to the next
+    thread still running and waits until it comes back; ``finish`` hands it on for good."""
+
+    def __init__(self, count: int) -> None:
+        self.turn = 0
+        self.done = [False] * count
+        self.condition = threading.Condition()
+
+    def _next(self, index: int) -> int:
+        count = len(self.done)
+        for offset in range(1, count + 1):
+            candidate = (index + offset) % count
+            if not self.done[candidate]:
+                return candidate
+        return index
+
+    def wait_turn(self, index: int) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.turn == index)
+
+    def pass_on(self, index: int) -> None:
+        with self.condition:
+            self.turn = self._next(index)
+            self.condition.notify_all()
+            self.condition.wait_for(lambda: self.turn == index)
+
+    def finish(self, index: int) -> None:
+        with self.condition:
+            self.done[index] = True
+            self.turn = self._next(index)
+            self.condition.notify_all()
+
+
+def run_interleaved(specs: list, args, out: Path) -> dict:
+    """Build every method's trainer, then train them in turns of ``args.interleave`` steps (see the module's
+    docstring). Returns per label the mean ms/step of each block of steps (None for blocks that reach into the
+    warm-up), and any failure."""
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+    release_earlier_runs()
+    block = args.interleave
+    labels, trainers = [], []
+    for spec in specs:
+        label, method, overrides = parse_method(spec)
+        seed_everything(args.seed)
+        cfg = trainer_config(
+            method, args.data, out, args.iterations, args.teachers, args.random_weights, overrides
+        )
+        cfg.timestamp = label
+        labels.append(label)
+        trainers.append(build_trainer(cfg))
+    baton = Baton(len(trainers))
+    blocks: list = [[[]] for _ in trainers]  # per trainer, per block: the times that bound its steps
+    errors: dict = {}
+
+    def callbacks(index: int) -> list:
+        def record(step: int) -> None:
+            sync()
+            blocks[index][-1].append(time.perf_counter())
+
+        def hand_over(step: int) -> None:
+            if (step + 1) % block == 0:
+                baton.pass_on(index)
+                sync()
+                blocks[index].append([time.perf_counter()])  # the next block starts when the turn comes back
+
+        where = [TrainingCallbackLocation.AFTER_TRAIN_ITERATION]
+        # Last of all the trainer's callbacks: the model's own (e.g. releasing held compile options) run first.
+        return [TrainingCallback(where, record), TrainingCallback(where, hand_over)]
+
+    def train(index: int) -> None:
+        baton.wait_turn(index)
+        try:
+            sync()
+            blocks[index][0].append(time.perf_counter())
+            trainers[index].train()
+        except Exception as err:  # the others go on; the failure is reported
+            traceback.print_exc()
+            errors[labels[index]] = f"{type(err).__name__}: {err}"
+        finally:
+            baton.finish(index)
+
+    for index, trainer in enumerate(trainers):
+        trainer.callbacks.extend(callbacks(index))
+    threads = [
+        threading.Thread(target=train, args=(i,), name=f"train-{label}") for i, label in enumerate(labels)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result = {
+        "block": block,
+        "warmup_excluded": args.warmup,
+        "block_ms": {},
+        "block_bounds_s": {},  # each block's first and last time, from the first trainer's start: the turns
+        "failed": errors,
+    }
+    origin = blocks[0][0][0]
+    for label, runs in zip(labels, blocks, strict=True):
+        means = []
+        for b, stamps in enumerate(runs):
+            whole = len(stamps) == block + 1 and b * block >= args.warmup
+            means.append(round(1000 * (stamps[-1] - stamps[0]) / block, 3) if whole else None)
+        result["block_ms"][label] = means
+        result["block_bounds_s"][label] = [
+            [round(stamps[0] - origin, 4), round(stamps[-1] - origin, 4)] for stamps in runs
+        ]
+    trainers.clear()  # the closures above hold the list: emptied, the trainers can be freed
+    return result
+
+
+def interleaved_ratios(interleaved: dict, baseline: str = "splatfacto") -> dict:
+    """Per label: the median and the 10th-90th percentile of its block's mean ms/step over the ``baseline``'s block
+    of the same index (the neighbouring one in time), with each one's median block ms/step."""
+    blocks = interleaved["block_ms"]
+    base = blocks.get(baseline)
+    ratios = {}
+    for label, means in blocks.items():
+        own = [m for m in means if m is not None]
+        row: dict = {"ms_per_iter_median_of_blocks": round(statistics.median(own), 3) if own else None}
+        if base is not None and label != baseline:
+            pairs = [m / b for m, b in zip(means, base, strict=False) if m is not None and b is not None]
+            if pairs:
+                row["time_per_iter"] = round(statistics.median(pairs), 3)
+                row["p10_p90"] = [round(float(np.percentile(pairs, q)), 3) for q in (10, 90)]
+                row["blocks"] = len(pairs)
+        ratios[label] = row
+    return ratios
+
+
 def main() -> None:
     parser = scene_run_parser(__doc__, data_required=False)
     parser.add_argument("--iterations", type=int, default=3000)
@@ -123,6 +263,14 @@ def main() -> None:
         default=1,
         help="rounds of all methods, interleaved (A B A B ...): each round's ratios pair runs made minutes apart, "
         "and the report gives their median and range (one run's ratio moves by 0.1-0.2 on a shared GPU machine)",
+    )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the rounds, one more with every method's trainer built at once, training in turns of K steps, "
+        "so that neighbouring blocks see the same machine (0: off)",
     )
     parser.add_argument("--render", type=Path, help="only re-render the Markdown of a saved train_speed.json")
     args = parser.parse_args()
@@ -159,6 +307,12 @@ def main() -> None:
                 results.append({**result, "round": round_index})
                 print(json.dumps(results[-1]), flush=True)
                 write_report(report, args.out)  # after every run: a cut-off benchmark keeps what it measured
+        if args.interleave > 0:
+            try:
+                report["interleaved"] = run_interleaved(args.methods, args, Path(tmp) / "interleaved")
+            except Exception as err:
+                traceback.print_exc()
+                failures.append(f"interleaved round failed: {type(err).__name__}: {err}")
     write_report(report, args.out)
 
 
@@ -233,6 +387,8 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
     """Write ``{stem}.json`` and ``{stem}.md``; ratios are recomputed from the measured results."""
     results = report["results"]
     report["ratios_over_splatfacto"] = ratios = ratios_over_baseline(results)
+    if report.get("interleaved"):
+        report["interleaved"]["ratios"] = interleaved_ratios(report["interleaved"])
     others = {baseline: ratios_over_baseline(results, baseline) for baseline in _other_baselines(results)}
     if others:
         report["ratios_over"] = others
@@ -295,6 +451,26 @@ def write_report(report: dict, out: Path, stem: str = "train_speed") -> None:
                 for key in ("time_per_iter", "mean_time_per_iter", "peak_gpu_memory")
             ]
             lines.append(f"| {label} | {' | '.join(cells)} |")
+    if report.get("interleaved"):
+        interleaved = report["interleaved"]
+        ratios = interleaved["ratios"]
+        lines += [
+            "",
+            f"Interleaved: every trainer built at once, training in turns of {interleaved['block']} steps; blocks "
+            f"that reach into the first {interleaved['warmup_excluded']} steps left out. Each ratio divides a "
+            "block's mean ms/step by splatfacto's block of the same index, its neighbour in time (median, then the "
+            "10th-90th percentile over the blocks):",
+            "",
+            "| run | ms/iter (median of blocks) | time / splatfacto | 10th-90th percentile | blocks |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {label} | {row['ms_per_iter_median_of_blocks']} | {row.get('time_per_iter', '-')} "
+                f"| {'-'.join(str(v) for v in row['p10_p90']) if 'p10_p90' in row else '-'} "
+                f"| {row.get('blocks', '-')} |"
+                for label, row in ratios.items()
+            ],
+            *[f"- failed: {label}: {why}" for label, why in interleaved.get("failed", {}).items()],
+        ]
     compiled = [r for r in results if r.get("compile", {}).get("frames_compiled")]
     if compiled:
         lines += [

@@ -434,6 +434,86 @@ def test_the_speed_report_shows_what_compiles_added_to_a_run(tmp_path: Path) -> 
     assert "| 1.0 | 48.5 | 52.0 |" in text and "| 1.0 | - | 0.5 |" in text
 
 
+def test_the_baton_lets_one_thread_run_at_a_time_in_turns() -> None:
+    """``train_speed.Baton``: three threads doing blocks of work take strict turns, and one that finishes early
+    leaves the turns to the others."""
+    import threading
+
+    import train_speed
+
+    baton = train_speed.Baton(3)
+    order: list = []
+    blocks = {0: 3, 1: 1, 2: 2}
+
+    def work(index: int) -> None:
+        baton.wait_turn(index)
+        for b in range(blocks[index]):
+            order.append((index, b))
+            if b + 1 < blocks[index]:
+                baton.pass_on(index)
+        baton.finish(index)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (2, 0, 1)]  # started out of order
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert order == [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]
+
+
+def test_interleaved_ratios_pair_each_block_with_its_neighbour() -> None:
+    import train_speed
+
+    interleaved = {
+        "block": 10,
+        "warmup_excluded": 10,
+        "block_ms": {
+            "splatfacto": [None, 10.0, 20.0, 10.0, None],
+            "chorus-splat": [None, 12.0, 24.0, 13.0, None],
+        },
+    }
+    ratios = train_speed.interleaved_ratios(interleaved)
+    # The machine halved its speed in block 2: both slowed, the pair's ratio did not.
+    assert ratios["chorus-splat"]["time_per_iter"] == 1.2 and ratios["chorus-splat"]["blocks"] == 3
+    assert ratios["chorus-splat"]["ms_per_iter_median_of_blocks"] == 13.0
+    assert ratios["splatfacto"] == {"ms_per_iter_median_of_blocks": 10.0}
+
+
+def test_train_speed_interleaves_the_methods_trainers_on_the_cpu(tmp_path: Path) -> None:
+    """``train_speed.py --repeats 0 --interleave 4``: two chorus-splat variants built at once train in turns of 4
+    steps; each gets a mean per block past the warm-up, and the report has the interleaved table."""
+    import json
+    import subprocess
+
+    from support import offline_env
+
+    from splatsem_ns.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    scene = generate_synthetic_scene(
+        tmp_path / "scene", SyntheticSceneConfig(num_views=6, width=40, height=30)
+    )
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"),
+         "--data", str(scene.parent), "--out", str(tmp_path / "out"), "--teachers", "labels",
+         "--iterations", "12", "--warmup", "4", "--repeats", "0", "--interleave", "4",
+         "--methods", "a=chorus-splat", "b=chorus-splat:semantic_every=2"],
+        capture_output=True, text=True, env=offline_env(), timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "train_speed.json").read_text())
+    interleaved = report["interleaved"]
+    assert interleaved["failed"] == {}
+    for label in ("a", "b"):
+        means = interleaved["block_ms"][label]
+        assert means[0] is None and all(m is not None and m > 0 for m in means[1:3]), means
+    # The turns: each block of a's ends before b's block of the same index begins, which ends before a's next.
+    a, b = (interleaved["block_bounds_s"][label] for label in ("a", "b"))
+    for index in range(3):
+        assert a[index][1] <= b[index][0] <= b[index][1] <= a[index + 1][0], (index, a, b)
+    assert "Interleaved: every trainer built at once" in (tmp_path / "out" / "train_speed.md").read_text()
+
+
 def test_an_earlier_runs_cyclic_garbage_is_freed_before_the_next_run_is_measured() -> None:
     """A trainer holds reference cycles, so ``del`` alone leaves its tensors allocated until the cyclic collector
     runs; a run measured after it would count them as its own peak. ``release_earlier_runs`` frees them first."""

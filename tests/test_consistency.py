@@ -283,15 +283,16 @@ def test_the_key_covers_every_input_of_the_check():
     import copy
     import dataclasses
 
-    from splatsem_ns.teachers.consistency_cache import consistency_key
+    from splatsem_ns.teachers.consistency_cache import consistency_key, views_digest
 
     views = _views()
     features = [_wall_features(v) for v in views]
     config = ConsistencyConfig()
-    key = consistency_key(features, views, config, 0.1)
-    assert key == consistency_key(
-        [f.clone() for f in features], copy.deepcopy(views), ConsistencyConfig(), 0.1
-    )
+
+    def key(features=features, views=views, config=config, tolerance=0.1):
+        return consistency_key(features, views_digest(views, config, tolerance))
+
+    assert key() == key([f.clone() for f in features], copy.deepcopy(views), ConsistencyConfig())
 
     def changed_view(index: int, **fields):
         changed = copy.deepcopy(views)
@@ -305,14 +306,15 @@ def test_the_key_covers_every_input_of_the_check():
     other_features = [f.clone() for f in features]
     other_features[0][3, 3, 0] += 1e-3
     variants = [
-        consistency_key(other_features, views, config, 0.1),
-        consistency_key(features, changed_view(1, camera_to_world=moved), config, 0.1),
-        consistency_key(features, changed_view(0, K=views[0].K * 1.01), config, 0.1),
-        consistency_key(features, changed_view(2, depth=deeper), config, 0.1),
-        consistency_key(features, views, ConsistencyConfig(segments=7), config and 0.1),
-        consistency_key(features, views, config, 0.2),
+        key(features=other_features),
+        key(views=changed_view(1, camera_to_world=moved)),
+        key(views=changed_view(0, K=views[0].K * 1.01)),
+        key(views=changed_view(2, depth=deeper)),
+        key(views=changed_view(0, image_size=(SIZE, SIZE + 1))),
+        key(config=ConsistencyConfig(segments=7)),
+        key(tolerance=0.2),
     ]
-    assert key not in variants and len(set(variants)) == len(variants)
+    assert key() not in variants and len(set(variants)) == len(variants)
 
 
 def _count_checks(monkeypatch) -> list:

@@ -47,7 +47,7 @@ from splatsem_ns.teachers.base import (
 )
 from splatsem_ns.teachers.cache import default_cache_root, extract_teacher_features
 from splatsem_ns.teachers.consistency import ConsistencyConfig, consistency_weights
-from splatsem_ns.teachers.consistency_cache import ConsistencyCache, consistency_key
+from splatsem_ns.teachers.consistency_cache import ConsistencyCache, consistency_key, views_digest
 from splatsem_ns.teachers.registry import DEFAULT_TEACHERS, check_teacher_names, configured_teachers
 
 
@@ -284,10 +284,11 @@ class ChorusDataManager(FullImageDatamanager):
         tolerance = cfg.depth_tolerance * float(self.train_dataparser_outputs.dataparser_scale)
         # Stored beside the features: the check is deterministic, and its inputs are all in the key.
         cache = ConsistencyCache(self.config.feature_cache_dir or default_cache_root())
+        shared = views_digest(views, cfg, tolerance)
         result = {}
         for name, maps in self._features.items():
             features = [torch.from_numpy(np.asarray(m)) for m in maps]
-            key = consistency_key(features, views, cfg, tolerance)
+            key = consistency_key(features, shared)
             weights = cache.load(name, key, [tuple(f.shape[:2]) for f in features])
             stored = weights is not None
             if weights is None:

@@ -166,7 +166,7 @@ class ChorusSplatModelConfig(SplatfactoModelConfig):
     with dynamic shapes (the Gaussian count changes with densification), with ``compile_mode`` and
     ``compile_options``: its twenty-odd small operators over every Gaussian fuse into a few kernels. In the H100
     step profile the prior took 1.5 ms of host time a step. Timed with the other two compile levers in
-    docs/benchmarks.md (Training step); False: eager."""
+    docs/benchmarks.md ("The compile levers, timed"); False: eager."""
     stacked_ssim: bool = True
     """splatfacto's SSIM loss with its five Gaussian blurs stacked into two (``models/ssim.py``): the same value and
     gradient to float rounding (a test), in four convolution launches forward and two backward instead of ten and

@@ -44,25 +44,30 @@ class ConsistencyCacheWarning(UserWarning):
     """A stored result was unreadable or did not fit the views, and the check runs again."""
 
 
-def consistency_key(
-    features: Sequence[Float[Tensor, "h w C"]],
-    views: Sequence[ViewLabels],
-    config: ConsistencyConfig,
-    depth_tolerance: float,
-) -> str:
-    """Hash of everything the weights of one teacher depend on (see the module's docstring)."""
+def views_digest(views: Sequence[ViewLabels], config: ConsistencyConfig, depth_tolerance: float) -> str:
+    """Hash of what every teacher's check shares: the cameras (intrinsics, pose, image size), the depth images, the
+    check's settings and the depth tolerance. Computed once per start-up for all teachers."""
     digest = hashlib.blake2b(digest_size=16)
     settings = dataclasses.asdict(config)
     digest.update(repr((VERSION, sorted(settings.items()), float(depth_tolerance), len(views))).encode())
-    for feats, view in zip(features, views, strict=True):
-        array = feats.detach().cpu().contiguous().numpy()
-        digest.update(repr((array.shape, str(array.dtype), tuple(view.image_size))).encode())
-        digest.update(array.tobytes())
+    for view in views:
+        digest.update(repr(tuple(view.image_size)).encode())
         for part in (view.K, view.camera_to_world, view.depth):
-            part = np.ascontiguousarray(part)
-            digest.update(repr((part.shape, str(part.dtype))).encode())
-            digest.update(part.tobytes())
+            _update(digest, np.ascontiguousarray(part))
     return digest.hexdigest()
+
+
+def consistency_key(features: Sequence[Float[Tensor, "h w C"]], views: str) -> str:
+    """Hash of everything one teacher's weights depend on: its features' bytes and ``views_digest``."""
+    digest = hashlib.blake2b(views.encode(), digest_size=16)
+    for feats in features:
+        _update(digest, feats.detach().cpu().contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _update(digest, array: np.ndarray) -> None:
+    digest.update(repr((array.shape, str(array.dtype))).encode())
+    digest.update(array.tobytes())
 
 
 class ConsistencyCache:
@@ -82,13 +87,12 @@ class ConsistencyCache:
         path = self.path_for(teacher_name, key)
         if not path.is_file():
             return None
+        # A truncated zip, a CRC mismatch or a missing member all mean the same: run the check again.
         try:
             with np.load(path, allow_pickle=False) as stored:
                 maps = [stored[str(i)] for i in range(len(grids))]
                 extra = len(stored.files) - len(grids)
-        except (
-            Exception
-        ) as error:  # a truncated zip, a CRC mismatch, a missing member: all mean "run it again"
+        except Exception as error:
             problem = f"unreadable: {error}"
         else:
             problem = _fit_problem(maps, grids, extra)

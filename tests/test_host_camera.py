@@ -152,11 +152,40 @@ def test_the_eval_background_is_moved_to_the_device_once(device):
     torch.testing.assert_close(red["background"][0, 0].cpu(), torch.tensor([1.0, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("render", ["latent", "frame"])
+def test_eval_renders_read_the_camera_size_after_queuing_what_needs_none(render, monkeypatch):
+    """Reading a device camera's size makes the host wait for the GPU's queue, the previous frame included. The
+    viewer's renders (its latent alone, and a whole eval frame) first queue the per-Gaussian work that needs no size
+    (activations, the latent), so that the host's work on it overlaps the GPU's end of the previous frame; the
+    size is read after it. Traced on the CPU: the order of the operators against the moment of the read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import splatsem_ns.data.host_camera as host_camera
+
+    trace: list = []
+
+    class Trace(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            trace.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    real_size = host_camera.camera_size
+    monkeypatch.setattr(host_camera, "camera_size", lambda camera: trace.append("SIZE") or real_size(camera))
+    model = tiny_chorus_model()
+    model.eval()
+    camera = tiny_camera()
+    with torch.no_grad(), Trace():
+        model.render_viewer_latent(camera) if render == "latent" else model.get_outputs(camera)
+    assert trace.count("SIZE") == 1, trace.count("SIZE")
+    before = trace[: trace.index("SIZE")]
+    assert {"exp", "sigmoid"} <= set(before), before
+
+
 @gpu_only
 def test_the_viewers_latent_waits_for_the_gpu_once_in_the_models_code():
     """On the GPU, the viewer's latent render (``render_viewer_latent``) makes the host wait once in the project's
-    own code: reading the camera's size, before anything of the frame is queued. Syncs inside gsplat's extension
-    (its intersection count) do not reach Python's warnings and are not counted."""
+    own code: reading the camera's size, after the frame's work that needs no size is queued. Syncs inside gsplat's
+    extension (its intersection count) do not reach Python's warnings and are not counted."""
     import warnings
 
     model = tiny_chorus_model().to("cuda")

@@ -402,6 +402,20 @@ class ChorusSplatModel(SplatfactoModel):
             latent = latent[crop_ids]
 
         viewmat = get_viewmat(camera_to_world)
+        # Everything that needs no camera size is queued before the size is read (see _viewer_semantic_inputs).
+        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+        highlight = self._display_mask(self.highlight_mask)  # viewer display state
+        if highlight is not None:
+            highlight = highlight if crop_ids is None else highlight[crop_ids]
+            colors = _tint(colors, highlight, self.highlight_color, is_sh=sh_degree is not None)
+        means = params["means"]
+        quats = params["quats"]
+        scales = torch.exp(params["scales"])
+        opacities = torch.sigmoid(params["opacities"]).squeeze(-1)
         # A training camera from the datamanager carries its intrinsics and size read on the host: reading them from
         # the device camera would make the host wait for the GPU, several times a step.
         host = (camera.metadata or {}).get(HOST_CAMERA_KEY) if self.training else None
@@ -429,20 +443,6 @@ class ChorusSplatModel(SplatfactoModel):
             or (self.config.distill_area_weighting and self.config.distill_at == "render")
         )
         render_mode = "RGB+ED" if (wants_depth or not self.training) else "RGB"
-        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
-        if self.config.sh_degree > 0:
-            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
-        else:
-            colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
-        highlight = self._display_mask(self.highlight_mask)  # viewer display state
-        if highlight is not None:
-            highlight = highlight if crop_ids is None else highlight[crop_ids]
-            colors = _tint(colors, highlight, self.highlight_color, is_sh=sh_degree is not None)
-
-        means = params["means"]
-        quats = params["quats"]
-        scales = torch.exp(params["scales"])
-        opacities = torch.sigmoid(params["opacities"]).squeeze(-1)
         render, alpha, self.info = rasterize_gaussians(
             means=means,
             quats=quats,
@@ -532,25 +532,26 @@ class ChorusSplatModel(SplatfactoModel):
         """What an eval-mode render passes to ``_render_semantic_latent`` (visible Gaussians, camera, scale), or
         None when nothing is visible."""
         camera = camera.to(self.device)
-        # The camera's size first: reading it waits for the GPU, which has nothing of this frame queued yet.
-        K, width, height = camera_intrinsics(camera)
         ids = self._visible_ids()
         if ids is not None and ids.sum() == 0:
             return None
         params = {k: (v[ids] if ids is not None else v) for k, v in self.gauss_params.items()}
         latent = self.semantic_source(self.gauss_params)
-        return {
+        inputs = {
             "means": params["means"].detach(),
             "quats": params["quats"].detach(),
             "scales": torch.exp(params["scales"]).detach(),
             "opacities": torch.sigmoid(params["opacities"]).squeeze(-1).detach(),
             "latent": (latent[ids] if ids is not None else latent).detach(),
             "viewmat": get_viewmat(camera.camera_to_worlds),
-            "K": K,
-            "width": width,
-            "height": height,
             "scale": self._eval_semantic_scale(),
         }
+        # The camera's size last: reading it makes the host wait until the GPU has run everything queued, the
+        # previous frame included. Queuing what needs no size first lets the host's work on it (about a third of a
+        # millisecond a frame, get_viewmat's compiled call most of it) overlap the GPU's end of the previous frame,
+        # where after the read the GPU would sit idle through it.
+        inputs["K"], inputs["width"], inputs["height"] = camera_intrinsics(camera)
+        return inputs
 
     @torch.no_grad()
     def render_viewer_latent(self, camera: Cameras) -> Optional[Float[Tensor, "h w D"]]:

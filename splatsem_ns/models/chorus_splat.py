@@ -1070,10 +1070,9 @@ class ChorusSplatModel(SplatfactoModel):
         if not (enabled and tensor.is_cuda):
             return function
         if getattr(self, attribute) is None:
-            options = self._compile_arguments["options"] or {}
-            if options.get("cpp_wrapper"):
-                require_cpp_compiler()
-            if not self._announced_compile:
+            if not self._announced_compile:  # the model's first compile
+                if (self._compile_arguments["options"] or {}).get("cpp_wrapper"):
+                    require_cpp_compiler()
                 # The first steps stall while inductor compiles (45-60 s on an H100 with the default levers): say so,
                 # or a user sees a frozen progress bar.
                 self._announced_compile = True

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -80,6 +80,17 @@ def markdown(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def record_calls(owner: Any, name: str, record: Callable[..., Any]) -> None:
+    """Replace ``owner.name`` by a wrapper that calls ``record`` with the positional arguments, then the original."""
+    original = getattr(owner, name)
+
+    def recorded(*call_args, **kwargs):
+        record(*call_args)
+        return original(*call_args, **kwargs)
+
+    setattr(owner, name, recorded)
+
+
 def main() -> None:
     import splatsem_ns.data.datamanager as datamanager
     from splatsem_ns.data.datamanager import ChorusDataManager
@@ -94,21 +105,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     built: List[str] = []
-    original = ChorusDataManager.build_teacher
-
-    def counted(self, config):
-        built.append(config.name)
-        return original(self, config)
-
-    ChorusDataManager.build_teacher = counted
+    record_calls(ChorusDataManager, "build_teacher", lambda manager, config: built.append(config.name))
     checked: List[int] = []
-    check = datamanager.consistency_weights
-
-    def counted_check(*check_args, **kwargs):
-        checked.append(1)
-        return check(*check_args, **kwargs)
-
-    datamanager.consistency_weights = counted_check
+    record_calls(datamanager, "consistency_weights", lambda *check_args: checked.append(1))
     report: Dict[str, Any] = {
         "benchmark": "startup",
         "data": args.data,

@@ -49,14 +49,20 @@ from common import (
 )  # noqa: E402
 
 
-def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dict:
-    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-
+def run_config(method: str, args, out: Path, label: str, overrides: dict):
+    """One run's trainer config (the seed set first), as every round, interleaved or not, builds it."""
     seed_everything(args.seed)
     cfg = trainer_config(
         method, args.data, out, args.iterations, args.teachers, args.random_weights, overrides
     )
     cfg.timestamp = label
+    return cfg
+
+
+def run_method(method: str, args, out: Path, label: str, overrides: dict) -> dict:
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+    cfg = run_config(method, args, out, label, overrides)
     resident = release_earlier_runs()
     t0 = time.perf_counter()
     trainer = build_trainer(cfg)
@@ -157,11 +163,7 @@ def run_interleaved(specs: list, args, out: Path) -> dict:
     labels, trainers = [], []
     for spec in specs:
         label, method, overrides = parse_method(spec)
-        seed_everything(args.seed)
-        cfg = trainer_config(
-            method, args.data, out, args.iterations, args.teachers, args.random_weights, overrides
-        )
-        cfg.timestamp = label
+        cfg = run_config(method, args, out, label, overrides)
         labels.append(label)
         trainers.append(build_trainer(cfg))
     baton = Baton(len(trainers))

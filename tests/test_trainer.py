@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -290,6 +291,53 @@ def test_ranks_agree_on_a_stop_so_they_stop_after_the_same_step(tmp_path):
 
     spawn_on_gloo(_agree, 2, str(tmp_path / "agreed"))
     assert [(tmp_path / f"agreed.{r}").read_text() for r in (0, 1)] == [str(int(signal.SIGTERM))] * 2
+
+
+def _abort_on_rank_one(rank: int, world_size: int, config: str, global_rank: int) -> None:
+    if rank == 1:
+        print(f"rank one about to abort ({config})", file=sys.stderr, flush=True)
+        os.abort()  # what a C++ std::terminate does: no Python traceback, no error file
+
+
+def test_a_rank_killed_by_a_signal_is_reported_with_its_stderr():
+    """A rank that dies by a signal (a C++ abort in gloo, say) leaves torch's spawn no traceback: the error quotes
+    the end of that rank's stderr, with faulthandler's Python stack of the aborting thread."""
+    from splatsem_ns.engine.distributed import spawn_on_gloo
+
+    with pytest.raises(RuntimeError, match="SIGABRT") as raised:
+        spawn_on_gloo(_abort_on_rank_one, 2, "marker-8231")
+    message = str(raised.value)
+    assert "rank one about to abort (marker-8231)" in message
+    assert "Fatal Python error: Aborted" in message and "_abort_on_rank_one" in message
+
+
+def test_a_rank_waits_for_the_others_only_after_its_group_is_destroyed():
+    """Rank 0 hosts the rendezvous store, so no rank may exit while another still tears its group down: each waits
+    at the spawn barrier after ``destroy_process_group``. A rank whose body failed does not wait there."""
+    import torch.distributed as dist
+
+    from splatsem_ns.engine.distributed import gloo_process_group, local_init_url
+
+    class Barrier:
+        def __init__(self) -> None:
+            self.group_alive_at_wait: list = []
+
+        def wait(self) -> None:
+            self.group_alive_at_wait.append(dist.is_initialized())
+
+    threads = torch.get_num_threads()
+    try:
+        barrier = Barrier()
+        with gloo_process_group(0, 1, local_init_url(), all_destroyed=barrier):
+            assert dist.is_initialized()
+        assert barrier.group_alive_at_wait == [False]
+        failed = Barrier()
+        with pytest.raises(ValueError):
+            with gloo_process_group(0, 1, local_init_url(), all_destroyed=failed):
+                raise ValueError("the body failed")
+        assert failed.group_alive_at_wait == [] and not dist.is_initialized()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_event_writers_set_up_inside_own_event_writers_end_with_it(tmp_path, monkeypatch):

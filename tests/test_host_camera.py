@@ -6,7 +6,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras
 from support import GPU_MARKS, gpu_only, tiny_camera, tiny_chorus_model
 
-from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, HostCameraCache, camera_intrinsics
+from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, EvalCameraReads, HostCameraCache, camera_intrinsics
 
 
 def _cameras() -> Cameras:
@@ -114,6 +114,7 @@ def test_eval_renders_never_build_the_intrinsics_on_the_host(monkeypatch):
         raise AssertionError("get_intrinsics_matrices called in an eval render")
 
     monkeypatch.setattr(Cameras, "get_intrinsics_matrices", host_matrix)
+    camera = tiny_camera()  # a new camera: nothing read from the first is kept for it
     with torch.no_grad():
         after = model.get_outputs(camera)
         latent_after = model.render_viewer_latent(camera)
@@ -193,6 +194,7 @@ def test_the_viewers_latent_waits_for_the_gpu_once_in_the_models_code():
     camera = tiny_camera().to("cuda")
     with torch.no_grad():
         model.render_viewer_latent(camera)  # warm
+    camera = tiny_camera().to("cuda")  # a new frame's camera: its size is not known yet
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -204,3 +206,71 @@ def test_the_viewers_latent_waits_for_the_gpu_once_in_the_models_code():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "called a synchronizing" in str(w.message) and "splatsem_ns" in w.filename]
     assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+def _counted_reads(model, monkeypatch) -> dict:
+    """Counts of the size reads and view-matrix builds of ``model``'s eval renders from here on."""
+    import splatsem_ns.data.host_camera as host_camera
+
+    counts = {"size": 0, "viewmat": 0}
+    real_size, reads = host_camera.camera_size, model._eval_camera_reads
+    real_viewmat = reads._view_matrix
+
+    def size(camera):
+        counts["size"] += 1
+        return real_size(camera)
+
+    def viewmat(camera_to_worlds):
+        counts["viewmat"] += 1
+        return real_viewmat(camera_to_worlds)
+
+    monkeypatch.setattr(host_camera, "camera_size", size)
+    monkeypatch.setattr(reads, "_view_matrix", viewmat)
+    return counts
+
+
+def test_the_panels_latent_render_of_a_frame_reads_its_camera_no_more(monkeypatch):
+    """A viewer frame with the query panel's latent left out of the RGB pass (``viewer_latent_deferred``) renders
+    the same camera twice: the second render takes the first's size and view matrix (reading the size again would
+    wait for the frame's RGB render on a GPU), and renders what it renders from a new camera."""
+    model = tiny_chorus_model()
+    model.eval()
+    with torch.no_grad():
+        expected = model.render_viewer_latent(tiny_camera())
+    counts = _counted_reads(model, monkeypatch)
+    model.viewer_latent_deferred = True
+    camera = tiny_camera()
+    with torch.no_grad():
+        outputs = model.get_outputs(camera)
+        latent = model.render_viewer_latent(camera.to(camera.device))  # as the viewer moves it: same tensors
+    assert "semantic_latent" not in outputs
+    assert counts == {"size": 1, "viewmat": 1}
+    torch.testing.assert_close(latent, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        model.render_viewer_latent(tiny_camera())  # the next frame's camera
+    assert counts == {"size": 2, "viewmat": 2}
+
+
+def test_a_changed_camera_is_read_again():
+    """What ``EvalCameraReads`` kept for a camera is read again once the camera changes: in place (a version
+    bump), rescaled (new tensors), or a camera made under ``torch.inference_mode`` (no version to watch)."""
+    from nerfstudio.models.splatfacto import get_viewmat
+
+    reads = EvalCameraReads(get_viewmat)
+    camera = tiny_camera()
+    assert reads.size(camera) == (64, 48)
+    first_view = reads.viewmat(camera)
+    assert reads.viewmat(camera) is first_view and reads.intrinsics(camera) is reads.intrinsics(camera)
+    camera.camera_to_worlds[..., 2, 3] += 1.0  # in place
+    moved = reads.viewmat(camera)
+    assert moved is not first_view
+    torch.testing.assert_close(moved, get_viewmat(camera.camera_to_worlds), rtol=0, atol=0)
+    camera.rescale_output_resolution(0.5)
+    K, width, height = reads.intrinsics(camera)
+    assert (width, height) == (32, 24) and float(K[0, 0, 0]) == 32.0
+    camera.width[...] = 40  # in place, as a caller could
+    assert reads.size(camera) == (40, 24)
+    with torch.inference_mode():
+        frozen = tiny_camera()
+    assert reads.intrinsics(frozen) is not reads.intrinsics(frozen)  # computed each time, never kept
+    assert reads.size(frozen) == (64, 48)

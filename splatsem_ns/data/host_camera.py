@@ -13,7 +13,7 @@ the camera lives, and the size read back in one transfer instead of six.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from jaxtyping import Float
@@ -76,3 +76,58 @@ class HostCamera:
     def intrinsics(self, downscale: int = 1) -> Tuple[Float[Tensor, "1 3 3"], int, int]:
         """The intrinsics matrix on the device, width and height at ``1 / downscale`` of the resolution."""
         return self._cache.intrinsics(self.index, downscale)
+
+
+class EvalCameraReads:
+    """What eval-mode renders derive from one camera on the device, its view matrix and its intrinsics and size, kept
+    until a render of another camera: a viewer frame renders the same camera twice when the query panel renders the
+    latent after the RGB pass (``viewer_latent_deferred``), and reading the size again would make the host wait for
+    the frame's RGB render where the second render could have been queued behind it. The view matrix comes from
+    nerfstudio's compiled ``get_viewmat``, whose call costs about 0.2 ms of host time.
+
+    A camera is "the same" while each of its tensors views the same memory, with the same shape, strides and version:
+    ``Cameras.to`` (to the device it is on) and ``get_outputs_for_camera`` make new camera objects whose tensors are
+    new views of the same memory, any in-place change bumps the version its views share, and
+    ``rescale_output_resolution`` makes new tensors. The last camera's tensors are held, so their memory cannot be
+    handed to another camera's while its reads are kept. Tensors without a version counter (made under
+    ``torch.inference_mode``) are never kept.
+    """
+
+    def __init__(self, view_matrix: Callable[[Tensor], Float[Tensor, "*batch 4 4"]]) -> None:
+        self._view_matrix = view_matrix
+        self._key: Tuple[Tuple[object, ...], ...] = ()
+        self._held: Tuple[Tensor, ...] = ()  # the kept camera's tensors: their memory is not reused meanwhile
+        self._values: Dict[str, object] = {}
+
+    def _entry(self, camera: Cameras) -> Dict[str, object]:
+        tensors = (
+            camera.camera_to_worlds, camera.fx, camera.fy, camera.cx, camera.cy, camera.width, camera.height,
+        )  # fmt: skip
+        try:
+            key = tuple(
+                (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version) for t in tensors
+            )
+        except RuntimeError:  # inference tensors track no version, so a change could not be seen
+            return {}
+        if key != self._key:
+            self._key, self._held, self._values = key, tensors, {}
+        return self._values
+
+    def viewmat(self, camera: Cameras) -> Float[Tensor, "*batch 4 4"]:
+        """The camera's world-to-camera matrix, as ``get_viewmat(camera.camera_to_worlds)`` gives it."""
+        entry = self._entry(camera)
+        if "viewmat" not in entry:
+            entry["viewmat"] = self._view_matrix(camera.camera_to_worlds)
+        return entry["viewmat"]  # type: ignore[return-value]
+
+    def intrinsics(self, camera: Cameras) -> Tuple[Float[Tensor, "*batch 3 3"], int, int]:
+        """``camera_intrinsics(camera)``, read from the device once per camera."""
+        entry = self._entry(camera)
+        if "intrinsics" not in entry:
+            entry["intrinsics"] = camera_intrinsics(camera)
+        return entry["intrinsics"]  # type: ignore[return-value]
+
+    def size(self, camera: Cameras) -> Tuple[int, int]:
+        """``camera_size(camera)``: width and height, with the intrinsics' single read."""
+        _, width, height = self.intrinsics(camera)
+        return width, height

@@ -32,7 +32,7 @@ from torch.nn import Parameter
 
 from splatsem_ns.data.dataparser import DATAPARSER_SCALE_KEY
 from splatsem_ns.data.depth import DEPTH_SERVED_KEY
-from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, camera_intrinsics, camera_size
+from splatsem_ns.data.host_camera import HOST_CAMERA_KEY, EvalCameraReads, camera_intrinsics
 from splatsem_ns.models.compile_options import (
     HeldOptions,
     compile_arguments,
@@ -325,6 +325,8 @@ class ChorusSplatModel(SplatfactoModel):
         self._mean_pixel_area: Optional[Tensor] = None  # running normaliser of distill_area_weighting
         self.hidden_mask: Optional[Tensor] = None
         self.highlight_mask: Optional[Tensor] = None
+        # An eval camera's view matrix, intrinsics and size, for a second render of the same frame (the panel's).
+        self._eval_camera_reads = EvalCameraReads(get_viewmat)
         # viewer_semantic_scale: resolution of the semantic render in eval-mode renders while the query panel is in
         # use (1.0: full resolution, so relevancy is not upsampled from a coarse grid); None: training's.
         self.viewer_semantic_scale: Optional[float] = None
@@ -395,13 +397,13 @@ class ChorusSplatModel(SplatfactoModel):
 
         crop_ids = self._visible_ids()
         if crop_ids is not None and crop_ids.sum() == 0:
-            return self.get_empty_outputs(*camera_size(camera), self.background_color)
+            return self.get_empty_outputs(*self._eval_camera_reads.size(camera), self.background_color)
         params = {k: (v[crop_ids] if crop_ids is not None else v) for k, v in self.gauss_params.items()}
         latent = self.semantic_source(self.gauss_params)
         if crop_ids is not None:
             latent = latent[crop_ids]
 
-        viewmat = get_viewmat(camera_to_world)
+        viewmat = get_viewmat(camera_to_world) if self.training else self._eval_camera_reads.viewmat(camera)
         # Everything that needs no camera size is queued before the size is read (see _viewer_semantic_inputs).
         colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
         if self.config.sh_degree > 0:
@@ -422,7 +424,9 @@ class ChorusSplatModel(SplatfactoModel):
         if host is not None:
             full_K, full_W, full_H = host.intrinsics()
         else:
-            full_K, full_W, full_H = camera_intrinsics(camera)
+            full_K, full_W, full_H = (
+                camera_intrinsics(camera) if self.training else self._eval_camera_reads.intrinsics(camera)
+            )
             full_K = full_K.to(self.device)
         # Same rounding as splatfacto's, so renders match its downscaled ground truth pixel for pixel.
         scale = self._get_downscale_factor()
@@ -543,14 +547,15 @@ class ChorusSplatModel(SplatfactoModel):
             "scales": torch.exp(params["scales"]).detach(),
             "opacities": torch.sigmoid(params["opacities"]).squeeze(-1).detach(),
             "latent": (latent[ids] if ids is not None else latent).detach(),
-            "viewmat": get_viewmat(camera.camera_to_worlds),
+            "viewmat": self._eval_camera_reads.viewmat(camera),
             "scale": self._eval_semantic_scale(),
         }
         # The camera's size last: reading it makes the host wait until the GPU has run everything queued, the
         # previous frame included. Queuing what needs no size first lets the host's work on it (about a third of a
         # millisecond a frame, get_viewmat's compiled call most of it) overlap the GPU's end of the previous frame,
-        # where after the read the GPU would sit idle through it.
-        inputs["K"], inputs["width"], inputs["height"] = camera_intrinsics(camera)
+        # where after the read the GPU would sit idle through it. After the frame's RGB pass, the same camera's
+        # read is the one that pass made, and nothing waits here.
+        inputs["K"], inputs["width"], inputs["height"] = self._eval_camera_reads.intrinsics(camera)
         return inputs
 
     @torch.no_grad()
@@ -572,7 +577,7 @@ class ChorusSplatModel(SplatfactoModel):
             return False
         if folded.front_weights[0].shape[1] % 64:  # the relevancy epilogue's block of hidden units
             return False
-        return camera is None or self._query_relevancy_fits(*camera_size(camera))
+        return camera is None or self._query_relevancy_fits(*self._eval_camera_reads.size(camera))
 
     def _query_relevancy_fits(self, width: int, height: int) -> bool:
         """Whether ``render_query_relevancy``'s kernel takes an eval render of a ``width`` x ``height`` camera."""

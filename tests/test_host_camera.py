@@ -253,7 +253,8 @@ def test_the_panels_latent_render_of_a_frame_reads_its_camera_no_more(monkeypatc
 
 def test_a_changed_camera_is_read_again():
     """What ``EvalCameraReads`` kept for a camera is read again once the camera changes: in place (a version
-    bump), rescaled (new tensors), or a camera made under ``torch.inference_mode`` (no version to watch)."""
+    bump) or rescaled (new tensors); a camera made under ``torch.inference_mode`` (no version to watch) or whose
+    pose requires grad is never kept."""
     from nerfstudio.models.splatfacto import get_viewmat
 
     reads = EvalCameraReads(get_viewmat)
@@ -274,3 +275,6 @@ def test_a_changed_camera_is_read_again():
         frozen = tiny_camera()
     assert reads.intrinsics(frozen) is not reads.intrinsics(frozen)  # computed each time, never kept
     assert reads.size(frozen) == (64, 48)
+    posed = tiny_camera()
+    posed.camera_to_worlds.requires_grad_(True)
+    assert reads.viewmat(posed) is not reads.viewmat(posed)

@@ -90,7 +90,7 @@ class EvalCameraReads:
     new views of the same memory, any in-place change bumps the version its views share, and
     ``rescale_output_resolution`` makes new tensors. The last camera's tensors are held, so their memory cannot be
     handed to another camera's while its reads are kept. Tensors without a version counter (made under
-    ``torch.inference_mode``) are never kept.
+    ``torch.inference_mode``) or that require grad are never kept.
     """
 
     def __init__(self, view_matrix: Callable[[Tensor], Float[Tensor, "*batch 4 4"]]) -> None:
@@ -109,6 +109,8 @@ class EvalCameraReads:
             )
         except RuntimeError:  # inference tensors track no version, so a change could not be seen
             return {}
+        if any(t.requires_grad for t in tensors):
+            return {}  # a pose being optimised: a kept view matrix would tie two backward graphs together
         if key != self._key:
             self._key, self._held, self._values = key, tensors, {}
         return self._values

@@ -29,6 +29,10 @@ box) and a projector head of a full-size language teacher (SigLIP2-B: 768 channe
 - ``frame+query@teacher``: a whole viewer frame, i.e. RGB + depth render and ``query@teacher``;
 - with ``--supersample 1 4``, the teacher-grid paths again with the semantic pass supersampled 4 x 4.
 
+Every row that renders through the model's eval path (``get_outputs``, its latent or relevancy alone) gets a new
+camera each frame, copied up from the host as nerfstudio's viewer makes one per frame: the model keeps what it read
+from the last camera (``EvalCameraReads``), which the same camera object reused frame after frame would hand on.
+
 Random parameters cost the same as trained ones. Text embeddings are computed once per change of text, so a
 fixed random query vector stands in for them here. Times are medians over ``--frames`` after warm-up,
 synchronised on the GPU.
@@ -46,7 +50,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,17 @@ def camera(width: int, height: int, device: torch.device):
     ).to(device)  # fmt: skip
 
 
+def new_camera_per_frame(host_camera, device: torch.device) -> Callable[[], object]:
+    """A function that gives a new ``device`` copy of ``host_camera`` each call, as nerfstudio's viewer builds each
+    frame's camera on the host and moves it to the model's device (a copy even where that device is the host)."""
+    import copy
+
+    def frame_camera():
+        return host_camera.to(device) if device.type != "cpu" else copy.deepcopy(host_camera)
+
+    return frame_camera
+
+
 def time_it(fn, frames: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -145,7 +160,7 @@ def camera_read_as_before(model, host_background=None):
     background's host copy made once, so that making it is not timed."""
     import types
 
-    from nerfstudio.models.splatfacto import SplatfactoModel
+    from nerfstudio.models.splatfacto import SplatfactoModel, get_viewmat
 
     import splatsem_ns.models.chorus_splat as chorus
 
@@ -153,21 +168,34 @@ def camera_read_as_before(model, host_background=None):
         K = camera.get_intrinsics_matrices().to(camera.device)
         return K, int(camera.width.item()), int(camera.height.item())
 
-    saved, background = chorus.camera_intrinsics, model.background_color
-    chorus.camera_intrinsics = host_read
+    class ReadEachTime:  # nothing kept from one render of a camera to the next, as before EvalCameraReads
+        def viewmat(self, camera):
+            return get_viewmat(camera.camera_to_worlds)
+
+        def intrinsics(self, camera):
+            return host_read(camera)
+
+        def size(self, camera):
+            return host_read(camera)[1:]
+
+    saved, background, reads = chorus.camera_intrinsics, model.background_color, model._eval_camera_reads
+    chorus.camera_intrinsics, model._eval_camera_reads = host_read, ReadEachTime()
     model.background_color = background.cpu() if host_background is None else host_background
     model._get_background_color = types.MethodType(SplatfactoModel._get_background_color, model)
     try:
         yield
     finally:
-        chorus.camera_intrinsics, model.background_color = saved, background
+        chorus.camera_intrinsics, model.background_color, model._eval_camera_reads = saved, background, reads
         del model._get_background_color
 
 
-def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: Sequence[str] = ()):
+def triton_rows(
+    model, cam, frame_camera, fused_fold, float32_fold, W: int, H: int, configs: Sequence[str] = ()
+):
     """Rows of the Triton rasterizer, as (name, fn, supersample, relevancy map for the agreement or None); none
     where it cannot run (no Triton, no GPU, a head it does not take), so the run goes on without them. The
-    relevancy of the latent render is its latent through ``float32_fold``. ``configs`` ("BLOCKxWARPS", e.g.
+    relevancy of the latent render is its latent through ``float32_fold``. ``cam``: the camera on the device, for the
+    bare kernels; ``frame_camera()``: a new one per frame, for the model's eval path. ``configs`` ("BLOCKxWARPS", e.g.
     "16x4") add a row of the fused path per kernel setting besides its default."""
     try:
         from splatsem_ns.models.chorus_splat import _MIN_ALPHA, semantic_tile_size
@@ -212,7 +240,7 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
         @torch.no_grad()
         def run():  # what the viewer's panel calls per frame, at full resolution
             with full_resolution(model):
-                return model.render_query_relevancy(cam, fused_fold, **kernel_options)
+                return model.render_query_relevancy(frame_camera(), fused_fold, **kernel_options)
 
         return run
 
@@ -239,7 +267,7 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
         @torch.no_grad()
         def run():  # the panel's relevancy with the latent left out of the frame: the model renders it alone
             with viewer_path(triton_latent, as_before):
-                return fused_fold(model.render_viewer_latent(cam))
+                return fused_fold(model.render_viewer_latent(frame_camera()))
 
         return run
 
@@ -247,7 +275,7 @@ def triton_rows(model, cam, fused_fold, float32_fold, W: int, H: int, configs: S
         @torch.no_grad()
         def run():  # a whole viewer frame: RGB + depth, the latent (with triton_latent: from their projection), fold
             with viewer_path(triton_latent, as_before):
-                outputs = model.get_outputs(cam)
+                outputs = model.get_outputs(frame_camera())
                 return outputs["rgb"], fused_fold(outputs["semantic_latent"])
 
         return run
@@ -446,7 +474,9 @@ def main() -> None:
     W, H = args.width, args.height
     grid = (round(512 * H / max(W, H) / args.stride), round(512 * W / max(W, H) / args.stride))
     model = build_model(args.gaussians, args.feature_dim, args.latent_dim, grid, (H, W)).to(device)
-    cam = camera(W, H, device)
+    host_cam = camera(W, H, torch.device("cpu"))
+    cam = host_cam.to(device)
+    frame_camera = new_camera_per_frame(host_cam, device)
     text = F.normalize(torch.randn(5, args.feature_dim, device=device), dim=-1)  # 1 positive, 4 negatives
 
     def relevancy_image(latent):
@@ -466,7 +496,7 @@ def main() -> None:
 
     @torch.no_grad()
     def frame_and_query():
-        outputs = model.get_outputs(cam)
+        outputs = model.get_outputs(frame_camera())
         return outputs["rgb"], relevancy_image(outputs["semantic_latent"])
 
     head = model.projector_heads["siglip2"]
@@ -517,7 +547,7 @@ def main() -> None:
         @torch.no_grad()
         def run():
             with full_resolution(model, share_projection=False):
-                outputs = model.get_outputs(cam)
+                outputs = model.get_outputs(frame_camera())
                 return outputs["rgb"], fold(outputs["semantic_latent"])
 
         return run
@@ -526,12 +556,12 @@ def main() -> None:
     def frame_only():  # the same frame without the latent: what a query adds to a frame is the difference
         model.viewer_latent_deferred = True
         try:
-            return model.get_outputs(cam)["rgb"]
+            return model.get_outputs(frame_camera())["rgb"]
         finally:
             model.viewer_latent_deferred = False
 
     with torch.no_grad():
-        coverage = float(model.get_outputs(cam)["accumulation"].mean())
+        coverage = float(model.get_outputs(frame_camera())["accumulation"].mean())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rows = {}
@@ -576,8 +606,9 @@ def main() -> None:
         }
     # The Triton rasterizer's rows go after the fused kernel's, where this run's gsplat rows can be read beside them.
     triton_paths = triton_rows(
-        model, cam, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H, args.triton_configs
-    )
+        model, cam, frame_camera, folded[torch.bfloat16, "fused"], folded[torch.float32, False], W, H,
+        args.triton_configs,
+    )  # fmt: skip
     at = [name for name, _, _ in paths].index("frame+query@full, folded bfloat16")
     paths[at:at] = [row[:3] for row in triton_paths]
     dropped = {}

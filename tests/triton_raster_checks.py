@@ -313,7 +313,8 @@ def check_benchmark_rows():
     exact = FoldedQuery(head, text[:1], text[1:])
     with torch.no_grad():
         reference = exact(model.render_semantic_latent(cam, scale=1.0))
-    rows = query_speed.triton_rows(model, cam, fused, exact, width, height, ["16x4", "16x2x8"])
+    frame_camera = query_speed.new_camera_per_frame(cam, cam.device)
+    rows = query_speed.triton_rows(model, cam, frame_camera, fused, exact, width, height, ["16x4", "16x2x8"])
     assert [name for name, *_ in rows][:11] == [
         "query@full, fused raster+fold (triton, Gram norm)",
         "query@full, fused raster+fold (triton, factored norm)",

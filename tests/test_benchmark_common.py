@@ -822,7 +822,7 @@ def test_query_speed_reads_the_camera_as_before_only_inside_its_rows() -> None:
     camera = tiny_camera()
     with torch.no_grad():
         expected = model.get_outputs(camera)
-    background = model.background_color
+    background, reads = model.background_color, model._eval_camera_reads
     built = []
     original = Cameras.get_intrinsics_matrices
 
@@ -835,6 +835,7 @@ def test_query_speed_reads_the_camera_as_before_only_inside_its_rows() -> None:
         with query_speed.camera_read_as_before(model), torch.no_grad():
             before = model.get_outputs(camera)
         assert built and model.background_color is background and "_get_background_color" not in vars(model)
+        assert model._eval_camera_reads is reads
         built.clear()
         with torch.no_grad():
             model.get_outputs(camera)

@@ -162,8 +162,6 @@ def camera_read_as_before(model, host_background=None):
 
     from nerfstudio.models.splatfacto import SplatfactoModel, get_viewmat
 
-    import splatsem_ns.models.chorus_splat as chorus
-
     def host_read(camera):
         K = camera.get_intrinsics_matrices().to(camera.device)
         return K, int(camera.width.item()), int(camera.height.item())
@@ -178,14 +176,15 @@ def camera_read_as_before(model, host_background=None):
         def size(self, camera):
             return host_read(camera)[1:]
 
-    saved, background, reads = chorus.camera_intrinsics, model.background_color, model._eval_camera_reads
-    chorus.camera_intrinsics, model._eval_camera_reads = host_read, ReadEachTime()
+    # Every eval render reads its camera through _eval_camera_reads; the training path is not timed here.
+    background, reads = model.background_color, model._eval_camera_reads
+    model._eval_camera_reads = ReadEachTime()
     model.background_color = background.cpu() if host_background is None else host_background
     model._get_background_color = types.MethodType(SplatfactoModel._get_background_color, model)
     try:
         yield
     finally:
-        chorus.camera_intrinsics, model.background_color, model._eval_camera_reads = saved, background, reads
+        model.background_color, model._eval_camera_reads = background, reads
         del model._get_background_color
 
 
